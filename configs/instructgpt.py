@@ -1,0 +1,156 @@
+"""InstructGPT presets: CPU-sized `smoke` / `tiny` / `small` and the paper's GPT-3 shapes.
+
+Launch (the whole spine on the CPU demo preset):
+  python -m instructrl.main --config=configs/instructgpt.py:tiny --workdir=runs/tiny
+Override any field:
+  python -m instructrl.main --config=configs/instructgpt.py:smoke --workdir=/tmp/w \
+      --stages=world,pretrain,sft --config.sft.learning_rate=3e-4
+
+Paper numbers come from Ouyang et al. 2022 (arXiv 2203.02155), appendix C; each carries a
+comment naming the section. Derived numbers (tokens per step, epochs) are computed, not typed.
+"""
+
+import ml_collections
+
+from instructrl import parallel
+from instructrl.data import world as world_lib
+
+PRESETS = ("smoke", "tiny", "small", "1.3b", "6b", "175b")
+
+
+def _lm_stage(**kw):
+  """Fields shared by the pretrain and sft stages."""
+  c = ml_collections.ConfigDict()
+  c.steps = 100                  # optimizer steps
+  c.batch_size = 32              # sequences per step (global, across all devices)
+  c.seq_len = 64                 # tokens per sequence (static shape)
+  c.learning_rate = 1e-3         # peak learning rate
+  c.warmup_steps = 0             # linear warm-up from 0
+  c.final_lr_fraction = 0.1      # cosine decay to this fraction of the peak (paper C.1: 10%)
+  c.b1 = 0.9                     # Adam beta1 (paper C: 0.9)
+  c.b2 = 0.95                    # Adam beta2 (paper C: 0.95)
+  c.weight_decay = 0.0           # AdamW decoupled weight decay on matrices
+  c.grad_clip = 1.0              # clip the global gradient norm
+  c.log_every = 10               # steps between metric lines
+  c.eval_every = 100             # steps between validation passes
+  c.eval_batch_size = 32         # sequences per validation batch
+  c.checkpoint_every = 100       # steps between checkpoints (the last step is always saved)
+  c.keep_checkpoints = 2         # newest checkpoints kept on disk
+  c.model_overrides = ml_collections.ConfigDict({"resid_dropout": 0.0})  # stage-only model fields (dropout)
+  c.update(kw)
+  return c
+
+
+def _model(**kw):
+  c = ml_collections.ConfigDict(dict(
+      style="gpt",               # "gpt" (GPT-2/3: learned positions, LayerNorm, GELU, tied) or "llama"
+      vocab_size=1024,           # >= tokenizer pieces; padded up so "vocab" shards evenly
+      max_len=128,               # context length
+      d_model=128,               # residual width
+      n_layers=2,                # transformer blocks
+      n_heads=4,                 # query heads
+      n_kv_heads=4,              # key/value heads (< n_heads: grouped-query attention)
+      head_dim=32,               # per-head width
+      d_ff=512,                  # MLP hidden width
+      norm_eps=1e-5,             # LayerNorm / RMSNorm epsilon
+      rope_theta=10000.0,        # RoPE base ("llama" only)
+      tie_embeddings=True,       # share the unembedding with the embedding
+      embed_dropout=0.0,         # dropout after the embedding
+      attn_dropout=0.0,          # dropout on attention probabilities
+      resid_dropout=0.0,         # dropout on each residual branch (the SFT stage overrides it)
+      dtype="float32",           # compute dtype (bfloat16 on accelerators)
+      param_dtype="float32",     # master weights (paper C: fp32 master weights)
+      remat=False,               # recompute blocks in the backward pass
+  ))
+  c.update(kw)
+  return c
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  preset = arg or "tiny"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+  c = ml_collections.ConfigDict()
+  c.preset = preset              # which preset this config came from
+  c.seed = 0                     # one seed for world, init, dropout and data order
+  c.stages = "world,pretrain,sft"  # stages run by default, in order
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)      # (data, fsdp, tensor); -1 takes the remaining devices
+  c.mesh.rules = parallel.DEFAULT_RULES  # logical axis -> mesh axes
+
+  c.world = world_lib.get_config("small" if preset not in ("smoke", "tiny") else preset)
+  c.tokenizer = ml_collections.ConfigDict({"vocab_size": 1024})  # sentencepiece BPE pieces
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.n_prompts = 256         # held-out prompts judged at the end of pretrain/sft (0: skip)
+  c.eval.batch_size = 64         # prompts per sampling batch
+  c.eval.prompt_len = 48         # prompt tokens (left-padded); longer prompts are skipped and counted
+  c.eval.prefix_len = 128        # extra room for a few-shot prefix
+  c.eval.max_new_tokens = 32     # response cap
+  c.eval.temperature = 1.0       # InstructGPT samples at 1 (paper, section 4 / appendix)
+  c.eval.baseline_temperature = 0.7  # GPT-3 baselines at 0.7 (paper)
+  c.eval.few_shot = 2            # solved examples in the prompted-GPT prefix
+
+  c.model = _model()
+  c.pretrain = _lm_stage()
+  c.sft = _lm_stage(
+      final_lr_fraction=0.1,     # paper C.1: cosine decay to 10% of peak
+      warmup_steps=0,            # paper C.1: no warm-up
+  )
+  c.sft.model_overrides = ml_collections.ConfigDict({"resid_dropout": 0.2})  # paper C.1: residual dropout 0.2
+  c.sft.demos_dir = ""           # read demos from here instead of workdir/world ("" = the task world)
+
+  if preset == "smoke":
+    c.tokenizer.vocab_size = 512
+    c.model.update(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, d_ff=256,
+                   max_len=192)
+    c.pretrain.update(steps=60, batch_size=16, seq_len=64, learning_rate=3e-3, warmup_steps=5, log_every=10,
+                      eval_every=60, checkpoint_every=30)
+    c.sft.update(steps=40, batch_size=16, seq_len=64, learning_rate=1e-3, log_every=10, eval_every=40,
+                 checkpoint_every=20, eval_batch_size=16)
+    c.sft.model_overrides.resid_dropout = 0.1
+    c.eval.update(n_prompts=32, batch_size=32, max_new_tokens=16)
+  elif preset == "tiny":
+    c.model.update(d_model=128, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=32, d_ff=512, max_len=192)
+    c.pretrain.update(steps=1500, batch_size=32, seq_len=96, learning_rate=2e-3, warmup_steps=100,
+                      log_every=50, eval_every=500, checkpoint_every=250)
+    c.sft.update(steps=500, batch_size=32, seq_len=64, learning_rate=5e-4, log_every=25, eval_every=250,
+                 checkpoint_every=250)
+    c.sft.model_overrides.resid_dropout = 0.1
+  elif preset == "small":
+    c.tokenizer.vocab_size = 2048
+    c.model.update(vocab_size=2048, d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, head_dim=32, d_ff=1024,
+                   max_len=256)
+    c.pretrain.update(steps=4000, batch_size=64, seq_len=128, learning_rate=1e-3, warmup_steps=200,
+                      log_every=50, eval_every=1000, checkpoint_every=500)
+    c.sft.update(steps=1000, batch_size=64, seq_len=96, learning_rate=3e-4, log_every=50, eval_every=500,
+                 checkpoint_every=500)
+  else:
+    _paper(c, preset)
+  return c
+
+
+def _paper(c, preset):
+  """GPT-3 shapes (paper C: GPT-3 architecture, 2k context; Brown et al. 2020 table 2.1)."""
+  # GPT-3 table 2.1: head size 128 everywhere, so 1.3B has 24 heads of 128 on a 2048-wide stream.
+  layers, width, heads = {"1.3b": (24, 2048, 24), "6b": (32, 4096, 32), "175b": (96, 12288, 96)}[preset]
+  c.tokenizer.vocab_size = 50257            # GPT-3 byte-level BPE
+  c.model.update(
+      vocab_size=50304,                     # 50257 padded to a multiple of 128 for even sharding
+      max_len=2048,                         # paper C: 2k-token context
+      d_model=width, n_layers=layers, n_heads=heads, n_kv_heads=heads, head_dim=128,
+      d_ff=4 * width, dtype="bfloat16",     # paper C: fp16 activations; bf16 is the TPU equivalent
+      param_dtype="float32",                # paper C: fp32 master weights
+      remat=True)
+  c.mesh.shape = (1, -1, 1)                 # fully sharded data parallel by default
+  c.world = world_lib.get_config("small")   # the embedded world still works for dry runs
+  c.pretrain.update(steps=10000, batch_size=256, seq_len=2048, learning_rate=2e-4, warmup_steps=500)
+  c.sft.update(
+      # paper C.1: 16 epochs over ~13k demos; steps = 16 * 13000 / batch
+      batch_size=8 if preset == "175b" else 32,          # paper C.1: batch 32 (1.3B, 6B), 8 (175B)
+      learning_rate=5.03e-6 if preset == "175b" else 9.65e-6,  # paper C.1
+      final_lr_fraction=0.1, warmup_steps=0, seq_len=2048)   # paper C.1: cosine to 10%, no warm-up
+  c.sft.steps = 16 * 13000 // c.sft.batch_size
+  c.sft.model_overrides.resid_dropout = 0.2  # paper C.1
+  c.eval.update(prompt_len=1024, max_new_tokens=1024)  # paper C: prompts >1k dropped, responses capped at 1k

@@ -1,0 +1,84 @@
+"""Typed JSONL records and their validation: errors name file, line, field and what was expected.
+
+The schemas (one JSON object a line) are the project's own, shared by the task world and by
+real data (DESIGN.md, "Record schemas"):
+  text:   {"text": str}
+  demo:   {"prompt": str, "response": str, ...}
+  ranked: {"prompt": str, "responses": [str, ...], "ranking": [int, ...], ...}
+  pair:   {"prompt": str, "chosen": str, "rejected": str}
+  eval:   {"prompt": str, "family": str, ...}
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "text": {"text": str},
+    "demo": {"prompt": str, "response": str},
+    "ranked": {"prompt": str, "responses": list, "ranking": list},
+    "pair": {"prompt": str, "chosen": str, "rejected": str},
+    "eval": {"prompt": str, "family": str},
+}
+# Fields that must be non-empty strings (an empty prompt or demonstration teaches nothing).
+NONEMPTY = {"text": ("text",), "demo": ("prompt", "response"), "pair": ("prompt", "chosen", "rejected"),
+            "eval": ("prompt",), "ranked": ("prompt",)}
+
+
+class RecordError(ValueError):
+  """A bad record: the message starts with `file:line:`."""
+
+
+def _open(path: Path):
+  return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def validate(record: Any, schema: str, where: str) -> dict:
+  if schema not in SCHEMAS:
+    raise ValueError(f"unknown schema {schema!r}; known: {sorted(SCHEMAS)}")
+  if not isinstance(record, dict):
+    raise RecordError(f"{where}: expected a JSON object for a {schema!r} record, got {type(record).__name__}")
+  for field, typ in SCHEMAS[schema].items():
+    if field not in record:
+      raise RecordError(f"{where}: missing field {field!r} (a {schema!r} record needs {sorted(SCHEMAS[schema])})")
+    if not isinstance(record[field], typ):
+      raise RecordError(f"{where}: field {field!r} should be {typ.__name__}, got {type(record[field]).__name__}")
+  for field in NONEMPTY[schema]:
+    if not record[field].strip():
+      raise RecordError(f"{where}: field {field!r} is empty")
+  return record
+
+
+def read_jsonl(path: str | Path, schema: str) -> Iterator[dict]:
+  """Yield validated records. A truncated last line or bad JSON is an error, never skipped."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such file (expected {schema!r} records, JSONL)")
+  with _open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise RecordError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+      yield validate(record, schema, where)
+
+
+def load_jsonl(path: str | Path, schema: str) -> list[dict]:
+  return list(read_jsonl(path, schema))
+
+
+def write_jsonl(path: str | Path, records) -> None:
+  """Write atomically (temp file + rename), so a killed run never leaves half a file behind."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
+  tmp.replace(path)

@@ -1,0 +1,53 @@
+"""Metric writing: one JSONL line per logged step (workdir/metrics/<stage>.jsonl) and TensorBoard.
+
+Only process 0 writes. On resume, lines past the restored step are dropped first, so a killed
+and resumed run leaves the same file as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def _plain(v):
+  v = np.asarray(v).item() if hasattr(v, "shape") or isinstance(v, (np.generic,)) else v
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str | Path, stage: str, resume_step: int = 0):
+    self.enabled = jax.process_index() == 0
+    self.path = Path(workdir) / "metrics" / f"{stage}.jsonl"
+    self.tb = None
+    if not self.enabled:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if self.path.exists():
+      kept = [l for l in self.path.read_text().splitlines()
+              if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      self.path.write_text("".join(l + "\n" for l in kept))
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(str(Path(workdir) / "tensorboard" / stage))
+
+  def write(self, step: int, metrics: dict, prefix: str = "") -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{prefix + k: _plain(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row, sort_keys=True) + "\n")
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()

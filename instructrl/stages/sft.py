@@ -1,0 +1,54 @@
+"""The `sft` stage: supervised fine-tuning on labeler demonstrations, loss on the response only.
+
+Starts from pretrain's final checkpoint (refused if its model config differs). The paper's
+SFT (appendix C.1): 16 epochs, cosine decay to 10% with no warm-up, residual dropout 0.2.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+
+from instructrl import checkpoints, evaluation
+from instructrl.data import world as world_lib
+from instructrl.data.batching import prompt_response_examples
+from instructrl.data.records import load_jsonl
+from instructrl.models.config import ModelConfig
+from instructrl.stages import lm
+from instructrl.stages.world import load_tokenizer
+
+
+def run(config, workdir: Path, mesh, rules):
+  cfg = config.sft
+  world_dir = Path(workdir) / "world"
+  tokenizer = load_tokenizer(workdir)
+  model_cfg = ModelConfig.from_dict(config.model)
+  world = world_lib.World.load(world_dir)
+
+  # ------------------------------------------------------------------ data
+  def demos(f):
+    records = load_jsonl(Path(cfg.get("demos_dir") or world_dir) / f, "demo")
+    return prompt_response_examples(tokenizer, [world.format_prompt(r["prompt"]) for r in records],
+                                    [r["response"] for r in records], cfg.seq_len, what=f)
+  train, valid = demos("demos_train.jsonl"), demos("demos_valid.jsonl")
+  logging.info("sft: %d train demos, %d valid demos; %d steps = %.1f epochs", len(train), len(valid), cfg.steps,
+               cfg.steps * cfg.batch_size / len(train))
+
+  # ------------------------------------------------------------------ init: pretrain's final params
+  def initial_params(shardings, abstract):
+    params, _ = checkpoints.load_params(Path(workdir) / "pretrain", abstract, model_cfg.to_dict())
+    return params
+
+  # ------------------------------------------------------------------ end-of-stage eval
+  def after_training(params):
+    records = load_jsonl(world_dir / "prompts_eval.jsonl", "eval")[:config.eval.n_prompts]
+    out = evaluation.gold_eval(params, model_cfg, tokenizer, world, records, rng=jax.random.key(config.seed + 102),
+                               eval_cfg=config.eval)
+    logging.info("sft: gold %.3f (acceptable %.1f%%, correct %.1f%%)", out["gold_score"],
+                 100 * out["acceptable_rate"], 100 * out["correct_rate"])
+    return out
+
+  return lm.run("sft", config, workdir, train, valid, initial_params, mesh, rules,
+                after_training if config.eval.n_prompts else None)

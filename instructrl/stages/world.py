@@ -1,0 +1,52 @@
+"""The `world` stage: generate the task world's JSONL files and train the tokenizer on them.
+
+Writes workdir/world/ and, last, a `COMPLETE` marker holding the world config; a rerun with the
+same config skips, a rerun with a different one is refused (delete the folder or use another
+workdir), and an interrupted one starts over (generation takes seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from instructrl.data import tokenizer as tokenizer_lib
+from instructrl.data import world as world_lib
+from instructrl.data.records import read_jsonl
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def run(config, workdir: Path) -> Path:
+  out = Path(workdir) / "world"
+  marker = out / "COMPLETE"
+  wanted = {"world": config.world.to_dict(), "tokenizer": config.tokenizer.to_dict()}
+  if marker.exists():
+    have = json.loads(marker.read_text())
+    if have != json.loads(json.dumps(wanted)):
+      diff = sorted(k for part in wanted for k in set(wanted[part]) | set(have.get(part, {}))
+                    if wanted[part].get(k) != have.get(part, {}).get(k))
+      raise ValueError(f"{out} was generated with a different world/tokenizer config (fields {diff}); "
+                       f"use a new --workdir or delete {out}")
+    logging.info("world: complete in %s, skipping", out)
+    return out
+  if out.exists():
+    shutil.rmtree(out)   # an interrupted generation: start over
+  t0 = time.perf_counter()
+  world_lib.generate(config.world, out)
+  texts = [r["text"] for r in read_jsonl(out / "corpus_train.jsonl", "text")]
+  w = world_lib.World.load(out)
+  texts += [w.format_prompt(r["prompt"]) + r["response"] for r in read_jsonl(out / "demos_train.jsonl", "demo")]
+  tokenizer_lib.train(texts, config.tokenizer.vocab_size, out / TOKENIZER_FILE)
+  tmp = marker.with_suffix(".tmp")
+  tmp.write_text(json.dumps(wanted, sort_keys=True, indent=1))
+  tmp.replace(marker)
+  logging.info("world: generated in %.1fs into %s", time.perf_counter() - t0, out)
+  return out
+
+
+def load_tokenizer(workdir: Path) -> tokenizer_lib.Tokenizer:
+  return tokenizer_lib.Tokenizer(Path(workdir) / "world" / TOKENIZER_FILE)

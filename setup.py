@@ -1,0 +1,30 @@
+"""instructrl: InstructGPT (SFT -> reward model -> PPO-ptx) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="instructrl",
+    version="0.1.0",
+    description="InstructGPT (Ouyang et al. 2022) in JAX/Flax: SFT, K-way reward model, PPO-ptx; CPU to TPU pod.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["instructrl", "instructrl.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8,<0.13",      # logical-axis API spelled in one helper; pin the minor
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "chex>=0.1.92",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "sentencepiece>=0.2.0",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+        "gpu": ["jax[cuda12]>=0.10.2"],
+    },
+    entry_points={"console_scripts": ["instructrl=instructrl.main:run"]},
+)
