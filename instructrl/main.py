@@ -32,8 +32,17 @@ def parse_stages(text: str) -> list[str]:
   return sorted(stages, key=STAGES.index)
 
 
+class _QuietLibraries(logging.Filter):
+  """Orbax logs every save at INFO through absl; keep ours, drop theirs below WARNING."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   del argv
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_QuietLibraries())
   import jax
   from instructrl import parallel
   from instructrl.stages import pretrain, sft, world

@@ -39,9 +39,11 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int, final_lr_fract
     raise ValueError(f"steps={total_steps}: expected a positive number of steps")
   if not 0 <= warmup_steps < total_steps:
     raise ValueError(f"warmup_steps={warmup_steps}: expected 0 <= warmup_steps < steps={total_steps}")
+  if warmup_steps == 0:
+    return optax.cosine_decay_schedule(lr, decay_steps=total_steps, alpha=final_lr_fraction)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if warmup_steps else lr, peak_value=lr, warmup_steps=warmup_steps,
-      decay_steps=total_steps, end_value=lr * final_lr_fraction)
+      init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=total_steps,
+      end_value=lr * final_lr_fraction)
 
 
 def make_optimizer(stage_cfg, total_steps: int):

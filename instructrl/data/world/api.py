@@ -1,0 +1,81 @@
+"""`World`: facts + labeler pool, reloaded from world.json, with the labelers' and
+the judge's behaviour as methods. Everything random takes an explicit Generator."""
+
+import json
+import pathlib
+
+import ml_collections
+import numpy as np
+
+from instructrl.data.world import judge as judge_lib
+from instructrl.data.world import labelers as lab
+from instructrl.data.world import tasks
+from instructrl.data.world.facts import Facts
+
+
+class World:
+    def __init__(self, cfg, facts: Facts, labelers: list, entities: dict = None):
+        self.cfg, self.facts, self.labelers = cfg, facts, list(labelers)
+        self.entities = entities  # {"train"|"test": {"countries"|"people"|"animals": [names]}}
+        self._by_id = {l.id: l for l in self.labelers}
+
+    # --- persistence -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"config": self.cfg.to_dict(), "facts": self.facts.to_dict(), "entities": self.entities,
+                "labelers": [dict(vars(l), taste=list(l.taste)) for l in self.labelers]}
+
+    @classmethod
+    def load(cls, outdir) -> "World":
+        d = json.loads((pathlib.Path(outdir) / "world.json").read_text(encoding="utf-8"))
+        ls = [lab.Labeler(**dict(l, taste=tuple(l["taste"]))) for l in d["labelers"]]
+        return cls(ml_collections.ConfigDict(d["config"]), Facts.from_dict(d["facts"]), ls, d.get("entities"))
+
+    # --- labelers --------------------------------------------------------------------------------
+    def labeler(self, labeler_id: str) -> lab.Labeler:
+        if labeler_id not in self._by_id:
+            raise ValueError(f"labeler_id: unknown labeler {labeler_id!r}")
+        return self._by_id[labeler_id]
+
+    @property
+    def training_labelers(self) -> list:
+        return [l for l in self.labelers if not l.heldout]
+
+    @property
+    def heldout_labelers(self) -> list:
+        return [l for l in self.labelers if l.heldout]
+
+    def utility(self, record: dict, response: str, labeler_id: str) -> float:
+        """Noise-free utility: gold score + the labeler's group taste."""
+        l = self.labeler(labeler_id)
+        return self.judge(record, response).score + float(np.dot(l.taste, lab.features(response)))
+
+    def rank(self, record: dict, responses: list, labeler_id: str, rng: np.random.Generator) -> list:
+        u = [self.utility(record, r, labeler_id) for r in responses]
+        return lab.plackett_luce(u, self.labeler(labeler_id).temperature, rng)
+
+    def demonstrate(self, record: dict, labeler_id: str, rng: np.random.Generator) -> str:
+        return lab.demonstrate(self.facts, self.cfg, record, self.labeler(labeler_id), rng)
+
+    def sample_responses(self, record: dict, n: int, rng: np.random.Generator) -> list:
+        return lab.sample_responses(self.facts, record, n, rng)
+
+    # --- judge and formats -----------------------------------------------------------------------
+    def judge(self, record: dict, response: str) -> judge_lib.Verdict:
+        return judge_lib.judge(self.facts, record, response, self.cfg.get("acceptable_threshold", judge_lib.ACCEPTABLE))
+
+    def gold(self, record: dict) -> str:
+        return tasks.gold(self.facts, record["family"], record["params"])
+
+    def few_shot_prefix(self, rng: np.random.Generator, k: int = 2) -> str:
+        """k solved examples in the corpus Q/A format; the prompted baseline appends
+        "Q: " + prompt + "\\nA:"."""
+        shots = []
+        for _ in range(k):
+            pool = self.entities["train"] if self.entities else None
+            family, p, q = tasks.random_prompt(self.facts, rng, self.cfg, pool=pool)
+            shots.append(f"Q: {q}\nA: {tasks.gold(self.facts, family, p)}\n\n")
+        return "".join(shots)
+
+    @staticmethod
+    def format_prompt(prompt_text: str) -> str:
+        return prompt_text + "\n"

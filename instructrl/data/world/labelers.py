@@ -1,0 +1,126 @@
+"""Simulated labelers: demonstrations, rankings, and the candidate responses they see.
+
+utility(labeler, response) = gold score + group taste . features(response); a ranking
+is Plackett-Luce over utility / temperature, drawn by sorting utility / T + Gumbel noise,
+so any pair is ordered with P = sigmoid((u_a - u_b) / T): Bradley-Terry, which is what
+the RM's pairwise loss assumes. The temperature is calibrated so that two training
+labelers agree on ~72.6% of pairs (the paper's figure).
+"""
+
+import dataclasses
+
+import numpy as np
+
+from instructrl.data.world import tasks
+
+OPENERS = ("Sure! ", "Of course. ", "Here is the answer: ", "Good question! ", "Happy to help. ")
+CLOSERS = (" Hope this helps.", " Let me know if you need more.")
+RUDE_REPLIES = ("What a stupid question.", "Ask someone else, idiot.", "Only a loser asks that.",
+                "Shut up, jerk.", "That is a dumb thing to ask.")
+OFF_TOPIC = ("I do not know.", "Nobody knows.", "Why do you ask?", "Good luck with that.",
+             "I like the {animal}.", "I went to {city} once.")
+# (name, weight) of the candidate-response mixture; see sample_responses.
+RESPONSE_KINDS = (("correct", 0.22), ("filler", 0.10), ("sentence", 0.06), ("ignore_constraint", 0.04),
+                  ("wrong", 0.16), ("partial", 0.08), ("rude", 0.07), ("continue", 0.09),
+                  ("hallucinated", 0.05), ("off_topic", 0.05), ("echo", 0.04), ("empty", 0.04))
+TASTES = ("short", "friendly", "sentence")  # the features group tastes weigh
+
+
+@dataclasses.dataclass(frozen=True)
+class Labeler:
+    id: str
+    group: int
+    heldout: bool          # member of the held-out evaluator group
+    temperature: float     # Plackett-Luce temperature: lower = more consistent
+    taste: tuple           # weights on TASTES features, shared by the group
+    filler_rate: float     # how often this labeler's demos open with "Sure! ..." (group habit)
+
+
+def make_labelers(cfg, rng: np.random.Generator) -> list:
+    groups = []
+    for g in range(cfg.n_groups):
+        filler = float(rng.uniform(0, cfg.demo_max_filler_rate))
+        taste = cfg.taste_scale * rng.normal(size=len(TASTES))
+        # A group that writes "Sure! ..." also likes reading it: taste and habit agree.
+        taste[1] = cfg.taste_scale * (2 * filler / max(cfg.demo_max_filler_rate, 1e-9) - 1)
+        groups.append((tuple(round(float(x), 6) for x in taste), round(filler, 6)))
+    out = []
+    for i in range(cfg.n_labelers):
+        g = i % cfg.n_groups
+        held = g == cfg.heldout_group
+        t = cfg.labeler_temperature * float(np.exp(cfg.labeler_temperature_jitter * rng.normal()))
+        t *= cfg.heldout_temperature_scale if held else 1.0
+        out.append(Labeler(f"L{i:02d}", g, held, round(t, 6), groups[g][0], groups[g][1]))
+    return out
+
+
+def features(response: str) -> np.ndarray:
+    n = len(tasks.tokens(response))
+    friendly = response.startswith(tuple(o.strip() for o in OPENERS)) or response.endswith(tuple(c.strip() for c in CLOSERS))
+    sentence = response.rstrip().endswith(".") and n >= 4
+    return np.array([-min(n, 20) / 20, float(friendly), float(sentence)])
+
+
+def plackett_luce(utilities, temperature: float, rng: np.random.Generator) -> list:
+    """Indices best first: sort utility / T + Gumbel noise (an exact Plackett-Luce draw)."""
+    z = np.asarray(utilities, np.float64) / temperature + rng.gumbel(size=len(utilities))
+    return [int(i) for i in np.argsort(-z, kind="stable")]
+
+
+def demonstrate(facts, cfg, record: dict, labeler: Labeler, rng: np.random.Generator) -> str:
+    """Mostly right and concise, but: errors, group filler, full sentences, constraints
+    sometimes missed, and false premises only sometimes rejected (RLHF's headroom)."""
+    family, p = record["family"], record["params"]
+    cons = p.get("constraints", [])
+    if family == "false_premise":
+        ok = rng.random() < cfg.demo_premise_reject
+        ans = tasks.base_answer(facts, family, p) if ok else tasks.premise_accepting(p, rng)
+    elif rng.random() < cfg.demo_error_rate:
+        ans = (tasks.partial if rng.random() < 0.5 else tasks.wrong)(facts, family, p, rng)
+    else:
+        ans = tasks.base_answer(facts, family, p)
+    follow = rng.random() < cfg.demo_constraint_follow
+    terse = follow and "one_word" in cons
+    if not terse and family in tasks.FACT_FAMILIES + ("add",) and rng.random() < cfg.demo_sentence_rate:
+        ans = tasks.sentence(facts, family, p, ans)
+    if not terse and rng.random() < labeler.filler_rate:
+        ans = OPENERS[int(rng.integers(len(OPENERS)))] + ans
+    return tasks.apply_constraints(ans, cons) if follow else ans
+
+
+def sample_responses(facts, record: dict, n: int, rng: np.random.Generator) -> list:
+    """n candidates of mixed quality, like samples from a small, partly aligned LM."""
+    names, w = zip(*RESPONSE_KINDS)
+    w = np.array(w) / sum(w)
+    return [_response(facts, record, names[int(rng.choice(len(names), p=w))], rng) for _ in range(n)]
+
+
+def _response(facts, record: dict, kind: str, rng: np.random.Generator) -> str:
+    family, p = record["family"], record["params"]
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]
+    gold = tasks.gold(facts, family, p)
+    if kind == "correct" or (kind == "ignore_constraint" and not p.get("constraints")):
+        return gold
+    if kind == "filler":
+        return pick(OPENERS) + gold + (pick(CLOSERS) if rng.random() < 0.3 else "")
+    if kind == "sentence":
+        return tasks.sentence(facts, family, p)
+    if kind == "ignore_constraint":
+        return tasks.base_answer(facts, family, p).upper() if rng.random() < 0.3 else tasks.sentence(facts, family, p)
+    if kind == "wrong":
+        return tasks.wrong(facts, family, p, rng)
+    if kind == "partial":
+        return tasks.partial(facts, family, p, rng)
+    if kind == "rude":
+        return pick(RUDE_REPLIES) if rng.random() < 0.5 else gold + " " + pick(RUDE_REPLIES)
+    if kind == "continue":  # the pretrained habit: the "answer" is the next instruction
+        return tasks.random_prompt(facts, rng)[2]
+    if kind == "hallucinated":
+        return tasks.hallucinated(facts, family, p, rng)
+    if kind == "off_topic":
+        return pick(OFF_TOPIC).format(animal=pick(facts.animals)["name"], city=pick(facts.cities))
+    if kind == "echo":
+        return tasks.prompt_text(family, p)
+    if kind == "empty":
+        return ""
+    raise ValueError(f"kind: unknown response kind {kind!r}")
