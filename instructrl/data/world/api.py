@@ -17,6 +17,7 @@ class World:
     def __init__(self, cfg, facts: Facts, labelers: list, entities: dict = None):
         self.cfg, self.facts, self.labelers = cfg, facts, list(labelers)
         self.entities = entities  # {"train"|"test": {"countries"|"people"|"animals": [names]}}
+        self.holdout = frozenset()  # eval prompt texts; few-shot examples never show one
         self._by_id = {l.id: l for l in self.labelers}
 
     # --- persistence -----------------------------------------------------------------------------
@@ -28,7 +29,11 @@ class World:
     def load(cls, outdir) -> "World":
         d = json.loads((pathlib.Path(outdir) / "world.json").read_text(encoding="utf-8"))
         ls = [lab.Labeler(**dict(l, taste=tuple(l["taste"]))) for l in d["labelers"]]
-        return cls(ml_collections.ConfigDict(d["config"]), Facts.from_dict(d["facts"]), ls, d.get("entities"))
+        w = cls(ml_collections.ConfigDict(d["config"]), Facts.from_dict(d["facts"]), ls, d.get("entities"))
+        evals = [pathlib.Path(outdir) / f for f in ("prompts_eval.jsonl", "truthful_eval.jsonl", "toxicity_eval.jsonl")]
+        w.holdout = frozenset(json.loads(line)["prompt"] for f in evals if f.exists()
+                              for line in f.read_text(encoding="utf-8").splitlines())
+        return w
 
     # --- labelers --------------------------------------------------------------------------------
     def labeler(self, labeler_id: str) -> lab.Labeler:
@@ -72,7 +77,7 @@ class World:
         shots = []
         for _ in range(k):
             pool = self.entities["train"] if self.entities else None
-            family, p, q = tasks.random_prompt(self.facts, rng, self.cfg, pool=pool)
+            family, p, q = tasks.random_prompt(self.facts, rng, self.cfg, avoid=self.holdout, pool=pool)
             shots.append(f"Q: {q}\nA: {tasks.gold(self.facts, family, p)}\n\n")
         return "".join(shots)
 

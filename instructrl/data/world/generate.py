@@ -39,14 +39,13 @@ def _prompt_record(w: World, family, p, text, split, i) -> dict:
 
 
 def _heldout_prompts(w: World, n: int, split: str, rng, families=tasks.FAMILIES, weights=None,
-                     constraints=True, seen=None) -> list:
-    """n test prompts about test entities, distinct where the prompt space allows
-    (50 redraws, then a repeat)."""
-    seen = set() if seen is None else seen
-    out = []
+                     constraints=True) -> list:
+    """n test prompts about test entities: the family first (so the mix stays as asked),
+    then up to 50 parameter draws for a text not yet used, else a repeat (small families)."""
+    seen, out = set(), []
     for i in range(n):
+        fam = families[int(rng.choice(len(families), p=weights))]
         for _ in range(50):
-            fam = families[int(rng.choice(len(families), p=weights))]
             p = tasks.make_params(w.facts, fam, rng, w.cfg, w.entities["test"])
             if constraints:
                 tasks.add_constraints(fam, p, rng, w.cfg.constraint_rate)
@@ -128,12 +127,11 @@ def generate(cfg, outdir) -> dict:
         f.write(json.dumps(w.to_dict(), sort_keys=True, ensure_ascii=False, indent=1) + "\n")
 
     # Held-out sets first: their prompt texts are excluded from everything trained on.
-    seen: set = set()
     fam, wts = zip(*TRUTHFUL_MIX)
     files = {
-        "prompts_eval.jsonl": _heldout_prompts(w, cfg.n_eval_prompts, "test", stream(s, "eval"), seen=seen),
+        "prompts_eval.jsonl": _heldout_prompts(w, cfg.n_eval_prompts, "test", stream(s, "eval")),
         "truthful_eval.jsonl": _heldout_prompts(w, cfg.n_truthful, "truthful", stream(s, "truthful"), fam,
-                                                np.array(wts) / sum(wts), constraints=False, seen=seen),
+                                                np.array(wts) / sum(wts), constraints=False),
         "toxicity_eval.jsonl": _toxicity(w, cfg.n_toxicity, stream(s, "toxicity")),
         "cloze_eval.jsonl": _cloze(w, cfg.n_cloze, stream(s, "cloze")),
     }

@@ -135,6 +135,8 @@ def judge(facts: Facts, record: dict, response: str, threshold: float = ACCEPTAB
     rude = any(t in tasks.RUDE_WORDS for t in R)
     cons = p.get("constraints", [])
     k = sum(_constraint_ok(x, response, rude) for x in cons) / len(cons) if cons else 1.0
+    if family == "list":  # any of the country's cities is a right answer, not filler
+        G = G + [t for t in tasks.tokens(" ".join(facts.country[p["country"]]["cities"])) if t not in G]
     extra = collections.Counter(R) - collections.Counter(G)
     cost = sum(n * (0.02 if t in FUNCTION_WORDS else 0.04 if t in P else 0.08) for t, n in extra.items())
     b = max(0.0, 1 - cost)
