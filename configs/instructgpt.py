@@ -80,13 +80,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh.rules = parallel.DEFAULT_RULES  # logical axis -> mesh axes
 
   c.world = world_lib.get_config("small" if preset not in ("smoke", "tiny") else preset)
-  c.tokenizer = ml_collections.ConfigDict({"vocab_size": 1024})  # sentencepiece BPE pieces
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.vocab_size = 1024     # sentencepiece BPE pieces
+  c.tokenizer.byte_fallback = False  # 256 byte pieces for unseen characters (real text; too costly at vocab 1k)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.n_prompts = 256         # held-out prompts judged at the end of pretrain/sft (0: skip)
   c.eval.batch_size = 64         # prompts per sampling batch
   c.eval.prompt_len = 48         # prompt tokens (left-padded); longer prompts are skipped and counted
-  c.eval.prefix_len = 128        # extra room for a few-shot prefix
+  c.eval.prefix_len = 96         # extra room for a few-shot prefix (prompt_len + prefix_len + max_new_tokens <= max_len)
   c.eval.max_new_tokens = 32     # response cap
   c.eval.temperature = 1.0       # InstructGPT samples at 1 (paper, section 4 / appendix)
   c.eval.baseline_temperature = 0.7  # GPT-3 baselines at 0.7 (paper)
@@ -115,8 +117,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.update(d_model=128, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=32, d_ff=512, max_len=192)
     c.pretrain.update(steps=1500, batch_size=32, seq_len=96, learning_rate=2e-3, warmup_steps=100,
                       log_every=50, eval_every=500, checkpoint_every=250)
-    c.sft.update(steps=500, batch_size=32, seq_len=64, learning_rate=5e-4, log_every=25, eval_every=250,
-                 checkpoint_every=250)
+    c.sft.update(steps=800, batch_size=32, seq_len=40, learning_rate=5e-4, log_every=25, eval_every=400,
+                 checkpoint_every=200)   # demos are <= 35 tokens here
+    c.eval.prompt_len = 32
     c.sft.model_overrides.resid_dropout = 0.1
   elif preset == "small":
     c.tokenizer.vocab_size = 2048

@@ -39,6 +39,29 @@ class _QuietLibraries(logging.Filter):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
+def check_config(config) -> None:
+  """Fail before any work on values that would fail (or silently misbehave) later."""
+  from instructrl.data import world as world_lib
+  from instructrl.models.config import ModelConfig
+  from instructrl.stages import lm
+  model = ModelConfig.from_dict(config.model)
+  world_lib.validate(config.world)
+  if config.tokenizer.vocab_size > model.vocab_size:
+    raise ValueError(f"tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds model.vocab_size={model.vocab_size}")
+  for name in ("pretrain", "sft"):
+    stage = config[name]
+    for field in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
+      if stage[field] <= 0:
+        raise ValueError(f"{name}.{field}={stage[field]}: expected a positive integer")
+    if stage.seq_len > model.max_len:
+      raise ValueError(f"{name}.seq_len={stage.seq_len} exceeds model.max_len={model.max_len}")
+    lm.make_schedule(stage.learning_rate, stage.steps, stage.warmup_steps, stage.final_lr_fraction)
+  need = config.eval.prompt_len + config.eval.prefix_len + config.eval.max_new_tokens
+  if model.style == "gpt" and need > model.max_len:
+    raise ValueError(f"eval.prompt_len + eval.prefix_len + eval.max_new_tokens = {need} exceeds "
+                     f"model.max_len={model.max_len}")
+
+
 def main(argv):
   del argv
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
@@ -50,6 +73,7 @@ def main(argv):
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value)
   stages = parse_stages(_STAGES.value or config.stages)
+  check_config(config)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True) + "\n")

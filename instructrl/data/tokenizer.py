@@ -55,15 +55,20 @@ class Tokenizer:
     return self.sp.decode(out)
 
 
-def train(texts: Iterable[str], vocab_size: int, model_path: str | os.PathLike) -> Tokenizer:
-  """Train a BPE model on `texts` and write it to `model_path`. Deterministic for the same input."""
+def train(texts: Iterable[str], vocab_size: int, model_path: str | os.PathLike,
+          byte_fallback: bool = False) -> Tokenizer:
+  """Train a BPE model on `texts` and write it to `model_path`. Deterministic for the same input.
+
+  Characters never seen in training map to UNK unless byte_fallback (256 byte pieces, worth it
+  for open-domain text, too costly at the task world's vocab of 512-1024).
+  """
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
       pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=["\n"],
       normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
       split_digits=True,
-      character_coverage=1.0, byte_fallback=False, num_threads=1, max_sentence_length=16384,
+      character_coverage=1.0, byte_fallback=byte_fallback, num_threads=1, max_sentence_length=16384,
       minloglevel=2, hard_vocab_limit=False)
   path = Path(model_path)
   path.parent.mkdir(parents=True, exist_ok=True)

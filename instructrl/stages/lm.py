@@ -227,10 +227,10 @@ def run(name: str, config, workdir: Path, train_examples: TokenExamples, valid_e
         writer.write(done, evaluate(eval_step, state["params"], valid_examples, stage_cfg.eval_batch_size,
                                     mesh, rules), prefix="valid/")
       if done == total:
-        extra = after_training(state["params"]) if after_training else {}
-        if extra:
-          writer.write(done, extra, prefix="final/")
+        # Save first: a failure in the end-of-stage evaluation must not cost the training.
         ckpt.save(done, state, meta(done, complete=True))
+        if after_training:
+          writer.write(done, after_training(state["params"]), prefix="final/")
       elif done % stage_cfg.checkpoint_every == 0:
         ckpt.save(done, state, meta(done))
   writer.close()

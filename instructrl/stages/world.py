@@ -40,7 +40,7 @@ def run(config, workdir: Path) -> Path:
   texts = [r["text"] for r in read_jsonl(out / "corpus_train.jsonl", "text")]
   w = world_lib.World.load(out)
   texts += [w.format_prompt(r["prompt"]) + r["response"] for r in read_jsonl(out / "demos_train.jsonl", "demo")]
-  tokenizer_lib.train(texts, config.tokenizer.vocab_size, out / TOKENIZER_FILE)
+  tokenizer_lib.train(texts, config.tokenizer.vocab_size, out / TOKENIZER_FILE, config.tokenizer.byte_fallback)
   tmp = marker.with_suffix(".tmp")
   tmp.write_text(json.dumps(wanted, sort_keys=True, indent=1))
   tmp.replace(marker)
