@@ -55,7 +55,8 @@ def main():
   cfg = ModelConfig.from_dict(m)
 
   peak_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-  peak = matmul_peak(peak_dtype, n=4096 if jax.default_backend() != "cpu" else 2048)
+  peak = matmul_peak(peak_dtype, n=8192 if jax.default_backend() != "cpu" else 2048,
+                     inner=10 if jax.default_backend() != "cpu" else 1)
 
   mesh = parallel.make_mesh(config.mesh.shape)
   rules = parallel.rules_from_config(config.mesh.rules)
