@@ -193,7 +193,8 @@ class Decoder(nn.Module):
     x = nn.Dropout(cfg.embed_dropout)(x, deterministic=deterministic)
     x = constrain(x, ("batch", "length", "embed"))
 
-    block_cls = nn.remat(Block, static_argnums=(5,)) if cfg.remat else Block
+    # static_argnums count `self` (flax subtracts 1): 6 is `deterministic`, a Python bool.
+    block_cls = nn.remat(Block, static_argnums=(6,)) if cfg.remat else Block
     new_cache = []
     for i in range(cfg.n_layers):
       x, c = block_cls(cfg, name=f"layer_{i}")(x, positions_bt, kv_mask_bs,
