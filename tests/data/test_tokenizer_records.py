@@ -29,6 +29,15 @@ def test_prompt_then_response_equals_concatenation(tokenizer):
   assert tokenizer.encode(prompt) + tokenizer.encode(response) == tokenizer.encode(prompt + response)
 
 
+def test_a_word_at_line_start_is_the_same_token_as_after_a_space(tokenizer):
+  # Responses follow the prompt's "\n": their first word must not be a rare space-less variant.
+  after_space = tokenizer.encode("capital is Tarsk")
+  at_line_start = tokenizer.encode("Q: capital?\nTarsk")
+  n = len(tokenizer.encode("Tarsk"))
+  assert at_line_start[-n:] == after_space[-n:] == tokenizer.encode("Tarsk")
+  assert at_line_start[-n - 1] == tokenizer.newline_id
+
+
 def test_special_ids_and_decode_stops_at_eos(tokenizer):
   assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 2, 3)
   ids = tokenizer.encode("dog cat")
