@@ -74,8 +74,16 @@ def check_model(saved: dict, expected: dict, where: str) -> None:
     raise CheckpointMismatch(f"{where}: model config does not match ({details})")
 
 
-def load_params(directory: str | Path, abstract_params: Any, model_dict: dict) -> tuple[Any, dict]:
-  """The params of a completed stage, checked against `model_dict` (the config asked for)."""
+def check_world(meta: dict, world_id: str | None, where: str) -> None:
+  """A checkpoint trained on another world/tokenizer would be silently wrong: refuse it."""
+  if world_id is not None and meta.get("world") not in (None, world_id):
+    raise CheckpointMismatch(f"{where}: trained on world/tokenizer {meta['world']}, but workdir/world is now "
+                             f"{world_id}; the world was regenerated — rerun this stage in a new workdir")
+
+
+def load_params(directory: str | Path, abstract_params: Any, model_dict: dict,
+                world_id: str | None = None) -> tuple[Any, dict]:
+  """The params of a completed stage, checked against `model_dict` (the config asked for) and the world."""
   ckpt = StageCheckpoints(directory)
   try:
     meta = ckpt.meta()
@@ -84,6 +92,7 @@ def load_params(directory: str | Path, abstract_params: Any, model_dict: dict) -
     if not meta.get("complete"):
       raise FileNotFoundError(f"{ckpt.directory}: stage did not finish (latest step {meta['step']}); rerun it")
     check_model(meta["model"], model_dict, str(ckpt.directory))
+    check_world(meta, world_id, str(ckpt.directory))
     # Restore only the params: a partial abstract tree restores a subset of the saved state.
     abstract = {"params": abstract_params}
     out = ckpt.manager.restore(meta["step"], args=ocp.args.Composite(

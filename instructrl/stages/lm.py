@@ -25,6 +25,7 @@ from instructrl.data.batching import TokenExamples, batch_indices
 from instructrl.metrics import MetricWriter
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
+from instructrl.stages.world import world_fingerprint
 
 
 class NonFiniteError(FloatingPointError):
@@ -179,17 +180,20 @@ def run(name: str, config, workdir: Path, train_examples: TokenExamples, valid_e
   abstract = abstract_state(model_cfg, tx, shardings)
   ckpt = checkpoints.StageCheckpoints(Path(workdir) / name, max_to_keep=stage_cfg.get("keep_checkpoints", 2))
   rng = jax.random.key(config.seed + {"pretrain": 1, "sft": 2}.get(name, 3))
+  world_id = world_fingerprint(workdir)
 
   if ckpt.is_complete():
     logging.info("%s: complete checkpoint found at step %d, skipping", name, ckpt.latest_step())
     state, meta = ckpt.restore(abstract)
     checkpoints.check_model(meta["model"], model_dict, str(ckpt.directory))
+    checkpoints.check_world(meta, world_id, str(ckpt.directory))
     ckpt.close()
     return state["params"]
 
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(abstract)
     checkpoints.check_model(meta["model"], model_dict, str(ckpt.directory))
+    checkpoints.check_world(meta, world_id, str(ckpt.directory))
     logging.info("%s: resuming from step %d", name, meta["step"])
   else:
     params = initial_params(shardings["params"], abstract["params"])
@@ -199,7 +203,7 @@ def run(name: str, config, workdir: Path, train_examples: TokenExamples, valid_e
   train_step, eval_step = make_steps(model_cfg, tx, schedule, shardings, mesh, rules)
   writer = MetricWriter(workdir, name, resume_step=start)
   seed = config.seed + 17 * len(name)
-  meta = lambda step, complete=False: {"model": model_dict, "data_position": step, "seed": seed,
+  meta = lambda step, complete=False: {"model": model_dict, "world": world_id, "data_position": step, "seed": seed,
                                        "rng": np.asarray(jax.random.key_data(rng)).tolist(), "complete": complete}
   B = stage_cfg.batch_size
   tokens_per_step = B * train_examples.tokens.shape[1]

@@ -17,7 +17,7 @@ from instructrl.data.batching import prompt_response_examples
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.stages import lm
-from instructrl.stages.world import load_tokenizer
+from instructrl.stages.world import load_tokenizer, world_fingerprint
 
 
 def run(config, workdir: Path, mesh, rules):
@@ -38,7 +38,8 @@ def run(config, workdir: Path, mesh, rules):
 
   # ------------------------------------------------------------------ init: pretrain's final params
   def initial_params(shardings, abstract):
-    params, _ = checkpoints.load_params(Path(workdir) / "pretrain", abstract, model_cfg.to_dict())
+    params, _ = checkpoints.load_params(Path(workdir) / "pretrain", abstract, model_cfg.to_dict(),
+                                        world_fingerprint(workdir))
     return params
 
   # ------------------------------------------------------------------ end-of-stage eval

@@ -7,6 +7,7 @@ workdir), and an interrupted one starts over (generation takes seconds).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -46,6 +47,15 @@ def run(config, workdir: Path) -> Path:
   tmp.replace(marker)
   logging.info("world: generated in %.1fs into %s", time.perf_counter() - t0, out)
   return out
+
+
+def world_fingerprint(workdir: Path) -> str | None:
+  """Short hash of the generated world's marker and tokenizer: what every later stage was trained on."""
+  out = Path(workdir) / "world"
+  if not (out / "COMPLETE").exists():
+    return None
+  h = hashlib.sha256((out / "COMPLETE").read_bytes() + (out / TOKENIZER_FILE).read_bytes())
+  return h.hexdigest()[:16]
 
 
 def load_tokenizer(workdir: Path) -> tokenizer_lib.Tokenizer:
