@@ -24,7 +24,7 @@ from benchmarks.common import CompileCounter, environment, lm_flops_per_token, m
 from configs import instructgpt
 from instructrl import parallel
 from instructrl.models.config import ModelConfig
-from instructrl.stages import lm
+from instructrl.stages import lm, train_state
 
 
 def main():
@@ -60,13 +60,13 @@ def main():
 
   mesh = parallel.make_mesh(config.mesh.shape)
   rules = parallel.rules_from_config(config.mesh.rules)
-  tx, schedule = lm.make_optimizer(stage, args.steps + 10)
-  shardings = lm.state_shardings(cfg, tx, mesh, rules)
-  state = lm.new_state(lm.init_params(cfg, jax.random.key(0), shardings["params"], mesh, rules), tx, shardings, mesh)
+  tx, schedule = train_state.make_optimizer(stage, args.steps + 10)
+  shardings = train_state.state_shardings(cfg, tx, mesh, rules)
+  state = train_state.new_state(train_state.init_params(cfg, jax.random.key(0), shardings["params"], mesh, rules), tx, shardings, mesh)
   train_step, _ = lm.make_steps(cfg, tx, schedule, shardings, mesh, rules)
   rng = np.random.default_rng(0)
   toks = rng.integers(4, cfg.vocab_size, (B, T + 1)).astype(np.int32)
-  batch = lm.device_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:], "mask": np.ones((B, T), bool)},
+  batch = train_state.device_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:], "mask": np.ones((B, T), bool)},
                           mesh, rules)
   key = jax.random.key(1)
   with parallel.activate(mesh, rules):

@@ -43,7 +43,7 @@ def check_config(config) -> None:
   """Fail before any work on values that would fail (or silently misbehave) later."""
   from instructrl.data import world as world_lib
   from instructrl.models.config import ModelConfig
-  from instructrl.stages import lm
+  from instructrl.stages import train_state
   model = ModelConfig.from_dict(config.model)
   world_lib.validate(config.world)
   if config.tokenizer.vocab_size > model.vocab_size:
@@ -55,7 +55,7 @@ def check_config(config) -> None:
         raise ValueError(f"{name}.{field}={stage[field]}: expected a positive integer")
     if stage.seq_len > model.max_len:
       raise ValueError(f"{name}.seq_len={stage.seq_len} exceeds model.max_len={model.max_len}")
-    lm.make_schedule(stage.learning_rate, stage.steps, stage.warmup_steps, stage.final_lr_fraction)
+    train_state.make_schedule(stage.learning_rate, stage.steps, stage.warmup_steps, stage.final_lr_fraction)
   need = config.eval.prompt_len + config.eval.prefix_len + config.eval.max_new_tokens
   if model.style == "gpt" and need > model.max_len:
     raise ValueError(f"eval.prompt_len + eval.prefix_len + eval.max_new_tokens = {need} exceeds "

@@ -18,7 +18,7 @@ from instructrl.data import world as world_lib
 from instructrl.data.batching import pack_texts
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
-from instructrl.stages import lm
+from instructrl.stages import lm, train_state
 from instructrl.stages.world import load_tokenizer
 
 
@@ -38,7 +38,7 @@ def run(config, workdir: Path, mesh, rules):
 
   # ------------------------------------------------------------------ init
   def initial_params(shardings, abstract):
-    return lm.init_params(model_cfg, jax.random.key(config.seed), shardings, mesh, rules)
+    return train_state.init_params(model_cfg, jax.random.key(config.seed), shardings, mesh, rules)
 
   # ------------------------------------------------------------------ end-of-stage eval
   def after_training(params):

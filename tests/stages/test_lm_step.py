@@ -15,7 +15,7 @@ from instructrl import objectives, parallel
 from instructrl.data import batching
 from instructrl.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from instructrl.models.config import ModelConfig
-from instructrl.stages import lm
+from instructrl.stages import lm, train_state
 
 
 def np_log_softmax(x):
@@ -149,7 +149,7 @@ def closed_form(step, lr, total, warmup, final):
 @pytest.mark.parametrize("warmup", [0, 10])
 def test_schedule_warmup_cosine(warmup):
   lr, total, final = 1e-3, 100, 0.1
-  sched = lm.make_schedule(lr, total, warmup, final)
+  sched = train_state.make_schedule(lr, total, warmup, final)
   mid = (warmup + total) // 2
   for step in (0, warmup // 2, warmup, mid, 80, total):
     want = closed_form(step, lr, total, warmup, final)
@@ -164,9 +164,9 @@ def test_schedule_warmup_cosine(warmup):
 
 def test_schedule_rejects_bad_values():
   with pytest.raises(ValueError, match="warmup_steps"):
-    lm.make_schedule(1e-3, 10, 10, 0.1)
+    train_state.make_schedule(1e-3, 10, 10, 0.1)
   with pytest.raises(ValueError, match="steps"):
-    lm.make_schedule(1e-3, 0, 0, 0.1)
+    train_state.make_schedule(1e-3, 0, 0, 0.1)
 
 
 # ------------------------------------------------------------------ the train step and its guard
@@ -182,9 +182,9 @@ def one_device_steps():
                     head_dim=8, d_ff=32, resid_dropout=0.1)
   mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   rules = parallel.DEFAULT_RULES
-  tx, schedule = lm.make_optimizer(stage_cfg(), total_steps=10)
-  sh = lm.state_shardings(cfg, tx, mesh, rules)
-  params = lm.init_params(cfg, jax.random.key(0), sh["params"], mesh, rules)
+  tx, schedule = train_state.make_optimizer(stage_cfg(), total_steps=10)
+  sh = train_state.state_shardings(cfg, tx, mesh, rules)
+  params = train_state.init_params(cfg, jax.random.key(0), sh["params"], mesh, rules)
   train, evaluate = lm.make_steps(cfg, tx, schedule, sh, mesh, rules)
   rng = np.random.default_rng(0)
   toks = rng.integers(4, 32, (4, 9)).astype(np.int32)
@@ -200,7 +200,7 @@ def _host(tree):
 
 def test_train_step_updates_and_reports(one_device_steps):
   d = one_device_steps
-  state = lm.new_state(jax.tree.map(jnp.copy, d["params"]), d["tx"], d["sh"], d["mesh"])
+  state = train_state.new_state(jax.tree.map(jnp.copy, d["params"]), d["tx"], d["sh"], d["mesh"])
   before = _host(state)
   with parallel.activate(d["mesh"], d["rules"]):
     ev = d["evaluate"](state["params"], d["batch"])
@@ -219,9 +219,9 @@ def test_non_finite_step_leaves_state_unchanged(one_device_steps):
   d = one_device_steps
   bad = jax.tree.map(jnp.copy, d["params"])
   bad["layer_0"]["mlp"]["w_in"] = bad["layer_0"]["mlp"]["w_in"].at[0, 0].set(jnp.nan)
-  state = lm.new_state(bad, d["tx"], d["sh"], d["mesh"])
+  state = train_state.new_state(bad, d["tx"], d["sh"], d["mesh"])
   with parallel.activate(d["mesh"], d["rules"]):   # one good step first so opt_state is non-trivial
-    good = lm.new_state(jax.tree.map(jnp.copy, d["params"]), d["tx"], d["sh"], d["mesh"])
+    good = train_state.new_state(jax.tree.map(jnp.copy, d["params"]), d["tx"], d["sh"], d["mesh"])
     good, _ = d["train"](good, d["batch"], jax.random.key(1))
   # carry the good optimizer state and step over to the NaN params
   state = {"step": good["step"], "params": state["params"], "opt_state": good["opt_state"]}

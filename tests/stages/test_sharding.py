@@ -40,7 +40,7 @@ def _worker(style):
 
   from instructrl import parallel
   from instructrl.models.config import ModelConfig
-  from instructrl.stages import lm
+  from instructrl.stages import lm, train_state
 
   assert len(jax.devices()) == 8, jax.devices()
   rules = parallel.DEFAULT_RULES
@@ -59,18 +59,18 @@ def _worker(style):
   def run(cfg, shape, init_from=None):
     devices = jax.devices() if np.prod(shape) == 8 else jax.devices()[:1]
     mesh = parallel.make_mesh(shape, devices=devices)
-    tx, schedule = lm.make_optimizer(stage, total_steps=10)
-    sh = lm.state_shardings(cfg, tx, mesh, rules)
+    tx, schedule = train_state.make_optimizer(stage, total_steps=10)
+    sh = train_state.state_shardings(cfg, tx, mesh, rules)
     if init_from is None:
-      params = lm.init_params(cfg, jax.random.key(0), sh["params"], mesh, rules)
+      params = train_state.init_params(cfg, jax.random.key(0), sh["params"], mesh, rules)
     else:   # same values, placed with this mesh's shardings (saves an init compile per mesh)
       params = jax.device_put(init_from, sh["params"])
     init = jax.tree.map(np.asarray, params)
-    state = lm.new_state(params, tx, sh, mesh)
+    state = train_state.new_state(params, tx, sh, mesh)
     train, _ = lm.make_steps(cfg, tx, schedule, sh, mesh, rules)
     losses, grad_norms = [], []
     with parallel.activate(mesh, rules):
-      b = lm.device_batch(batch, mesh, rules)
+      b = train_state.device_batch(batch, mesh, rules)
       for _ in range(2):
         state, m = train(state, b, jax.random.key(5))
         losses.append(float(m["loss"]))
@@ -93,15 +93,15 @@ def _worker(style):
 
   out = {}
   cfg = ModelConfig(**{"gpt": GPT, "llama": LLAMA}[style])
-  # lm.init_params on the (2,2,2) mesh; the other meshes get the same values with device_put (an init
+  # train_state.init_params on the (2,2,2) mesh; the other meshes get the same values with device_put (an init
   # compile per mesh is the slowest part of this test); the 1-device reference must start equal.
   sharded, init, params = run(cfg, (2, 2, 2))
   ref, ref_init, ref_params = run(cfg, (1, 1, 1), init_from=init)
-  if style == "llama":   # lm.init_params itself gives the same values on 1 device as on (2,2,2)
+  if style == "llama":   # train_state.init_params itself gives the same values on 1 device as on (2,2,2)
     mesh1 = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    tx, _ = lm.make_optimizer(stage, total_steps=10)
-    sh1 = lm.state_shardings(cfg, tx, mesh1, rules)
-    out["llama/init_1dev_vs_2x2x2"] = maxdiff(jax.tree.map(np.asarray, lm.init_params(
+    tx, _ = train_state.make_optimizer(stage, total_steps=10)
+    sh1 = train_state.state_shardings(cfg, tx, mesh1, rules)
+    out["llama/init_1dev_vs_2x2x2"] = maxdiff(jax.tree.map(np.asarray, train_state.init_params(
         cfg, jax.random.key(0), sh1["params"], mesh1, rules)), init)
   out[f"{style}/1x1x1"] = {**ref, "param_diff": 0.0, "update_size": maxdiff(ref_params, ref_init)}
   results = {"2x2x2": (sharded, init, params)}
@@ -113,8 +113,8 @@ def _worker(style):
     out[f"{style}/{mname}"] = info
   if style == "gpt":   # the scalar-head tree too (RM / value function), declared specs only
     mesh = parallel.make_mesh((2, 2, 2))
-    tx, _ = lm.make_optimizer(stage, total_steps=10)
-    sh = lm.state_shardings(cfg, tx, mesh, rules, head="scalar")
+    tx, _ = train_state.make_optimizer(stage, total_steps=10)
+    sh = train_state.state_shardings(cfg, tx, mesh, rules, head="scalar")
     out["gpt-scalar/declared"] = {k: _strip(s.spec) for k, s in flat(sh["params"]).items()}
   print("RESULT " + json.dumps(out))
 

@@ -1,0 +1,98 @@
+"""The training loop every stage shares: skip if complete, resume if interrupted, step, guard,
+log, evaluate, checkpoint. Stages pass in their step and their data; nothing else is hidden here.
+
+The data position of a run is its step (batches are a pure function of the step), and the step's
+RNG is folded from one seed-derived key, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from instructrl import checkpoints, parallel
+from instructrl.metrics import MetricWriter
+from instructrl.stages.train_state import NonFiniteError, new_state
+
+
+@dataclasses.dataclass
+class Stage:
+  name: str                     # "pretrain", "sft", "rm", ...
+  cfg: Any                      # the stage's config block (steps, log_every, eval_every, checkpoint_every)
+  workdir: Path
+  model_dict: dict              # model config checked against checkpoints
+  world_id: str | None          # fingerprint of the world/tokenizer the stage trains on
+  rng: jax.Array                # base key; the step's key is fold_in(rng, step) inside the step
+  tx: Any
+  shardings: dict
+  abstract: dict                # abstract state with shardings (restore target)
+
+
+def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any], train_step, batch_at: Callable[[int], dict],
+        evaluate: Callable[[Any], dict] | None = None, after_training: Callable[[Any], dict] | None = None,
+        items_per_step: int = 0, item_name: str = "tokens", extra_meta: dict | None = None):
+  """Train `stage` to cfg.steps (or skip/resume); returns the final params.
+
+  batch_at(step) -> device batch; evaluate(params) -> metrics (every eval_every steps and at the
+  end); after_training(params) -> metrics once, after the final checkpoint is on disk.
+  """
+  cfg, name = stage.cfg, stage.name
+  total = int(cfg.steps)
+  ckpt = checkpoints.StageCheckpoints(Path(stage.workdir) / name, max_to_keep=cfg.get("keep_checkpoints", 2))
+  try:
+    if ckpt.latest_step() is not None:
+      state, meta = ckpt.restore(stage.abstract)
+      checkpoints.check_model(meta["model"], stage.model_dict, str(ckpt.directory))
+      checkpoints.check_world(meta, stage.world_id, str(ckpt.directory))
+      if meta.get("complete"):
+        logging.info("%s: complete checkpoint at step %d, skipping", name, meta["step"])
+        return state["params"]
+      logging.info("%s: resuming from step %d", name, meta["step"])
+    else:
+      state = new_state(initial_params(), stage.tx, stage.shardings, mesh)
+    start = int(state["step"])
+
+    writer = MetricWriter(stage.workdir, name, resume_step=start)
+    meta = lambda step, complete=False: {
+        "model": stage.model_dict, "world": stage.world_id, "data_position": step, "complete": complete,
+        "rng": np.asarray(jax.random.key_data(stage.rng)).tolist(), **(extra_meta or {})}
+    t_last, step_last = time.perf_counter(), start
+    with parallel.activate(mesh, rules), tqdm(total=total, initial=start, desc=name, unit="step",
+                                              disable=jax.process_index() != 0) as bar:
+      for step in range(start, total):
+        state, metrics = train_step(state, batch_at(step), stage.rng)
+        if not bool(metrics["finite"]):
+          bad = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0 and k != "finite"}
+          raise NonFiniteError(
+              f"{name}: step {step} produced a non-finite loss or gradient ({bad}); the update was not applied "
+              f"and the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact")
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+          m = jax.device_get(metrics)
+          now = time.perf_counter()
+          if items_per_step:
+            m[f"{item_name}_per_sec"] = items_per_step * (done - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, done
+          bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+          writer.write(done, {k: v for k, v in m.items() if k != "finite"}, prefix="train/")
+        if evaluate and (done % cfg.eval_every == 0 or done == total):
+          writer.write(done, evaluate(state["params"]), prefix="valid/")
+        if done == total:
+          # Save first: a failure in the end-of-stage evaluation must not cost the training.
+          ckpt.save(done, state, meta(done, complete=True))
+          if after_training:
+            writer.write(done, after_training(state["params"]), prefix="final/")
+        elif done % cfg.checkpoint_every == 0:
+          ckpt.save(done, state, meta(done))
+    writer.close()
+    return state["params"]
+  finally:
+    ckpt.close()

@@ -1,0 +1,108 @@
+"""Train state shared by every stage: optimizer, sharded state creation, the guarded update.
+
+A state is a plain dict {"step", "params", "opt_state"}; its shardings come from the logical
+axis names on the model's params (optax.init run on the annotated abstract params, so Adam's
+moments inherit each weight's axes and scalars are replicated).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from instructrl import parallel
+from instructrl.models.config import ModelConfig
+from instructrl.models.transformer import Decoder
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def make_schedule(lr: float, total_steps: int, warmup_steps: int, final_lr_fraction: float):
+  """Linear warm-up from 0, then cosine decay to `final_lr_fraction * lr` (paper: 10%, no warm-up)."""
+  if total_steps <= 0:
+    raise ValueError(f"steps={total_steps}: expected a positive number of steps")
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(f"warmup_steps={warmup_steps}: expected 0 <= warmup_steps < steps={total_steps}")
+  if warmup_steps == 0:
+    return optax.cosine_decay_schedule(lr, decay_steps=total_steps, alpha=final_lr_fraction)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=total_steps,
+      end_value=lr * final_lr_fraction)
+
+
+def make_optimizer(stage_cfg, total_steps: int):
+  schedule = make_schedule(stage_cfg.learning_rate, total_steps, stage_cfg.warmup_steps,
+                           stage_cfg.final_lr_fraction)
+  # Decay matrices only: norms, biases and the scalar head's bias keep their scale.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(stage_cfg.grad_clip),
+      optax.adamw(schedule, b1=stage_cfg.b1, b2=stage_cfg.b2, eps=1e-8,
+                  weight_decay=stage_cfg.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+# ----------------------------------------------------------------------------- state
+
+def abstract_params(model_cfg: ModelConfig, head: str = "lm"):
+  """Boxed abstract params (shapes + logical axis names), no compute."""
+  model = Decoder(model_cfg, head=head)
+  return jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
+
+
+def state_shardings(model_cfg: ModelConfig, tx, mesh, rules, head: str = "lm"):
+  boxed = abstract_params(model_cfg, head)
+  return {
+      "step": parallel.replicated(mesh),
+      "params": parallel.logical_shardings(boxed, mesh, rules),
+      "opt_state": parallel.logical_shardings(jax.eval_shape(tx.init, boxed), mesh, rules),
+  }
+
+
+def abstract_state(model_cfg, tx, shardings, head: str = "lm"):
+  params = nn.unbox(abstract_params(model_cfg, head))
+  tree = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+          "opt_state": jax.eval_shape(tx.init, params)}
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def init_params(model_cfg: ModelConfig, rng, shardings, mesh, rules, head: str = "lm"):
+  model = Decoder(model_cfg, head=head)
+  init = lambda r: nn.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32))["params"])
+  with parallel.activate(mesh, rules):
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def new_state(params, tx, shardings, mesh):
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+  return {"step": jax.device_put(jnp.int32(0), shardings["step"]), "params": params, "opt_state": opt_state}
+
+
+def guarded_update(state, grads, loss, tx):
+  """Apply an optimizer update unless the loss or gradient is non-finite; then keep the state as is.
+
+  Returns (new_state, finite, grad_norm). The selection happens inside the jitted step, so a bad
+  batch can never reach the params; the loop stops on `finite == False`.
+  """
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = {"step": state["step"] + finite.astype(jnp.int32),
+               "params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"])}
+  return new_state, finite, grad_norm
+
+
+def device_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+  """Global numpy batch -> arrays sharded on their leading 'batch' axis; each process builds its shards."""
+  return {k: jax.make_array_from_callback(v.shape, parallel.batch_sharding(mesh, rules, v.ndim),
+                                          lambda idx, v=v: v[idx]) for k, v in batch.items()}
