@@ -41,6 +41,31 @@ def _lm_stage(**kw):
   return c
 
 
+def _rm_stage():
+  """Reward model (paper section 3.5, appendix C.2)."""
+  c = _lm_stage(
+      learning_rate=9e-6,        # paper C.2: lr 9e-6, cosine to 10%
+      batch_size=64,             # paper C.2: 64 prompts a batch, each with all its C(K,2) comparisons
+      eval_batch_size=32,        # validation prompts per batch
+  )
+  del c["steps"]                 # derived: ceil(epochs * prompts / batch_size), see stages/reward.py
+  c.epochs = 1.0                 # paper C.2: a single epoch (more overfits)
+  c.formulation = "per_prompt"   # "per_prompt" (paper) or "shuffled_pairs" (the ablation it argues against)
+  c.pair_batch_size = 64         # comparisons per batch in the shuffled-pairs ablation
+  c.policy = "sft"               # whose samples the labelers rank
+  c.n_prompts = 2000             # RM prompts sampled and ranked (<= world.n_rm_prompts)
+  c.valid_fraction = 0.2         # of those, held out for validation accuracy
+  c.k_choices = (4, 5, 6, 7, 8, 9)  # paper 3.5: K = 4..9 responses per prompt
+  c.sample_temperature = 1.0     # sampling temperature of the ranked responses
+  c.prompt_len = 32              # prompt tokens when sampling (left-padded)
+  c.max_new_tokens = 32          # response cap when sampling
+  c.collect_batch_prompts = 16   # prompts per sampling batch (x max K rows)
+  c.seq_len = 64                 # prompt + response tokens per RM sequence
+  c.heldout_group = 4            # labeler group never trained on: held-out accuracy (paper: 69.6% vs 72.4%)
+  c.model_overrides = ml_collections.ConfigDict({"resid_dropout": 0.0})
+  return c
+
+
 def _model(**kw):
   c = ml_collections.ConfigDict(dict(
       style="gpt",               # "gpt" (GPT-2/3: learned positions, LayerNorm, GELU, tied) or "llama"
@@ -73,7 +98,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset              # which preset this config came from
   c.seed = 0                     # one seed for world, init, dropout and data order
-  c.stages = "world,pretrain,sft"  # stages run by default, in order
+  c.stages = "world,pretrain,sft,rm"  # stages run by default, in order
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)      # (data, fsdp, tensor); -1 takes the remaining devices
@@ -103,6 +128,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.sft.model_overrides = ml_collections.ConfigDict({"resid_dropout": 0.2})  # paper C.1: residual dropout 0.2
   c.sft.demos_dir = ""           # read demos from here instead of workdir/world ("" = the task world)
 
+  c.rm = _rm_stage()
+
   if preset == "smoke":
     c.tokenizer.vocab_size = 512
     c.model.update(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, d_ff=256,
@@ -113,6 +140,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                  checkpoint_every=20, eval_batch_size=16)
     c.sft.model_overrides.resid_dropout = 0.1
     c.eval.update(n_prompts=32, batch_size=32, max_new_tokens=16)
+    c.rm.update(n_prompts=40, batch_size=8, eval_batch_size=8, learning_rate=1e-4, collect_batch_prompts=8,
+                max_new_tokens=16, seq_len=48, log_every=2, eval_every=100, checkpoint_every=2)
   elif preset == "tiny":
     c.model.update(d_model=128, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=32, d_ff=512, max_len=192)
     c.pretrain.update(steps=1500, batch_size=32, seq_len=96, learning_rate=2e-3, warmup_steps=100,
@@ -120,6 +149,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.sft.update(steps=800, batch_size=32, seq_len=40, learning_rate=5e-4, log_every=25, eval_every=400,
                  checkpoint_every=200)   # demos are <= 35 tokens here
     c.eval.prompt_len = 32
+    c.rm.update(n_prompts=1000, batch_size=16, eval_batch_size=25, learning_rate=5e-5, collect_batch_prompts=32,
+                log_every=5, eval_every=25, checkpoint_every=25)
     c.sft.model_overrides.resid_dropout = 0.1
   elif preset == "small":
     c.tokenizer.vocab_size = 2048

@@ -21,7 +21,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missi
 _STAGES = flags.DEFINE_string("stages", None, "Comma-separated stages; default: config.stages.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-STAGES = ("world", "pretrain", "sft")
+STAGES = ("world", "pretrain", "sft", "rm")
 
 
 def parse_stages(text: str) -> list[str]:
@@ -56,6 +56,19 @@ def check_config(config) -> None:
     if stage.seq_len > model.max_len:
       raise ValueError(f"{name}.seq_len={stage.seq_len} exceeds model.max_len={model.max_len}")
     train_state.make_schedule(stage.learning_rate, stage.steps, stage.warmup_steps, stage.final_lr_fraction)
+  rm = config.rm
+  for field in ("batch_size", "pair_batch_size", "eval_batch_size", "n_prompts", "seq_len", "log_every",
+                "eval_every", "checkpoint_every", "collect_batch_prompts"):
+    if rm[field] <= 0:
+      raise ValueError(f"rm.{field}={rm[field]}: expected a positive integer")
+  if not rm.k_choices or min(rm.k_choices) < 2:
+    raise ValueError(f"rm.k_choices={tuple(rm.k_choices)}: every K must be >= 2 (the paper uses 4..9)")
+  if not 0 < rm.valid_fraction < 1:
+    raise ValueError(f"rm.valid_fraction={rm.valid_fraction}: expected a fraction in (0, 1)")
+  if rm.epochs <= 0:
+    raise ValueError(f"rm.epochs={rm.epochs}: expected > 0")
+  if rm.seq_len > model.max_len or rm.prompt_len + rm.max_new_tokens > model.max_len:
+    raise ValueError(f"rm.seq_len / rm.prompt_len + rm.max_new_tokens exceed model.max_len={model.max_len}")
   need = config.eval.prompt_len + config.eval.prefix_len + config.eval.max_new_tokens
   if model.style == "gpt" and need > model.max_len:
     raise ValueError(f"eval.prompt_len + eval.prefix_len + eval.max_new_tokens = {need} exceeds "
@@ -68,7 +81,7 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   import jax
   from instructrl import parallel
-  from instructrl.stages import pretrain, sft, world
+  from instructrl.stages import pretrain, reward, sft, world
 
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value)
@@ -82,7 +95,8 @@ def main(argv):
   logging.info("stages %s on mesh %s in %s", stages, dict(mesh.shape), workdir)
   run = {"world": lambda: world.run(config, workdir),
          "pretrain": lambda: pretrain.run(config, workdir, mesh, rules),
-         "sft": lambda: sft.run(config, workdir, mesh, rules)}
+         "sft": lambda: sft.run(config, workdir, mesh, rules),
+         "rm": lambda: reward.run(config, workdir, mesh, rules)}
   for stage in stages:
     run[stage]()
 

@@ -36,12 +36,14 @@ class Stage:
 
 
 def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any], train_step, batch_at: Callable[[int], dict],
-        evaluate: Callable[[Any], dict] | None = None, after_training: Callable[[Any], dict] | None = None,
+        evaluate: Callable[[Any], dict] | None = None, finalize: Callable[[Any], Any] | None = None,
+        after_training: Callable[[Any], dict] | None = None,
         items_per_step: int = 0, item_name: str = "tokens", extra_meta: dict | None = None):
   """Train `stage` to cfg.steps (or skip/resume); returns the final params.
 
   batch_at(step) -> device batch; evaluate(params) -> metrics (every eval_every steps and at the
-  end); after_training(params) -> metrics once, after the final checkpoint is on disk.
+  end); finalize(params) -> params once before the final save (the RM's bias);
+  after_training(params) -> metrics once, after the final checkpoint is on disk.
   """
   cfg, name = stage.cfg, stage.name
   total = int(cfg.steps)
@@ -86,6 +88,8 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any], train_s
         if evaluate and (done % cfg.eval_every == 0 or done == total):
           writer.write(done, evaluate(state["params"]), prefix="valid/")
         if done == total:
+          if finalize:
+            state = {**state, "params": finalize(state["params"])}
           # Save first: a failure in the end-of-stage evaluation must not cost the training.
           ckpt.save(done, state, meta(done, complete=True))
           if after_training:

@@ -1,0 +1,294 @@
+"""The `rm` stage: collect K-way rankings of SFT samples, then train the reward model on them.
+
+Paper, section 3.5 and appendix C.2: labelers rank K = 4..9 responses per prompt; all C(K,2)
+comparisons of a prompt are ONE batch element (each response forwarded once), trained for a
+single epoch; the RM is the SFT model with the unembedding replaced by a scalar head; after
+training a bias makes the labelers' demonstrations score 0 on average.
+
+Reads top to bottom: collection -> data -> state -> steps -> loop -> bias.
+
+Labeler groups: rankings come from every group for every prompt (ranking is cheap; sampling is
+shared), so one collection serves every fold of the labeler-group cross-validation. Training
+uses one ranking per prompt, from a training group assigned round-robin; validation reports
+accuracy against training-group labelers and against `rm.heldout_group`, and the labelers' own
+agreement (the ceiling an RM can reach).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from instructrl import checkpoints, objectives, parallel
+from instructrl.data import world as world_lib
+from instructrl.data.batching import batch_indices, left_pad_prompts, prompt_response_examples
+from instructrl.data.rankings import load_ranked, pairs_from_ranked, ranked_examples
+from instructrl.data.records import load_jsonl, write_jsonl
+from instructrl.models.config import ModelConfig
+from instructrl.models.sampling import sample
+from instructrl.models.transformer import Decoder
+from instructrl.stages import loop
+from instructrl.stages.train_state import (abstract_state, device_batch, guarded_update, init_params, make_optimizer,
+                                           state_shardings)
+from instructrl.stages.world import load_tokenizer, world_fingerprint
+
+COMPARISONS = "comparisons"
+
+
+# ----------------------------------------------------------------------------- collection
+
+def load_policy(config, workdir: Path, mesh, rules, stage: str = "sft"):
+  model_cfg = ModelConfig.from_dict(config.model)
+  tx, _ = make_optimizer(config.sft, 1)
+  abstract = abstract_state(model_cfg, tx, state_shardings(model_cfg, tx, mesh, rules))
+  params, _ = checkpoints.load_params(Path(workdir) / stage, abstract["params"], model_cfg.to_dict(),
+                                      world_fingerprint(workdir))
+  return params
+
+
+def collect(config, workdir: Path, mesh, rules) -> Path:
+  """Sample K responses per RM prompt from the SFT policy and have every labeler group rank them.
+
+  Writes workdir/comparisons/{train,valid}.jsonl in the `ranked` schema (one line per prompt and
+  labeler group) and a COMPLETE marker. Policy: duplicate and empty samples are dropped before
+  ranking (a labeler cannot rank a response against itself); a prompt left with < 2 is skipped.
+  """
+  cfg = config.rm
+  out = Path(workdir) / COMPARISONS
+  if (out / "COMPLETE").exists():
+    return out
+  world_dir = Path(workdir) / "world"
+  world = world_lib.World.load(world_dir)
+  tokenizer = load_tokenizer(workdir)
+  model_cfg = ModelConfig.from_dict(config.model)
+  params = load_policy(config, workdir, mesh, rules, cfg.policy)
+  records = load_jsonl(world_dir / "prompts_rm.jsonl", "eval")[:cfg.n_prompts]
+  rng = np.random.default_rng([config.seed, 404])
+  k_max = max(cfg.k_choices)
+  n_valid = int(round(cfg.valid_fraction * len(records)))
+  groups = sorted({l.group for l in world.labelers})
+  by_group = {g: [l.id for l in world.labelers if l.group == g] for g in groups}
+  P = cfg.collect_batch_prompts
+  rows = {"train": [], "valid": []}
+  skipped = 0
+  key = jax.random.key(config.seed + 405)
+  with parallel.activate(mesh, rules):
+    for start in tqdm(range(0, len(records), P), desc="rm: sampling", unit="batch",
+                      disable=jax.process_index() != 0):
+      chunk = records[start:start + P]
+      prompts = [world.format_prompt(r["prompt"]) for r in chunk for _ in range(k_max)]
+      prompts += prompts[:1] * (P * k_max - len(prompts))          # static shape: pad the last batch
+      toks, mask, keep = left_pad_prompts(tokenizer, prompts, cfg.prompt_len)
+      if len(keep) != len(prompts):
+        raise ValueError(f"rm.prompt_len={cfg.prompt_len} is too short for some prompts_rm.jsonl prompts")
+      s = sample(params, toks, mask, jax.random.fold_in(key, start), cfg=model_cfg,
+                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature, eos_id=tokenizer.eos_id,
+                 pad_id=tokenizer.pad_id)
+      texts = [tokenizer.decode(t) for t in np.asarray(s.tokens)]
+      for i, rec in enumerate(chunk):
+        k = int(rng.choice(cfg.k_choices))
+        responses = []
+        for t in texts[i * k_max:(i + 1) * k_max]:
+          t = t.strip()
+          if t and t not in responses and len(responses) < k:
+            responses.append(t)
+        if len(responses) < 2:
+          skipped += 1
+          continue
+        split = "valid" if start + i < n_valid else "train"
+        for g in groups:
+          labeler = by_group[g][int(rng.integers(len(by_group[g])))]
+          rows[split].append({"prompt": rec["prompt"], "responses": responses,
+                              "ranking": [int(x) for x in world.rank(rec, responses, labeler, rng)],
+                              "labeler": labeler, "group": int(g), "family": rec["family"], "params": rec["params"],
+                              "id": rec["id"]})
+  if skipped:
+    logging.warning("rm: skipped %d prompts with fewer than 2 distinct non-empty samples", skipped)
+  for split, recs in rows.items():
+    write_jsonl(out / f"{split}.jsonl", recs)
+  (out / "COMPLETE").write_text(json.dumps({"prompts": len(records), "skipped": skipped}) + "\n")
+  return out
+
+
+# ----------------------------------------------------------------------------- data
+
+def select(records: list[dict], groups: list[int], by_prompt_index: bool = True) -> list[dict]:
+  """One ranking per prompt: prompt i gets the ranking of group groups[i % len(groups)]."""
+  ids = sorted({r["id"] for r in records})
+  want = {pid: groups[i % len(groups)] for i, pid in enumerate(ids)} if by_prompt_index else None
+  return [r for r in records if r["group"] == want[r["id"]]]
+
+
+def pairwise_agreement(a: list[dict], b: list[dict]) -> float:
+  """How often two rankings of the same responses order a pair the same way (the labelers' ceiling)."""
+  agree = total = 0
+  for ra, rb in zip(a, b):
+    pa, pb = {(w, l) for w, l in objectives.ranked_to_pairs(ra["ranking"])}, objectives.ranked_to_pairs(rb["ranking"])
+    agree += sum((w, l) in pa for w, l in pb)
+    total += len(pb)
+  return agree / max(total, 1)
+
+
+# ----------------------------------------------------------------------------- steps
+
+def rm_scores(model, params, tokens_nt, last_n, rng=None):
+  """Scalar reward of each sequence, read at its last real token (the EOS)."""
+  scores_nt, _ = model.apply({"params": params}, tokens_nt, deterministic=rng is None,
+                             rngs=None if rng is None else {"dropout": rng})
+  return jnp.take_along_axis(scores_nt, last_n[:, None], axis=1)[:, 0]
+
+
+def make_steps(model_cfg: ModelConfig, formulation: str, tx, schedule, shardings, mesh, rules):
+  """Jitted (train_step, eval_step). eval_step always uses the per-prompt form (validation is per prompt)."""
+  model = Decoder(model_cfg, head="scalar")
+
+  def per_prompt(params, batch, rng):
+    B, K, T = batch["tokens"].shape
+    r_bk = rm_scores(model, params, batch["tokens"].reshape(B * K, T), batch["last_index"].reshape(B * K),
+                     rng).reshape(B, K)
+    return objectives.ranking_loss(r_bk, batch["ranks"], batch["mask"])
+
+  def shuffled_pairs(params, batch, rng):
+    P = batch["chosen"].shape[0]
+    r = rm_scores(model, params, jnp.concatenate([batch["chosen"], batch["rejected"]]),
+                  jnp.concatenate([batch["chosen_last"], batch["rejected_last"]]), rng)
+    return objectives.pairwise_loss(r[:P], r[P:])
+
+  loss_fn = {"per_prompt": per_prompt, "shuffled_pairs": shuffled_pairs}[formulation]
+
+  def train_step(state, batch, rng):
+    with nn.logical_axis_rules(rules):
+      rng = jax.random.fold_in(rng, state["step"])
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+      new_state, finite, grad_norm = guarded_update(state, grads, loss, tx)
+      return new_state, {**metrics, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
+
+  def eval_step(params, batch):
+    with nn.logical_axis_rules(rules):
+      return per_prompt(params, batch, None)[1]
+
+  def score_step(params, tokens, last):
+    with nn.logical_axis_rules(rules):
+      return rm_scores(model, params, tokens, last)
+
+  repl = parallel.replicated(mesh)
+  # The batch keeps the sharding device_batch gave it (its arrays have 2-3 dims by formulation).
+  train = jax.jit(train_step, out_shardings=(shardings, repl), donate_argnums=0)
+  return train, jax.jit(eval_step, out_shardings=repl), jax.jit(score_step)
+
+
+def evaluate(eval_step, params, examples, batch_size: int, mesh, rules) -> dict:
+  """Pooled pairwise accuracy and mean loss over whole batches of a ranked set."""
+  hits = pairs = loss = 0.0
+  n = len(examples) // batch_size
+  if n == 0:
+    raise ValueError(f"{len(examples)} validation prompts: fewer than one batch of rm.eval_batch_size={batch_size}")
+  for b in range(n):
+    m = eval_step(params, device_batch(examples.batch(np.arange(b * batch_size, (b + 1) * batch_size)), mesh, rules))
+    hits += float(m["accuracy"]) * float(m["pairs"])
+    pairs += float(m["pairs"])
+    loss += float(m["loss"])
+  return {"accuracy": hits / max(pairs, 1.0), "loss": loss / max(n, 1), "pairs": pairs}
+
+
+def mean_score(score_step, params, tokens, last, batch_size: int, mesh, rules) -> float:
+  out = []
+  for b in range(len(tokens) // batch_size):
+    sl = slice(b * batch_size, (b + 1) * batch_size)
+    out.append(np.asarray(score_step(params, *device_batch({"t": tokens[sl], "l": last[sl]}, mesh, rules).values())))
+  return float(np.mean(np.concatenate(out)))
+
+
+# ----------------------------------------------------------------------------- stage
+
+def run(config, workdir: Path, mesh, rules):
+  cfg = config.rm
+  workdir = Path(workdir)
+  comparisons = collect(config, workdir, mesh, rules)
+  world = world_lib.World.load(workdir / "world")
+  tokenizer = load_tokenizer(workdir)
+  model_cfg = ModelConfig.from_dict({**config.model, **cfg.get("model_overrides", {})})
+  model_dict = ModelConfig.from_dict(config.model).to_dict()
+
+  # ------------------------------------------------------------------ data
+  groups = sorted({l.group for l in world.labelers})
+  if cfg.heldout_group not in groups:
+    raise ValueError(f"rm.heldout_group={cfg.heldout_group}: expected one of the labeler groups {groups}")
+  train_groups = [g for g in groups if g != cfg.heldout_group]
+  train_all, valid_all = load_ranked(comparisons / "train.jsonl"), load_ranked(comparisons / "valid.jsonl")
+  k_max = max(cfg.k_choices)
+  as_examples = lambda recs, what: ranked_examples(tokenizer, recs, cfg.seq_len, k_max, world.format_prompt,
+                                                   what=what)
+  train = as_examples(select(train_all, train_groups), "rm train")
+  valid_train_groups = select(valid_all, train_groups)
+  valid = as_examples(valid_train_groups, "rm valid")
+  heldout_recs = [r for r in valid_all if r["group"] == cfg.heldout_group]
+  valid_heldout = as_examples(heldout_recs, "rm valid (held-out group)")
+  data = pairs_from_ranked(train) if cfg.formulation == "shuffled_pairs" else train
+  if cfg.formulation not in ("per_prompt", "shuffled_pairs"):
+    raise ValueError(f"rm.formulation={cfg.formulation!r}: expected 'per_prompt' or 'shuffled_pairs'")
+  batch_size = cfg.batch_size if cfg.formulation == "per_prompt" else cfg.pair_batch_size
+  stage_cfg = ml_collections.ConfigDict(cfg.to_dict())
+  stage_cfg.steps = max(1, math.ceil(cfg.epochs * len(data) / batch_size))   # paper C.2: a single epoch
+  logging.info("rm: %d train prompts (%d comparisons), %d valid; %s, %d steps of %d", len(train),
+               len(pairs_from_ranked(train)), len(valid), cfg.formulation, stage_cfg.steps, batch_size)
+
+  # ------------------------------------------------------------------ state: SFT trunk + a new scalar head
+  tx, schedule = make_optimizer(stage_cfg, stage_cfg.steps)
+  shardings = state_shardings(model_cfg, tx, mesh, rules, head="scalar")
+  stage = loop.Stage(name="rm", cfg=stage_cfg, workdir=workdir, model_dict=model_dict,
+                     world_id=world_fingerprint(workdir), rng=jax.random.key(config.seed + 4), tx=tx,
+                     shardings=shardings, abstract=abstract_state(model_cfg, tx, shardings, head="scalar"))
+
+  def initial_params():
+    rm = init_params(model_cfg, jax.random.key(config.seed + 5), shardings["params"], mesh, rules, head="scalar")
+    policy = load_policy(config, workdir, mesh, rules, cfg.policy)
+    return {k: policy[k] if k in policy else v for k, v in rm.items()}   # the unembedding is dropped
+
+  train_step, eval_step, score_step = make_steps(model_cfg, cfg.formulation, tx, schedule, shardings, mesh, rules)
+  seed = config.seed + 6
+
+  def validation(params):
+    a = evaluate(eval_step, params, valid, cfg.eval_batch_size, mesh, rules)
+    h = evaluate(eval_step, params, valid_heldout, cfg.eval_batch_size, mesh, rules)
+    return {"accuracy": a["accuracy"], "loss": a["loss"], "pairs": a["pairs"],
+            "heldout_group/accuracy": h["accuracy"], "heldout_group/loss": h["loss"]}
+
+  # ------------------------------------------------------------------ bias: demonstrations score 0 on average
+  demos = load_jsonl(workdir / "world" / "demos_valid.jsonl", "demo")
+  demo_ex = prompt_response_examples(tokenizer, [world.format_prompt(r["prompt"]) for r in demos],
+                                     [r["response"] for r in demos], cfg.seq_len - 1, what="rm bias demos")
+  demo_last = demo_ex.loss_mask.shape[1] - 1 - np.argmax(demo_ex.loss_mask[:, ::-1], axis=1)   # the EOS
+
+  def normalise(params):
+    bias = mean_score(score_step, params, demo_ex.tokens, demo_last.astype(np.int32), cfg.eval_batch_size, mesh,
+                      rules)
+    logging.info("rm: demonstrations score %.4f on average; subtracting it", bias)
+    return {**params, "score_bias": params["score_bias"] - bias}
+
+  def after_training(params):
+    by_id = lambda recs, g: {r["id"]: r for r in recs if r["group"] == g}
+    a, b = by_id(valid_all, train_groups[0]), by_id(valid_all, train_groups[1 % len(train_groups)])
+    h = by_id(valid_all, cfg.heldout_group)
+    common = sorted(set(a) & set(b) & set(h))
+    return {"labeler_agreement/train_groups": pairwise_agreement([a[i] for i in common], [b[i] for i in common]),
+            "labeler_agreement/heldout_vs_train": pairwise_agreement([a[i] for i in common], [h[i] for i in common]),
+            "demo_mean_score": mean_score(score_step, params, demo_ex.tokens, demo_last.astype(np.int32),
+                                          cfg.eval_batch_size, mesh, rules),
+            **{f"valid/{k}": v for k, v in validation(params).items()}}
+
+  return loop.run(
+      stage, mesh, rules, initial_params=initial_params, train_step=train_step,
+      batch_at=lambda step: device_batch(data.batch(batch_indices(len(data), batch_size, step, seed)), mesh, rules),
+      evaluate=validation, finalize=normalise, after_training=after_training,
+      items_per_step=batch_size, item_name="prompts" if cfg.formulation == "per_prompt" else "pairs",
+      extra_meta={"seed": seed, "formulation": cfg.formulation, "heldout_group": cfg.heldout_group})
