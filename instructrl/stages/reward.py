@@ -201,11 +201,15 @@ def evaluate(eval_step, params, examples, batch_size: int, mesh, rules) -> dict:
 
 
 def mean_score(score_step, params, tokens, last, batch_size: int, mesh, rules) -> float:
+  """Mean score over EVERY row: the last batch is filled up with copies of row 0 (static shape), dropped after."""
+  n, fill = len(tokens), -len(tokens) % batch_size
+  tokens = np.concatenate([tokens, np.repeat(tokens[:1], fill, axis=0)])
+  last = np.concatenate([last, np.repeat(last[:1], fill, axis=0)])
   out = []
   for b in range(len(tokens) // batch_size):
     sl = slice(b * batch_size, (b + 1) * batch_size)
     out.append(np.asarray(score_step(params, *device_batch({"t": tokens[sl], "l": last[sl]}, mesh, rules).values())))
-  return float(np.mean(np.concatenate(out)))
+  return float(np.mean(np.concatenate(out)[:n]))
 
 
 # ----------------------------------------------------------------------------- stage

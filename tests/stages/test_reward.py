@@ -1,0 +1,444 @@
+"""The RM stage: sharded == unsharded per-prompt step, the shuffled-pairs ablation step, where the
+score is read, one ranking per prompt, labeler agreement, the demo-mean bias, and the `rm` stage
+end to end through the CLI (collection files, metrics, exact resume after SIGKILL, rerun no-op).
+
+The 8 simulated CPU devices live in a subprocess (XLA_FLAGS must be set before JAX starts), as in
+test_sharding.py; the CLI runs are subprocesses, as a user runs them. Every subprocess is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from instructrl import objectives, parallel
+from instructrl.models.config import ModelConfig
+from instructrl.stages import reward, train_state
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-5
+# Updated params: Adam divides each element's gradient by its own RMS, so an element whose gradient is
+# near round-off shows the sharded reduction order at ~lr x its relative error (measured: attn/wo 1.2e-5
+# on (2,2,2) after two steps of lr 1e-3, i.e. 0.6% of one step); 3e-5 is 1.5% of one step.
+PARAM_TOL = 3e-5
+
+# Tiny scalar-head model; dropout on so the sharded test also checks the dropout masks agree.
+GPT = dict(style="gpt", vocab_size=64, max_len=16, d_model=64, n_layers=1, n_heads=4, n_kv_heads=4, head_dim=16,
+           d_ff=128, tie_embeddings=True, embed_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+NO_DROPOUT = {**GPT, "embed_dropout": 0.0, "attn_dropout": 0.0, "resid_dropout": 0.0}
+# Params the K-choose-2 loss is exactly invariant to (their true gradient is 0): the score bias and the
+# final norm's bias shift every reward equally (the loss sees only differences within a prompt), and the
+# key bias shifts every attention logit of a query equally (softmax). Their computed gradients are float
+# round-off, which Adam normalises into steps of up to ~lr, so they are not compared across meshes
+# (a different reduction order gives different round-off); they cannot change any loss or accuracy.
+INVARIANT = ("score_bias", "norm_final/bias", "layer_0/attn/bk")
+STAGE = dict(learning_rate=1e-3, warmup_steps=0, final_lr_fraction=0.1, grad_clip=1.0, b1=0.9, b2=0.95,
+             weight_decay=0.1)
+
+
+def ragged_batch(B: int = 8, K: int = 4, T: int = 12, vocab: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+  """A RankedExamples-like batch: K per prompt in {2, 3, 4}, padded slots all PAD with rank K, last_index 0."""
+  rng = np.random.default_rng(seed)
+  ks = np.resize([4, 2, 3, 4, 2, 4, 3, 2], B)
+  toks = np.zeros((B, K, T), np.int32)
+  last = np.zeros((B, K), np.int32)
+  ranks = np.full((B, K), K, np.int32)
+  mask = np.zeros((B, K), bool)
+  for b in range(B):
+    for k in range(ks[b]):
+      n = int(rng.integers(4, T + 1))
+      toks[b, k, :n] = rng.integers(4, vocab, n)
+      last[b, k] = n - 1
+    ranks[b, :ks[b]] = rng.permutation(ks[b])
+    mask[b, :ks[b]] = True
+  assert (~mask).any() and mask.sum(1).min() >= 2
+  return {"tokens": toks, "last_index": last, "ranks": ranks, "mask": mask}
+
+
+def one_device_setup(cfg: ModelConfig, formulation: str, seed: int = 0):
+  mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  rules = parallel.DEFAULT_RULES
+  tx, schedule = train_state.make_optimizer(ml_collections.ConfigDict(STAGE), total_steps=10)
+  sh = train_state.state_shardings(cfg, tx, mesh, rules, head="scalar")
+  params = train_state.init_params(cfg, jax.random.key(seed), sh["params"], mesh, rules, head="scalar")
+  steps = reward.make_steps(cfg, formulation, tx, schedule, sh, mesh, rules)
+  return mesh, rules, tx, sh, params, steps
+
+
+# ----------------------------------------------------------------------------- sharded == unsharded
+
+def _worker():
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from instructrl import parallel
+  from instructrl.models.config import ModelConfig
+  from instructrl.stages import reward, train_state
+
+  assert len(jax.devices()) == 8, jax.devices()
+  rules = parallel.DEFAULT_RULES
+  cfg = ModelConfig(**GPT)
+  batch = ragged_batch()
+
+  def leafdiff(a, b):
+    return {"/".join(str(k.key) for k in kp): float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+            for (kp, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b))}
+
+  def maxdiff(a, b):   # over the params the ranking loss depends on
+    return max(v for k, v in leafdiff(a, b).items() if k not in INVARIANT)
+
+  def run(shape, init_from=None):
+    devices = jax.devices() if np.prod(shape) == 8 else jax.devices()[:1]
+    mesh = parallel.make_mesh(shape, devices=devices)
+    tx, schedule = train_state.make_optimizer(ml_collections.ConfigDict(STAGE), total_steps=10)
+    sh = train_state.state_shardings(cfg, tx, mesh, rules, head="scalar")
+    if init_from is None:
+      params = train_state.init_params(cfg, jax.random.key(0), sh["params"], mesh, rules, head="scalar")
+    else:   # the same values placed with this mesh's shardings (an init compile per mesh is the slow part)
+      params = jax.device_put(init_from, sh["params"])
+    init = jax.tree.map(np.asarray, params)
+    state = train_state.new_state(params, tx, sh, mesh)
+    train, evaluate, _ = reward.make_steps(cfg, "per_prompt", tx, schedule, sh, mesh, rules)
+    out = {"losses": [], "grad_norms": [], "accuracy": [], "pairs": []}
+    with parallel.activate(mesh, rules):
+      b = train_state.device_batch(batch, mesh, rules)
+      for _ in range(2):
+        state, m = train(state, b, jax.random.key(5))
+        for k, name in (("losses", "loss"), ("grad_norms", "grad_norm"), ("accuracy", "accuracy"),
+                        ("pairs", "pairs")):
+          out[k].append(float(m[name]))
+      e = evaluate(state["params"], b)
+    out.update(step=int(state["step"]), eval_loss=float(e["loss"]), eval_accuracy=float(e["accuracy"]),
+               n_shards_wq=len({tuple((i.start, i.stop) for i in idx) for idx in
+                                state["params"]["layer_0"]["attn"]["wq"].sharding.devices_indices_map(
+                                    state["params"]["layer_0"]["attn"]["wq"].shape).values()}))
+    return out, init, jax.tree.map(np.asarray, state["params"])
+
+  res = {}
+  sharded, init, params = run((2, 2, 2))
+  ref, ref_init, ref_params = run((1, 1, 1), init_from=init)
+  res["1x1x1"] = {**ref, "param_diff": 0.0, "update_size": maxdiff(ref_params, ref_init),
+                  "leaf_update": leafdiff(ref_params, ref_init)}
+  res["2x2x2"] = {**sharded, "param_diff": maxdiff(params, ref_params), "leaf_diff": leafdiff(params, ref_params)}
+  info, _, p = run((8, 1, 1), init_from=ref_init)
+  res["8x1x1"] = {**info, "param_diff": maxdiff(p, ref_params), "leaf_diff": leafdiff(p, ref_params)}
+  print("RESULT " + json.dumps(res))
+
+
+@pytest.fixture(scope="module")
+def sharded_result():
+  here = os.path.abspath(__file__)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true"}
+  code = textwrap.dedent(f"""
+      import importlib.util, sys
+      sys.path.insert(0, {str(ROOT)!r})
+      import conftest  # the shared compile cache and full-precision matmuls
+      spec = importlib.util.spec_from_file_location("_reward_worker", {here!r})
+      mod = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(mod)
+      mod._worker()
+  """)
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    stdout, stderr = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 0, f"worker failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+  line = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+  assert line, stdout[-3000:]
+  return json.loads(line[-1][len("RESULT "):])
+
+
+@pytest.mark.parametrize("mesh", ["8x1x1", "2x2x2"])
+def test_per_prompt_step_sharded_equals_unsharded(sharded_result, mesh):
+  r, ref = sharded_result[mesh], sharded_result["1x1x1"]
+  assert ref["step"] == r["step"] == 2
+  assert ref["update_size"] > 1e-4, "the two steps must actually move the params"
+  assert all(v > 1e-4 for k, v in ref["leaf_update"].items() if k not in INVARIANT), ref["leaf_update"]
+  # ragged K: 4,2,3,4,2,4,3,2 responses -> 6+1+3+6+1+6+3+1 = 27 comparisons, padded slots never counted
+  assert r["pairs"] == ref["pairs"] == [27.0, 27.0]
+  for key in ("losses", "accuracy"):
+    np.testing.assert_allclose(r[key], ref[key], atol=TOL, err_msg=key)
+  np.testing.assert_allclose(r["grad_norms"], ref["grad_norms"], rtol=1e-4, atol=1e-6)
+  assert abs(r["eval_loss"] - ref["eval_loss"]) < TOL and abs(r["eval_accuracy"] - ref["eval_accuracy"]) < TOL
+  assert r["param_diff"] < PARAM_TOL, r["leaf_diff"]
+  assert r["n_shards_wq"] == (4 if mesh == "2x2x2" else 1)    # really split on fsdp x tensor
+
+
+# ----------------------------------------------------------------------------- steps, scores (1 device)
+
+def test_shuffled_pairs_step_loss_is_pairwise_loss_of_rm_scores():
+  from instructrl.models.transformer import Decoder
+  from instructrl.data.rankings import RankedExamples, pairs_from_ranked
+  cfg = ModelConfig(**NO_DROPOUT)
+  mesh, rules, tx, sh, params, (train, _, score) = one_device_setup(cfg, "shuffled_pairs", seed=1)
+  b = ragged_batch(seed=3)
+  pairs = pairs_from_ranked(RankedExamples(b["tokens"], b["last_index"], b["ranks"], b["mask"],
+                                           np.arange(len(b["tokens"]))))
+  assert len(pairs) == 27
+  batch = pairs.batch(np.arange(16))
+  model = Decoder(cfg, head="scalar")
+  host_params = jax.tree.map(np.asarray, params)          # the step donates its state
+  scores = jax.jit(lambda p, t, l: reward.rm_scores(model, p, t, l))
+  r_c = scores(host_params, batch["chosen"], batch["chosen_last"])
+  r_r = scores(host_params, batch["rejected"], batch["rejected_last"])
+  want, want_m = objectives.pairwise_loss(r_c, r_r)
+  # by hand too: mean over rows of -log sigmoid(r_w - r_l)
+  by_hand = float(np.mean(np.log1p(np.exp(-(np.asarray(r_c, np.float64) - np.asarray(r_r, np.float64))))))
+  assert abs(float(want) - by_hand) < 1e-6
+  state = train_state.new_state(params, tx, sh, mesh)
+  with parallel.activate(mesh, rules):
+    new, m = train(state, train_state.device_batch(batch, mesh, rules), jax.random.key(0))
+  assert bool(m["finite"]) and int(new["step"]) == 1
+  assert abs(float(m["loss"]) - float(want)) < 1e-6, (float(m["loss"]), float(want))
+  assert abs(float(m["accuracy"]) - float(want_m["accuracy"])) < 1e-6 and float(m["pairs"]) == 16
+  moved = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jax.tree.leaves(new["params"]),
+                                                                        jax.tree.leaves(host_params)))
+  assert moved > 1e-5
+  # score_step is rm_scores under jit
+  with parallel.activate(mesh, rules):
+    s = score(jax.device_put(host_params, sh["params"]), jnp.asarray(batch["chosen"]),
+              jnp.asarray(batch["chosen_last"]))
+  np.testing.assert_allclose(np.asarray(s), np.asarray(r_c), atol=1e-6)
+
+
+def test_rm_scores_reads_the_score_at_last_index():
+  from instructrl.models.transformer import Decoder
+  cfg = ModelConfig(**NO_DROPOUT)
+  _, _, _, _, params, _ = one_device_setup(cfg, "per_prompt", seed=2)
+  params = jax.tree.map(np.asarray, params)
+  params["score_bias"] = np.float32(0.25)             # a non-zero bias is part of the score
+  model = Decoder(cfg, head="scalar")
+  f = jax.jit(lambda t, l: reward.rm_scores(model, params, t, l))
+  full = jax.jit(lambda t: model.apply({"params": params}, t)[0])
+  rng = np.random.default_rng(0)
+  T = 12
+  last = np.array([3, 7, 11, 5], np.int32)
+  toks = np.zeros((4, T), np.int32)
+  for i, n in enumerate(last + 1):
+    toks[i, :n] = rng.integers(4, 64, n)
+    toks[i, n - 1] = 3                                  # the EOS at last_index
+  base = np.asarray(f(toks, last))
+  np.testing.assert_allclose(base, np.asarray(full(toks))[np.arange(4), last], atol=1e-6)
+  # anything after the EOS (pads or garbage) changes nothing
+  after = toks.copy()
+  for i, n in enumerate(last + 1):
+    after[i, n:] = rng.integers(4, 64, T - n)
+  np.testing.assert_allclose(np.asarray(f(after, last)), base, atol=1e-6)
+  # the token at last_index (and before it) does change the score, row by row
+  at = toks.copy()
+  at[np.arange(4), last] = 17
+  changed = np.asarray(f(at, last))
+  assert np.all(np.abs(changed - base) > 1e-6), (changed, base)
+  # reading one position earlier gives a different number (it is not a pooled score)
+  assert np.all(np.abs(np.asarray(f(toks, last - 1)) - base) > 1e-6)
+
+
+def test_mean_score_averages_every_row_not_whole_batches_only():
+  mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  score_step = jax.jit(lambda params, t, l: jnp.take_along_axis(t, l[:, None], 1)[:, 0].astype(jnp.float32) + params)
+  tokens = np.arange(5 * 3, dtype=np.int32).reshape(5, 3)
+  last = np.array([0, 1, 2, 0, 1], np.int32)        # scores 0, 4, 8, 9, 13: mean 6.8 (whole batches of 2: 5.25)
+  assert reward.mean_score(score_step, jnp.float32(0.0), tokens, last, 2, mesh, parallel.DEFAULT_RULES) == \
+      pytest.approx(6.8)
+  assert reward.mean_score(score_step, jnp.float32(1.0), tokens, last, 8, mesh, parallel.DEFAULT_RULES) == \
+      pytest.approx(7.8)                            # fewer rows than one batch
+
+
+# ----------------------------------------------------------------------------- data helpers
+
+def test_select_one_ranking_per_prompt_round_robin_over_groups():
+  ids = ["p3", "p0", "p4", "p1", "p2"]
+  records = [{"id": pid, "group": g, "ranking": [0, 1]} for pid in ids for g in range(5)]
+  picked = reward.select(records, [0, 1, 3])
+  assert sorted(r["id"] for r in picked) == sorted(ids)                      # one per prompt
+  # sorted ids p0..p4 get groups 0, 1, 3, 0, 1
+  assert {r["id"]: r["group"] for r in picked} == {"p0": 0, "p1": 1, "p2": 3, "p3": 0, "p4": 1}
+  assert all(r["group"] != 4 for r in reward.select(records, [0, 1, 2, 3]))  # held-out group never picked
+
+
+def test_pairwise_agreement_on_hand_made_rankings():
+  a = [{"ranking": [2, 0, 3, 1]}, {"ranking": [0, 1, 2]}]
+  assert reward.pairwise_agreement(a, a) == 1.0
+  rev = [{"ranking": r["ranking"][::-1]} for r in a]
+  assert reward.pairwise_agreement(a, rev) == 0.0
+  # [0, 1, 2] vs [1, 0, 2]: pairs (1>0) disagrees, (1>2) and (0>2) agree -> 2 of 3
+  assert reward.pairwise_agreement([{"ranking": [0, 1, 2]}], [{"ranking": [1, 0, 2]}]) == pytest.approx(2 / 3)
+  # pooled over prompts: 2 of 3 plus 1 of 1 (K = 2, identical) -> 3 of 4
+  assert reward.pairwise_agreement([{"ranking": [0, 1, 2]}, {"ranking": [1, 0]}],
+                                   [{"ranking": [1, 0, 2]}, {"ranking": [1, 0]}]) == pytest.approx(3 / 4)
+
+
+# ----------------------------------------------------------------------------- end to end (CLI, smoke)
+
+FAST = ["--config.eval.n_prompts=0", "--config.pretrain.steps=40", "--config.pretrain.checkpoint_every=5",
+        "--config.sft.steps=20", "--config.sft.checkpoint_every=5", "--config.rm.epochs=3"]
+STAGES = "world,pretrain,sft,rm"
+
+
+def cli(workdir, *extra, stages=STAGES, timeout=300):
+  cmd = [sys.executable, "-m", "instructrl.main", "--config=configs/instructgpt.py:smoke", f"--workdir={workdir}",
+         f"--stages={stages}", *FAST, *extra]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  if out.returncode:
+    raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+  return out
+
+
+def final_params(stage_dir):
+  """The latest checkpoint's step and params as numpy, read with orbax directly."""
+  import orbax.checkpoint as ocp
+  step = max(int(p.name) for p in Path(stage_dir).iterdir() if p.name.isdigit())
+  with ocp.CheckpointManager(Path(stage_dir).absolute(), item_names=("state", "meta")) as m:
+    state = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+  return step, jax.tree.map(np.asarray, state["params"])
+
+
+def metric_rows(workdir, stage="rm"):
+  return [json.loads(l) for l in (Path(workdir) / "metrics" / f"{stage}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  w = tmp_path_factory.mktemp("rm_ref")
+  cli(w)
+  return w, json.loads((w / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_collection_files_and_metrics(reference_run):
+  from instructrl.data.rankings import load_ranked
+  w, config = reference_run
+  rm = config["rm"]
+  world = json.loads((w / "world" / "world.json").read_text())
+  groups = sorted({l["group"] for l in world["labelers"]})
+  assert len(groups) >= 3 and rm["heldout_group"] in groups
+  ids, ks = {}, []
+  for split in ("train", "valid"):
+    recs = load_ranked(w / "comparisons" / f"{split}.jsonl")      # every record validated
+    by_prompt = {}
+    for r in recs:
+      by_prompt.setdefault(r["id"], []).append(r)
+    for pid, rs in by_prompt.items():
+      assert sorted(r["group"] for r in rs) == groups, pid       # once per labeler group
+      ks.append(len(rs[0]["responses"]))
+      assert all(r["responses"] == rs[0]["responses"] for r in rs)   # the groups rank the same samples
+    ids[split] = set(by_prompt)
+  # K is drawn from k_choices; duplicate or empty samples are dropped before ranking (documented policy),
+  # which can only lower K, never below 2 (such prompts are skipped and counted in COMPLETE).
+  assert all(2 <= k <= max(rm["k_choices"]) for k in ks)
+  assert np.mean([k in rm["k_choices"] for k in ks]) >= 0.9, ks
+  skipped = json.loads((w / "comparisons" / "COMPLETE").read_text())["skipped"]
+  assert skipped <= 2
+  assert not ids["train"] & ids["valid"]
+  n_valid = round(rm["valid_fraction"] * rm["n_prompts"])
+  assert n_valid - skipped <= len(ids["valid"]) <= n_valid
+  assert len(ids["train"]) + len(ids["valid"]) == rm["n_prompts"] - skipped
+
+  rows = metric_rows(w)
+  assert final_params(w / "rm")[0] == math.ceil(3 * len(ids["train"]) / rm["batch_size"]) == 12
+  valid = [r for r in rows if "valid/accuracy" in r]
+  assert valid and 0 <= valid[-1]["valid/accuracy"] <= 1 and 0 <= valid[-1]["valid/heldout_group/accuracy"] <= 1
+  final = [r for r in rows if "final/labeler_agreement/train_groups" in r]
+  assert len(final) == 1 and 0 < final[0]["final/labeler_agreement/train_groups"] < 1
+  train = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train] == list(range(2, 13, 2))
+  assert all(np.isfinite(r["train/loss"]) for r in train)
+
+
+@pytest.mark.slow
+def test_bias_makes_demonstrations_score_zero_on_average(reference_run):
+  from instructrl.data.world.api import World
+  from instructrl.models.transformer import Decoder
+  from instructrl.stages.world import load_tokenizer
+  w, config = reference_run
+  final = [r for r in metric_rows(w) if "final/demo_mean_score" in r][-1]
+  assert abs(final["final/demo_mean_score"]) < 1e-5, final
+
+  # Independently: restore the RM's params, score EVERY demonstration of demos_valid at its EOS.
+  _, params = final_params(w / "rm")
+  seq_len = config["rm"]["seq_len"]
+  tok = load_tokenizer(w)
+  demos = [json.loads(l) for l in (w / "world" / "demos_valid.jsonl").read_text().splitlines() if l.strip()]
+  seqs = [[tok.bos_id, *tok.encode(World.format_prompt(d["prompt"])), *tok.encode(d["response"]), tok.eos_id]
+          for d in demos]
+  seqs = [s for s in seqs if len(s) <= seq_len]                 # the stage's drop policy for over-long demos
+  assert len(seqs) >= 10
+  toks = np.full((len(seqs), seq_len), tok.pad_id, np.int32)
+  for i, s in enumerate(seqs):
+    toks[i, :len(s)] = s
+  last = np.array([len(s) - 1 for s in seqs])
+  model = Decoder(ModelConfig.from_dict({**config["model"], "resid_dropout": 0.0}), head="scalar")
+  scores = np.asarray(jax.jit(lambda t: model.apply({"params": params}, t)[0])(toks))[np.arange(len(seqs)), last]
+  spread = float(np.std(scores))
+  assert spread > 0
+  # ~0 relative to how much the scores differ between demonstrations (float32 rounding only)
+  assert abs(float(np.mean(scores))) < 1e-3 * spread + 1e-6, (float(np.mean(scores)), spread, len(seqs))
+
+
+@pytest.mark.slow
+def test_rm_resume_after_sigkill_gives_identical_params(reference_run, tmp_path):
+  ref, _ = reference_run
+  w = tmp_path / "killed"
+  for stage in ("world", "pretrain", "sft"):          # completed upstream stages, as a user's run dir has them
+    shutil.copytree(ref / stage, w / stage)
+  cmd = [sys.executable, "-m", "instructrl.main", "--config=configs/instructgpt.py:smoke", f"--workdir={w}",
+         "--stages=rm", *FAST]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    while not (w / "rm" / "2").exists() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.005)
+    assert proc.poll() is None, "run ended (or failed) before the kill point rm/2"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert not (w / "rm" / "12").exists(), "the kill landed after rm finished"
+  killed_at = max(int(p.name) for p in (w / "rm").iterdir() if p.name.isdigit())
+  assert killed_at < 12
+  out = cli(w)
+  assert "rm: resuming from step" in out.stderr
+  step_a, a = final_params(ref / "rm")
+  step_b, b = final_params(w / "rm")
+  assert step_a == step_b == 12
+  assert jax.tree.all(jax.tree.map(np.array_equal, a, b)), "resumed rm params differ"
+  for split in ("train", "valid"):    # collection is deterministic and was not redone
+    assert (w / "comparisons" / f"{split}.jsonl").read_text() == (ref / "comparisons" / f"{split}.jsonl").read_text()
+  strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_per_sec")} for r in rows]
+  assert strip(metric_rows(w)) == strip(metric_rows(ref))
+
+
+@pytest.mark.slow
+def test_rerun_of_complete_rm_stage_changes_nothing(reference_run):
+  w, _ = reference_run
+  files = ["metrics/rm.jsonl", "comparisons/train.jsonl", "comparisons/valid.jsonl", "comparisons/COMPLETE"]
+  before = {f: (w / f).read_bytes() for f in files}
+  step, params = final_params(w / "rm")
+  out = cli(w, stages="rm")
+  assert "rm: complete checkpoint at step 12, skipping" in out.stderr
+  assert {f: (w / f).read_bytes() for f in files} == before
+  step2, params2 = final_params(w / "rm")
+  assert step2 == step and jax.tree.all(jax.tree.map(np.array_equal, params, params2))
