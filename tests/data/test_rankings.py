@@ -16,7 +16,8 @@ from instructrl.data.rankings import (RankedExamples, hh_to_ranked, load_ranked,
 from instructrl.data.records import RecordError
 from instructrl.objectives import ranked_to_pairs
 
-HH_FILE = Path("/work/shared/data/hh-rlhf/harmless-base-test-first1000.jsonl.gz")
+# ../shared/data beside the checkout (as on the project machines and in CI).
+HH_FILE = Path(__file__).resolve().parents[3] / "shared/data/hh-rlhf/harmless-base-test-first1000.jsonl.gz"
 
 
 class FakeTokenizer:
