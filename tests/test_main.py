@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.cli_helpers import final_params
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--config.eval.n_prompts=0", "--config.pretrain.steps=40", "--config.pretrain.checkpoint_every=5",
@@ -24,16 +25,6 @@ def cli(workdir, *extra, stages="world,pretrain,sft", check=True, timeout=300):
   if check and out.returncode:
     raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
   return out
-
-
-def final_params(stage_dir):
-  """The latest checkpoint's params as numpy, read through the project's own restore path."""
-  import jax
-  import orbax.checkpoint as ocp
-  step = max(int(p.name) for p in Path(stage_dir).iterdir() if p.name.isdigit())
-  with ocp.CheckpointManager(Path(stage_dir).absolute(), item_names=("state", "meta")) as m:
-    state = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
-  return step, jax.tree.map(np.asarray, state["params"])
 
 
 @pytest.fixture(scope="module")

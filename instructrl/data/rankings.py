@@ -24,14 +24,13 @@ Bad-data policies (all errors are `RecordError`s starting with `file:line:` when
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from instructrl.data.records import RecordError, _open, validate
+from instructrl.data.records import RecordError, json_lines, validate
 from instructrl.objectives import ranked_to_pairs
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -131,21 +130,7 @@ def load_ranked(path: str | Path) -> list[dict]:
 
   A truncated last line or bad JSON is an error, never skipped; blank lines are skipped.
   """
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file (expected ranked / pair / HH-RLHF records, JSONL)")
-  out = []
-  with _open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise RecordError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-      out.append(to_ranked(record, where))
-  return out
+  return [to_ranked(record, where) for record, where in json_lines(path, "ranked / pair / HH-RLHF records")]
 
 
 @dataclasses.dataclass

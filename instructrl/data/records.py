@@ -52,21 +52,27 @@ def validate(record: Any, schema: str, where: str) -> dict:
   return record
 
 
-def read_jsonl(path: str | Path, schema: str) -> Iterator[dict]:
-  """Yield validated records. A truncated last line or bad JSON is an error, never skipped."""
+def json_lines(path: str | Path, what: str) -> Iterator[tuple[Any, str]]:
+  """(parsed object, "file:line") for every non-blank line. A truncated line or bad JSON is an
+  error naming file and line, never skipped."""
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file (expected {schema!r} records, JSONL)")
+    raise FileNotFoundError(f"{path}: no such file (expected {what}, JSONL)")
   with _open(path) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
       where = f"{path}:{lineno}"
       try:
-        record = json.loads(line)
+        yield json.loads(line), where
       except json.JSONDecodeError as e:
         raise RecordError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-      yield validate(record, schema, where)
+
+
+def read_jsonl(path: str | Path, schema: str) -> Iterator[dict]:
+  """Yield validated records of `schema`."""
+  for record, where in json_lines(path, f"{schema!r} records"):
+    yield validate(record, schema, where)
 
 
 def load_jsonl(path: str | Path, schema: str) -> list[dict]:

@@ -28,6 +28,7 @@ import pytest
 from instructrl import objectives, parallel
 from instructrl.models.config import ModelConfig
 from instructrl.stages import reward, train_state
+from tests.cli_helpers import final_params
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
@@ -303,15 +304,6 @@ def cli(workdir, *extra, stages=STAGES, timeout=300):
   if out.returncode:
     raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
   return out
-
-
-def final_params(stage_dir):
-  """The latest checkpoint's step and params as numpy, read with orbax directly."""
-  import orbax.checkpoint as ocp
-  step = max(int(p.name) for p in Path(stage_dir).iterdir() if p.name.isdigit())
-  with ocp.CheckpointManager(Path(stage_dir).absolute(), item_names=("state", "meta")) as m:
-    state = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
-  return step, jax.tree.map(np.asarray, state["params"])
 
 
 def metric_rows(workdir, stage="rm"):
