@@ -8,7 +8,6 @@ A stage whose checkpoint is complete is skipped; an interrupted one resumes.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 

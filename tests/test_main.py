@@ -2,7 +2,6 @@
 a mismatched checkpoint refused, bad flags refused. Each run is a subprocess, as a user runs it."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -13,7 +13,7 @@ collection, so the sampler's `lax.while_loop` carries it like any other array.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax

@@ -34,7 +34,6 @@ def _strip(spec):
 
 def _worker(style):
   import jax
-  import jax.numpy as jnp
   import ml_collections
   import numpy as np
 
