@@ -66,6 +66,45 @@ def _rm_stage():
   return c
 
 
+def _ppo_stage():
+  """PPO-ptx (paper section 3.5, appendix C.4); lm-human-preferences defaults where it is silent."""
+  c = ml_collections.ConfigDict()
+  c.policy_init = "sft"          # paper C.3 starts from SFT trained with 10% pretraining data mixed in
+  c.n_prompts = 2000             # PPO prompts used (<= world.n_ppo_prompts); paper: ~31k
+  c.total_episodes = 256_000     # paper C.4: 256k episodes
+  c.batch_size = 512             # paper C.4: episodes per iteration (rollout batch)
+  c.minibatch_size = 64          # paper C.4: minibatch 64
+  c.ppo_epochs = 1               # paper C.4: one inner epoch over each rollout batch
+  c.learning_rate = 1e-5         # policy lr: an assumption (not among the paper numbers in DESIGN.md)
+  c.value_learning_rate = 9e-6   # paper C.4: value lr 9e-6
+  c.warmup_iterations = 10       # paper C.4: 10 iterations of warm-up from a tenth of the peak, then constant
+  c.kl_coef = 0.02               # paper C.4: beta, KL reward coefficient against the SFT model
+  c.adaptive_kl = False          # Ziegler et al. (2019) controller instead of a fixed beta
+  c.target_kl = 6.0              # nats per episode for the adaptive controller (lm-human-preferences)
+  c.kl_horizon = 10000           # episodes (lm-human-preferences)
+  c.ptx_coef = 27.8              # paper C.4: gamma; 0 gives plain PPO
+  c.ptx_batch_size = 512         # pretraining sequences per minibatch: 8x the episodes (paper C.4)
+  c.ptx_seq_len = 64             # tokens per pretraining sequence
+  c.ema_decay = 0.992            # paper C.4: EMA of the policy weights
+  c.gamma = 1.0                  # paper C.4: no discount
+  c.gae_lambda = 0.95            # lm-human-preferences default (the paper gives none)
+  c.clip = 0.2                   # paper C.4: PPO clip
+  c.value_clip = 0.2             # lm-human-preferences: value clipping (cliprange_value)
+  c.whiten_advantages = True     # lm-human-preferences default
+  c.temperature = 1.0            # paper C.4: sampling temperature 1
+  c.prompt_len = 32              # prompt tokens (left-padded)
+  c.max_new_tokens = 32          # response cap
+  c.missing_eos_penalty = 0.0    # added to the score of a response that never emitted EOS (0: off)
+  c.grad_clip = 1.0              # global gradient-norm clip, policy and value
+  c.b1 = 0.9                     # paper C: Adam beta1
+  c.b2 = 0.95                    # paper C: Adam beta2
+  c.log_every = 1                # iterations between metric lines
+  c.eval_every = 1_000_000       # (no periodic eval inside PPO yet)
+  c.checkpoint_every = 10        # iterations between checkpoints
+  c.keep_checkpoints = 2
+  return c
+
+
 def _model(**kw):
   c = ml_collections.ConfigDict(dict(
       style="gpt",               # "gpt" (GPT-2/3: learned positions, LayerNorm, GELU, tied) or "llama"
@@ -129,6 +168,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.sft.demos_dir = ""           # read demos from here instead of workdir/world ("" = the task world)
 
   c.rm = _rm_stage()
+  c.ppo = _ppo_stage()
 
   if preset == "smoke":
     c.tokenizer.vocab_size = 512
@@ -142,6 +182,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.update(n_prompts=32, batch_size=32, max_new_tokens=16)
     c.rm.update(n_prompts=40, batch_size=8, eval_batch_size=8, learning_rate=1e-4, collect_batch_prompts=8,
                 max_new_tokens=16, seq_len=48, log_every=2, eval_every=100, checkpoint_every=2)
+    c.ppo.update(n_prompts=50, total_episodes=64, batch_size=16, minibatch_size=8, ptx_batch_size=8,
+                 learning_rate=1e-4, value_learning_rate=1e-4, warmup_iterations=1, ptx_coef=1.0,
+                 max_new_tokens=16, checkpoint_every=2)
   elif preset == "tiny":
     c.model.update(d_model=128, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=32, d_ff=512, max_len=192)
     c.pretrain.update(steps=1500, batch_size=32, seq_len=96, learning_rate=2e-3, warmup_steps=100,
@@ -151,6 +194,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.prompt_len = 32
     c.rm.update(n_prompts=1000, batch_size=16, eval_batch_size=25, learning_rate=5e-5, collect_batch_prompts=32,
                 log_every=5, eval_every=25, checkpoint_every=25)
+    c.ppo.update(total_episodes=64 * 40, batch_size=64, minibatch_size=16, ptx_batch_size=32,
+                 learning_rate=2e-5, value_learning_rate=1e-4, warmup_iterations=2, ptx_coef=1.0)
     c.sft.model_overrides.resid_dropout = 0.1
   elif preset == "small":
     c.tokenizer.vocab_size = 2048

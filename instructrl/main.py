@@ -20,7 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missi
 _STAGES = flags.DEFINE_string("stages", None, "Comma-separated stages; default: config.stages.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-STAGES = ("world", "pretrain", "sft", "rm")
+STAGES = ("world", "pretrain", "sft", "rm", "ppo")
 
 
 def parse_stages(text: str) -> list[str]:
@@ -80,7 +80,7 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   import jax
   from instructrl import parallel
-  from instructrl.stages import pretrain, reward, sft, world
+  from instructrl.stages import ppo, pretrain, reward, sft, world
 
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value)
@@ -95,7 +95,8 @@ def main(argv):
   run = {"world": lambda: world.run(config, workdir),
          "pretrain": lambda: pretrain.run(config, workdir, mesh, rules),
          "sft": lambda: sft.run(config, workdir, mesh, rules),
-         "rm": lambda: reward.run(config, workdir, mesh, rules)}
+         "rm": lambda: reward.run(config, workdir, mesh, rules),
+         "ppo": lambda: ppo.run(config, workdir, mesh, rules)}
   for stage in stages:
     run[stage]()
 

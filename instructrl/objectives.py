@@ -108,3 +108,215 @@ def ranked_to_pairs(ranking) -> list[tuple[int, int]]:
   if sorted(order) != list(range(len(order))):
     raise ValueError(f"ranking must be a permutation of range({len(order)}), got {order}")
   return [(order[a], order[b]) for a in range(len(order)) for b in range(a + 1, len(order))]
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO / PPO-ptx (paper section 3.5, appendix C.4).
+#
+#   objective(phi) = E_{(x,y) ~ pi_RL}[r_theta(x, y) - beta * log(pi_RL(y|x) / pi_SFT(y|x))]
+#                    + gamma * E_{x ~ D_pretrain}[log pi_RL(x)]
+#
+# A bandit episode: the prompt is the state, the response tokens are the actions, the RM scores
+# the finished response and the episode ends. Where the paper gives no number we follow
+# lm-human-preferences (Ziegler et al. 2019; Stiennon et al. 2020): GAE lambda 0.95, gamma 1,
+# policy and value clip 0.2, advantages whitened per batch, approxkl = 0.5 * E[(dlogp)^2].
+# All arrays are [B, T] over the response tokens only (B episodes, T the padded response
+# length); `mask_bt` (bool or 0/1 float) marks real tokens. Responses are right-padded: a
+# row's real tokens come first. Padded slots may hold anything, NaN included: they are
+# removed with `where` (selection) before any arithmetic, never by multiplying with 0.
+# ---------------------------------------------------------------------------------------------
+
+
+def _masked_mean(x_bt, mask_bt):
+  """Mean of x over real tokens (0 when there are none); `x_bt` must be finite where masked."""
+  m = mask_bt.astype(jnp.float32)
+  return jnp.sum(jnp.where(mask_bt, x_bt, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _masked_var(x_bt, mask_bt):
+  """Biased (population, divide-by-n) variance over real tokens, as tf.nn.moments."""
+  mean = _masked_mean(x_bt, mask_bt)
+  return _masked_mean(jnp.square(jnp.where(mask_bt, x_bt, mean) - mean), mask_bt)
+
+
+def kl_penalty_rewards(logp_bt, ref_logp_bt, score_b, mask_bt, kl_coef):
+  """Per-token rewards of the bandit episode: (rewards_bt, kl_bt).
+
+  rewards_t = -beta * (log pi_RL(y_t | .) - log pi_SFT(y_t | .))   on every real token,
+            + r_theta(x, y)                                        on the last real token only,
+  as lm-human-preferences (`rewards = -kl_coef * kl; rewards[:, -1] += scores`), except that
+  the score goes to each row's last REAL token (index of the last True of the mask), not to
+  column T - 1, so ragged right-padded responses are scored where they end; a row with no
+  real token gets no score at all. Pads get reward 0.
+
+  kl_bt = log pi_RL(y_t) - log pi_SFT(y_t), the "k1" estimator of KL(pi_RL || pi_SFT): with
+  y_t sampled from pi_RL (at the temperature the log-probs are taken at; 1 in the paper) its
+  expectation is exactly the per-token KL, and its sum over a response is an unbiased
+  estimate of the sequence KL. A single sample can be negative; only its mean is >= 0.
+  `logp_bt` must be the log-probs of the policy that SAMPLED (the rollout policy), taken
+  without gradient; `kl_coef` (beta; 0.02 in the paper, C.4) may be a traced scalar, e.g. the
+  output of adaptive_kl_coef.
+  """
+  mask_bt = mask_bt.astype(bool)
+  kl_bt = jnp.where(mask_bt, logp_bt.astype(jnp.float32) - ref_logp_bt.astype(jnp.float32), 0.0)
+  T = mask_bt.shape[-1]
+  last_b = T - 1 - jnp.argmax(mask_bt[:, ::-1], axis=-1)          # index of the last True
+  has_b = jnp.any(mask_bt, axis=-1)
+  at_end_bt = (jnp.arange(T)[None, :] == last_b[:, None]) & has_b[:, None]
+  score_b = score_b.astype(jnp.float32)
+  rewards_bt = -kl_coef * kl_bt + jnp.where(at_end_bt, score_b[:, None], 0.0)
+  return rewards_bt, kl_bt
+
+
+def gae(rewards_bt, values_bt, mask_bt, gamma=1.0, lam=0.95):
+  """Generalised advantage estimation (Schulman et al. 2016): (advantages_bt, returns_bt).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = delta_t + gamma * lam * A_{t+1},
+  computed by a reverse `lax.scan` over time. The episode ends after the last real token:
+  V and A after it are 0 (bandit episode; no bootstrap). A masked position restarts the
+  recursion with V = A = 0, so pads get advantage 0 and, whatever they hold, never reach a
+  real token (with right padding this is exactly "the value after the last token is 0").
+  returns_t = A_t + V_t on real tokens (the lambda-return, the value target), 0 on pads.
+  Defaults: gamma 1 (paper C.4, "no discount"), lam 0.95 (lm-human-preferences).
+  With gamma = lam = 1, A_t = sum_{t' >= t} r_t' - V_t (Monte Carlo).
+  """
+  mask_bt = mask_bt.astype(bool)
+  r_tb = jnp.where(mask_bt, rewards_bt.astype(jnp.float32), 0.0).T
+  v_tb = jnp.where(mask_bt, values_bt.astype(jnp.float32), 0.0).T
+  m_tb = mask_bt.T
+
+  def step(carry, xs):
+    next_v_b, next_a_b = carry
+    r_b, v_b, m_b = xs
+    delta_b = r_b + gamma * next_v_b - v_b
+    a_b = jnp.where(m_b, delta_b + gamma * lam * next_a_b, 0.0)
+    return (v_b, a_b), a_b          # on pads v_b = a_b = 0: the recursion restarts
+
+  zeros_b = jnp.zeros(r_tb.shape[1], jnp.float32)
+  _, adv_tb = jax.lax.scan(step, (zeros_b, zeros_b), (r_tb, v_tb, m_tb), reverse=True)
+  adv_bt = adv_tb.T
+  return adv_bt, jnp.where(mask_bt, adv_bt + v_tb.T, 0.0)
+
+
+def whiten(x_bt, mask_bt, shift_mean=True, eps=1e-8):
+  """(x - mean) / sqrt(var + eps) over real tokens; pads come out 0.
+
+  As lm-human-preferences `whiten` (applied to the advantages before the PPO update): BIASED
+  variance (divide by n, tf.nn.moments), eps 1e-8 inside the sqrt; with shift_mean=False the
+  mean is added back (scale only; a Python bool, static under jit). TRL's masked_whiten divides by n - 1 instead; for batches of
+  thousands of tokens the difference is negligible, and divide-by-n keeps one-token batches
+  finite. Statistics are over the whole array: under jit with a sharded batch that is the
+  global batch, as lm-human-preferences whitens over all ranks' rollouts.
+  """
+  mask_bt = mask_bt.astype(bool)
+  x_bt = jnp.where(mask_bt, x_bt.astype(jnp.float32), 0.0)
+  mean = _masked_mean(x_bt, mask_bt)
+  out_bt = (x_bt - mean) * jax.lax.rsqrt(_masked_var(x_bt, mask_bt) + eps)
+  if not shift_mean:
+    out_bt = out_bt + mean
+  return jnp.where(mask_bt, out_bt, 0.0)
+
+
+def ppo_policy_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip=0.2):
+  """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), masked token mean: (loss, metrics).
+
+    ratio = exp(logp - old_logp),   loss = E_t[max(-A ratio, -A clip(ratio, 1 - c, 1 + c))]
+  (the negated min, minimised). Where the clipped term wins (ratio past 1 + c with A > 0, or
+  below 1 - c with A < 0) it is constant in logp: those tokens give no gradient. The mean is
+  over every real token of the batch (lm-human-preferences averages over all tokens).
+  `adv_bt` is treated as data (stop_gradient), already whitened by the caller.
+
+  Metrics: clipfrac = fraction of real tokens whose clipped term is strictly larger (clip
+  active), approxkl = 0.5 * E[(logp - old_logp)^2] (lm-human-preferences' estimator of
+  KL(old || new), second order in the log-ratio), ratio_mean, tokens (the count, for callers
+  that weight microbatches).
+  """
+  mask_bt = mask_bt.astype(bool)
+  dlogp_bt = jnp.where(mask_bt, logp_bt.astype(jnp.float32) - old_logp_bt.astype(jnp.float32), 0.0)
+  adv_bt = jax.lax.stop_gradient(jnp.where(mask_bt, adv_bt.astype(jnp.float32), 0.0))
+  ratio_bt = jnp.exp(dlogp_bt)
+  pg1_bt = -adv_bt * ratio_bt
+  pg2_bt = -adv_bt * jnp.clip(ratio_bt, 1.0 - clip, 1.0 + clip)
+  loss = _masked_mean(jnp.maximum(pg1_bt, pg2_bt), mask_bt)
+  metrics = {
+      "policy_loss": loss,
+      "clipfrac": _masked_mean((pg2_bt > pg1_bt).astype(jnp.float32), mask_bt),
+      "approxkl": 0.5 * _masked_mean(jnp.square(dlogp_bt), mask_bt),
+      "ratio_mean": _masked_mean(ratio_bt, mask_bt),
+      "tokens": jnp.sum(mask_bt.astype(jnp.float32)),
+  }
+  return loss, metrics
+
+
+def value_loss(values_bt, old_values_bt, returns_bt, mask_bt, clip=0.2):
+  """Clipped value loss, masked token mean: (loss, metrics).
+
+    v_clip = v_old + clip(v - v_old, -c, c),   loss = 0.5 E_t[max((v - R)^2, (v_clip - R)^2)]
+  as lm-human-preferences (cliprange_value 0.2; the paper gives no value clip) and OpenAI
+  baselines ppo2: where the clipped error is larger the token gives no gradient, so the value
+  function moves at most c from its rollout value per update. `returns_bt` are targets (no
+  gradient). The paper trains a separate value network (C.4), so the caller applies the value
+  learning rate; there is no vf_coef here.
+
+  Metrics: vf_clipfrac (fraction of real tokens where the clipped error is strictly larger),
+  explained_variance = 1 - Var(R - v_old) / Var(R) over real tokens (biased variances; 0 when
+  Var(R) = 0, where baselines returns NaN, so NaN checks stay quiet), value_mean, return_mean.
+  """
+  mask_bt = mask_bt.astype(bool)
+  v_bt = jnp.where(mask_bt, values_bt.astype(jnp.float32), 0.0)
+  v_old_bt = jnp.where(mask_bt, old_values_bt.astype(jnp.float32), 0.0)
+  ret_bt = jax.lax.stop_gradient(jnp.where(mask_bt, returns_bt.astype(jnp.float32), 0.0))
+  v_clip_bt = v_old_bt + jnp.clip(v_bt - v_old_bt, -clip, clip)
+  vf1_bt = jnp.square(v_bt - ret_bt)
+  vf2_bt = jnp.square(v_clip_bt - ret_bt)
+  loss = 0.5 * _masked_mean(jnp.maximum(vf1_bt, vf2_bt), mask_bt)
+  var_ret = _masked_var(ret_bt, mask_bt)
+  ev = jnp.where(var_ret > 0, 1.0 - _masked_var(ret_bt - v_old_bt, mask_bt) / jnp.where(var_ret > 0, var_ret, 1.0), 0.0)
+  metrics = {
+      "value_loss": loss,
+      "vf_clipfrac": _masked_mean((vf2_bt > vf1_bt).astype(jnp.float32), mask_bt),
+      "explained_variance": ev,
+      "value_mean": _masked_mean(v_bt, mask_bt),
+      "return_mean": _masked_mean(ret_bt, mask_bt),
+  }
+  return loss, metrics
+
+
+def entropy_from_logits(logits_btv, mask_bt):
+  """Mean over real tokens of H(softmax(logits)) = -sum_v p_v log p_v, in nats (a diagnostic:
+  the paper uses no entropy bonus, nor does lm-human-preferences' default)."""
+  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  ent_bt = -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)
+  return _masked_mean(ent_bt, mask_bt.astype(bool))
+
+
+def ptx_loss(logits_btv, targets_bt, mask_bt):
+  """The pretraining term of PPO-ptx as a loss, -log pi_RL(x) over pretraining tokens: (sum, count).
+
+  The caller adds gamma * sum / count to the PPO loss, or (as the paper, C.4) computes the two
+  gradients in consecutive steps and accumulates gamma times the pretraining one (gamma 27.8):
+  the same thing, gradients being linear.
+  """
+  return token_nll(logits_btv, targets_bt, mask_bt)
+
+
+def adaptive_kl_coef(coef, current_kl, target, horizon, n_steps):
+  """One update of Ziegler et al. (2019)'s AdaptiveKLController, as a pure function.
+
+    e = clip(KL / KL_target - 1, -0.2, 0.2),    beta <- beta * (1 + e * n_steps / horizon)
+  `current_kl` is the mean per-episode KL of the last rollout batch (sum of kl_bt over a
+  response), `n_steps` the episodes in it. The paper itself uses a fixed beta (0.02, C.4); this
+  is the option lm-human-preferences offers (e.g. target 6 nats, horizon 10000).
+  """
+  err = jnp.clip(current_kl / target - 1.0, -0.2, 0.2)
+  return coef * (1.0 + err * n_steps / horizon)
+
+
+def ema_update(ema_tree, new_tree, decay):
+  """ema <- decay * ema + (1 - decay) * new, leaf by leaf, in each EMA leaf's dtype.
+
+  The paper keeps an exponential moving average of the PPO weights with decay 0.992 (C.4);
+  no bias correction (the EMA starts from the initial weights, not from zero). After n
+  updates with a constant input c: ema_n = c + decay^n (ema_0 - c).
+  """
+  return jax.tree.map(lambda e, n: (decay * e + (1.0 - decay) * n).astype(e.dtype), ema_tree, new_tree)

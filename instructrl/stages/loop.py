@@ -35,11 +35,15 @@ class Stage:
   abstract: dict                # abstract state with shardings (restore target)
 
 
-def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any], train_step, batch_at: Callable[[int], dict],
+def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None = None,
+        initial_state: Callable[[], dict] | None = None, train_step, batch_at: Callable[[int], dict],
         evaluate: Callable[[Any], dict] | None = None, finalize: Callable[[Any], Any] | None = None,
         after_training: Callable[[Any], dict] | None = None,
         items_per_step: int = 0, item_name: str = "tokens", extra_meta: dict | None = None):
-  """Train `stage` to cfg.steps (or skip/resume); returns the final params.
+  """Train `stage` to cfg.steps (or skip/resume); returns the final params (state["params"]).
+
+  The state is {"step", "params", "opt_state"} built from initial_params() — or any dict with a
+  "step" and a "params" entry built by initial_state() (PPO keeps more models in it).
 
   batch_at(step) -> device batch; evaluate(params) -> metrics (every eval_every steps and at the
   end); finalize(params) -> params once before the final save (the RM's bias);
@@ -58,7 +62,7 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any], train_s
         return state["params"]
       logging.info("%s: resuming from step %d", name, meta["step"])
     else:
-      state = new_state(initial_params(), stage.tx, stage.shardings, mesh)
+      state = initial_state() if initial_state else new_state(initial_params(), stage.tx, stage.shardings, mesh)
     start = int(state["step"])
 
     writer = MetricWriter(stage.workdir, name, resume_step=start)
@@ -83,7 +87,9 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any], train_s
           if items_per_step:
             m[f"{item_name}_per_sec"] = items_per_step * (done - step_last) / max(now - t_last, 1e-9)
           t_last, step_last = now, done
-          bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+          shown = next((k for k in ("loss", "objective/score") if k in m), None)
+          if shown:
+            bar.set_postfix({shown: f"{float(m[shown]):.3f}"})
           writer.write(done, {k: v for k, v in m.items() if k != "finite"}, prefix="train/")
         if evaluate and (done % cfg.eval_every == 0 or done == total):
           writer.write(done, evaluate(state["params"]), prefix="valid/")

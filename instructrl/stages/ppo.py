@@ -1,0 +1,260 @@
+"""The `ppo` stage: PPO-ptx on the bandit environment (paper section 3.5, appendix C.4).
+
+A prompt comes, the policy answers, the RM scores the whole answer, the episode ends. Every token
+also gets -beta * (log pi_RL - log pi_SFT); the value function starts from the RM; PPO-ptx adds
+gamma * E_pretrain[log pi_RL(x)] to every minibatch's objective (ptx_coef = 0 is plain PPO).
+
+Reads top to bottom: config -> rollout -> update -> state -> loop. One iteration is two jitted
+programs, no host round-trip inside either: `rollout` (sample, re-score with policy, reference,
+value and RM, rewards, GAE, whitening) and `update` (a lax.scan over epochs x minibatches of
+guarded policy and value updates, then the EMA). All four models live in the one SPMD program on
+one mesh.
+
+Defaults where the paper is silent (lm-human-preferences / Stiennon et al. 2020): GAE lambda 0.95,
+discount 1, clip 0.2 for policy and value, whitened advantages, no entropy bonus, the "k1" KL
+estimator (log pi_RL - log pi_SFT of the sampled token).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from instructrl import checkpoints, objectives, parallel
+from instructrl.data import world as world_lib
+from instructrl.data.batching import batch_indices, left_pad_prompts, pack_texts
+from instructrl.data.records import load_jsonl
+from instructrl.models.config import ModelConfig
+from instructrl.models.sampling import process_logits, sample
+from instructrl.models.transformer import Decoder, left_pad_positions
+from instructrl.stages import loop
+from instructrl.stages.train_state import abstract_state, device_batch, guarded_update, state_shardings
+from instructrl.stages.world import load_tokenizer, world_fingerprint
+
+ScoreFn = Callable  # (seq_bs, last_index_b, response_bt, response_mask_bt) -> score_b
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+def make_optimizer(lr: float, warmup_updates: int, grad_clip: float, b1: float, b2: float):
+  """Constant lr after a linear warm-up from a tenth of the peak (paper C.4: 10 iterations)."""
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.1 * lr, lr, max(warmup_updates, 1)), optax.constant_schedule(lr)],
+      [max(warmup_updates, 1)])
+  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule, b1=b1, b2=b2)), schedule
+
+
+# ----------------------------------------------------------------------------- rollout
+
+def response_view(model_cfg, params, head, seq_bs, positions_bs, kv_mask_bs, P):
+  """Run a model over prompt + response; return its per-response-token outputs [B, N, ...].
+
+  Token t of the response sits at P + t and is predicted from position P + t - 1, so the
+  policy's logits (and the value of the state before emitting t) come from P - 1 .. S - 2.
+  """
+  out, _ = Decoder(model_cfg, head=head).apply({"params": params}, seq_bs, positions_bs, kv_mask_bs=kv_mask_bs)
+  return out[:, P - 1:-1]
+
+
+def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn: ScoreFn | None = None):
+  """rollout(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, kl_coef) -> (batch, metrics)."""
+  logp_of = lambda logits, toks: jnp.take_along_axis(
+      process_logits(logits, cfg.temperature), toks[..., None], axis=-1)[..., 0]
+
+  def rollout(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, kl_coef):
+    B, P = prompt_bp.shape
+    s = sample(policy, prompt_bp, prompt_mask_bp, rng, cfg=model_cfg, max_new_tokens=cfg.max_new_tokens,
+               temperature=cfg.temperature, eos_id=eos_id, pad_id=pad_id)
+    seq = jnp.concatenate([prompt_bp, s.tokens], axis=1)
+    kv_mask = jnp.concatenate([prompt_mask_bp.astype(bool), s.mask], axis=1)
+    positions = left_pad_positions(jnp.concatenate([prompt_mask_bp, jnp.ones_like(s.mask)], axis=1))
+    view = functools.partial(response_view, model_cfg, seq_bs=seq, positions_bs=positions, kv_mask_bs=kv_mask, P=P)
+    # Re-scored with a full forward, exactly as the update will: the PPO ratio starts at 1.
+    logp = logp_of(view(params=policy, head="lm"), s.tokens)
+    ref_logp = logp_of(view(params=ref, head="lm"), s.tokens)   # same temperature: a KL that is >= 0
+    values = view(params=value, head="scalar")
+    last = P - 1 + s.lengths                                   # the last real token (EOS if emitted)
+    if score_fn is None:
+      scores_bs, _ = Decoder(model_cfg, head="scalar").apply({"params": rm}, seq, positions, kv_mask_bs=kv_mask)
+      score = jnp.take_along_axis(scores_bs, last[:, None], axis=1)[:, 0]
+    else:
+      score = score_fn(seq, last, s.tokens, s.mask)
+    ended = jnp.any(s.tokens == eos_id, axis=1)
+    score = score + jnp.where(ended, 0.0, cfg.missing_eos_penalty)
+    rewards, kl = objectives.kl_penalty_rewards(logp, ref_logp, score, s.mask, kl_coef)
+    adv, returns = objectives.gae(rewards, values, s.mask, cfg.gamma, cfg.gae_lambda)
+    if cfg.whiten_advantages:
+      adv = objectives.whiten(adv, s.mask)
+    batch = {"seq": seq, "positions": positions, "kv_mask": kv_mask, "mask": s.mask, "old_logp": logp,
+             "old_values": values, "advantages": adv, "returns": returns}
+    metrics = {"objective/score": score.mean(), "objective/kl": kl.sum(1).mean(),
+               "objective/kl_coef": kl_coef, "objective/reward": rewards.sum(1).mean(),
+               "objective/response_length": s.lengths.mean(), "objective/eos_fraction": ended.mean()}
+    return batch, metrics, s.tokens
+
+  return rollout
+
+
+# ----------------------------------------------------------------------------- update
+
+def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int):
+  """update(state, batch, ptx_mbs, rng) -> (state, metrics): epochs x minibatches in one lax.scan."""
+
+  def policy_loss(params, mb, ptx):
+    logits = response_view(model_cfg, params, "lm", mb["seq"], mb["positions"], mb["kv_mask"], P)
+    logp = jnp.take_along_axis(process_logits(logits, cfg.temperature), mb["seq"][:, P:, None], axis=-1)[..., 0]
+    pg, m = objectives.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip)
+    m = {**m, "entropy": objectives.entropy_from_logits(logits, mb["mask"])}
+    if cfg.ptx_coef > 0:
+      ptx_logits, _ = Decoder(model_cfg, head="lm").apply({"params": params}, ptx["inputs"])
+      nll_sum, count = objectives.ptx_loss(ptx_logits, ptx["targets"], ptx["mask"])
+      ptx_nll = nll_sum / jnp.maximum(count, 1.0)
+    else:
+      ptx_nll = jnp.float32(0.0)
+    # Paper C.4: PPO and pretraining gradients accumulated, the latter times gamma — the gradient
+    # of this sum, by linearity.
+    return pg + cfg.ptx_coef * ptx_nll, {**m, "pg_loss": pg, "ptx_loss": ptx_nll}
+
+  def value_loss(params, mb):
+    values = response_view(model_cfg, params, "scalar", mb["seq"], mb["positions"], mb["kv_mask"], P)
+    return objectives.value_loss(values, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip)
+
+  def update(state, batch, ptx_mbs, rng):
+    B = batch["seq"].shape[0]
+    n_mb = B // cfg.minibatch_size
+    perms = jnp.concatenate([jax.random.permutation(jax.random.fold_in(rng, e), B) for e in range(cfg.ppo_epochs)])
+    order = perms.reshape(cfg.ppo_epochs * n_mb, cfg.minibatch_size)
+
+    def one(carry, xs):
+      idx, ptx = xs
+      mb = jax.tree.map(lambda x: x[idx], batch)
+      pol = {"step": carry["step"], "params": carry["params"], "opt_state": carry["opt_state"]}
+      (ploss, pm), pgrads = jax.value_and_grad(policy_loss, has_aux=True)(carry["params"], mb, ptx)
+      pol, pfinite, pnorm = guarded_update(pol, pgrads, ploss, policy_tx)
+      val = {"step": carry["step"], "params": carry["value"], "opt_state": carry["value_opt"]}
+      (vloss, vm), vgrads = jax.value_and_grad(value_loss, has_aux=True)(carry["value"], mb)
+      val, vfinite, vnorm = guarded_update(val, vgrads, vloss, value_tx)
+      carry = {**carry, "params": pol["params"], "opt_state": pol["opt_state"], "value": val["params"],
+               "value_opt": val["opt_state"]}
+      m = {**{f"ppo/policy/{k}": v for k, v in pm.items()}, **{f"ppo/val/{k}": v for k, v in vm.items()},
+           "ppo/policy/grad_norm": pnorm, "ppo/val/grad_norm": vnorm, "finite": pfinite & vfinite}
+      return carry, m
+
+    ptx_rep = jax.tree.map(lambda x: jnp.concatenate([x] * cfg.ppo_epochs), ptx_mbs)
+    state, ms = jax.lax.scan(one, state, (order, ptx_rep))
+    metrics = {k: (jnp.all(v) if k == "finite" else v.mean()) for k, v in ms.items()}
+    # Paper C.4: an EMA of the policy weights (decay 0.992), the model that is evaluated.
+    state = {**state, "ema": objectives.ema_update(state["ema"], state["params"], cfg.ema_decay),
+             "step": state["step"] + metrics["finite"].astype(jnp.int32)}
+    return state, metrics
+
+  return update
+
+
+# ----------------------------------------------------------------------------- stage
+
+def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None):
+  cfg = config.ppo
+  workdir = Path(workdir)
+  world_dir = workdir / "world"
+  tokenizer = load_tokenizer(workdir)
+  model_cfg = ModelConfig.from_dict(config.model)
+  model_dict = model_cfg.to_dict()
+  world_id = world_fingerprint(workdir)
+  world = world_lib.World.load(world_dir)
+
+  # ------------------------------------------------------------------ data: prompts and pretraining windows
+  records = load_jsonl(world_dir / "prompts_ppo.jsonl", "eval")[:cfg.n_prompts]
+  prompts, prompt_mask, keep = left_pad_prompts(tokenizer, [world.format_prompt(r["prompt"]) for r in records],
+                                                cfg.prompt_len)
+  records = [records[i] for i in keep]
+  ptx = pack_texts(tokenizer.encode_batch([r["text"] for r in load_jsonl(world_dir / "corpus_train.jsonl", "text")]),
+                   cfg.ptx_seq_len)
+  updates_per_iter = cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
+  stage_cfg = ml_collections.ConfigDict(cfg.to_dict())
+  stage_cfg.steps = max(1, cfg.total_episodes // cfg.batch_size)
+  logging.info("ppo: %d prompts, %d iterations of %d episodes (minibatch %d, %d epoch(s)), ptx_coef %g",
+               len(records), stage_cfg.steps, cfg.batch_size, cfg.minibatch_size, cfg.ppo_epochs, cfg.ptx_coef)
+
+  # ------------------------------------------------------------------ state
+  policy_tx, policy_sched = make_optimizer(cfg.learning_rate, cfg.warmup_iterations * updates_per_iter,
+                                           cfg.grad_clip, cfg.b1, cfg.b2)
+  value_tx, _ = make_optimizer(cfg.value_learning_rate, cfg.warmup_iterations * updates_per_iter,
+                               cfg.grad_clip, cfg.b1, cfg.b2)
+  pol_sh = state_shardings(model_cfg, policy_tx, mesh, rules, "lm")
+  val_sh = state_shardings(model_cfg, value_tx, mesh, rules, "scalar")
+  repl = parallel.replicated(mesh)
+  shardings = {"step": repl, "params": pol_sh["params"], "opt_state": pol_sh["opt_state"],
+               "value": val_sh["params"], "value_opt": val_sh["opt_state"], "ema": pol_sh["params"],
+               "kl_coef": repl}
+  pol_abs = abstract_state(model_cfg, policy_tx, pol_sh, "lm")
+  val_abs = abstract_state(model_cfg, value_tx, val_sh, "scalar")
+  abstract = {"step": pol_abs["step"], "params": pol_abs["params"], "opt_state": pol_abs["opt_state"],
+              "value": val_abs["params"], "value_opt": val_abs["opt_state"], "ema": pol_abs["params"],
+              "kl_coef": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)}
+  load = lambda stage, abs_params: checkpoints.load_params(workdir / stage, abs_params, model_dict, world_id)[0]
+  ref = load(cfg.policy_init, pol_abs["params"])                  # frozen: the KL anchor (paper: the SFT model)
+  rm = load("rm", val_abs["params"]) if score_fn is None else None
+
+  def initial_state():
+    policy = load(cfg.policy_init, pol_abs["params"])
+    value = load("rm", val_abs["params"])                          # paper C.4: value function from the RM
+    with jax.set_mesh(mesh):
+      popt = jax.jit(policy_tx.init, out_shardings=pol_sh["opt_state"])(policy)
+      vopt = jax.jit(value_tx.init, out_shardings=val_sh["opt_state"])(value)
+    return {"step": jax.device_put(jnp.int32(0), repl), "params": policy, "opt_state": popt, "value": value,
+            "value_opt": vopt, "ema": jax.tree.map(jnp.copy, policy),
+            "kl_coef": jax.device_put(jnp.float32(cfg.kl_coef), repl)}
+
+  # ------------------------------------------------------------------ steps
+  rollout = jax.jit(make_rollout(model_cfg, cfg, tokenizer.eos_id, tokenizer.pad_id, score_fn))
+  update = jax.jit(make_update(model_cfg, cfg, policy_tx, value_tx, prompts.shape[1]),
+                   out_shardings=(shardings, repl), donate_argnums=0)
+  seed = config.seed + 7
+  timing = {"rollout": 0.0, "update": 0.0}
+
+  def iteration(state, batch, rng):
+    key = jax.random.fold_in(rng, state["step"])
+    t0 = time.perf_counter()
+    ro, ro_metrics, tokens = rollout(state["params"], state["value"], ref, rm, batch["prompt"],
+                                     batch["prompt_mask"], key, state["kl_coef"])
+    jax.block_until_ready(ro)
+    t1 = time.perf_counter()
+    state, metrics = update(state, ro, batch["ptx"], jax.random.fold_in(key, 1))
+    if cfg.adaptive_kl:
+      state = {**state, "kl_coef": objectives.adaptive_kl_coef(state["kl_coef"], ro_metrics["objective/kl"],
+                                                               cfg.target_kl, cfg.kl_horizon, cfg.batch_size)}
+    jax.block_until_ready(metrics)
+    t2 = time.perf_counter()
+    texts = [tokenizer.decode(t) for t in np.asarray(tokens)]
+    gold = [world.judge(records[i], a).score for i, a in zip(batch["index"], texts)]
+    return state, {**metrics, **ro_metrics, "objective/gold_score": float(np.mean(gold)),
+                   "ppo/policy/lr": policy_sched(state["step"] * updates_per_iter),
+                   "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}
+
+  def batch_at(step):
+    idx = batch_indices(len(records), cfg.batch_size, step, seed)
+    n_mb = updates_per_iter // cfg.ppo_epochs
+    p_idx = batch_indices(len(ptx), n_mb * cfg.ptx_batch_size, step, seed + 1)
+    ptx_b = {k: v.reshape(n_mb, cfg.ptx_batch_size, -1) for k, v in ptx.batch(p_idx).items()}
+    out = device_batch({"prompt": prompts[idx], "prompt_mask": prompt_mask[idx]}, mesh, rules)
+    out["ptx"] = jax.device_put(ptx_b, parallel.replicated(mesh)) if cfg.ptx_coef > 0 else \
+        jax.tree.map(lambda x: x[:, :1], ptx_b)
+    out["index"] = idx
+    return out
+
+  stage = loop.Stage(name="ppo", cfg=stage_cfg, workdir=workdir, model_dict=model_dict, world_id=world_id,
+                     rng=jax.random.key(seed), tx=policy_tx, shardings=shardings, abstract=abstract)
+  return loop.run(stage, mesh, rules, initial_state=initial_state, train_step=iteration, batch_at=batch_at,
+                  items_per_step=cfg.batch_size, item_name="episodes",
+                  extra_meta={"ptx_coef": cfg.ptx_coef, "kl_coef": cfg.kl_coef})
