@@ -39,7 +39,8 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
         initial_state: Callable[[], dict] | None = None, train_step, batch_at: Callable[[int], dict],
         evaluate: Callable[[Any], dict] | None = None, finalize: Callable[[Any], Any] | None = None,
         after_training: Callable[[Any], dict] | None = None,
-        items_per_step: int = 0, item_name: str = "tokens", extra_meta: dict | None = None):
+        items_per_step: int = 0, item_name: str = "tokens", extra_meta: dict | None = None,
+        result: str = "params"):
   """Train `stage` to cfg.steps (or skip/resume); returns the final params (state["params"]).
 
   The state is {"step", "params", "opt_state"} built from initial_params() — or any dict with a
@@ -47,7 +48,8 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
 
   batch_at(step) -> device batch; evaluate(params) -> metrics (every eval_every steps and at the
   end); finalize(params) -> params once before the final save (the RM's bias);
-  after_training(params) -> metrics once, after the final checkpoint is on disk.
+  after_training(params) -> metrics once, after the final checkpoint is on disk. `result` names
+  the state entry returned and handed to after_training (PPO: "ema", the model the paper evaluates).
   """
   cfg, name = stage.cfg, stage.name
   total = int(cfg.steps)
@@ -59,7 +61,7 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
       checkpoints.check_world(meta, stage.world_id, str(ckpt.directory))
       if meta.get("complete"):
         logging.info("%s: complete checkpoint at step %d, skipping", name, meta["step"])
-        return state["params"]
+        return state[result]
       logging.info("%s: resuming from step %d", name, meta["step"])
     else:
       state = initial_state() if initial_state else new_state(initial_params(), stage.tx, stage.shardings, mesh)
@@ -99,10 +101,10 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
           # Save first: a failure in the end-of-stage evaluation must not cost the training.
           ckpt.save(done, state, meta(done, complete=True))
           if after_training:
-            writer.write(done, after_training(state["params"]), prefix="final/")
+            writer.write(done, after_training(state[result]), prefix="final/")
         elif done % cfg.checkpoint_every == 0:
           ckpt.save(done, state, meta(done))
     writer.close()
-    return state["params"]
+    return state[result]
   finally:
     ckpt.close()

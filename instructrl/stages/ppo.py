@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from instructrl import checkpoints, objectives, parallel
+from instructrl import checkpoints, evaluation, objectives, parallel
 from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, left_pad_prompts, pack_texts
 from instructrl.data.records import load_jsonl
@@ -221,7 +220,6 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None):
   update = jax.jit(make_update(model_cfg, cfg, policy_tx, value_tx, prompts.shape[1]),
                    out_shardings=(shardings, repl), donate_argnums=0)
   seed = config.seed + 7
-  timing = {"rollout": 0.0, "update": 0.0}
 
   def iteration(state, batch, rng):
     key = jax.random.fold_in(rng, state["step"])
@@ -253,8 +251,18 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None):
     out["index"] = idx
     return out
 
+  # ------------------------------------------------------------------ end-of-stage eval (the EMA policy)
+  def after_training(ema_params):
+    eval_records = load_jsonl(world_dir / "prompts_eval.jsonl", "eval")[:config.eval.n_prompts]
+    out = evaluation.gold_eval(ema_params, model_cfg, tokenizer, world, eval_records,
+                               rng=jax.random.key(config.seed + 102), eval_cfg=config.eval)
+    logging.info("ppo: gold %.3f (acceptable %.1f%%, correct %.1f%%)", out["gold_score"],
+                 100 * out["acceptable_rate"], 100 * out["correct_rate"])
+    return out
+
   stage = loop.Stage(name="ppo", cfg=stage_cfg, workdir=workdir, model_dict=model_dict, world_id=world_id,
                      rng=jax.random.key(seed), tx=policy_tx, shardings=shardings, abstract=abstract)
   return loop.run(stage, mesh, rules, initial_state=initial_state, train_step=iteration, batch_at=batch_at,
-                  items_per_step=cfg.batch_size, item_name="episodes",
+                  after_training=after_training if config.eval.n_prompts else None,
+                  items_per_step=cfg.batch_size, item_name="episodes", result="ema",
                   extra_meta={"ptx_coef": cfg.ptx_coef, "kl_coef": cfg.kl_coef})
