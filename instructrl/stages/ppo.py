@@ -228,6 +228,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None):
                                      batch["prompt_mask"], key, state["kl_coef"])
     jax.block_until_ready(ro)
     t1 = time.perf_counter()
+    lr = policy_sched(state["step"] * updates_per_iter)       # of this iteration's first update (as lm/rm log it)
     state, metrics = update(state, ro, batch["ptx"], jax.random.fold_in(key, 1))
     if cfg.adaptive_kl:
       state = {**state, "kl_coef": objectives.adaptive_kl_coef(state["kl_coef"], ro_metrics["objective/kl"],
@@ -237,7 +238,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None):
     texts = [tokenizer.decode(t) for t in np.asarray(tokens)]
     gold = [world.judge(records[i], a).score for i, a in zip(batch["index"], texts)]
     return state, {**metrics, **ro_metrics, "objective/gold_score": float(np.mean(gold)),
-                   "ppo/policy/lr": policy_sched(state["step"] * updates_per_iter),
+                   "ppo/policy/lr": lr,
                    "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}
 
   def batch_at(step):

@@ -1,0 +1,186 @@
+"""PPO-ptx iteration throughput: episodes/s of a full iteration (rollout + update); prints one JSON object.
+
+  python benchmarks/ppo_iteration.py --quick
+  python benchmarks/ppo_iteration.py --preset=tiny --batch_size=512 --minibatch_size=64   # on an accelerator
+
+One iteration is the stage's two jitted programs (instructrl/stages/ppo.py): `rollout` (sample with the
+KV cache, re-score with policy, reference, value and RM, k1 KL rewards, GAE, whitening) and `update`
+(a lax.scan over epochs x minibatches of guarded policy + value updates with the ptx term, then the EMA).
+The model is the preset's, randomly initialised (throughput does not depend on the weights, except
+through response lengths: a random policy rarely emits EOS, so responses run to max_new_tokens, the
+worst case). The rollout time is split into sampling (the same `sample` program timed on its own) and
+scoring (the rest: four full forwards, rewards, GAE). Compiles after warm-up must be 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import CompileCounter, environment
+from configs import instructgpt
+from instructrl import parallel
+from instructrl.data.tokenizer import EOS_ID, PAD_ID
+from instructrl.models.config import ModelConfig
+from instructrl.models.sampling import sample
+from instructrl.stages import ppo, train_state
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--preset", default="tiny", help="model, mesh and ppo block of this preset")
+  ap.add_argument("--batch_size", type=int, default=None, help="episodes per iteration (default: the preset's)")
+  ap.add_argument("--minibatch_size", type=int, default=None, help="episodes per update (default: the preset's)")
+  ap.add_argument("--iterations", type=int, default=5, help="timed iterations per repeat")
+  ap.add_argument("--repeats", type=int, default=2, help="timing rounds; the best is kept")
+  ap.add_argument("--prompt_len", type=int, default=None)
+  ap.add_argument("--max_new_tokens", type=int, default=None)
+  ap.add_argument("--ptx_coef", type=float, default=None, help="0: plain PPO (no pretraining forward/backward)")
+  ap.add_argument("--dtype", default=None, help="compute dtype override (float32/bfloat16)")
+  ap.add_argument("--quick", action="store_true", help="16 episodes, minibatch 8, 2 iterations, 1 round")
+  args = ap.parse_args()
+  if args.quick:
+    args.batch_size, args.minibatch_size, args.iterations, args.repeats = 16, 8, 2, 1
+
+  counter = CompileCounter()
+  config = instructgpt.get_config(args.preset)
+  pc = config.ppo
+  pc.batch_size = args.batch_size or pc.batch_size
+  pc.minibatch_size = args.minibatch_size or pc.minibatch_size
+  pc.prompt_len = args.prompt_len or pc.prompt_len
+  pc.max_new_tokens = args.max_new_tokens or pc.max_new_tokens
+  if args.ptx_coef is not None:
+    pc.ptx_coef = args.ptx_coef
+  B, mb, P, N = pc.batch_size, pc.minibatch_size, pc.prompt_len, pc.max_new_tokens
+  if B % mb:
+    raise ValueError(f"--batch_size={B} must be a multiple of --minibatch_size={mb}")
+  m = dict(config.model)
+  if args.dtype:
+    m["dtype"] = args.dtype
+  m["max_len"] = max(m["max_len"], P + N, pc.ptx_seq_len)
+  cfg = ModelConfig.from_dict(m)
+  mesh = parallel.make_mesh(config.mesh.shape)
+  rules = parallel.rules_from_config(config.mesh.rules)
+  n_batch_shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  if mb % n_batch_shards:
+    raise ValueError(f"--minibatch_size={mb} must be a multiple of the {n_batch_shards} batch shards")
+
+  # ------------------------------------------------------------------ state, as ppo.run builds it
+  n_mb = pc.ppo_epochs * (B // mb)
+  policy_tx, _ = ppo.make_optimizer(pc.learning_rate, pc.warmup_iterations * n_mb, pc.grad_clip, pc.b1, pc.b2)
+  value_tx, _ = ppo.make_optimizer(pc.value_learning_rate, pc.warmup_iterations * n_mb, pc.grad_clip, pc.b1, pc.b2)
+  pol_sh = train_state.state_shardings(cfg, policy_tx, mesh, rules, "lm")
+  val_sh = train_state.state_shardings(cfg, value_tx, mesh, rules, "scalar")
+  repl = parallel.replicated(mesh)
+  shardings = {"step": repl, "params": pol_sh["params"], "opt_state": pol_sh["opt_state"],
+               "value": val_sh["params"], "value_opt": val_sh["opt_state"], "ema": pol_sh["params"], "kl_coef": repl}
+  policy = train_state.init_params(cfg, jax.random.key(0), pol_sh["params"], mesh, rules, "lm")
+  rm = train_state.init_params(cfg, jax.random.key(1), val_sh["params"], mesh, rules, "scalar")
+  with jax.set_mesh(mesh):
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
+    ref, ema = copy(policy), copy(policy)
+    value = copy(rm)
+    popt = jax.jit(policy_tx.init, out_shardings=pol_sh["opt_state"])(policy)
+    vopt = jax.jit(value_tx.init, out_shardings=val_sh["opt_state"])(value)
+  state = {"step": jax.device_put(jnp.int32(0), repl), "params": policy, "opt_state": popt, "value": value,
+           "value_opt": vopt, "ema": ema, "kl_coef": jax.device_put(jnp.float32(pc.kl_coef), repl)}
+
+  # ------------------------------------------------------------------ data: random left-padded prompts, ptx windows
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(P // 2, P + 1, B)
+  prompt_mask = np.arange(P)[None, :] >= (P - lengths)[:, None]
+  prompts = np.where(prompt_mask, rng.integers(4, cfg.vocab_size, (B, P)), PAD_ID).astype(np.int32)
+  L = pc.ptx_seq_len
+  ptx_bs = pc.ptx_batch_size if pc.ptx_coef > 0 else 1           # as ppo.run: a stub when ptx is off
+  ptx_toks = rng.integers(4, cfg.vocab_size, (B // mb, ptx_bs, L + 1)).astype(np.int32)
+  ptx = jax.device_put({"inputs": ptx_toks[..., :-1], "targets": ptx_toks[..., 1:],
+                        "mask": np.ones((B // mb, ptx_bs, L), bool)}, repl)
+  batch = train_state.device_batch({"prompt": prompts, "prompt_mask": prompt_mask}, mesh, rules)
+
+  rollout = jax.jit(ppo.make_rollout(cfg, pc, EOS_ID, PAD_ID))
+  update = jax.jit(ppo.make_update(cfg, pc, policy_tx, value_tx, P), out_shardings=(shardings, repl),
+                   donate_argnums=0)
+  sampling = lambda params, key: sample(params, batch["prompt"], batch["prompt_mask"], key, cfg=cfg,
+                                        max_new_tokens=N, temperature=pc.temperature, eos_id=EOS_ID, pad_id=PAD_ID)
+  base = jax.random.key(config.seed)
+  it = [0]
+
+  def iteration(state):
+    key = jax.random.fold_in(base, it[0])
+    it[0] += 1
+    t0 = time.perf_counter()
+    ro, ro_m, _ = rollout(state["params"], state["value"], ref, rm, batch["prompt"], batch["prompt_mask"], key,
+                          state["kl_coef"])
+    jax.block_until_ready(ro)
+    t1 = time.perf_counter()
+    state, m = update(state, ro, ptx, jax.random.fold_in(key, 1))
+    jax.block_until_ready(m)
+    t2 = time.perf_counter()
+    return state, {**ro_m, **m}, t1 - t0, t2 - t1
+
+  def sample_only(state):
+    t0 = time.perf_counter()
+    jax.block_until_ready(sampling(state["params"], jax.random.fold_in(base, it[0] - 1)))
+    return time.perf_counter() - t0
+
+  with parallel.activate(mesh, rules):
+    compiles_setup = counter.count
+    t0 = time.perf_counter()
+    state, metrics, _, _ = iteration(state)                  # compiles rollout and update
+    sample_only(state)                                       # compiles the stand-alone sampler
+    first_s = time.perf_counter() - t0
+    state, metrics, _, _ = iteration(state)                  # one more, uncounted
+    sample_only(state)
+    compiles_warmup = counter.count - compiles_setup
+    after_warmup = counter.count
+    best = None
+    for _ in range(args.repeats):
+      ro_t, up_t, sa_t, lens = [], [], [], []
+      for _ in range(args.iterations):
+        state, metrics, r, u = iteration(state)
+        ro_t.append(r)
+        up_t.append(u)
+        lens.append(float(metrics["objective/response_length"]))
+        sa_t.append(sample_only(state))                      # same policy, same key: the same responses
+      row = {"rollout_s": float(np.mean(ro_t)), "update_s": float(np.mean(up_t)), "sampling_s": float(np.mean(sa_t)),
+             "response_length": float(np.mean(lens))}
+      if best is None or row["rollout_s"] + row["update_s"] < best["rollout_s"] + best["update_s"]:
+        best = row
+    compiles_after_warmup = counter.count - after_warmup
+
+  iteration_s = best["rollout_s"] + best["update_s"]
+  scoring_s = max(best["rollout_s"] - best["sampling_s"], 0.0)
+  print(json.dumps({
+      "benchmark": "ppo_iteration", "preset": args.preset, **environment(),
+      "mesh": dict(mesh.shape),
+      "model": {"style": cfg.style, "layers": cfg.n_layers, "d_model": cfg.d_model, "params": cfg.num_params(),
+                "dtype": cfg.dtype},
+      "batch_size": B, "minibatch_size": mb, "ppo_epochs": pc.ppo_epochs, "updates_per_iteration": n_mb,
+      "prompt_len": P, "max_new_tokens": N, "mean_response_length": best["response_length"],
+      "ptx_coef": pc.ptx_coef, "ptx_batch_size": ptx_bs if pc.ptx_coef > 0 else 0, "ptx_seq_len": L,
+      "iterations": args.iterations, "repeats": args.repeats, "quick": args.quick,
+      "episodes_per_s": B / iteration_s,
+      "iteration_s": iteration_s,
+      "rollout_s": best["rollout_s"], "update_s": best["update_s"],
+      "rollout_split_s": {"sampling": best["sampling_s"], "scoring": scoring_s},
+      "fraction": {"sampling": best["sampling_s"] / iteration_s, "scoring": scoring_s / iteration_s,
+                   "update": best["update_s"] / iteration_s},
+      "final_metrics": {k: float(metrics[k]) for k in ("objective/kl", "ppo/policy/ratio_mean",
+                                                        "ppo/policy/clipfrac", "ppo/val/value_loss")},
+      "first_iteration_s_incl_compile": first_s,
+      "compiles_warmup": compiles_warmup,
+      "compiles_after_warmup": compiles_after_warmup,
+  }, indent=1))
+
+
+if __name__ == "__main__":
+  main()
