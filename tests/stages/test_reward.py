@@ -434,3 +434,34 @@ def test_rerun_of_complete_rm_stage_changes_nothing(reference_run):
   assert {f: (w / f).read_bytes() for f in files} == before
   step2, params2 = final_params(w / "rm")
   assert step2 == step and jax.tree.all(jax.tree.map(np.array_equal, params, params2))
+
+
+def test_summarise_cv_folds_mean_and_stderr():
+  from instructrl.rm_cv import summarise
+  folds = {g: {"valid/accuracy": a, "valid/heldout_group/accuracy": h}
+           for g, (a, h) in enumerate([(0.70, 0.60), (0.74, 0.64), (0.72, 0.68)])}
+  s = summarise(folds)
+  assert s["valid/accuracy"]["mean"] == pytest.approx(0.72)
+  assert s["valid/heldout_group/accuracy"]["mean"] == pytest.approx(0.64)
+  # stderr = sample std / sqrt(n): std of (0.70, 0.74, 0.72) is 0.02
+  assert s["valid/accuracy"]["stderr"] == pytest.approx(0.02 / np.sqrt(3))
+
+
+@pytest.mark.slow
+def test_labeler_group_cross_validation_runs_every_fold(reference_run, tmp_path):
+  ref, _ = reference_run
+  w = tmp_path / "cv"
+  for d in ("world", "sft", "comparisons"):
+    shutil.copytree(ref / d, w / d, symlinks=True)
+  cmd = [sys.executable, "-m", "instructrl.rm_cv", "--config=configs/instructgpt.py:smoke", f"--workdir={w}",
+         *[f for f in FAST if f.startswith("--config.rm")]]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((w / "rm_cv" / "summary.json").read_text())
+  assert sorted(summary["folds"]) == ["0", "1", "2", "3", "4"]
+  for g in range(5):
+    meta_lines = [json.loads(l) for l in (w / "rm_cv" / f"fold{g}" / "metrics" / "rm.jsonl").read_text().splitlines()]
+    assert any("final/valid/heldout_group/accuracy" in r for r in meta_lines)
+    assert (w / "rm_cv" / f"fold{g}" / "rm").is_dir()
+  accs = [f["valid/heldout_group/accuracy"] for f in summary["folds"].values()]
+  assert summary["valid/heldout_group/accuracy"]["mean"] == pytest.approx(np.mean(accs))
