@@ -13,3 +13,41 @@ def final_params(stage_dir):
   with ocp.CheckpointManager(Path(stage_dir).absolute(), item_names=("state", "meta")) as m:
     state = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
   return step, jax.tree.map(np.asarray, state["params"])
+
+
+EIGHT_DEVICES_ENV = {"JAX_PLATFORMS": "cpu",
+                     # Low XLA CPU optimisation: compile time dominates, and both sides of a comparison share it.
+                     "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                                  "--xla_llvm_disable_expensive_passes=true"}
+
+
+def run_worker_on_8_devices(test_file: str, timeout: int = 300) -> dict:
+  """Run `_worker()` of `test_file` in a fresh process with 8 simulated CPU devices (so they do not
+  leak into this one) and return the JSON it prints after "RESULT "."""
+  import json
+  import os
+  import subprocess
+  import sys
+  import textwrap
+  root = Path(__file__).resolve().parents[1]
+  code = textwrap.dedent(f"""
+      import importlib.util, sys
+      sys.path.insert(0, {str(root)!r})
+      import conftest  # the shared compile cache and full-precision matmuls
+      spec = importlib.util.spec_from_file_location("_worker_module", {os.path.abspath(test_file)!r})
+      mod = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(mod)
+      mod._worker()
+  """)
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env={**os.environ, **EIGHT_DEVICES_ENV},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    stdout, stderr = proc.communicate(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 0, f"worker failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+  line = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+  assert line, stdout[-3000:]
+  return json.loads(line[-1][len("RESULT "):])

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import pytest
 from instructrl import objectives, parallel
 from instructrl.models.config import ModelConfig
 from instructrl.stages import reward, train_state
-from tests.cli_helpers import final_params
+from tests.cli_helpers import final_params, run_worker_on_8_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
@@ -143,31 +141,7 @@ def _worker():
 
 @pytest.fixture(scope="module")
 def sharded_result():
-  here = os.path.abspath(__file__)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true"}
-  code = textwrap.dedent(f"""
-      import importlib.util, sys
-      sys.path.insert(0, {str(ROOT)!r})
-      import conftest  # the shared compile cache and full-precision matmuls
-      spec = importlib.util.spec_from_file_location("_reward_worker", {here!r})
-      mod = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(mod)
-      mod._worker()
-  """)
-  proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  try:
-    stdout, stderr = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  assert proc.returncode == 0, f"worker failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
-  line = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
-  assert line, stdout[-3000:]
-  return json.loads(line[-1][len("RESULT "):])
+  return run_worker_on_8_devices(__file__)
 
 
 @pytest.mark.parametrize("mesh", ["8x1x1", "2x2x2"])
