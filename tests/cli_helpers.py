@@ -51,3 +51,25 @@ def run_worker_on_8_devices(test_file: str, timeout: int = 300) -> dict:
   line = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
   assert line, stdout[-3000:]
   return json.loads(line[-1][len("RESULT "):])
+
+
+def sigkill_when_exists(cmd: list, marker: Path, *, cwd, env=None, timeout: float = 240, poll: float = 0.002):
+  """Start `cmd`, SIGKILL it as soon as `marker` exists (e.g. a checkpoint folder), wait for it.
+
+  Fails if the process ends on its own before the marker appears (the kill point was missed).
+  """
+  import signal
+  import subprocess
+  import time
+  proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+      time.sleep(poll)
+    assert proc.poll() is None, f"run ended (or failed) before the kill point {marker}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()

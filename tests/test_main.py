@@ -2,7 +2,6 @@
 a mismatched checkpoint refused, bad flags refused. Each run is a subprocess, as a user runs it."""
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.cli_helpers import final_params
+from tests.cli_helpers import final_params, sigkill_when_exists
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--config.eval.n_prompts=0", "--config.pretrain.steps=40", "--config.pretrain.checkpoint_every=5",
@@ -60,13 +59,7 @@ def test_resume_after_sigkill_gives_identical_params(reference_run, tmp_path):
   for stage, wait_for in (("pretrain", "pretrain/5"), ("sft", "sft/5")):
     cmd = [sys.executable, "-m", "instructrl.main", "--config=configs/instructgpt.py:smoke", f"--workdir={w}",
            "--stages=world,pretrain,sft", *FAST]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (w / wait_for).exists() and proc.poll() is None and time.time() < deadline:
-      time.sleep(0.01)
-    assert proc.poll() is None, f"run ended before the kill point {wait_for}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when_exists(cmd, w / wait_for, cwd=ROOT)
     kills += 1
     final = {"pretrain": "40", "sft": "20"}[stage]
     assert not (w / stage / final).exists(), f"the kill landed after {stage} finished"

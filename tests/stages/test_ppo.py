@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -31,7 +29,7 @@ from instructrl import parallel
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import process_logits
 from instructrl.stages import ppo, train_state
-from tests.cli_helpers import final_params, run_worker_on_8_devices
+from tests.cli_helpers import final_params, run_worker_on_8_devices, sigkill_when_exists
 
 ROOT = Path(__file__).resolve().parents[2]
 EOS, PAD = 3, 0
@@ -445,19 +443,7 @@ def test_ppo_learns_a_hand_made_reward(reference_run, tmp_path):
 @pytest.mark.slow
 def test_ppo_resume_after_sigkill_gives_identical_state(ppo_run, reference_run, tmp_path):
   w = upstream_copy(reference_run, tmp_path / "killed")
-  proc = subprocess.Popen(cli_cmd(w, "ppo", *PPO_FLAGS), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, env=cli_env())
-  try:
-    deadline = time.time() + 240
-    while not (w / "ppo" / "2").exists() and proc.poll() is None and time.time() < deadline:
-      time.sleep(0.002)
-    assert proc.poll() is None, "run ended (or failed) before the kill point ppo/2"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
+  sigkill_when_exists(cli_cmd(w, "ppo", *PPO_FLAGS), w / "ppo" / "2", cwd=ROOT, env=cli_env())
   assert not (w / "ppo" / str(PPO_STEPS)).exists(), "the kill landed after ppo finished"
   killed_at = max(int(p.name) for p in (w / "ppo").iterdir() if p.name.isdigit())
   print(f"killed at ppo/{killed_at}")

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -26,7 +24,7 @@ import pytest
 from instructrl import objectives, parallel
 from instructrl.models.config import ModelConfig
 from instructrl.stages import reward, train_state
-from tests.cli_helpers import final_params, run_worker_on_8_devices
+from tests.cli_helpers import final_params, run_worker_on_8_devices, sigkill_when_exists
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
@@ -370,18 +368,7 @@ def test_rm_resume_after_sigkill_gives_identical_params(reference_run, tmp_path)
     shutil.copytree(ref / stage, w / stage)
   cmd = [sys.executable, "-m", "instructrl.main", "--config=configs/instructgpt.py:smoke", f"--workdir={w}",
          "--stages=rm", *FAST]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 240
-    while not (w / "rm" / "2").exists() and proc.poll() is None and time.time() < deadline:
-      time.sleep(0.005)
-    assert proc.poll() is None, "run ended (or failed) before the kill point rm/2"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
+  sigkill_when_exists(cmd, w / "rm" / "2", cwd=ROOT)
   assert not (w / "rm" / "12").exists(), "the kill landed after rm finished"
   killed_at = max(int(p.name) for p in (w / "rm").iterdir() if p.name.isdigit())
   assert killed_at < 12
