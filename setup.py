@@ -20,6 +20,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "numpy>=1.26",
+        "matplotlib>=3.8",         # the eval stage's plots (Agg backend, no display needed)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
