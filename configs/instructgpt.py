@@ -36,6 +36,8 @@ def _lm_stage(**kw):
   c.eval_batch_size = 32         # sequences per validation batch
   c.checkpoint_every = 100       # steps between checkpoints (the last step is always saved)
   c.keep_checkpoints = 2         # newest checkpoints kept on disk
+  c.on_nonfinite = "stop"        # a NaN/inf loss or gradient: "stop" the run, or "skip" the batch (update not applied)
+  c.max_nonfinite_skips = 3      # with "skip": stop after this many non-finite steps in a row
   c.model_overrides = ml_collections.ConfigDict({"resid_dropout": 0.0})  # stage-only model fields (dropout)
   c.update(kw)
   return c
@@ -102,6 +104,8 @@ def _ppo_stage():
   c.eval_every = 1_000_000       # (no periodic eval inside PPO yet)
   c.checkpoint_every = 10        # iterations between checkpoints
   c.keep_checkpoints = 2
+  c.on_nonfinite = "stop"        # a NaN/inf loss or gradient: "stop", or "skip" the iteration's update
+  c.max_nonfinite_skips = 3      # with "skip": stop after this many non-finite iterations in a row
   return c
 
 

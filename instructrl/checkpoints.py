@@ -5,13 +5,25 @@ straight into their shardings) and "meta" (JSON: step, seed-derived RNG, data po
 model config, and `complete` on a stage's last save). Orbax commits each step atomically: a
 SIGKILL mid-save leaves a tmp folder that `latest_step()` ignores.
 
+Beyond Orbax's atomic commit, each save gets a manifest (size and sha256 of every file, written
+by process 0 once the step is committed); the newest step whose files no longer match it, or
+whose restore fails, is moved to `<stage>/corrupt/` with a warning naming it, and the previous
+complete step is used instead. A step without a manifest (killed between Orbax's commit and the
+manifest, or written before manifests existed) is committed and so accepted; its restore is the check.
+A save that fails (disk full) raises CheckpointSaveError and leaves earlier steps untouched.
+
 The hand-off between stages is `load_params(workdir/"pretrain", ...)`: it refuses a checkpoint
 whose model config differs from the one asked for, naming the field.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +37,46 @@ class CheckpointMismatch(ValueError):
   pass
 
 
+class CheckpointSaveError(OSError):
+  pass
+
+
+MANIFEST = "instructrl_manifest.json"
+QUARANTINE = "corrupt"
+
+
+def file_digests(step_dir: Path) -> dict[str, list]:
+  """{relative path: [size, sha256]} of every file under a committed step (the manifest excluded)."""
+  out = {}
+  for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and not p.name.startswith(MANIFEST)):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    out[str(path.relative_to(step_dir))] = [path.stat().st_size, h.hexdigest()]
+  return out
+
+
+def manifest_problem(step_dir: Path) -> str | None:
+  """Why a committed step's files differ from its manifest (None: they match, or there is no manifest)."""
+  path = step_dir / MANIFEST
+  if not path.exists():
+    return None
+  try:
+    want = json.loads(path.read_text())["files"]
+  except (OSError, ValueError, KeyError) as e:
+    return f"unreadable manifest ({e})"
+  have = file_digests(step_dir)
+  missing = sorted(set(want) - set(have))
+  changed = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+  if missing or changed:
+    first = (missing or changed)[0]
+    detail = (f"size {have[first][0]} instead of {want[first][0]}" if first in have and have[first][0] !=
+              want[first][0] else "content hash differs" if first in have else "missing")
+    return (f"{len(missing)} file(s) missing, {len(changed)} changed (first: {first}: {detail})")
+  return None
+
+
 class StageCheckpoints:
   """Save/restore of one stage's train state; `max_to_keep` newest steps are kept."""
 
@@ -35,29 +87,97 @@ class StageCheckpoints:
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=False),
         item_names=("state", "meta"))
+    self._checked: set[int] = set()   # steps whose manifest matched
+    self._bad: set[int] = set()       # steps found unusable
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    """The newest usable step: unusable ones are moved aside (see `quarantine`) as they are found."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      if step in self._bad:
+        continue
+      if step not in self._checked:
+        problem = manifest_problem(self.directory / str(step))
+        if problem:
+          self.quarantine(step, problem)
+          continue
+        self._checked.add(step)
+      return step
+    return None
+
+  def quarantine(self, step: int, problem: str) -> None:
+    """Skip `step` from now on and move it to <stage>/corrupt/ (kept for inspection, out of Orbax's way)."""
+    self._bad.add(step)
+    src, dest = self.directory / str(step), self.directory / QUARANTINE / str(step)
+    if jax.process_index() == 0 and src.exists():
+      n = 0
+      while dest.exists():
+        n += 1
+        dest = self.directory / QUARANTINE / f"{step}.{n}"
+      dest.parent.mkdir(exist_ok=True)
+      src.rename(dest)
+    self.manager.reload()
+    older = [s for s in self.manager.all_steps() if s < step and s not in self._bad]
+    logging.warning("checkpoint %s is unusable (%s): skipped it (moved to %s); falling back to %s", src, problem,
+                    dest, f"step {max(older)}" if older else "no checkpoint (the stage starts over)")
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(dict(meta, step=step))), force=True)
-    self.manager.wait_until_finished()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(dict(meta, step=step))), force=True)
+      self.manager.wait_until_finished()
+      if jax.process_index() == 0:
+        step_dir = self.directory / str(step)
+        tmp = step_dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "files": file_digests(step_dir)}, sort_keys=True))
+        os.replace(tmp, step_dir / MANIFEST)
+    except (OSError, ValueError, RuntimeError) as e:   # TensorStore reports a full disk as a ValueError
+      for junk in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):   # free what the failed save took
+        shutil.rmtree(junk, ignore_errors=True)
+      (self.directory / str(step) / (MANIFEST + ".tmp")).unlink(missing_ok=True)
+      earlier = [s for s in self.manager.all_steps() if s != step and s not in self._bad]
+      full = getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+      why = "the disk is full" if full else f"{type(e).__name__}: {str(e)[:500]}"
+      raise CheckpointSaveError(
+          errno.ENOSPC if full else getattr(e, "errno", None), f"saving step {step} to {self.directory} failed ({why}); the previous checkpoint "
+          f"({f'step {max(earlier)}' if earlier else 'none'}) is intact; free space (or fix the cause) and rerun the "
+          f"same command to resume from it") from e
+    self._bad.discard(step)   # a fresh save of a step found damaged earlier
+    self._checked.add(step)
 
   def meta(self, step: int | None = None) -> dict | None:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    latest = step is None
+    while True:
+      step = self.latest_step() if latest else step
+      if step is None:
+        return None
+      try:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:   # noqa: BLE001 -- see restore()
+        if not latest:
+          raise
+        self.quarantine(step, f"meta unreadable: {type(e).__name__}: {str(e)[:300]}")
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restore into `abstract_state` (a tree of jax.ShapeDtypeStruct with shardings)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                           meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
+    """Restore into `abstract_state` (a tree of jax.ShapeDtypeStruct with shardings).
+
+    Without `step`: the newest step that restores (one that fails is quarantined, the next older
+    tried), or None when no usable step is left.
+    """
+    latest = step is None
+    while True:
+      step = self.latest_step() if latest else step
+      if step is None:
+        if latest:
+          return None
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                 meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+      except Exception as e:   # noqa: BLE001 -- any failure to read a committed step means it is damaged
+        if not latest or isinstance(e, CheckpointMismatch):
+          raise
+        self.quarantine(step, f"restore failed: {type(e).__name__}: {str(e)[:300]}")
 
   def is_complete(self) -> bool:
     meta = self.meta()
@@ -86,20 +206,25 @@ def load_params(directory: str | Path, abstract_params: Any, model_dict: dict,
   """The params of a completed stage, checked against `model_dict` (the config asked for) and the world."""
   ckpt = StageCheckpoints(directory)
   try:
-    meta = ckpt.meta()
-    if meta is None:
-      raise FileNotFoundError(f"{ckpt.directory}: no checkpoint; run that stage first")
-    if not meta.get("complete"):
-      raise FileNotFoundError(f"{ckpt.directory}: stage did not finish (latest step {meta['step']}); rerun it")
-    check_model(meta["model"], model_dict, str(ckpt.directory))
-    check_world(meta, world_id, str(ckpt.directory))
-    # Restore only the params: a partial abstract tree restores a subset of the saved state.
-    abstract = {"params": abstract_params}
-    out = ckpt.manager.restore(meta["step"], args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract),
-        partial_restore=True)))
-    logging.info("loaded params from %s step %d", ckpt.directory, meta["step"])
-    return out["state"]["params"], meta
+    while True:
+      meta = ckpt.meta()
+      if meta is None:
+        raise FileNotFoundError(f"{ckpt.directory}: no checkpoint; run that stage first")
+      if not meta.get("complete"):
+        raise FileNotFoundError(f"{ckpt.directory}: stage did not finish (latest step {meta['step']}); rerun it")
+      check_model(meta["model"], model_dict, str(ckpt.directory))
+      check_world(meta, world_id, str(ckpt.directory))
+      # Restore only the params: a partial abstract tree restores a subset of the saved state.
+      abstract = {"params": abstract_params}
+      try:
+        out = ckpt.manager.restore(meta["step"], args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(
+                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract),
+            partial_restore=True)))
+      except Exception as e:   # noqa: BLE001 -- a damaged step: fall back (to an incomplete one: "rerun it")
+        ckpt.quarantine(meta["step"], f"restore failed: {type(e).__name__}: {str(e)[:300]}")
+        continue
+      logging.info("loaded params from %s step %d", ckpt.directory, meta["step"])
+      return out["state"]["params"], meta
   finally:
     ckpt.close()

@@ -9,6 +9,7 @@ A stage whose checkpoint is complete is skipped; an interrupted one resumes.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -68,6 +69,11 @@ def check_config(config) -> None:
     raise ValueError(f"rm.epochs={rm.epochs}: expected > 0")
   if rm.seq_len > model.max_len or rm.prompt_len + rm.max_new_tokens > model.max_len:
     raise ValueError(f"rm.seq_len / rm.prompt_len + rm.max_new_tokens exceed model.max_len={model.max_len}")
+  for name in ("pretrain", "sft", "rm", "ppo"):
+    if config[name].on_nonfinite not in ("stop", "skip"):
+      raise ValueError(f"{name}.on_nonfinite={config[name].on_nonfinite!r}: expected 'stop' or 'skip'")
+    if config[name].max_nonfinite_skips < 0:
+      raise ValueError(f"{name}.max_nonfinite_skips={config[name].max_nonfinite_skips}: expected >= 0")
   need = config.eval.prompt_len + config.eval.prefix_len + config.eval.max_new_tokens
   if model.style == "gpt" and need > model.max_len:
     raise ValueError(f"eval.prompt_len + eval.prefix_len + eval.max_new_tokens = {need} exceeds "
@@ -79,7 +85,7 @@ def main(argv):
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     handler.addFilter(_QuietLibraries())
   import jax
-  from instructrl import parallel
+  from instructrl import parallel, workdir_lock
   from instructrl.stages import ppo, pretrain, reward, sft, world
 
   config = _CONFIG.value
@@ -87,7 +93,13 @@ def main(argv):
   stages = parse_stages(_STAGES.value or config.stages)
   check_config(config)
   workdir.mkdir(parents=True, exist_ok=True)
+  # One writer per workdir (process 0 speaks for a multi-host run); released at exit, even on SIGKILL.
+  lock = workdir_lock.WorkdirLock(workdir)
   if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except workdir_lock.WorkdirLocked as e:
+      sys.exit(f"error: {e}")
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
   mesh = parallel.make_mesh(config.mesh.shape)
   rules = parallel.rules_from_config(config.mesh.rules)
@@ -97,8 +109,11 @@ def main(argv):
          "sft": lambda: sft.run(config, workdir, mesh, rules),
          "rm": lambda: reward.run(config, workdir, mesh, rules),
          "ppo": lambda: ppo.run(config, workdir, mesh, rules)}
-  for stage in stages:
-    run[stage]()
+  try:
+    for stage in stages:
+      run[stage]()
+  finally:
+    lock.release()
 
 
 def run():

@@ -31,8 +31,10 @@ class MetricWriter:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if self.path.exists():
-      kept = [l for l in self.path.read_text().splitlines()
-              if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      text = self.path.read_text()
+      # Up to the last newline: a run killed mid-append leaves a partial last line, never a complete row.
+      lines = text.split("\n")[:-1]
+      kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= resume_step]
       self.path.write_text("".join(l + "\n" for l in kept))
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(Path(workdir) / "tensorboard" / stage))
@@ -51,3 +53,18 @@ class MetricWriter:
   def close(self):
     if self.tb is not None:
       self.tb.close()
+
+
+def logged_final(workdir: str | Path, stage: str, step: int) -> bool:
+  """Whether the stage's metrics hold its end-of-stage ("final/") row for `step`."""
+  path = Path(workdir) / "metrics" / f"{stage}.jsonl"
+  if not path.exists():
+    return False
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if row.get("step") == step and any(k.startswith("final/") for k in row):
+      return True
+  return False

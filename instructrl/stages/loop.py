@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from instructrl import checkpoints, parallel
-from instructrl.metrics import MetricWriter
+from instructrl.metrics import MetricWriter, logged_final
 from instructrl.stages.train_state import NonFiniteError, new_state
 
 
@@ -55,12 +55,18 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
   total = int(cfg.steps)
   ckpt = checkpoints.StageCheckpoints(Path(stage.workdir) / name, max_to_keep=cfg.get("keep_checkpoints", 2))
   try:
-    if ckpt.latest_step() is not None:
-      state, meta = ckpt.restore(stage.abstract)
+    restored = ckpt.restore(stage.abstract) if ckpt.latest_step() is not None else None
+    if restored is not None:
+      state, meta = restored
       checkpoints.check_model(meta["model"], stage.model_dict, str(ckpt.directory))
       checkpoints.check_world(meta, stage.world_id, str(ckpt.directory))
       if meta.get("complete"):
         logging.info("%s: complete checkpoint at step %d, skipping", name, meta["step"])
+        if after_training and not logged_final(stage.workdir, name, total):
+          # Killed during the end-of-stage evaluation (after the final save): finish it now.
+          writer = MetricWriter(stage.workdir, name, resume_step=total)
+          writer.write(total, after_training(state[result]), prefix="final/")
+          writer.close()
         return state[result]
       logging.info("%s: resuming from step %d", name, meta["step"])
     else:
@@ -72,15 +78,28 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
         "model": stage.model_dict, "world": stage.world_id, "data_position": step, "complete": complete,
         "rng": np.asarray(jax.random.key_data(stage.rng)).tolist(), **(extra_meta or {})}
     t_last, step_last = time.perf_counter(), start
+    policy, max_skips, skips = cfg.get("on_nonfinite", "stop"), int(cfg.get("max_nonfinite_skips", 0)), 0
     with parallel.activate(mesh, rules), tqdm(total=total, initial=start, desc=name, unit="step",
                                               disable=jax.process_index() != 0) as bar:
       for step in range(start, total):
         state, metrics = train_step(state, batch_at(step), stage.rng)
         if not bool(metrics["finite"]):
-          bad = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0 and k != "finite"}
-          raise NonFiniteError(
-              f"{name}: step {step} produced a non-finite loss or gradient ({bad}); the update was not applied "
-              f"and the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact")
+          scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0 and k != "finite"}
+          bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
+          skips += 1
+          if policy == "stop" or skips > max_skips:
+            why = "" if policy == "stop" else f" ({skips} in a row, more than {name}.max_nonfinite_skips={max_skips})"
+            raise NonFiniteError(
+                f"{name}: step {step} produced non-finite values{why}: {bad or scalars}; the update was not "
+                f"applied and the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact")
+          # on_nonfinite="skip": the batch is consumed, the params and optimizer state stay as they were.
+          logging.warning("%s: step %d non-finite %s; skipped (%d in a row, at most %d)", name, step, bad, skips,
+                          max_skips)
+          state = {**state, "step": jax.device_put(state["step"] + 1, stage.shardings["step"])}
+          writer.write(step + 1, {"nonfinite_skipped": 1.0, **{f"nonfinite/{k}": v for k, v in bad.items()}},
+                       prefix="train/")
+        else:
+          skips = 0
         bar.update(1)
         done = step + 1
         if done % cfg.log_every == 0 or done == total:

@@ -1,0 +1,84 @@
+"""One writer per run directory: `workdir/LOCK`, held with an OS file lock, names its holder.
+
+Two runs on one workdir would interleave checkpoints and metrics. The lock is `fcntl.flock` on
+`workdir/LOCK`: the kernel drops it when the holder exits, however it dies (SIGKILL included),
+so a lock left by a dead run is never mistaken for a live one. The file's contents (pid, host,
+start time, command) only serve the error message and the stale-lock warning.
+
+Limits: on network filesystems without working flock (some NFS setups) two hosts could both get
+the lock. Multi-host runs take it on process 0 only (the other processes write through Orbax's
+coordinated commit).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+LOCK_FILE = "LOCK"
+
+
+class WorkdirLocked(RuntimeError):
+  pass
+
+
+class WorkdirLock:
+  """Context manager: `with WorkdirLock(workdir): ...` or acquire()/release()."""
+
+  def __init__(self, workdir: str | Path):
+    self.path = Path(workdir) / LOCK_FILE
+    self._fd: int | None = None
+
+  def holder(self) -> dict:
+    try:
+      return json.loads(self.path.read_text() or "{}")
+    except (OSError, ValueError):
+      return {}
+
+  def acquire(self) -> "WorkdirLock":
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      h = self.holder()
+      raise WorkdirLocked(
+          f"{self.path.parent} is in use by another run (pid {h.get('pid', '?')} on host {h.get('host', '?')}, "
+          f"started {h.get('started', '?')}: {h.get('command', '?')}); wait for it to finish, stop it, or use "
+          f"another --workdir") from None
+    old = self.holder()
+    if old.get("pid") is not None:
+      # The flock was free, so the run named in the file has ended without releasing (killed):
+      # say so. (Its pid may since belong to an unrelated process; the flock is what counts.)
+      logging.warning("%s: stale lock left by pid %s on host %s (started %s), which is no longer running; "
+                      "taking it over", self.path, old.get("pid"), old.get("host"), old.get("started"))
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "command": " ".join(sys.argv)}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    # Empty the file before unlocking: a later run then sees no stale holder.
+    os.ftruncate(self._fd, 0)
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
