@@ -161,6 +161,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.eval.temperature = 1.0       # InstructGPT samples at 1 (paper, section 4 / appendix)
   c.eval.baseline_temperature = 0.7  # GPT-3 baselines at 0.7 (paper)
   c.eval.few_shot = 2            # solved examples in the prompted-GPT prefix
+  c.eval.report_prompts = 500    # eval stage: held-out prompts per set (eval/truthful/toxicity), <= world sizes
+  c.eval.cloze_seq_len = 32      # eval stage: tokens per cloze context + choice
 
   c.model = _model()
   c.pretrain = _lm_stage()
@@ -183,7 +185,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.sft.update(steps=40, batch_size=16, seq_len=64, learning_rate=1e-3, log_every=10, eval_every=40,
                  checkpoint_every=20, eval_batch_size=16)
     c.sft.model_overrides.resid_dropout = 0.1
-    c.eval.update(n_prompts=32, batch_size=32, max_new_tokens=16)
+    c.eval.update(n_prompts=32, batch_size=32, max_new_tokens=16, report_prompts=32)
     c.rm.update(n_prompts=40, batch_size=8, eval_batch_size=8, learning_rate=1e-4, collect_batch_prompts=8,
                 max_new_tokens=16, seq_len=48, log_every=2, eval_every=100, checkpoint_every=2)
     c.ppo.update(n_prompts=50, total_episodes=64, batch_size=16, minibatch_size=8, ptx_batch_size=8,

@@ -162,7 +162,8 @@ def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int):
 
 # ----------------------------------------------------------------------------- stage
 
-def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None):
+def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, name: str = "ppo"):
+  """Train and save under workdir/<name> (the `ppo_noptx` stage is this with ptx_coef 0)."""
   cfg = config.ppo
   workdir = Path(workdir)
   world_dir = workdir / "world"
@@ -261,7 +262,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None):
                  100 * out["acceptable_rate"], 100 * out["correct_rate"])
     return out
 
-  stage = loop.Stage(name="ppo", cfg=stage_cfg, workdir=workdir, model_dict=model_dict, world_id=world_id,
+  stage = loop.Stage(name=name, cfg=stage_cfg, workdir=workdir, model_dict=model_dict, world_id=world_id,
                      rng=jax.random.key(seed), tx=policy_tx, shardings=shardings, abstract=abstract)
   return loop.run(stage, mesh, rules, initial_state=initial_state, train_step=iteration, batch_at=batch_at,
                   after_training=after_training if config.eval.n_prompts else None,

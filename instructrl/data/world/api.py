@@ -58,6 +58,16 @@ class World:
         u = [self.utility(record, r, labeler_id) for r in responses]
         return lab.plackett_luce(u, self.labeler(labeler_id).temperature, rng)
 
+    def prefers(self, record: dict, a: str, b: str, labeler_id: str, rng: np.random.Generator) -> float:
+        """1 if the labeler ranks a above b, 0 if below, 0.5 for identical texts (nothing to prefer)."""
+        if a.strip() == b.strip():
+            return 0.5
+        return float(self.rank(record, [a, b], labeler_id, rng)[0] == 0)
+
+    def likert(self, record: dict, response: str, labeler_id: str, rng: np.random.Generator) -> int:
+        """The labeler's 1-7 rating of one response (labelers.likert)."""
+        return lab.likert(self.utility(record, response, labeler_id), self.labeler(labeler_id).temperature, rng)
+
     def demonstrate(self, record: dict, labeler_id: str, rng: np.random.Generator) -> str:
         return lab.demonstrate(self.facts, self.cfg, record, self.labeler(labeler_id), rng)
 

@@ -67,6 +67,13 @@ def plackett_luce(utilities, temperature: float, rng: np.random.Generator) -> li
     return [int(i) for i in np.argsort(-z, kind="stable")]
 
 
+def likert(utility: float, temperature: float, rng: np.random.Generator) -> int:
+    """A 1-7 quality rating: the utility (gold score + taste, ~[0, 1]) on a 7-point scale, with
+    Gaussian noise of sd temperature / 2 in utility units (a labeler's rating is noisier than
+    their pairwise preference is consistent; ~1.2 points at the calibrated temperature)."""
+    return int(np.clip(np.rint(1 + 6 * (utility + rng.normal(0.0, temperature / 2))), 1, 7))
+
+
 def demonstrate(facts, cfg, record: dict, labeler: Labeler, rng: np.random.Generator) -> str:
     """Mostly right and concise, but: errors, group filler, full sentences, constraints
     sometimes missed, and false premises only sometimes rejected (RLHF's headroom)."""

@@ -1,0 +1,221 @@
+"""The `eval` stage: the paper's comparisons (section 4) in miniature, written to workdir/eval/.
+
+Models (each evaluated if its stage finished): GPT (the pretrained model, bare prompt), GPT
+prompted (a few-shot prefix), SFT, PPO (ptx_coef 0) and PPO-ptx. The GPT baselines sample at
+eval.baseline_temperature (0.7), the rest at eval.temperature (1), as in the paper. On held-out
+prompts, judged by the held-out labeler group (never seen in demonstrations or RM data):
+- win rate against SFT with a 95% interval (the main metric) and a 1-7 Likert score; the SFT row
+  is a second SFT sample against the first, so it shows the noise floor (~50%);
+- gold score / acceptable rate (what the paper could only ask humans);
+- truthfulness analog (fact and false-premise questions) and toxicity analog (prompts that
+  invite rudeness, with and without "Be respectful.");
+- alignment tax: held-out pretraining loss and a multiple-choice cloze benchmark;
+- the RM's accuracy on training vs held-out labeler groups, and RM score vs gold over PPO.
+
+Resumable: each model's answers are cached in eval/answers/<model>.json (written atomically),
+and report.json is written last; a rerun with the same set of models skips the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from instructrl import checkpoints, evaluation, parallel, report
+from instructrl.data import world as world_lib
+from instructrl.data.batching import pack_texts
+from instructrl.data.records import load_jsonl
+from instructrl.models.config import ModelConfig
+from instructrl.stages.train_state import abstract_state, make_optimizer, state_shardings
+from instructrl.stages.world import load_tokenizer, world_fingerprint
+
+PPO_STAGES = ("ppo", "ppo_noptx")
+SETS = {"eval": "prompts_eval.jsonl", "truthful": "truthful_eval.jsonl", "toxicity": "toxicity_eval.jsonl"}
+
+
+def stage_meta(workdir: Path, stage: str) -> dict | None:
+  ckpt = checkpoints.StageCheckpoints(workdir / stage)
+  try:
+    meta = ckpt.meta()
+  finally:
+    ckpt.close()
+  return meta if meta and meta.get("complete") else None
+
+
+def available_models(workdir: Path) -> list[dict]:
+  """[{name, stage, entry, few_shot}] for every finished stage, in the paper's order."""
+  models = []
+  meta = stage_meta(workdir, "pretrain")
+  if meta:
+    models += [{"name": "GPT", "stage": "pretrain", "step": meta["step"], "entry": "params", "few_shot": False},
+               {"name": "GPT prompted", "stage": "pretrain", "step": meta["step"], "entry": "params",
+                "few_shot": True}]
+  meta = stage_meta(workdir, "sft")
+  if meta:
+    models.append({"name": "SFT", "stage": "sft", "step": meta["step"], "entry": "params", "few_shot": False})
+  for stage in PPO_STAGES:
+    meta = stage_meta(workdir, stage)
+    if meta:
+      name = "PPO-ptx" if meta.get("ptx_coef", 0) > 0 else "PPO"
+      if any(m["name"] == name for m in models):
+        name += f" ({stage})"
+      models.append({"name": name, "stage": stage, "step": meta["step"], "entry": "ema", "few_shot": False,
+                     "ptx_coef": meta.get("ptx_coef"), "kl_coef": meta.get("kl_coef")})
+  return models
+
+
+def slug(name: str) -> str:
+  return "".join(c if c.isalnum() else "_" for c in name.lower())
+
+
+def read_metrics(path: Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def run(config, workdir: Path, mesh, rules) -> dict:
+  workdir = Path(workdir)
+  out_dir = workdir / "eval"
+  models = available_models(workdir)
+  if not any(m["name"] == "SFT" for m in models):
+    raise FileNotFoundError(f"{workdir}/sft: no finished SFT checkpoint; the eval stage compares against SFT, "
+                            f"run --stages=sft first")
+  done = out_dir / "report.json"
+  if done.exists() and json.loads(done.read_text()).get("models") == [m["name"] for m in models]:
+    logging.info("eval: report for %s exists, skipping", [m["name"] for m in models])
+    return json.loads(done.read_text())
+
+  ecfg = config.eval
+  world_dir = workdir / "world"
+  world = world_lib.World.load(world_dir)
+  tokenizer = load_tokenizer(workdir)
+  model_cfg = ModelConfig.from_dict(config.model)
+  world_id = world_fingerprint(workdir)
+  sets = {k: load_jsonl(world_dir / f, "eval")[:ecfg.report_prompts] for k, f in SETS.items()}
+  raters = world.heldout_labelers
+  if not raters:
+    raise ValueError("eval: the world has no held-out labeler group to judge with")
+
+  # The restore target: every stage's params have the model's shapes (PPO's EMA too).
+  tx, _ = make_optimizer(config.sft, 1)
+  abstract = abstract_state(model_cfg, tx, state_shardings(model_cfg, tx, mesh, rules))["params"]
+  load = lambda m: checkpoints.load_params(workdir / m["stage"], abstract, model_cfg.to_dict(), world_id,
+                                           entry=m["entry"])[0]
+  prefix = world.few_shot_prefix(np.random.default_rng(config.seed), k=ecfg.few_shot)
+  valid_lm = pack_texts(tokenizer.encode_batch([r["text"] for r in load_jsonl(world_dir / "corpus_valid.jsonl",
+                                                                               "text")]), config.pretrain.seq_len)
+  cloze = [json.loads(l) for l in (world_dir / "cloze_eval.jsonl").read_text().splitlines() if l.strip()]
+
+  rows, answers = {}, {}
+  with parallel.activate(mesh, rules):
+    for i, m in enumerate(tqdm(models, desc="eval: models", unit="model", disable=jax.process_index() != 0)):
+      params = load(m)
+      answers[m["name"]] = _answers(out_dir, m, params, model_cfg, tokenizer, world, sets, config, prefix, i)
+      if m["name"] == "SFT":   # a second, independent SFT sample: the noise floor of the win rate
+        answers["SFT resample"] = _answers(out_dir, {**m, "name": "SFT resample"}, params, model_cfg, tokenizer,
+                                           world, sets, config, prefix, len(models))
+      rows[m["name"]] = {
+          "stage": m["stage"], "temperature": _temperature(m, ecfg),
+          "heldout_lm_loss": evaluation.heldout_lm_loss(params, model_cfg, valid_lm, ecfg.batch_size),
+          "cloze_accuracy": evaluation.cloze_accuracy(params, model_cfg, tokenizer, cloze,
+                                                      seq_len=ecfg.cloze_seq_len, batch_size=ecfg.batch_size),
+          **{k: m[k] for k in ("ptx_coef", "kl_coef") if k in m}}
+
+  sft = answers["SFT"]
+  for i, m in enumerate(models):
+    a = answers["SFT resample" if m["name"] == "SFT" else m["name"]]
+    rng = np.random.default_rng([config.seed, 110, i])
+    rows[m["name"]].update(
+        win_rate_vs_sft=evaluation.win_rate(world, sets["eval"], a["eval"], sft["eval"], raters, rng),
+        likert=evaluation.likert(world, sets["eval"], a["eval"], raters, rng),
+        gold=_strip(evaluation.gold_summary(world, sets["eval"], a["eval"])),
+        truthfulness=truthfulness(world, sets["truthful"], a["truthful"]),
+        toxicity=toxicity(world, sets["toxicity"], a["toxicity"]))
+  out = {"models": [m["name"] for m in models], "results": rows,
+         "judged_by": {"group": raters[0].group, "labelers": [l.id for l in raters]},
+         "n_prompts": {k: len(v) for k, v in sets.items()}, "rm": rm_summary(workdir),
+         "ppo_curves": {m["name"]: ppo_curve(workdir / "metrics" / f"{m['stage']}.jsonl")
+                        for m in models if m["stage"] in PPO_STAGES}}
+  report.write(out, out_dir)   # report.md and the plots first: report.json marks the stage complete
+  _write_json(done, out)
+  logging.info("eval: wrote %s", out_dir)
+  return out
+
+
+def _temperature(m: dict, ecfg) -> float:
+  return ecfg.baseline_temperature if m["stage"] == "pretrain" else ecfg.temperature
+
+
+def _answers(out_dir: Path, m: dict, params, model_cfg, tokenizer, world, sets, config, prefix, index) -> dict:
+  path = out_dir / "answers" / f"{slug(m['name'])}.json"
+  # Reuse cached answers only if they came from the same checkpoint, decoding and prompts.
+  key = {"stage": m["stage"], "step": m["step"], "index": index, "seed": config.seed, "few_shot": m["few_shot"],
+         "temperature": _temperature(m, config.eval), "max_new_tokens": config.eval.max_new_tokens,
+         "n": {k: len(v) for k, v in sets.items()}}
+  if path.exists():
+    cached = json.loads(path.read_text())
+    if cached.get("key") == key:
+      return cached["answers"]
+  rng = jax.random.fold_in(jax.random.key(config.seed + 110), index)
+  got = {k: evaluation.answer(params, model_cfg, tokenizer, world, recs, rng=jax.random.fold_in(rng, j),
+                              eval_cfg=config.eval, prefix=prefix if m["few_shot"] else "",
+                              stop_at_newline=m["few_shot"], temperature=_temperature(m, config.eval))
+         for j, (k, recs) in enumerate(sets.items())}
+  _write_json(path, {"key": key, "answers": got})
+  return got
+
+
+def _write_json(path: Path, obj) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+  tmp.replace(path)   # atomic: a kill leaves the old file or the new one, never half of it
+
+
+def _strip(summary: dict) -> dict:
+  return {k: v for k, v in summary.items() if k != "examples"}
+
+
+def truthfulness(world, records: list[dict], answers: list) -> dict:
+  """TruthfulQA analog: truthful = no invented names and no accepted false premise; informative = correct."""
+  v = [(r, world.judge(r, a)) for r, a in zip(records, answers) if a is not None]
+  fp = [x for r, x in v if r["family"] == "false_premise"]
+  return {"truthful": float(np.mean([x.parts["truthful"] == 1.0 for _, x in v])),
+          "truthful_and_informative": float(np.mean([x.parts["truthful"] == 1.0 and x.correct for _, x in v])),
+          "false_premise_rejected": float(np.mean([x.parts["truthful"] == 1.0 for x in fp])) if fp else None,
+          "n": len(v)}
+
+
+def toxicity(world, records: list[dict], answers: list) -> dict:
+  """RealToxicityPrompts analog: how often the answer is rude, with and without "Be respectful."."""
+  out = {}
+  for respectful in (False, True):
+    v = [world.judge(r, a) for r, a in zip(records, answers) if a is not None and r["respectful"] == respectful]
+    key = "respectful" if respectful else "plain"
+    out[f"rude_rate/{key}"] = float(np.mean([x.parts["polite"] == 0.0 for x in v])) if v else None
+    out[f"gold/{key}"] = float(np.mean([x.score for x in v])) if v else None
+  return out
+
+
+def rm_summary(workdir: Path) -> dict:
+  """The RM's end-of-stage accuracies (paper: 72.4% training labelers, 69.6% held-out)."""
+  final = {}
+  for row in read_metrics(workdir / "metrics" / "rm.jsonl"):
+    final.update({k[len("final/"):]: v for k, v in row.items() if k.startswith("final/")})
+  keys = ("valid/accuracy", "valid/heldout_group/accuracy", "labeler_agreement/train_groups",
+          "labeler_agreement/heldout_vs_train")
+  return {k: final[k] for k in keys if k in final}
+
+
+def ppo_curve(path: Path) -> dict:
+  """RM score, gold score and KL per PPO iteration: over-optimisation shows as score up, gold down."""
+  rows = [r for r in read_metrics(path) if "train/objective/score" in r]
+  pick = lambda k: [r.get(f"train/{k}") for r in rows]
+  return {"step": [r["step"] for r in rows], "rm_score": pick("objective/score"),
+          "gold_score": pick("objective/gold_score"), "kl": pick("objective/kl")}
