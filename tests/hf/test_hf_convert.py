@@ -180,3 +180,27 @@ def test_llama3_rope_scaling_is_refused():
   with pytest.raises(hf.ConvertError, match="rope_type 'llama3' is not supported"):
     hf.config_from_hf({**LLAMA, "model_type": "llama",
                        "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+
+
+def test_cli_import_then_export_round_trip(tmp_path):
+  """`python -m instructrl.convert import` writes a stage the SFT/RM hand-off reads; `export` gives it back."""
+  import subprocess
+  import sys
+  from instructrl.convert import export_hf, import_hf, load_stage_params
+  model = make_hf("gpt2", tmp_path / "hf")
+  run = lambda *a: subprocess.run([sys.executable, "-m", "instructrl.convert", *a], capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  r = run("import", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={tmp_path / 'w'}")
+  assert r.returncode == 0, r.stderr
+  assert json.loads(r.stdout)["model"]["style"] == "gpt"
+  with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+    import_hf(tmp_path / "hf", tmp_path / "w")
+  r = run("export", f"--workdir={tmp_path / 'w'}", "--stage=pretrain", f"--out={tmp_path / 'out'}")
+  assert r.returncode == 0, r.stderr
+  again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  np.testing.assert_allclose(hf_logits(again, TOKENS), hf_logits(model, TOKENS), atol=1e-5, rtol=0)
+  # The imported stage is what checkpoints.load_params hands to the next stage.
+  params, cfg = load_stage_params(tmp_path / "w", "pretrain")
+  np.testing.assert_allclose(our_logits(params, cfg, TOKENS), hf_logits(model, TOKENS), atol=1e-4, rtol=0)
+  with pytest.raises(ValueError, match="only LM-head stages"):
+    export_hf(tmp_path / "w", "rm", tmp_path / "x")
