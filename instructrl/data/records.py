@@ -11,8 +11,10 @@ real data (DESIGN.md, "Record schemas"):
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,7 +35,9 @@ class RecordError(ValueError):
 
 
 def _open(path: Path):
-  return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+  """Plain or compressed (.gz, .bz2, .xz) text, chosen by the suffix."""
+  opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix)
+  return opener(path, "rt", encoding="utf-8") if opener else open(path, encoding="utf-8")
 
 
 def validate(record: Any, schema: str, where: str) -> dict:
