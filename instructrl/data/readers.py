@@ -129,6 +129,8 @@ def _oasst(r, where):
       raise RecordError(f"{where}: {path}: field 'role' is {role!r}, expected 'prompter' or 'assistant'")
     turn = (HH_HUMAN if role == "prompter" else HH_ASSISTANT) + " " + text
     replies = _need(msg, "replies", list, f"{where}: {path}", "oasst", optional=True) or []
+    for i, m in enumerate(replies):   # children checked before any is used as a ranked response
+      _need(m, "text", str, f"{where}: {path}.replies[{i}]", "oasst")
     if role == "prompter":
       ranked = [m for m in replies if isinstance(m, dict) and isinstance(m.get("rank"), int)
                 and not m.get("deleted") and m.get("role") == "assistant"]
