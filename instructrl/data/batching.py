@@ -39,6 +39,12 @@ def pack_texts(token_lists, seq_len: int) -> TokenExamples:
   return TokenExamples(toks, np.ones_like(toks, dtype=bool))
 
 
+def _specials(tokenizer) -> tuple[int, int, int]:
+  """(bos, eos, pad): a pretrained tokenizer's own ids (pretrained_tokenizer.py), else the project's."""
+  return (getattr(tokenizer, "bos_id", BOS_ID), getattr(tokenizer, "eos_id", EOS_ID),
+          getattr(tokenizer, "pad_id", PAD_ID))
+
+
 def prompt_response_examples(tokenizer, prompts, responses, seq_len: int, *, what: str = "demos") -> TokenExamples:
   """BOS + prompt + response + EOS, right-padded; loss only on response tokens and the EOS.
 
@@ -47,12 +53,13 @@ def prompt_response_examples(tokenizer, prompts, responses, seq_len: int, *, wha
   """
   p_ids = tokenizer.encode_batch(prompts)
   r_ids = tokenizer.encode_batch(responses)
+  bos, eos, pad = _specials(tokenizer)
   L = seq_len + 1
-  toks = np.full((len(p_ids), L), PAD_ID, np.int32)
+  toks = np.full((len(p_ids), L), pad, np.int32)
   mask = np.zeros((len(p_ids), L), bool)
   keep = []
   for i, (p, r) in enumerate(zip(p_ids, r_ids)):
-    seq = [BOS_ID, *p, *r, EOS_ID]
+    seq = [bos, *p, *r, eos]
     if len(seq) > L:
       continue
     toks[i, :len(seq)] = seq
@@ -69,11 +76,12 @@ def prompt_response_examples(tokenizer, prompts, responses, seq_len: int, *, wha
 def left_pad_prompts(tokenizer, prompts, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """BOS + prompt, left-padded to `length`. Returns (tokens, mask, kept index) — over-long dropped."""
   ids = tokenizer.encode_batch(prompts)
+  bos, _, pad = _specials(tokenizer)
   keep = [i for i, p in enumerate(ids) if len(p) + 1 <= length]
-  toks = np.full((len(keep), length), PAD_ID, np.int32)
+  toks = np.full((len(keep), length), pad, np.int32)
   mask = np.zeros((len(keep), length), bool)
   for row, i in enumerate(keep):
-    seq = [BOS_ID, *ids[i]]
+    seq = [bos, *ids[i]]
     toks[row, length - len(seq):] = seq
     mask[row, length - len(seq):] = True
   return toks, mask, np.asarray(keep, np.int64)
