@@ -22,7 +22,7 @@ from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
 from instructrl.stages import loop
 from instructrl.stages.train_state import (abstract_state, device_batch, guarded_update, make_optimizer,
-                                           state_shardings)
+                                           process_batch, state_shardings)
 from instructrl.stages.world import world_fingerprint
 
 
@@ -102,7 +102,7 @@ def run(name: str, config, workdir: Path, train_examples: TokenExamples, valid_e
       stage, mesh, rules,
       initial_params=lambda: initial_params(shardings["params"], stage.abstract["params"]),
       train_step=train_step,
-      batch_at=lambda step: device_batch(train_examples.batch(batch_indices(len(train_examples), B, step, seed)),
-                                         mesh, rules),
+      batch_at=lambda step: process_batch(train_examples.batch, batch_indices(len(train_examples), B, step, seed),
+                                          mesh, rules),
       evaluate=lambda params: evaluate(eval_step, params, valid_examples, stage_cfg.eval_batch_size, mesh, rules),
       after_training=after_training, items_per_step=B * train_examples.tokens.shape[1], extra_meta={"seed": seed})

@@ -106,3 +106,32 @@ def device_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Arr
   """Global numpy batch -> arrays sharded on their leading 'batch' axis; each process builds its shards."""
   return {k: jax.make_array_from_callback(v.shape, parallel.batch_sharding(mesh, rules, v.ndim),
                                           lambda idx, v=v: v[idx]) for k, v in batch.items()}
+
+
+def process_rows(global_rows: int, mesh, rules) -> np.ndarray:
+  """Sorted indices of the rows of a global batch that this process's devices hold (every row on one host)."""
+  sharding = parallel.batch_sharding(mesh, rules, 1)
+  rows = set()
+  for (sl,) in sharding.addressable_devices_indices_map((global_rows,)).values():
+    rows.update(range(*sl.indices(global_rows)))
+  return np.array(sorted(rows), np.int64)
+
+
+def process_batch(read_rows, idx: np.ndarray, mesh, rules) -> dict[str, jax.Array]:
+  """The global batch of examples `idx`, sharded on 'batch'; this process reads only its own rows.
+
+  read_rows(indices) -> dict of numpy arrays with one row per index (e.g. `TokenExamples.batch`).
+  On a pod each host thereby tokenises and copies 1/n_hosts of the batch, not all of it.
+  """
+  rows = process_rows(len(idx), mesh, rules)
+  local = read_rows(idx[rows])
+  where = np.full(len(idx), -1, np.int64)
+  where[rows] = np.arange(len(rows))
+
+  def shard(index, v):
+    # A shard's rows are one contiguous range of the global batch, so they are contiguous in `local` too.
+    start, stop, _ = index[0].indices(len(idx))
+    return v[where[start]:where[start] + stop - start][(slice(None),) + tuple(index[1:])]
+
+  return {k: jax.make_array_from_callback((len(idx),) + v.shape[1:], parallel.batch_sharding(mesh, rules, v.ndim),
+                                          lambda index, v=v: shard(index, v)) for k, v in local.items()}

@@ -1,0 +1,349 @@
+r"""Will a config fit, and on how many chips? Compile the train steps ahead of time and ask XLA.
+
+  python -m instructrl.plan --config=configs/instructgpt.py:6b --mesh=1,64,1 --target=v5p
+  python -m instructrl.plan --config=configs/instructgpt.py:1.3b --mesh=1,-1,1 --chips=8,16,32 --target=v4
+
+Every stage's step (pretrain, SFT, RM, PPO rollout, PPO update) is jitted exactly as the stage
+jits it, lowered on abstract inputs (`jax.ShapeDtypeStruct` carrying the mesh's shardings: no
+parameter is ever allocated) and compiled for a mesh of *simulated* CPU devices. The compiled
+executable's `memory_analysis()` gives the per-device bytes of its arguments, outputs, aliases
+(donated state) and temporaries; the peak is arguments + outputs - aliases + temporaries.
+
+What this measures and what it does not: the program is the one a TPU/GPU runs (same sharding,
+same remat, same collectives), but buffer assignment is XLA:CPU's. TPU pads minor dimensions to
+(8, 128) tiles and fuses differently, so treat the figure as an estimate with ~10-20% error and
+keep `--headroom` (default 10% of HBM, for the runtime and fragmentation). `analytic` beside it is
+the closed-form estimate of docs/scaling.md (state / shards + remat activations), the only figure
+for shapes too slow to compile here (`--analytic_only`, e.g. 175b).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+GiB = 1024 ** 3
+
+# Per-chip memory (HBM) of common targets, in bytes. Sources: Cloud TPU system architecture pages
+# (v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB) and NVIDIA datasheets (A100/H100 80 GB, H200 141 GB).
+TARGETS = {
+    "v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB,
+    "a100-80g": 80e9, "h100": 80e9, "h200": 141e9,
+}
+# Set before JAX creates its CPU backend. LLVM's optimisation passes dominate compile time on CPU and do
+# not change buffer assignment (the memory figures): skipped. XLA:CPU's cse_barrier_expander drops the
+# optimization barriers that jax.checkpoint places around recomputed blocks, after which CSE merges the
+# recomputation back into the forward pass and remat saves nothing (measured: a 2-layer 1.3b-wide SFT
+# step's temp bytes 6.2 GiB with remat vs 6.3 without); TPU and GPU keep the barriers, so keep them here.
+PLAN_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                  "--xla_disable_hlo_passes=cse_barrier_expander")
+STAGES = ("pretrain", "sft", "rm", "ppo_rollout", "ppo_update")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config, e.g. configs/instructgpt.py:6b.", lock_config=True)
+_MESH = flags.DEFINE_string("mesh", None, "Mesh shape data,fsdp,tensor (one entry may be -1); default config.mesh.shape.")
+_CHIPS = flags.DEFINE_string("chips", None, "Comma-separated chip counts to try (the -1 entry of --mesh takes the rest); "
+                             "default: the product of --mesh.")
+_TARGET = flags.DEFINE_enum("target", "v5p", list(TARGETS), "Chip whose memory the result is checked against.")
+_STAGES = flags.DEFINE_string("stages", "sft,rm,ppo_rollout,ppo_update", f"Comma-separated, from {STAGES}.")
+_HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of chip memory kept free (runtime, fragmentation).")
+_ANALYTIC_ONLY = flags.DEFINE_bool("analytic_only", False, "Skip compiling; closed-form estimate only (175b).")
+_FIT_LAYERS = flags.DEFINE_string("fit_layers", None, "Two depths, e.g. 2,4: compile those and extrapolate the "
+                                  "bytes linearly to model.n_layers (minutes instead of an hour for 6b/175b).")
+_JSON = flags.DEFINE_string("json", None, "Also write the rows as JSON to this file.")
+
+
+# ----------------------------------------------------------------------------- one stage, abstractly
+
+@dataclasses.dataclass
+class StageProgram:
+  jitted: object            # a jax.jit-wrapped function
+  args: tuple               # abstract arguments (ShapeDtypeStruct with shardings)
+  shape: str                # human-readable batch shape
+  batch: int                # global rows (what must split over the batch axes)
+  model_cfg: object
+  tokens: int               # tokens per row that pass through the model
+  train: bool               # backward pass and optimizer state
+
+
+def _abstract(shape, dtype, sharding):
+  import jax
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _abstract_key(mesh):
+  import jax
+  from instructrl import parallel
+  k = jax.eval_shape(lambda: jax.random.key(0))
+  return jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=parallel.replicated(mesh))
+
+
+def _with_steps(stage_cfg, steps: int = 1000):
+  import ml_collections
+  c = ml_collections.ConfigDict(stage_cfg.to_dict())
+  c.steps = steps
+  return c
+
+
+def build(stage: str, config, mesh, rules) -> StageProgram:
+  """The stage's jitted step and abstract arguments on `mesh`, as the stage itself builds them."""
+  import jax
+  import jax.numpy as jnp
+
+  from instructrl import parallel
+  from instructrl.models.config import ModelConfig
+  from instructrl.stages import lm, ppo, reward, train_state
+
+  bsh = lambda ndim: parallel.batch_sharding(mesh, rules, ndim)
+  repl = parallel.replicated(mesh)
+  key = _abstract_key(mesh)
+  if stage in ("pretrain", "sft", "rm"):
+    cfg = _with_steps(config[stage])
+    model_cfg = ModelConfig.from_dict({**config.model, **cfg.get("model_overrides", {})})
+    tx, schedule = train_state.make_optimizer(cfg, cfg.steps)
+    head = "scalar" if stage == "rm" else "lm"
+    sh = train_state.state_shardings(model_cfg, tx, mesh, rules, head=head)
+    state = train_state.abstract_state(model_cfg, tx, sh, head=head)
+    B, T = cfg.batch_size, cfg.seq_len
+    if stage != "rm":
+      step, _ = lm.make_steps(model_cfg, tx, schedule, sh, mesh, rules)
+      batch = {"inputs": _abstract((B, T), jnp.int32, bsh(2)), "targets": _abstract((B, T), jnp.int32, bsh(2)),
+               "mask": _abstract((B, T), jnp.bool_, bsh(2))}
+      return StageProgram(step, (state, batch, key), f"{B} x {T}", B, model_cfg, T, True)
+    if cfg.formulation != "per_prompt":
+      raise ValueError(f"rm.formulation={cfg.formulation!r}: plan covers the paper's per_prompt step")
+    K = max(cfg.k_choices)   # ragged K is padded to K_max: the compiled shape is [B, K_max, T]
+    step, _, _ = reward.make_steps(model_cfg, "per_prompt", tx, schedule, sh, mesh, rules)
+    batch = {"tokens": _abstract((B, K, T), jnp.int32, bsh(3)), "last_index": _abstract((B, K), jnp.int32, bsh(2)),
+             "ranks": _abstract((B, K), jnp.int32, bsh(2)), "mask": _abstract((B, K), jnp.bool_, bsh(2))}
+    return StageProgram(step, (state, batch, key), f"{B} prompts x K={K} x {T}", B, model_cfg, K * T, True)
+
+  # PPO: policy, reference, value and RM on the same mesh in one program each (rollout, update).
+  cfg = config.ppo
+  model_cfg = ModelConfig.from_dict(config.model)
+  updates = cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
+  policy_tx, _ = ppo.make_optimizer(cfg.learning_rate, updates, cfg.grad_clip, cfg.b1, cfg.b2)
+  value_tx, _ = ppo.make_optimizer(cfg.value_learning_rate, updates, cfg.grad_clip, cfg.b1, cfg.b2)
+  pol_sh = train_state.state_shardings(model_cfg, policy_tx, mesh, rules, "lm")
+  val_sh = train_state.state_shardings(model_cfg, value_tx, mesh, rules, "scalar")
+  pol = train_state.abstract_state(model_cfg, policy_tx, pol_sh, "lm")
+  val = train_state.abstract_state(model_cfg, value_tx, val_sh, "scalar")
+  B, P, N = cfg.batch_size, cfg.prompt_len, cfg.max_new_tokens
+  rollout_fn = ppo.make_rollout(model_cfg, cfg, eos_id=3, pad_id=0)
+  ro_args = (pol["params"], val["params"], pol["params"], val["params"], _abstract((B, P), jnp.int32, bsh(2)),
+             _abstract((B, P), jnp.bool_, bsh(2)), key, _abstract((), jnp.float32, repl))
+  with parallel.activate(mesh, rules):   # the model's logical constraints need the rules while tracing
+    ro_out = jax.eval_shape(rollout_fn, *ro_args)
+  ro_out_sh = jax.tree.map(lambda a: bsh(a.ndim) if a.ndim else repl, ro_out)
+  if stage == "ppo_rollout":
+    jitted = jax.jit(rollout_fn, in_shardings=tuple(jax.tree.map(lambda a: a.sharding, a) for a in ro_args),
+                     out_shardings=ro_out_sh)
+    return StageProgram(jitted, ro_args, f"{B} episodes x ({P} prompt + {N} new)", B, model_cfg, P + N, False)
+  if stage != "ppo_update":
+    raise ValueError(f"--stages: unknown stage {stage!r}; expected some of {STAGES}")
+  shardings = {"step": repl, "params": pol_sh["params"], "opt_state": pol_sh["opt_state"], "value": val_sh["params"],
+               "value_opt": val_sh["opt_state"], "ema": pol_sh["params"], "kl_coef": repl}
+  state = {"step": pol["step"], "params": pol["params"], "opt_state": pol["opt_state"], "value": val["params"],
+           "value_opt": val["opt_state"], "ema": pol["params"], "kl_coef": _abstract((), jnp.float32, repl)}
+  batch = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), ro_out[0], ro_out_sh[0])
+  n_mb = cfg.batch_size // cfg.minibatch_size
+  ptx_bs = cfg.ptx_batch_size if cfg.ptx_coef > 0 else 1
+  L = cfg.ptx_seq_len
+  ptx = {"inputs": _abstract((n_mb, ptx_bs, L), jnp.int32, repl), "targets": _abstract((n_mb, ptx_bs, L), jnp.int32, repl),
+         "mask": _abstract((n_mb, ptx_bs, L), jnp.bool_, repl)}
+  update = jax.jit(ppo.make_update(model_cfg, cfg, policy_tx, value_tx, P),
+                   in_shardings=(shardings, ro_out_sh[0], repl, repl), out_shardings=(shardings, repl),
+                   donate_argnums=0)
+  return StageProgram(update, (state, batch, ptx, key), f"{B} episodes, minibatch {cfg.minibatch_size}, "
+                      f"ptx {ptx_bs} x {L}", cfg.minibatch_size, model_cfg, P + N, True)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def compiled_memory(program: StageProgram, mesh, rules) -> dict:
+  """Per-device bytes from XLA's buffer assignment of the compiled SPMD program."""
+  from instructrl import parallel
+  t0 = time.perf_counter()
+  with parallel.activate(mesh, rules):
+    compiled = program.jitted.lower(*program.args).compile()
+  m = compiled.memory_analysis()
+  out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
+         "temp": m.temp_size_in_bytes, "code": m.generated_code_size_in_bytes}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  out["compile_s"] = time.perf_counter() - t0
+  return out
+
+
+def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config) -> dict:
+  """Closed-form per-device bytes (docs/scaling.md): sharded state plus remat activations.
+
+  state: fp32 params (4 B) and Adam mu/nu (8 B) for trained models, gradients (4 B) during the
+  step, frozen models' params (4 B); all divided by the fsdp x tensor shards. activations with
+  remat: every block's input is kept ([b, T, D] in the compute dtype), plus one block's working
+  set recomputed in the backward pass (~ b T (16 D + 2 F/t) + the attention scores b H/t T^2 in fp32),
+  plus the logits b T V/t in fp32 (x3: logits, log-softmax, gradient). b = rows per device.
+  """
+  import numpy as np
+  cfg = program.model_cfg
+  data, fsdp, tensor = mesh_shape
+  shards = fsdp * tensor
+  n = cfg.num_params()
+  act_bytes = np.dtype(cfg.compute_dtype).itemsize
+  trained = {"pretrain": 1, "sft": 1, "rm": 1, "ppo_rollout": 0, "ppo_update": 2}[stage]   # models with Adam
+  frozen = {"ppo_rollout": 4, "ppo_update": 1}.get(stage, 0)   # rollout: policy/ref/value/RM; update: EMA
+  state = n * (trained * 16 + frozen * 4) / shards
+  b = max(program.batch / (data * fsdp), 1.0)
+  T, D, F, L, H, V = program.tokens, cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.n_heads, cfg.vocab_size
+  block = b * T * (16 * D + 2 * F / tensor) * act_bytes + b * (H / tensor) * T * T * 4
+  kept = L * b * T * D * act_bytes if cfg.remat else L * block
+  logits = 3 * b * T * V / tensor * 4
+  if stage == "ppo_rollout":   # forward only: one block's working set, the KV cache, logits
+    kv = 2 * L * b * T * cfg.n_kv_heads / tensor * cfg.head_dim * act_bytes
+    act = block + kv + logits / 3
+  else:
+    act = kept + block + logits
+  if stage == "ppo_update" and config.ppo.ptx_coef > 0:   # the ptx minibatch is replicated: all of it on every chip
+    bp, Tp = config.ppo.ptx_batch_size, config.ppo.ptx_seq_len
+    act += (L * bp * Tp * D * act_bytes if cfg.remat else 0) + bp * Tp * (16 * D + 2 * F / tensor) * act_bytes \
+        + bp * (H / tensor) * Tp * Tp * 4 + 3 * bp * Tp * V / tensor * 4
+  return {"state": state, "activations": act, "peak": state + act}
+
+
+# ----------------------------------------------------------------------------- the table
+
+def resolve_mesh(shape, chips: int) -> tuple:
+  shape = list(shape)
+  if -1 in shape:
+    rest = math.prod(s for s in shape if s != -1)
+    if chips % rest:
+      raise ValueError(f"--mesh={tuple(shape)}: {chips} chips are not divisible by {rest}")
+    shape[shape.index(-1)] = chips // rest
+  if math.prod(shape) != chips:
+    raise ValueError(f"--mesh={tuple(shape)} has {math.prod(shape)} devices, not {chips}")
+  return tuple(shape)
+
+
+def _measure(stage, config, mesh, rules, shape, analytic_only, fit_layers):
+  """Compiled (or only analytic) per-device bytes of one stage; with fit_layers=(l1, l2), compiled at
+  those depths and extrapolated linearly to config.model.n_layers (the blocks are identical, so
+  every byte count is affine in the depth; checked against a full compile in docs/scaling.md)."""
+  import copy
+  program = build(stage, config, mesh, rules)
+  split = shape[0] * shape[1]
+  if program.batch % split:
+    raise ValueError(f"batch of {program.batch} rows does not split over data x fsdp = {split} devices; "
+                     f"use the tensor axis or a larger batch")
+  row = {"shape": program.shape, "analytic_gib": analytic_memory(stage, program, shape, config)["peak"] / GiB}
+  if analytic_only:
+    return row
+  if not fit_layers:
+    m = compiled_memory(program, mesh, rules)
+  else:
+    L = config.model.n_layers
+    ms = []
+    for depth in fit_layers:
+      c = copy.deepcopy(config)
+      c.model.n_layers = depth
+      ms.append(compiled_memory(build(stage, c, mesh, rules), mesh, rules))
+    (l1, m1), (l2, m2) = zip(fit_layers, ms)
+    m = {k: m1[k] + (m2[k] - m1[k]) * (L - l1) / (l2 - l1) for k in m1}
+    m["compile_s"] = m1["compile_s"] + m2["compile_s"]
+    row["extrapolated_from_layers"] = list(fit_layers)
+  row.update({f"{k}_gib": v / GiB for k, v in m.items() if k != "compile_s"}, compile_s=round(m["compile_s"], 1))
+  return row
+
+
+def plan(config, mesh_shape, chip_counts, stages, target: str, headroom: float = 0.1,
+         analytic_only: bool = False, devices=None, fit_layers: tuple | None = None) -> list[dict]:
+  """One row per (chip count, stage): measured and analytic per-device bytes, and whether it fits."""
+  import jax
+  from instructrl import parallel
+  rules = parallel.rules_from_config(config.mesh.rules)
+  devices = jax.devices() if devices is None else devices
+  budget = TARGETS[target] * (1 - headroom)
+  rows = []
+  for chips in chip_counts:
+    shape = resolve_mesh(mesh_shape, chips)
+    if not analytic_only and chips > len(devices):
+      raise ValueError(f"{chips} chips asked, {len(devices)} simulated devices available")
+    mesh = parallel.make_mesh(shape, devices=devices[:chips]) if not analytic_only else \
+        jax.sharding.AbstractMesh(shape, parallel.MESH_AXES)
+    for stage in stages:
+      row = {"stage": stage, "chips": chips, "mesh": list(shape), "target": target}
+      try:
+        row.update(_measure(stage, config, mesh, rules, shape, analytic_only, fit_layers))
+        row["fits"] = bool(row.get("peak_gib", row["analytic_gib"]) * GiB <= budget)
+      except ValueError as e:
+        row.update(error=str(e), fits=False)
+      rows.append(row)
+  return rows
+
+
+def smallest_fitting(rows: list[dict]) -> int | None:
+  """The smallest chip count at which every planned stage fits."""
+  by_chips = {}
+  for r in rows:
+    by_chips.setdefault(r["chips"], []).append(r["fits"])
+  ok = [c for c, fits in sorted(by_chips.items()) if all(fits)]
+  return ok[0] if ok else None
+
+
+def format_table(rows: list[dict], target: str, headroom: float) -> str:
+  lines = [f"target {target}: {TARGETS[target] / GiB:.1f} GiB per chip, {headroom:.0%} headroom kept "
+           f"(budget {TARGETS[target] * (1 - headroom) / GiB:.1f} GiB)",
+           f"{'stage':<12}{'chips':>6}  {'mesh':<12}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'peak':>8}"
+           f"{'analytic':>10}  {'fits':<5} shape"]
+  g = lambda r, k: f"{r[k]:8.2f}" if k in r else f"{'-':>8}"
+  for r in rows:
+    if "error" in r:
+      lines.append(f"{r['stage']:<12}{r['chips']:>6}  {str(tuple(r['mesh'])):<12} error: {r['error']}")
+      continue
+    lines.append(f"{r['stage']:<12}{r['chips']:>6}  {str(tuple(r['mesh'])):<12}{g(r, 'argument_gib')}{g(r, 'output_gib')}"
+                 f"{g(r, 'alias_gib')}{g(r, 'temp_gib')}{g(r, 'peak_gib')}{r['analytic_gib']:10.2f}  "
+                 f"{'yes' if r['fits'] else 'NO':<5} {r['shape']}")
+  fitted = sorted({tuple(r["extrapolated_from_layers"]) for r in rows if "extrapolated_from_layers" in r})
+  if fitted:
+    lines.append(f"args/out/alias/temp/peak: compiled at depths {fitted[0]} and extrapolated linearly to n_layers.")
+  best = smallest_fitting(rows)
+  lines.append("GiB per device. " + (f"Smallest chip count tried where every stage fits: {best}" if best else
+                                     "No chip count tried fits every stage: try more chips or a tensor axis."))
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  shape = tuple(int(s) for s in (_MESH.value.strip("()").split(",") if _MESH.value else config.mesh.shape))
+  if _CHIPS.value:
+    chip_counts = sorted(int(c) for c in _CHIPS.value.split(","))
+  elif -1 in shape:
+    raise app.UsageError(f"--mesh={shape} has a -1 entry: give --chips (e.g. --chips=8,16,32)")
+  else:
+    chip_counts = [math.prod(shape)]
+  stages = [s.strip() for s in _STAGES.value.split(",") if s.strip()]
+  bad = [s for s in stages if s not in STAGES]
+  if bad:
+    raise app.UsageError(f"--stages: unknown {bad}; choose from {STAGES}")
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + PLAN_XLA_FLAGS
+  import jax
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", max(chip_counts))
+  fit = tuple(int(l) for l in _FIT_LAYERS.value.split(",")) if _FIT_LAYERS.value else None
+  if fit is not None and (len(fit) != 2 or fit[0] == fit[1] or min(fit) < 1):
+    raise app.UsageError(f"--fit_layers={_FIT_LAYERS.value}: expected two different depths >= 1, e.g. 2,4")
+  rows = plan(config, shape, chip_counts, stages, _TARGET.value, _HEADROOM.value, _ANALYTIC_ONLY.value,
+              fit_layers=fit)
+  print(format_table(rows, _TARGET.value, _HEADROOM.value))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
