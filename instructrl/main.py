@@ -19,6 +19,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
 _STAGES = flags.DEFINE_string("stages", None, "Comma-separated stages; default: config.stages.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Multi-host: 'auto' connects the processes when a coordinator is given or a TPU pod / "
+                                 "SLURM / Open MPI job is detected (instructrl/distributed.py).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, where JAX cannot detect the "
+                                   "cluster (GPU nodes without SLURM); or env JAX_COORDINATOR_ADDRESS.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 STAGES = ("world", "pretrain", "sft", "rm", "ppo")
@@ -88,6 +95,9 @@ def main(argv):
   from instructrl import parallel, workdir_lock
   from instructrl.stages import ppo, pretrain, reward, sft, world
 
+  from instructrl import distributed
+  # Before anything touches a device: afterwards jax.devices() spans every host.
+  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value)
   stages = parse_stages(_STAGES.value or config.stages)
@@ -104,7 +114,7 @@ def main(argv):
   mesh = parallel.make_mesh(config.mesh.shape)
   rules = parallel.rules_from_config(config.mesh.rules)
   logging.info("stages %s on mesh %s in %s", stages, dict(mesh.shape), workdir)
-  run = {"world": lambda: world.run(config, workdir),
+  run = {"world": lambda: distributed.primary_first("world", lambda: world.run(config, workdir)),
          "pretrain": lambda: pretrain.run(config, workdir, mesh, rules),
          "sft": lambda: sft.run(config, workdir, mesh, rules),
          "rm": lambda: reward.run(config, workdir, mesh, rules),
