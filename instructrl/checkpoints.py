@@ -202,8 +202,11 @@ def check_world(meta: dict, world_id: str | None, where: str) -> None:
 
 
 def load_params(directory: str | Path, abstract_params: Any, model_dict: dict,
-                world_id: str | None = None) -> tuple[Any, dict]:
-  """The params of a completed stage, checked against `model_dict` (the config asked for) and the world."""
+                world_id: str | None = None, entry: str = "params") -> tuple[Any, dict]:
+  """The params of a completed stage, checked against `model_dict` (the config asked for) and the world.
+
+  entry: which params of the saved state ("params"; PPO also saves "ema", the model it evaluates).
+  """
   ckpt = StageCheckpoints(directory)
   try:
     while True:
@@ -215,7 +218,7 @@ def load_params(directory: str | Path, abstract_params: Any, model_dict: dict,
       check_model(meta["model"], model_dict, str(ckpt.directory))
       check_world(meta, world_id, str(ckpt.directory))
       # Restore only the params: a partial abstract tree restores a subset of the saved state.
-      abstract = {"params": abstract_params}
+      abstract = {entry: abstract_params}
       try:
         out = ckpt.manager.restore(meta["step"], args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(
@@ -225,6 +228,6 @@ def load_params(directory: str | Path, abstract_params: Any, model_dict: dict,
         ckpt.quarantine(meta["step"], f"restore failed: {type(e).__name__}: {str(e)[:300]}")
         continue
       logging.info("loaded params from %s step %d", ckpt.directory, meta["step"])
-      return out["state"]["params"], meta
+      return out["state"][entry], meta
   finally:
     ckpt.close()

@@ -79,14 +79,15 @@ def gold_eval(params, model_cfg: ModelConfig, tokenizer, world, records: list[di
 
 # ----------------------------------------------------------------------------- the paper's comparisons
 
-def mean_ci(values) -> dict:
-  """Mean with a 95% normal-approximation interval over independent per-prompt outcomes."""
+def mean_ci(values, bounds=(-np.inf, np.inf)) -> dict:
+  """Mean with a 95% normal-approximation interval over independent per-prompt outcomes, clipped
+  to the range the outcomes can take (`bounds`)."""
   x = np.asarray(values, np.float64)
   if x.size == 0:
     raise ValueError("mean_ci: no values")
   half = 1.96 * x.std(ddof=1) / np.sqrt(x.size) if x.size > 1 else float("nan")
-  return {"mean": float(x.mean()), "ci_low": float(x.mean() - half), "ci_high": float(x.mean() + half),
-          "n": int(x.size)}
+  lo, hi = np.clip([x.mean() - half, x.mean() + half], *bounds)
+  return {"mean": float(x.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": int(x.size)}
 
 
 def win_rate(world, records: list[dict], answers: list, baseline: list, labelers: list, rng) -> dict:
@@ -97,12 +98,12 @@ def win_rate(world, records: list[dict], answers: list, baseline: list, labelers
   """
   out = [world.prefers(r, a, b, labelers[i % len(labelers)].id, rng)
          for i, (r, a, b) in enumerate(zip(records, answers, baseline)) if a is not None and b is not None]
-  return mean_ci(out)
+  return mean_ci(out, bounds=(0.0, 1.0))
 
 
 def likert(world, records: list[dict], answers: list, labelers: list, rng) -> dict:
   return mean_ci([world.likert(r, a, labelers[i % len(labelers)].id, rng)
-                  for i, (r, a) in enumerate(zip(records, answers)) if a is not None])
+                  for i, (r, a) in enumerate(zip(records, answers)) if a is not None], bounds=(1.0, 7.0))
 
 
 def cloze_examples(tokenizer, items: list[dict], seq_len: int) -> tuple[TokenExamples, np.ndarray]:

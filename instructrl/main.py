@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -28,7 +29,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-STAGES = ("world", "pretrain", "sft", "rm", "ppo")
+STAGES = ("world", "pretrain", "sft", "rm", "ppo", "ppo_noptx", "eval")
 
 
 def parse_stages(text: str) -> list[str]:
@@ -93,7 +94,7 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   import jax
   from instructrl import parallel, workdir_lock
-  from instructrl.stages import ppo, pretrain, reward, sft, world
+  from instructrl.stages import evaluate, ppo, pretrain, reward, sft, world
 
   from instructrl import distributed
   # Before anything touches a device: afterwards jax.devices() spans every host.
@@ -118,12 +119,21 @@ def main(argv):
          "pretrain": lambda: pretrain.run(config, workdir, mesh, rules),
          "sft": lambda: sft.run(config, workdir, mesh, rules),
          "rm": lambda: reward.run(config, workdir, mesh, rules),
-         "ppo": lambda: ppo.run(config, workdir, mesh, rules)}
+         "ppo": lambda: ppo.run(config, workdir, mesh, rules),
+         # The paper's "PPO" next to "PPO-ptx": the same config with the pretraining mix off.
+         "ppo_noptx": lambda: ppo.run(_without_ptx(config), workdir, mesh, rules, name="ppo_noptx"),
+         "eval": lambda: evaluate.run(config, workdir, mesh, rules)}
   try:
     for stage in stages:
       run[stage]()
   finally:
     lock.release()
+
+
+def _without_ptx(config):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.ppo.ptx_coef = 0.0
+  return config
 
 
 def run():

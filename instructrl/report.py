@@ -38,17 +38,17 @@ def markdown(rep: dict) -> str:
     w, lk, g, tr, tx = r["win_rate_vs_sft"], r["likert"], r["gold"], r["truthfulness"], r["toxicity"]
     lines.append(
         f"| {name} | {r['temperature']:g} | {_pct(w['mean'])} [{_pct(w['ci_low'])}, {_pct(w['ci_high'])}] | "
-        f"{lk['mean']:.2f} ± {(lk['ci_high'] - lk['mean']):.2f} | {g['gold_score']:.3f} | {_pct(g['acceptable_rate'])} | "
+        f"{lk['mean']:.2f} [{lk['ci_low']:.2f}, {lk['ci_high']:.2f}] | {g['gold_score']:.3f} | {_pct(g['acceptable_rate'])} | "
         f"{_pct(tr['truthful'])} | {_pct(tr['truthful_and_informative'])} | {_pct(tr['false_premise_rejected'])} | "
         f"{_pct(tx['rude_rate/plain'])} / {_pct(tx['rude_rate/respectful'])} | {r['heldout_lm_loss']:.3f} | "
         f"{_pct(r['cloze_accuracy'])} |")
   rm = rep.get("rm") or {}
   if rm:
     lines += ["", "## Reward model", "",
-              f"- validation accuracy, training labeler groups: {_pct(rm.get('valid/accuracy'))} (paper: 72.4%)",
-              f"- validation accuracy, held-out group: {_pct(rm.get('valid/heldout_group/accuracy'))} (paper: 69.6%)",
-              f"- labeler agreement, training groups: {_pct(rm.get('labeler_agreement/train_groups'))}; held-out vs "
-              f"training: {_pct(rm.get('labeler_agreement/heldout_vs_train'))}"]
+              f"- validation accuracy, training labeler groups: {_pct(rm.get('accuracy_train_groups'))} (paper: 72.4%)",
+              f"- validation accuracy, held-out group: {_pct(rm.get('accuracy_heldout_group'))} (paper: 69.6%)",
+              f"- labeler agreement, training groups: {_pct(rm.get('labeler_agreement_train_groups'))}; held-out vs "
+              f"training: {_pct(rm.get('labeler_agreement_heldout_vs_train'))}"]
   for name, c in (rep.get("ppo_curves") or {}).items():
     if c["step"]:
       lines += ["", f"## {name} over training", "",

@@ -32,6 +32,8 @@ def test_mean_ci_matches_the_normal_formula():
   assert out["mean"] == pytest.approx(0.7)
   assert out["ci_low"] == pytest.approx(0.7 - half) and out["ci_high"] == pytest.approx(0.7 + half)
   assert out["n"] == 5
+  clipped = evaluation.mean_ci([1.0] * 9 + [0.0], bounds=(0.0, 1.0))
+  assert clipped["ci_high"] == 1.0 and clipped["ci_low"] < 0.9
   with pytest.raises(ValueError, match="no values"):
     evaluation.mean_ci([])
 

@@ -208,9 +208,10 @@ def rm_summary(workdir: Path) -> dict:
   final = {}
   for row in read_metrics(workdir / "metrics" / "rm.jsonl"):
     final.update({k[len("final/"):]: v for k, v in row.items() if k.startswith("final/")})
-  keys = ("valid/accuracy", "valid/heldout_group/accuracy", "labeler_agreement/train_groups",
-          "labeler_agreement/heldout_vs_train")
-  return {k: final[k] for k in keys if k in final}
+  names = {"valid/accuracy": "accuracy_train_groups", "valid/heldout_group/accuracy": "accuracy_heldout_group",
+           "labeler_agreement/train_groups": "labeler_agreement_train_groups",
+           "labeler_agreement/heldout_vs_train": "labeler_agreement_heldout_vs_train"}
+  return {new: final[old] for old, new in names.items() if old in final}
 
 
 def ppo_curve(path: Path) -> dict:

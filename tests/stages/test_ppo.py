@@ -472,3 +472,37 @@ def test_rerun_of_complete_ppo_stage_changes_nothing(ppo_run):
   assert (ppo_run / "metrics" / "ppo.jsonl").read_bytes() == before
   step2, state2 = final_state(ppo_run / "ppo")
   assert step2 == step and trees_equal(state, state2)
+
+
+# ----------------------------------------------------------------------------- the eval stage on these runs
+
+@pytest.mark.slow
+def test_eval_stage_compares_every_model_and_resumes_exactly(ppo_run, tmp_path):
+  w = tmp_path / "eval_run"
+  shutil.copytree(ppo_run, w)
+  cli(w, "ppo_noptx,eval", *PPO_FLAGS)
+  rep = json.loads((w / "eval" / "report.json").read_text())
+  assert rep["models"] == ["GPT", "GPT prompted", "SFT", "PPO-ptx", "PPO"]
+  assert rep["results"]["PPO-ptx"]["ptx_coef"] == 1.0 and rep["results"]["PPO"]["ptx_coef"] == 0.0
+  assert rep["judged_by"]["group"] == 4 and rep["n_prompts"]["eval"] == 32
+  for name, r in rep["results"].items():
+    win = r["win_rate_vs_sft"]
+    assert 0 <= win["ci_low"] <= win["mean"] <= win["ci_high"] <= 1, name
+    assert win["n"] == 32 and 1 <= r["likert"]["mean"] <= 7
+    assert 0 <= r["cloze_accuracy"] <= 1 and r["heldout_lm_loss"] > 0
+    assert set(r["toxicity"]) == {"rude_rate/plain", "rude_rate/respectful", "gold/plain", "gold/respectful"}
+  assert {"accuracy_train_groups", "accuracy_heldout_group"} <= set(rep["rm"])
+  assert len(rep["ppo_curves"]["PPO"]["step"]) == PPO_STEPS
+  md = (w / "eval" / "report.md").read_text()
+  assert all(f"| {name} |" in md for name in rep["models"])
+  assert all((w / "eval" / p).stat().st_size > 1000 for p in ("win_rates.png", "alignment_tax.png", "ppo_curves.png"))
+  # the PPO stages kept separate checkpoints, metrics and gammas
+  assert (w / "ppo_noptx").is_dir() and metric_rows(w, "ppo_noptx")
+  # rerun: skipped; without the report: rebuilt from the cached answers; without those: resampled, identical
+  assert "eval: report for" in cli(w, "eval").stderr
+  (w / "eval" / "report.json").unlink()
+  cli(w, "eval")
+  assert json.loads((w / "eval" / "report.json").read_text()) == rep
+  shutil.rmtree(w / "eval")
+  cli(w, "eval")
+  assert json.loads((w / "eval" / "report.json").read_text()) == rep

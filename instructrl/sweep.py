@@ -1,0 +1,230 @@
+r"""Ablation sweeps: run the members of a sweep, sharing every stage they have in common, and
+aggregate their eval reports into one table and plot.
+
+  python -m instructrl.sweep --sweep=configs/sweeps/kl_coef.py --workdir=runs/sweep_kl
+  python -m instructrl.sweep --sweep=configs/sweeps/kl_coef.py:smoke --workdir=W --dry_run   # commands only
+
+A sweep file has `get_sweep(arg) -> ConfigDict` with `base` (a config spec such as
+"configs/instructgpt.py:tiny"), `stages`, `seeds`, `members` (each a `name` and `overrides`, a
+dict of dotted config paths) and `metrics` (label -> path into eval/report.json).
+
+Sharing: a stage's outputs depend on its own config block, every earlier stage's, and the seed.
+Members whose chains agree up to a stage get that stage's outputs from one place
+(workdir/_shared/<stage>-<hash>/), linked into each member's run directory, so the world, the
+pretrained model, SFT and often the RM are computed once. Members run serially here; on a
+cluster, run the printed commands in the order given (a member's command finds the shared
+stages the earlier ones made).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file, e.g. configs/sweeps/kl_coef.py[:arg].", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (members under it).", required=True)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the per-member commands and the sharing, run nothing.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these members (names); aggregation still reads every member.")
+
+# Where each stage's outputs live in a run directory.
+STAGE_OUTPUTS = {"world": ("world",), "pretrain": ("pretrain", "metrics/pretrain.jsonl"),
+                 "sft": ("sft", "metrics/sft.jsonl"), "rm": ("comparisons", "rm", "metrics/rm.jsonl"),
+                 "ppo": ("ppo", "metrics/ppo.jsonl"), "ppo_noptx": ("ppo_noptx", "metrics/ppo_noptx.jsonl"),
+                 "eval": ("eval",)}
+
+
+def load_module(path: str):
+  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def load_sweep(spec: str) -> ml_collections.ConfigDict:
+  path, _, arg = spec.partition(":")
+  if not Path(path).exists():
+    raise FileNotFoundError(f"--sweep={spec}: no such file {path}")
+  sweep = load_module(path).get_sweep(arg or None)
+  for field in ("base", "stages", "seeds", "members"):
+    if field not in sweep:
+      raise ValueError(f"{path}: get_sweep() has no {field!r}")
+  names = [m["name"] for m in sweep["members"]]
+  if len(set(names)) != len(names):
+    raise ValueError(f"{path}: member names must be unique, got {names}")
+  return sweep
+
+
+def member_config(base: str, overrides: dict, seed: int) -> ml_collections.ConfigDict:
+  path, _, arg = base.partition(":")
+  config = load_module(path).get_config(arg or None)
+  flat = dict(overrides, seed=seed)
+  for key, value in flat.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"override {key}: the config has no field {leaf!r} there")
+    node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and not isinstance(
+        node[leaf], bool) else value
+  return config
+
+
+def stage_keys(config, stages: list[str]) -> dict[str, str]:
+  """A hash per stage of everything its outputs depend on: its config blocks and its inputs' keys.
+
+  The world depends on the world/tokenizer blocks only (it has its own seed); the top-level seed
+  enters at pretrain. ppo_noptx is the ppo block with ptx_coef 0, so it is shared by members that
+  differ only in ptx_coef.
+  """
+  block = lambda name: config[name].to_dict() if hasattr(config[name], "to_dict") else config[name]
+  h = lambda *parts: hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+  k = {"world": h(block("world"), block("tokenizer"))}
+  k["pretrain"] = h(k["world"], config.seed, block("model"), block("pretrain"))
+  k["sft"] = h(k["pretrain"], block("sft"))
+  k["rm"] = h(k["sft"], block("rm"))
+  k["ppo"] = h(k["rm"], block("ppo"))
+  k["ppo_noptx"] = h(k["rm"], {**block("ppo"), "ptx_coef": 0.0})
+  k["eval"] = h(k["ppo"], k["ppo_noptx"], block("eval"), stages)
+  return {s: k[s] for s in stages}
+
+
+def overrides_as_flags(overrides: dict, seed: int) -> list[str]:
+  def fmt(v):
+    return "(" + ", ".join(map(str, v)) + ",)" if isinstance(v, (list, tuple)) else str(v)
+  return [f"--config.{k}={fmt(v)}" for k, v in {**overrides, "seed": seed}.items()]
+
+
+def plan(sweep, workdir: Path) -> list[dict]:
+  """One entry per (member, seed): its run dir, command, and the shared stage dirs it links."""
+  stages = [s.strip() for s in sweep["stages"].split(",") if s.strip()]
+  runs, owners = [], {}
+  for seed in sweep["seeds"]:
+    for m in sweep["members"]:
+      cfg = member_config(sweep["base"], dict(m.get("overrides", {})), seed)
+      keys = stage_keys(cfg, stages)
+      run_dir = workdir / m["name"] / f"seed{seed}"
+      shared = {s: workdir / "_shared" / f"{s}-{k}" for s, k in keys.items()}
+      first = {s: owners.setdefault(f"{s}-{k}", f"{m['name']}/seed{seed}") for s, k in keys.items()}
+      cmd = [sys.executable, "-m", "instructrl.main", f"--config={sweep['base']}", f"--workdir={run_dir}",
+             f"--stages={','.join(stages)}", *overrides_as_flags(dict(m.get("overrides", {})), seed)]
+      runs.append({"member": m["name"], "seed": seed, "run_dir": run_dir, "shared": shared, "computes": first,
+                   "cmd": cmd})
+  return runs
+
+
+def link_shared(run: dict) -> None:
+  """Point the member's stage outputs at the shared copies (made on first use)."""
+  run_dir = run["run_dir"]
+  (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+  for stage, shared in run["shared"].items():
+    shared.mkdir(parents=True, exist_ok=True)
+    (shared / "metrics").mkdir(exist_ok=True)
+    for out in STAGE_OUTPUTS[stage]:
+      link, target = run_dir / out, shared / out
+      if out.endswith(".jsonl"):
+        target.touch()
+      else:
+        target.mkdir(parents=True, exist_ok=True)
+      if link.is_symlink() and Path(os.readlink(link)) == target:
+        continue
+      if link.exists() or link.is_symlink():
+        raise FileExistsError(f"{link}: exists and is not the link to {target}; was this run dir made by hand?")
+      link.symlink_to(target)
+
+
+def get_path(obj, path: str):
+  for part in path.split("/"):
+    if not isinstance(obj, dict) or part not in obj:
+      return None
+    obj = obj[part]
+  return obj
+
+
+def aggregate(sweep, runs: list[dict], workdir: Path) -> dict:
+  """Mean, std and per-seed values of every sweep metric for every member."""
+  table = {}
+  for m in sweep["members"]:
+    reports = [json.loads((r["run_dir"] / "eval" / "report.json").read_text())
+               for r in runs if r["member"] == m["name"] and (r["run_dir"] / "eval" / "report.json").exists()]
+    row = {}
+    for label, path in sweep.get("metrics", {}).items():
+      vals = [v for v in (get_path(rep, path) for rep in reports) if isinstance(v, (int, float))]
+      row[label] = {"mean": float(np.mean(vals)) if vals else None,
+                    "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "values": vals}
+    table[m["name"]] = {"overrides": dict(m.get("overrides", {})), "seeds_done": len(reports), **row}
+  out = {"sweep": _SWEEP.value if _SWEEP.present else None, "members": table}
+  (workdir / "sweep.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+  (workdir / "sweep.md").write_text(markdown(sweep, table))
+  plot(sweep, table, workdir / "sweep.png")
+  return out
+
+
+def markdown(sweep, table: dict) -> str:
+  labels = list(sweep.get("metrics", {}))
+  lines = ["| member | overrides | seeds | " + " | ".join(labels) + " |", "|---" * (3 + len(labels)) + "|"]
+  for name, row in table.items():
+    cells = []
+    for label in labels:
+      v = row[label]
+      cells.append("-" if v["mean"] is None else f"{v['mean']:.3f}" + (f" ± {v['std']:.3f}" if v["std"] else ""))
+    ov = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "(base)"
+    lines.append(f"| {name} | {ov} | {row['seeds_done']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(sweep, table: dict, path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  labels = list(sweep.get("metrics", {}))
+  if not labels:
+    return
+  fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.2), squeeze=False)
+  names = list(table)
+  for ax, label in zip(axes[0], labels):
+    means = [table[n][label]["mean"] or 0.0 for n in names]
+    errs = [table[n][label]["std"] or 0.0 for n in names]
+    ax.bar(names, means, yerr=errs, capsize=4, color="#4c72b0")
+    ax.set_title(label)
+    ax.tick_params(axis="x", rotation=30)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  sweep = load_sweep(_SWEEP.value)
+  workdir = Path(_WORKDIR.value)
+  runs = plan(sweep, workdir)
+  for r in runs:
+    mine = [s for s, who in r["computes"].items() if who == f"{r['member']}/seed{r['seed']}"]
+    print(f"# {r['member']} seed {r['seed']}: computes {','.join(mine) or 'nothing new'}; shares "
+          f"{','.join(s for s in r['shared'] if s not in mine) or 'nothing'}")
+    print(" ".join(r["cmd"]))
+  if _DRY_RUN.value:
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  for r in runs:
+    if _ONLY.value and r["member"] not in _ONLY.value:
+      continue
+    link_shared(r)
+    logging.info("sweep: %s seed %d", r["member"], r["seed"])
+    subprocess.run(r["cmd"], check=True)
+  out = aggregate(sweep, runs, workdir)
+  print((workdir / "sweep.md").read_text())
+  logging.info("sweep: wrote %s/sweep.{json,md,png} (%d members)", workdir, len(out["members"]))
+
+
+if __name__ == "__main__":
+  app.run(main)
