@@ -1,0 +1,100 @@
+"""The sweep runner: which stages members share, the links, and the aggregate table (no training here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from instructrl import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name, arg="smoke"):
+  return sweep.load_sweep(str(ROOT / "configs" / "sweeps" / f"{name}.py") + f":{arg}")
+
+
+def by_member(runs):
+  return {r["member"]: r for r in runs}
+
+
+def test_members_share_exactly_the_stages_upstream_of_their_overrides(tmp_path, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  kl = by_member(sweep.plan(load("kl_coef"), tmp_path))
+  a, b = kl["beta0"], kl["beta0.01"]
+  for stage in ("world", "pretrain", "sft", "rm"):
+    assert a["shared"][stage] == b["shared"][stage], stage
+  for stage in ("ppo", "ppo_noptx", "eval"):
+    assert a["shared"][stage] != b["shared"][stage], stage
+  assert b["computes"]["rm"] == "beta0/seed0" and b["computes"]["ppo"] == "beta0.01/seed0"
+  # gamma only changes PPO-ptx: the gamma = 0 reference (ppo_noptx) is computed once for all members
+  ptx = by_member(sweep.plan(load("ptx_coef"), tmp_path))
+  assert len({r["shared"]["ppo_noptx"] for r in ptx.values()}) == 1
+  assert len({r["shared"]["ppo"] for r in ptx.values()}) == len(ptx)
+  # model size: only the world is shared
+  size = by_member(sweep.plan(load("model_size"), tmp_path))
+  assert len({r["shared"]["world"] for r in size.values()}) == 1
+  assert len({r["shared"]["pretrain"] for r in size.values()}) == len(size)
+
+
+def test_seeds_share_the_world_only(tmp_path, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  runs = sweep.plan(load("rm_k", "tiny"), tmp_path)
+  k4 = [r for r in runs if r["member"] == "K4"]
+  assert [r["seed"] for r in k4] == [0, 1, 2]
+  assert len({r["shared"]["world"] for r in k4}) == 1 and len({r["shared"]["pretrain"] for r in k4}) == 3
+  assert "--config.seed=2" in k4[2]["cmd"] and "--config.rm.k_choices=(4,)" in k4[2]["cmd"]
+
+
+def test_member_config_applies_overrides_and_rejects_unknown_fields():
+  cfg = sweep.member_config(f"{ROOT}/configs/instructgpt.py:smoke", {"ppo.kl_coef": 0.05, "rm.k_choices": (2,)}, 3)
+  assert cfg.ppo.kl_coef == 0.05 and tuple(cfg.rm.k_choices) == (2,) and cfg.seed == 3
+  with pytest.raises(KeyError, match="ppo.no_such_field"):
+    sweep.member_config(f"{ROOT}/configs/instructgpt.py:smoke", {"ppo.no_such_field": 1}, 0)
+
+
+def test_links_point_every_member_at_the_shared_outputs(tmp_path, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  runs = by_member(sweep.plan(load("kl_coef"), tmp_path))
+  for r in runs.values():
+    sweep.link_shared(r)
+    sweep.link_shared(r)   # idempotent
+  a, b = runs["beta0"]["run_dir"], runs["beta0.01"]["run_dir"]
+  assert (a / "sft").resolve() == (b / "sft").resolve() and (a / "metrics/rm.jsonl").resolve() == \
+      (b / "metrics/rm.jsonl").resolve()
+  assert (a / "ppo").resolve() != (b / "ppo").resolve()
+  (a / "sft" / "marker").write_text("written by one member")
+  assert (b / "sft" / "marker").read_text() == "written by one member"
+
+
+def test_aggregate_means_and_stds_over_seeds(tmp_path, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  s = load("rm_k", "tiny")
+  runs = sweep.plan(s, tmp_path)
+  for r in runs:
+    if r["member"] == "K9" and r["seed"] == 2:
+      continue   # a member with a missing seed is averaged over what exists
+    acc = {"K2": 0.6, "K4": 0.62, "K9": 0.64, "K4-9": 0.63}[r["member"]] + 0.01 * r["seed"]
+    (r["run_dir"] / "eval").mkdir(parents=True)
+    (r["run_dir"] / "eval" / "report.json").write_text(json.dumps({"rm": {"accuracy_train_groups": acc}}))
+  monkeypatch.setattr(sweep, "_SWEEP", type("F", (), {"present": False, "value": None})())
+  out = sweep.aggregate(s, runs, tmp_path)["members"]
+  k4 = out["K4"]["RM accuracy (training groups)"]
+  assert k4["mean"] == pytest.approx(0.63) and k4["std"] == pytest.approx(0.01) and len(k4["values"]) == 3
+  assert out["K9"]["seeds_done"] == 2 and out["K9"]["RM accuracy (training groups)"]["mean"] == pytest.approx(0.645)
+  assert out["K2"]["RM accuracy (held-out group)"]["mean"] is None
+  md = (tmp_path / "sweep.md").read_text()
+  assert "| K4 | rm.k_choices=(4,) | 3 | - | 0.630 ± 0.010 |" in md   # columns in the ConfigDict's (sorted) order
+  assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_dry_run_prints_one_command_per_member_and_seed(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "instructrl.sweep", "--sweep=configs/sweeps/ptx_coef.py:tiny",
+                        f"--workdir={tmp_path}", "--dry_run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  cmds = [l for l in out.stdout.splitlines() if "instructrl.main" in l]
+  assert len(cmds) == 4 * 3
+  assert "# gamma1 seed 0: computes ppo,eval; shares world,pretrain,sft,rm,ppo_noptx" in out.stdout
+  assert not any(tmp_path.iterdir()), "a dry run must not create run directories"
