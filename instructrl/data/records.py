@@ -35,9 +35,18 @@ class RecordError(ValueError):
 
 
 def _open(path: Path):
-  """Plain or compressed (.gz, .bz2, .xz) text, chosen by the suffix."""
+  """Plain or compressed (.gz, .bz2, .xz) bytes, chosen by the suffix; json_lines decodes each line
+  itself, so bad UTF-8 is reported with its line number."""
   opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix)
-  return opener(path, "rt", encoding="utf-8") if opener else open(path, encoding="utf-8")
+  return opener(path, "rb") if opener else open(path, "rb")
+
+
+def _unpaired_surrogate(value: Any) -> int | None:
+  """Index of a lone UTF-16 surrogate in a string (JSON's "\\ud800" decodes to one; no tokenizer takes it)."""
+  for i, ch in enumerate(value if isinstance(value, str) else ""):
+    if "\ud800" <= ch <= "\udfff":
+      return i
+  return None
 
 
 def validate(record: Any, schema: str, where: str) -> dict:
@@ -53,6 +62,14 @@ def validate(record: Any, schema: str, where: str) -> dict:
   for field in NONEMPTY[schema]:
     if not record[field].strip():
       raise RecordError(f"{where}: field {field!r} is empty")
+  for field in SCHEMAS[schema]:
+    values = record[field] if isinstance(record[field], list) else [record[field]]
+    for j, v in enumerate(values):
+      at = _unpaired_surrogate(v)
+      if at is not None:
+        name = f"{field}[{j}]" if isinstance(record[field], list) else field
+        raise RecordError(f"{where}: field {name!r} has an unpaired UTF-16 surrogate {v[at]!r} at character {at} "
+                          f"(not valid Unicode text)")
   return record
 
 
@@ -63,10 +80,15 @@ def json_lines(path: str | Path, what: str) -> Iterator[tuple[Any, str]]:
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such file (expected {what}, JSONL)")
   with _open(path) as f:
-    for lineno, line in enumerate(f, 1):
+    for lineno, raw in enumerate(f, 1):
+      where = f"{path}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise RecordError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line)") \
+            from None
       if not line.strip():
         continue
-      where = f"{path}:{lineno}"
       try:
         yield json.loads(line), where
       except json.JSONDecodeError as e:
