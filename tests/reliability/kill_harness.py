@@ -7,9 +7,9 @@ a seeded random delay. Kills aimed at Orbax's `*.orbax-checkpoint-tmp*` folders 
 checkpoint writes on purpose; whether a kill did is observed, not assumed (a tmp folder the killed
 process left behind, or a committed step without its manifest).
 
-  python -m tests.reliability.kill_harness --kills=8 --seed=0 --stages=world,pretrain,sft,rm,ppo
+  python -m tests.reliability.kill_harness --kills=8 --seed=0 --stages=world,pretrain,sft,rm,ppo,eval
 
-Adding a stage (e.g. `eval`) = one line in EVENTS (and OUTPUTS for its report file).
+Adding a stage = a line in EVENTS (and OUTPUTS for files it writes besides checkpoints and metrics).
 """
 
 from __future__ import annotations
@@ -46,12 +46,15 @@ EVENTS = [
     ("rm", "rm/[0-9]*", 0.5),
     ("ppo", f"ppo/{TMP}", 0.03),
     ("ppo", "ppo/[0-9]*", 1.5),                        # during the next rollouts/updates
-    ("eval", "eval/*", 0.5),
+    ("ppo_noptx", f"ppo_noptx/{TMP}", 0.03),
+    ("ppo_noptx", "ppo_noptx/[0-9]*", 1.5),
+    ("eval", "eval/answers/*", 1.0),                   # between models' answers
+    ("eval", "eval/report.md", 0.0),                   # report written, report.json (the marker) not yet
 ]
 # Files compared byte for byte (besides every stage's final params and metrics).
 OUTPUTS = {"world": ["world/COMPLETE", "world/tokenizer.model", "world/corpus_train.jsonl", "world/demos_train.jsonl"],
            "rm": ["comparisons/train.jsonl", "comparisons/valid.jsonl"], "eval": ["eval/report.json"]}
-CHECKPOINTED = ("pretrain", "sft", "rm", "ppo")
+CHECKPOINTED = ("pretrain", "sft", "rm", "ppo", "ppo_noptx")
 TIMING = ("_per_sec", "time/")   # metrics that are wall-clock, not results
 
 
@@ -134,6 +137,15 @@ def metric_rows(workdir: Path, stage: str) -> list[dict]:
   return [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in rows]
 
 
+def _results(tree):
+  """A JSON report without its wall-clock entries."""
+  if isinstance(tree, dict):
+    return {k: _results(v) for k, v in tree.items() if not any(t in k for t in TIMING + ("seconds",))}
+  if isinstance(tree, list):
+    return [_results(v) for v in tree]
+  return tree
+
+
 def differences(ref: Path, w: Path, stages: list[str]) -> list[str]:
   """Everything that differs between the two run directories (empty: identical results)."""
   import jax
@@ -148,7 +160,10 @@ def differences(ref: Path, w: Path, stages: list[str]) -> list[str]:
       if metric_rows(ref, stage) != metric_rows(w, stage):
         out.append(f"{stage}: metrics/{stage}.jsonl differs")
     for f in OUTPUTS.get(stage, []):
-      if (ref / f).read_bytes() != (w / f).read_bytes():
+      a, b = (ref / f).read_bytes(), (w / f).read_bytes()
+      if f.endswith(".json"):
+        a, b = _results(json.loads(a)), _results(json.loads(b))
+      if a != b:
         out.append(f"{f} differs")
   return out
 
@@ -180,7 +195,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--kills", type=int, default=8)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--stages", default="world,pretrain,sft,rm,ppo")
+  ap.add_argument("--stages", default="world,pretrain,sft,rm,ppo,eval")
   ap.add_argument("--dir", default="/tmp/kill_harness")
   args = ap.parse_args()
   base = Path(args.dir)

@@ -2,8 +2,8 @@
 seeded random events and rerun with the same command ends with the same final params of every stage,
 the same metrics (wall-clock rates aside) and the same data files as an uninterrupted run.
 
-The fast variant (CI) kills world/pretrain/SFT 3 times; the slow one runs every stage (add "eval" to
-STAGES when it exists) and kills 8 times, one seed each.
+The fast variant (CI) kills world/pretrain/SFT 3 times; the slow one runs world to eval and kills 8
+times, one seed each.
 """
 
 import json
@@ -12,7 +12,7 @@ import pytest
 
 from tests.reliability import kill_harness
 
-STAGES = ["world", "pretrain", "sft", "rm", "ppo"]   # + "eval" (and its report.json in kill_harness.OUTPUTS)
+STAGES = ["world", "pretrain", "sft", "rm", "ppo", "eval"]   # ppo_noptx too works (kill_harness.EVENTS), slower
 
 
 def campaign(tmp_path, stages, kills, seed):
@@ -34,4 +34,4 @@ def test_kills_during_world_pretrain_sft_resume_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_kills_anywhere_in_the_whole_pipeline_resume_exactly(tmp_path):
-  campaign(tmp_path, STAGES, kills=8, seed=2)
+  campaign(tmp_path, STAGES, kills=8, seed=7)   # every stage, 3 inside-write targets
