@@ -250,8 +250,9 @@ def read_text_file(path: str | Path, split: str = "paragraph") -> list[dict]:
 
 
 def read(path: str | Path, schema: str = "auto", *, kind: str | None = None, on_invalid: str = "raise",
-         text_split: str = "paragraph") -> list[dict]:
-  """Records of one file converted to the project's kinds; `kind` checks what the caller expects."""
+         text_split: str = "paragraph", tfds_split: str = "train") -> list[dict]:
+  """Records of one file (or prepared TFDS directory) converted to the project's kinds; `kind`
+  checks what the caller expects."""
   path = Path(path)
   if on_invalid not in ("raise", "skip"):
     raise ValueError(f"on_invalid={on_invalid!r}: expected 'raise' or 'skip'")
@@ -259,6 +260,12 @@ def read(path: str | Path, schema: str = "auto", *, kind: str | None = None, on_
     raise ValueError(f"unknown schema {schema!r}; known: {['auto', 'txt', *SCHEMAS]}")
   if kind is not None and schema in SCHEMAS and SCHEMAS[schema].kind != kind:
     raise ValueError(f"schema {schema!r} gives {SCHEMAS[schema].kind} records, not {kind}")
+  if path.is_dir():   # a prepared TFDS dataset (tfds_io.write): records of one kind already
+    from instructrl.data import tfds_io
+    recs = tfds_io.Records(path, tfds_split)
+    if kind not in (None, recs.kind):
+      raise ValueError(f"{path}: a TFDS dataset of {recs.kind} records, expected {kind} records")
+    return [recs[i] for i in range(len(recs))]
   if schema == "txt" or (schema == "auto" and path.suffix == ".txt"):
     if kind not in (None, "text"):
       raise ValueError(f"{path}: a plain text file holds text records, not {kind!r}")
