@@ -20,10 +20,15 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "numpy>=1.26",
+        "safetensors>=0.4",        # HF checkpoint import/export (numpy backend: no torch)
         "matplotlib>=3.8",         # the eval stage's plots (Agg backend, no display needed)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # HF parity tests and tokenizer.json; install torch==2.13.0 (CPU) first, see .ci/run
+        "hf": ["transformers>=4.45", "tokenizers>=0.20"],
+        # TFDS-prepared datasets (array_record), read without TensorFlow
+        "tfds": ["tensorflow-datasets>=4.9.6", "array-record>=0.5", "importlib_resources"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "gpu": ["jax[cuda12]>=0.10.2"],
     },
