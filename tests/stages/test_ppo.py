@@ -271,13 +271,14 @@ def _worker():
             }, {k: flat(state[k]) for k in ("params", "value", "ema")}
 
   ref, ref_params = run((1, 1, 1))
-  sharded, params = run((2, 2, 2))
-  diffs = {}
-  for tree in ref_params:
-    diffs[tree] = {k: float(np.max(np.abs(params[tree][k] - v))) for k, v in ref_params[tree].items()}
-  moved = {tree: {k: float(np.max(np.abs(v - np.asarray(flat(host["policy" if tree != "value" else "value"])[k]))))
-                  for k, v in ref_params[tree].items()} for tree in ref_params}
-  print("RESULT " + json.dumps({"1x1x1": ref, "2x2x2": sharded, "param_diff": diffs, "moved": moved}))
+  out = {"1x1x1": ref, "param_diff": {}}
+  for name, shape in MESHES.items():
+    out[name], params = run(shape)
+    out["param_diff"][name] = {tree: {k: float(np.max(np.abs(params[tree][k] - v))) for k, v in ref_params[tree].items()}
+                               for tree in ref_params}
+  out["moved"] = {tree: {k: float(np.max(np.abs(v - np.asarray(flat(host["policy" if tree != "value" else "value"])[k]))))
+                         for k, v in ref_params[tree].items()} for tree in ref_params}
+  print("RESULT " + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
@@ -285,9 +286,16 @@ def sharded_result():
   return run_worker_on_8_devices(__file__)
 
 
-def test_rollout_and_update_sharded_equal_unsharded(sharded_result):
-  ref, r = sharded_result["1x1x1"], sharded_result["2x2x2"]
-  assert r["n_shards_wq"] == 4                         # really split on fsdp x tensor
+# Pure data parallel, data x fsdp (ZeRO-3) and data x fsdp x tensor: wq [32, 2, 16] is whole, split 4 ways on
+# its embed dim, and split 2 x 2 on embed x heads.
+MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
+WQ_SHARDS = {"8x1x1": 1, "2x4x1": 4, "2x2x2": 4}
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_rollout_and_update_sharded_equal_unsharded(sharded_result, mesh):
+  ref, r = sharded_result["1x1x1"], sharded_result[mesh]
+  assert r["n_shards_wq"] == WQ_SHARDS[mesh]
   assert r["tokens"] == ref["tokens"], "the same rng must sample the same responses on every mesh"
   assert r["lengths"] == ref["lengths"] and len(set(ref["lengths"])) > 1     # ragged
   for k, v in ref["rollout"].items():
@@ -299,7 +307,7 @@ def test_rollout_and_update_sharded_equal_unsharded(sharded_result):
   for k, v in ref["update"].items():
     rel = 1e-4 if k.endswith("grad_norm") else TOL
     assert abs(r["update"][k] - v) < rel * max(1.0, abs(v)), (k, r["update"][k], v)
-  for tree, diffs in sharded_result["param_diff"].items():
+  for tree, diffs in sharded_result["param_diff"][mesh].items():
     compared = {k: d for k, d in diffs.items() if k not in INVARIANT}
     assert max(compared.values()) < PARAM_TOL, (tree, diffs)
     moved = sharded_result["moved"][tree]

@@ -132,8 +132,9 @@ def _worker():
   res["1x1x1"] = {**ref, "param_diff": 0.0, "update_size": maxdiff(ref_params, ref_init),
                   "leaf_update": leafdiff(ref_params, ref_init)}
   res["2x2x2"] = {**sharded, "param_diff": maxdiff(params, ref_params), "leaf_diff": leafdiff(params, ref_params)}
-  info, _, p = run((8, 1, 1), init_from=ref_init)
-  res["8x1x1"] = {**info, "param_diff": maxdiff(p, ref_params), "leaf_diff": leafdiff(p, ref_params)}
+  for name, shape in (("8x1x1", (8, 1, 1)), ("2x4x1", (2, 4, 1))):
+    info, _, p = run(shape, init_from=ref_init)
+    res[name] = {**info, "param_diff": maxdiff(p, ref_params), "leaf_diff": leafdiff(p, ref_params)}
   print("RESULT " + json.dumps(res))
 
 
@@ -142,7 +143,7 @@ def sharded_result():
   return run_worker_on_8_devices(__file__)
 
 
-@pytest.mark.parametrize("mesh", ["8x1x1", "2x2x2"])
+@pytest.mark.parametrize("mesh", ["8x1x1", "2x4x1", "2x2x2"])
 def test_per_prompt_step_sharded_equals_unsharded(sharded_result, mesh):
   r, ref = sharded_result[mesh], sharded_result["1x1x1"]
   assert ref["step"] == r["step"] == 2
@@ -155,7 +156,7 @@ def test_per_prompt_step_sharded_equals_unsharded(sharded_result, mesh):
   np.testing.assert_allclose(r["grad_norms"], ref["grad_norms"], rtol=1e-4, atol=1e-6)
   assert abs(r["eval_loss"] - ref["eval_loss"]) < TOL and abs(r["eval_accuracy"] - ref["eval_accuracy"]) < TOL
   assert r["param_diff"] < PARAM_TOL, r["leaf_diff"]
-  assert r["n_shards_wq"] == (4 if mesh == "2x2x2" else 1)    # really split on fsdp x tensor
+  assert r["n_shards_wq"] == {"8x1x1": 1, "2x4x1": 4, "2x2x2": 4}[mesh]   # really split on fsdp (x tensor)
 
 
 # ----------------------------------------------------------------------------- steps, scores (1 device)
