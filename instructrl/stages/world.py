@@ -27,11 +27,12 @@ def run(config, workdir: Path) -> Path:
   wanted = {"world": config.world.to_dict(), "tokenizer": config.tokenizer.to_dict()}
   if marker.exists():
     have = json.loads(marker.read_text())
-    if have != json.loads(json.dumps(wanted)):
+    if {k: have.get(k) for k in wanted} != json.loads(json.dumps(wanted)):
       diff = sorted(k for part in wanted for k in set(wanted[part]) | set(have.get(part, {}))
                     if wanted[part].get(k) != have.get(part, {}).get(k))
       raise ValueError(f"{out} was generated with a different world/tokenizer config (fields {diff}); "
                        f"use a new --workdir or delete {out}")
+    verify(out)
     logging.info("world: complete in %s, skipping", out)
     return out
   if out.exists():
@@ -43,17 +44,37 @@ def run(config, workdir: Path) -> Path:
   texts += [w.format_prompt(r["prompt"]) + r["response"] for r in read_jsonl(out / "demos_train.jsonl", "demo")]
   tokenizer_lib.train(texts, config.tokenizer.vocab_size, out / TOKENIZER_FILE, config.tokenizer.byte_fallback)
   tmp = marker.with_suffix(".tmp")
-  tmp.write_text(json.dumps(wanted, sort_keys=True, indent=1))
+  tmp.write_text(json.dumps({**wanted, "files": _digests(out)}, sort_keys=True, indent=1))
   tmp.replace(marker)
   logging.info("world: generated in %.1fs into %s", time.perf_counter() - t0, out)
   return out
 
 
+def _digests(out: Path) -> dict[str, list]:
+  """{file: [size, sha256]} of the generated world, recorded in the marker."""
+  return {str(p.relative_to(out)): [p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()]
+          for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith("COMPLETE")}
+
+
+def verify(out: Path) -> None:
+  """Refuse a world whose files changed after generation (a truncated JSONL cut at a line end parses fine)."""
+  files = json.loads((out / "COMPLETE").read_text()).get("files")   # absent in worlds made before the check
+  have = _digests(out) if files else {}
+  for name, (size, digest) in (files or {}).items():
+    if have.get(name) != [size, digest]:
+      now = f"{have[name][0]} bytes" if name in have else "missing"
+      raise ValueError(f"{out / name}: changed since the world was generated ({now}; it had {size} bytes and "
+                       f"sha256 {digest[:12]}...): truncated or edited; delete {out} and rerun the world stage "
+                       f"(it regenerates the same files from the config)")
+
+
 def world_fingerprint(workdir: Path) -> str | None:
-  """Short hash of the generated world's marker and tokenizer: what every later stage was trained on."""
+  """Short hash of the generated world's marker and tokenizer: what every later stage was trained on.
+  The world's files are checked against the marker first."""
   out = Path(workdir) / "world"
   if not (out / "COMPLETE").exists():
     return None
+  verify(out)
   h = hashlib.sha256((out / "COMPLETE").read_bytes() + (out / TOKENIZER_FILE).read_bytes())
   return h.hexdigest()[:16]
 
