@@ -2,6 +2,7 @@ r"""Will a config fit, and on how many chips? Compile the train steps ahead of t
 
   python -m instructrl.plan --config=configs/instructgpt.py:6b --mesh=1,64,1 --target=v5p
   python -m instructrl.plan --config=configs/instructgpt.py:1.3b --mesh=1,-1,1 --chips=8,16,32 --target=v4
+  python -m instructrl.plan --config=configs/instructgpt.py:small --mesh="8,1,1;1,8,1" --stages=sft
 
 Every stage's step (pretrain, SFT, RM, PPO rollout, PPO update) is jitted exactly as the stage
 jits it, lowered on abstract inputs (`jax.ShapeDtypeStruct` carrying the mesh's shardings: no
@@ -47,7 +48,8 @@ PLAN_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensi
 STAGES = ("pretrain", "sft", "rm", "ppo_rollout", "ppo_update")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config, e.g. configs/instructgpt.py:6b.", lock_config=True)
-_MESH = flags.DEFINE_string("mesh", None, "Mesh shape data,fsdp,tensor (one entry may be -1); default config.mesh.shape.")
+_MESH = flags.DEFINE_string("mesh", None, "Mesh shape data,fsdp,tensor (one entry may be -1 with --chips); several "
+                            "separated by ';' are compared in one table. Default: config.mesh.shape.")
 _CHIPS = flags.DEFINE_string("chips", None, "Comma-separated chip counts to try (the -1 entry of --mesh takes the rest); "
                              "default: the product of --mesh.")
 _TARGET = flags.DEFINE_enum("target", "v5p", list(TARGETS), "Chip whose memory the result is checked against.")
@@ -181,37 +183,47 @@ def compiled_memory(program: StageProgram, mesh, rules) -> dict:
 
 
 def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config) -> dict:
-  """Closed-form per-device bytes (docs/scaling.md): sharded state plus remat activations.
+  """Closed-form per-device bytes (docs/scaling.md): sharded state plus activations.
 
-  state: fp32 params (4 B) and Adam mu/nu (8 B) for trained models, gradients (4 B) during the
-  step, frozen models' params (4 B); all divided by the fsdp x tensor shards. activations with
-  remat: every block's input is kept ([b, T, D] in the compute dtype), plus one block's working
-  set recomputed in the backward pass (~ b T (16 D + 2 F/t) + the attention scores b H/t T^2 in fp32),
-  plus the logits b T V/t in fp32 (x3: logits, log-softmax, gradient). b = rows per device.
+  state: a trained model costs 16 B a parameter (fp32 params, Adam mu and nu, fp32 gradients), a
+  frozen one 4 B (PPO's reference and RM, the EMA), all split over fsdp x tensor. Activations, for
+  b = rows per device: with remat every block keeps its fp32 input [b, T, D]; one block at a time
+  holds its all-gathered weights in the compute dtype (12 D^2 / tensor, forward and backward
+  copies), its working set ~ b T (16 D + 3 F / tensor) in the compute dtype and three fp32 copies of
+  the attention scores b (H / tensor) T^2 (scores, probabilities, their gradient); the logits
+  b T V / tensor cost three fp32 copies (logits, log-softmax, gradient). Without remat every block
+  keeps its working set.
   """
   import numpy as np
   cfg = program.model_cfg
   data, fsdp, tensor = mesh_shape
   shards = fsdp * tensor
   n = cfg.num_params()
-  act_bytes = np.dtype(cfg.compute_dtype).itemsize
+  ab = np.dtype(cfg.compute_dtype).itemsize
   trained = {"pretrain": 1, "sft": 1, "rm": 1, "ppo_rollout": 0, "ppo_update": 2}[stage]   # models with Adam
-  frozen = {"ppo_rollout": 4, "ppo_update": 1}.get(stage, 0)   # rollout: policy/ref/value/RM; update: EMA
+  frozen = {"ppo_rollout": 4, "ppo_update": 2}.get(stage, 0)   # rollout: policy/ref/value/RM; update: EMA + policy copy
   state = n * (trained * 16 + frozen * 4) / shards
-  b = max(program.batch / (data * fsdp), 1.0)
-  T, D, F, L, H, V = program.tokens, cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.n_heads, cfg.vocab_size
-  block = b * T * (16 * D + 2 * F / tensor) * act_bytes + b * (H / tensor) * T * T * 4
-  kept = L * b * T * D * act_bytes if cfg.remat else L * block
-  logits = 3 * b * T * V / tensor * 4
-  if stage == "ppo_rollout":   # forward only: one block's working set, the KV cache, logits
-    kv = 2 * L * b * T * cfg.n_kv_heads / tensor * cfg.head_dim * act_bytes
-    act = block + kv + logits / 3
+  D, F, L, H, V = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.n_heads, cfg.vocab_size
+
+  def acts(rows, T, backward=True):
+    b = max(rows / (data * fsdp), 1.0)
+    weights = 12 * D * D * ab / tensor * (2 if backward else 1)
+    block = b * T * (16 * D + 3 * F / tensor) * ab + 3 * b * (H / tensor) * T * T * 4
+    logits = (3 if backward else 1) * b * T * V / tensor * 4
+    if not backward:
+      return weights + block / 3 + logits
+    kept = L * b * T * D * 4 if cfg.remat else L * block
+    return kept + weights + block + logits
+
+  if stage == "ppo_rollout":   # forward passes only, plus the KV cache of the sampler
+    b = max(program.batch / (data * fsdp), 1.0)
+    kv = 2 * L * b * program.tokens * cfg.n_kv_heads / tensor * cfg.head_dim * ab
+    act = acts(program.batch, program.tokens, backward=False) + kv
   else:
-    act = kept + block + logits
-  if stage == "ppo_update" and config.ppo.ptx_coef > 0:   # the ptx minibatch is replicated: all of it on every chip
-    bp, Tp = config.ppo.ptx_batch_size, config.ppo.ptx_seq_len
-    act += (L * bp * Tp * D * act_bytes if cfg.remat else 0) + bp * Tp * (16 * D + 2 * F / tensor) * act_bytes \
-        + bp * (H / tensor) * Tp * Tp * 4 + 3 * bp * Tp * V / tensor * 4
+    act = acts(program.batch, program.tokens)
+  if stage == "ppo_update" and config.ppo.ptx_coef > 0:
+    # The ptx minibatch is replicated (not batch-sharded), so every device holds all of its rows.
+    act += acts(config.ppo.ptx_batch_size * data * fsdp, config.ppo.ptx_seq_len)
   return {"state": state, "activations": act, "peak": state + act}
 
 
@@ -259,21 +271,23 @@ def _measure(stage, config, mesh, rules, shape, analytic_only, fit_layers):
   return row
 
 
-def plan(config, mesh_shape, chip_counts, stages, target: str, headroom: float = 0.1,
-         analytic_only: bool = False, devices=None, fit_layers: tuple | None = None) -> list[dict]:
-  """One row per (chip count, stage): measured and analytic per-device bytes, and whether it fits."""
+def plan(config, layouts, stages, target: str, headroom: float = 0.1, analytic_only: bool = False,
+         devices=None, fit_layers: tuple | None = None) -> list[dict]:
+  """One row per (mesh shape, stage): measured and analytic per-device bytes, and whether it fits."""
   import jax
   from instructrl import parallel
   rules = parallel.rules_from_config(config.mesh.rules)
-  devices = jax.devices() if devices is None else devices
   budget = TARGETS[target] * (1 - headroom)
   rows = []
-  for chips in chip_counts:
-    shape = resolve_mesh(mesh_shape, chips)
-    if not analytic_only and chips > len(devices):
-      raise ValueError(f"{chips} chips asked, {len(devices)} simulated devices available")
-    mesh = parallel.make_mesh(shape, devices=devices[:chips]) if not analytic_only else \
-        jax.sharding.AbstractMesh(shape, parallel.MESH_AXES)
+  for shape in layouts:
+    chips = math.prod(shape)
+    if analytic_only:
+      mesh = jax.sharding.AbstractMesh(tuple(shape), parallel.MESH_AXES)
+    else:
+      available = jax.devices() if devices is None else devices
+      if chips > len(available):
+        raise ValueError(f"mesh {tuple(shape)} needs {chips} devices, {len(available)} simulated devices available")
+      mesh = parallel.make_mesh(shape, devices=available[:chips])
     for stage in stages:
       row = {"stage": stage, "chips": chips, "mesh": list(shape), "target": target}
       try:
@@ -285,13 +299,13 @@ def plan(config, mesh_shape, chip_counts, stages, target: str, headroom: float =
   return rows
 
 
-def smallest_fitting(rows: list[dict]) -> int | None:
-  """The smallest chip count at which every planned stage fits."""
-  by_chips = {}
+def smallest_fitting(rows: list[dict]) -> tuple | None:
+  """The mesh with the fewest chips on which every planned stage fits."""
+  by_mesh = {}
   for r in rows:
-    by_chips.setdefault(r["chips"], []).append(r["fits"])
-  ok = [c for c, fits in sorted(by_chips.items()) if all(fits)]
-  return ok[0] if ok else None
+    by_mesh.setdefault(tuple(r["mesh"]), []).append(r["fits"])
+  ok = sorted((math.prod(m), m) for m, fits in by_mesh.items() if all(fits))
+  return ok[0][1] if ok else None
 
 
 def format_table(rows: list[dict], target: str, headroom: float) -> str:
@@ -311,34 +325,48 @@ def format_table(rows: list[dict], target: str, headroom: float) -> str:
   if fitted:
     lines.append(f"args/out/alias/temp/peak: compiled at depths {fitted[0]} and extrapolated linearly to n_layers.")
   best = smallest_fitting(rows)
-  lines.append("GiB per device. " + (f"Smallest chip count tried where every stage fits: {best}" if best else
-                                     "No chip count tried fits every stage: try more chips or a tensor axis."))
+  lines.append("GiB per device. " + (f"Fewest chips tried on which every stage fits: {math.prod(best)}, mesh {best}"
+                                     if best else "No mesh tried fits every stage: try more chips or a tensor axis."))
   return "\n".join(lines)
+
+
+def parse_layouts(mesh_text: str, chips_text: str | None) -> list[tuple]:
+  """--mesh "1,-1,1" --chips 8,16 -> [(1, 8, 1), (1, 16, 1)]; several meshes separated by ';'."""
+  layouts = []
+  chips = sorted(int(c) for c in chips_text.split(",")) if chips_text else None
+  for text in mesh_text.split(";"):
+    try:
+      shape = tuple(int(v) for v in text.strip().strip("()").split(","))
+    except ValueError:
+      raise ValueError(f"--mesh={text!r}: expected data,fsdp,tensor integers, e.g. 1,8,1") from None
+    if len(shape) != 3:
+      raise ValueError(f"--mesh={text!r}: expected 3 entries (data, fsdp, tensor)")
+    if -1 in shape and not chips:
+      raise ValueError(f"--mesh={text!r} has a -1 entry: give --chips, e.g. --chips=8,16,32")
+    layouts += [resolve_mesh(shape, c) for c in chips] if chips and -1 in shape else [shape]
+  return layouts
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
-  shape = tuple(int(s) for s in (_MESH.value.strip("()").split(",") if _MESH.value else config.mesh.shape))
-  if _CHIPS.value:
-    chip_counts = sorted(int(c) for c in _CHIPS.value.split(","))
-  elif -1 in shape:
-    raise app.UsageError(f"--mesh={shape} has a -1 entry: give --chips (e.g. --chips=8,16,32)")
-  else:
-    chip_counts = [math.prod(shape)]
+  try:
+    layouts = parse_layouts(_MESH.value or ",".join(map(str, config.mesh.shape)), _CHIPS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e))
   stages = [s.strip() for s in _STAGES.value.split(",") if s.strip()]
   bad = [s for s in stages if s not in STAGES]
   if bad:
     raise app.UsageError(f"--stages: unknown {bad}; choose from {STAGES}")
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + PLAN_XLA_FLAGS
-  import jax
-  jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", max(chip_counts))
   fit = tuple(int(l) for l in _FIT_LAYERS.value.split(",")) if _FIT_LAYERS.value else None
   if fit is not None and (len(fit) != 2 or fit[0] == fit[1] or min(fit) < 1):
     raise app.UsageError(f"--fit_layers={_FIT_LAYERS.value}: expected two different depths >= 1, e.g. 2,4")
-  rows = plan(config, shape, chip_counts, stages, _TARGET.value, _HEADROOM.value, _ANALYTIC_ONLY.value,
-              fit_layers=fit)
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + PLAN_XLA_FLAGS
+  import jax
+  jax.config.update("jax_platforms", "cpu")
+  if not _ANALYTIC_ONLY.value:
+    jax.config.update("jax_num_cpu_devices", max(math.prod(m) for m in layouts))
+  rows = plan(config, layouts, stages, _TARGET.value, _HEADROOM.value, _ANALYTIC_ONLY.value, fit_layers=fit)
   print(format_table(rows, _TARGET.value, _HEADROOM.value))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -1,0 +1,84 @@
+"""`python -m instructrl.plan` on the small preset and 8 simulated devices: it reports per-device memory
+from the compiled executables, the argument bytes are the sharded train state's (checked against the
+closed-form parameter count), and the fsdp mesh needs less memory per device than pure data parallel.
+The table logic (mesh parsing, fewest chips that fit) is checked without compiling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from instructrl import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 1024 ** 3
+
+
+@pytest.fixture(scope="module")
+def small_plan(tmp_path_factory):
+  out = tmp_path_factory.mktemp("plan") / "rows.json"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-m", "instructrl.plan", "--config=configs/instructgpt.py:small",
+                         "--mesh=8,1,1;1,8,1", "--stages=sft", "--target=v5e", f"--json={out}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return {tuple(r["mesh"]): r for r in json.loads(out.read_text())}, proc.stdout
+
+
+@pytest.mark.slow
+def test_plan_reports_compiled_memory_and_fsdp_beats_data_parallel(small_plan):
+  from configs import instructgpt
+  from instructrl.models.config import ModelConfig
+  rows, table = small_plan
+  dp, fsdp = rows[(8, 1, 1)], rows[(1, 8, 1)]
+  n = ModelConfig.from_dict(instructgpt.get_config("small").model).num_params()
+  state = 12 * n   # fp32 params + Adam mu and nu
+  for r in (dp, fsdp):
+    assert "error" not in r and r["fits"] and r["temp_gib"] > 0 and r["compile_s"] > 0
+    assert r["peak_gib"] == pytest.approx(r["argument_gib"] + r["output_gib"] - r["alias_gib"] + r["temp_gib"])
+    assert r["alias_gib"] == pytest.approx(r["output_gib"], rel=1e-3)   # the donated state is updated in place
+  # Data parallel: every device holds the whole state (+ step, batch rows, rng: a few KiB).
+  assert state <= dp["argument_gib"] * GiB <= state * 1.01
+  # fsdp=8: every weight with an embed dim is split 8 ways; only small per-head biases stay whole.
+  assert state / 8 <= fsdp["argument_gib"] * GiB <= state / 8 * 1.05
+  assert fsdp["peak_gib"] < dp["peak_gib"]
+  assert "sft" in table and "(1, 8, 1)" in table and "Fewest chips tried on which every stage fits: 8" in table
+
+
+def test_parse_layouts_and_errors():
+  assert plan.parse_layouts("1,-1,1", "16,8") == [(1, 8, 1), (1, 16, 1)]
+  assert plan.parse_layouts("8,1,1; (2,2,2)", None) == [(8, 1, 1), (2, 2, 2)]
+  with pytest.raises(ValueError, match="give --chips"):
+    plan.parse_layouts("1,-1,1", None)
+  with pytest.raises(ValueError, match="3 entries"):
+    plan.parse_layouts("8,1", None)
+  with pytest.raises(ValueError, match="not divisible"):
+    plan.parse_layouts("2,-1,1", "9")
+
+
+def test_smallest_fitting_needs_every_stage_to_fit():
+  rows = [{"mesh": [1, 8, 1], "stage": "sft", "fits": True}, {"mesh": [1, 8, 1], "stage": "rm", "fits": False},
+          {"mesh": [1, 16, 1], "stage": "sft", "fits": True}, {"mesh": [1, 16, 1], "stage": "rm", "fits": True},
+          {"mesh": [1, 32, 1], "stage": "sft", "fits": True}, {"mesh": [1, 32, 1], "stage": "rm", "fits": True}]
+  assert plan.smallest_fitting(rows) == (1, 16, 1)
+  assert plan.smallest_fitting(rows[:2]) is None
+
+
+def test_analytic_state_bytes_scale_with_shards():
+  """The closed form of docs/scaling.md: 16 bytes a trained parameter, split over fsdp x tensor."""
+  from configs import instructgpt
+  from instructrl.models.config import ModelConfig
+  cfg = ModelConfig.from_dict(instructgpt.get_config("6b").model)
+  prog = plan.StageProgram(None, (), "", 32, cfg, 2048, True)
+  a8 = plan.analytic_memory("sft", prog, (1, 8, 1), None)
+  a32 = plan.analytic_memory("sft", prog, (1, 32, 1), None)
+  assert a8["state"] == pytest.approx(16 * cfg.num_params() / 8)
+  assert a32["state"] == pytest.approx(a8["state"] / 4)
+  assert a32["activations"] < a8["activations"]   # fewer rows per device
