@@ -204,3 +204,17 @@ def test_cli_import_then_export_round_trip(tmp_path):
   np.testing.assert_allclose(our_logits(params, cfg, TOKENS), hf_logits(model, TOKENS), atol=1e-4, rtol=0)
   with pytest.raises(ValueError, match="only LM-head stages"):
     export_hf(tmp_path / "w", "rm", tmp_path / "x")
+
+
+def test_bf16_checkpoint_loads_exactly(tmp_path):
+  """Released LLaMA weights are bf16: read through ml_dtypes (numpy has no bfloat16), values exact."""
+  model = make_hf("llama", tmp_path / "fp32")
+  model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+  params, cfg = hf.load(tmp_path / "bf16")
+  want = model.float().model.layers[1].self_attn.k_proj.weight.detach().numpy()   # bf16 values, as fp32
+  got = np.asarray(params["layer_1"]["attn"]["wk"]).reshape(cfg.d_model, -1).T
+  np.testing.assert_array_equal(got, want)
+  # Against transformers reading the same bf16 file into fp32 (`model.float()` would keep the RoPE
+  # frequencies rounded to bf16 by `.to(bfloat16)`, a difference of ~1e-4 that is not ours).
+  ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+  np.testing.assert_allclose(our_logits(params, cfg, TOKENS), hf_logits(ref, TOKENS), atol=1e-4, rtol=0)
