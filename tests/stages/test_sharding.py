@@ -115,7 +115,30 @@ def _worker(style):
     tx, _ = train_state.make_optimizer(stage, total_steps=10)
     sh = train_state.state_shardings(cfg, tx, mesh, rules, head="scalar")
     out["gpt-scalar/declared"] = {k: _strip(s.spec) for k, s in flat(sh["params"]).items()}
+    out["gpt/kv_cache_shards"] = _kv_cache_shards(cfg, init, mesh, rules)
   print("RESULT " + json.dumps(out))
+
+
+def _kv_cache_shards(cfg, params, mesh, rules):
+  """Per-device shapes of the sampler's KV-cache buffers in the compiled program on `mesh` (PPO rollout)."""
+  import re
+
+  import jax
+  import numpy as np
+
+  from instructrl import parallel
+  from instructrl.models import sampling
+  from instructrl.stages import train_state
+  B, P, N = 8, 4, 4
+  params = jax.device_put(params, parallel.logical_shardings(train_state.abstract_params(cfg), mesh, rules))
+  prompt = jax.device_put(np.ones((B, P), np.int32), parallel.batch_sharding(mesh, rules))
+  mask = jax.device_put(np.ones((B, P), bool), parallel.batch_sharding(mesh, rules))
+  with parallel.activate(mesh, rules):
+    text = sampling.sample.lower(params, prompt, mask, jax.random.key(1), cfg=cfg, max_new_tokens=N, eos_id=3,
+                                 pad_id=0).compile().as_text()
+  # The cache is [B, P + N, n_kv_heads, head_dim] globally; collect every buffer with its S and head_dim.
+  pattern = rf"f32\[(\d+),{P + N},(\d+),{cfg.head_dim}\]"
+  return sorted({(int(b), int(k)) for b, k in re.findall(pattern, text)})
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +240,11 @@ def test_partition_spec_snapshot_scalar_head(result):
   got = result["gpt-scalar/declared"]
   want = _expected_specs(True, "gpt", head="scalar")
   assert got == want
+
+
+def test_sampler_kv_cache_is_sharded(result):
+  """On (2,2,2) every cache buffer holds 8 / (data x fsdp) = 2 rows and 4 / tensor = 2 kv heads per device."""
+  assert result["gpt/kv_cache_shards"] == [[2, 2]]
 
 
 def test_fsdp_only_mesh_shards_embed_dim(result):
