@@ -95,3 +95,27 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def primary_first(name: str, fn):
+  """Run fn on process 0, then on the others (which find its output on a shared workdir and skip,
+  or build their own copy on a host-local one); nobody continues until all are done."""
+  out = fn() if is_primary() else None
+  barrier(f"{name}:primary")
+  if not is_primary():
+    out = fn()
+  barrier(f"{name}:all")
+  return out
+
+
+def to_host(x):
+  """A (possibly multi-host sharded) array as one NumPy array on every process.
+
+  np.asarray fails on an array whose shards live partly on other hosts (sampled tokens, scores
+  sharded over 'batch'); those are all-gathered first. On one host this is np.asarray.
+  """
+  import numpy as np
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from instructrl import distributed
 from instructrl.data.batching import TokenExamples, left_pad_prompts
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import sample
@@ -33,7 +34,7 @@ def generate(params, model_cfg: ModelConfig, tokenizer, prompts: list[str], *, r
     s = sample(params, t, m, jax.random.fold_in(rng, start), cfg=model_cfg, max_new_tokens=max_new_tokens,
                temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id,
                pad_id=tokenizer.pad_id)
-    tokens = np.asarray(s.tokens)
+    tokens = distributed.to_host(s.tokens)   # sharded over 'batch', possibly across hosts
     for row in range(n):
       out[int(keep[start + row])] = tokenizer.decode(tokens[row])
   return out
@@ -141,8 +142,8 @@ def sequence_nll(params, model_cfg: ModelConfig, examples: TokenExamples, batch_
   for s in range(0, len(idx), batch_size):
     b = examples.batch(idx[s:s + batch_size])
     a, c = score(params, b["inputs"], b["targets"], b["mask"])
-    nll.append(np.asarray(a))
-    count.append(np.asarray(c))
+    nll.append(distributed.to_host(a))
+    count.append(distributed.to_host(c))
   return np.concatenate(nll)[:n], np.concatenate(count)[:n]
 
 

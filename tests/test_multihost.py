@@ -97,6 +97,11 @@ def _worker(phase: str, pid: int, port: int, workdir: str):
     mesh = parallel.make_mesh((2, 2, 2))
     states, losses, rows = run_steps(mesh, rules)
     result.update(losses=losses, rows=rows)
+    # Sampled tokens / scores come back sharded over 'batch' across both hosts: to_host gathers them.
+    idx = batch_idx(32, B_LM, 0)
+    sharded = train_state.process_batch(lambda i: {"x": lm_data()["inputs"][i]}, idx, mesh, rules)["x"]
+    result["to_host_ok"] = bool(not sharded.is_fully_addressable and
+                                np.array_equal(distributed.to_host(sharded), lm_data()["inputs"][idx]))
     writer = MetricWriter(workdir, "sft")
     writer.write(2, {"loss": losses["sft"][-1], "pid": pid}, prefix="train/")
     writer.close()
@@ -184,6 +189,7 @@ def test_two_processes_train_like_one_device(two_process_runs):
   from instructrl import parallel
   _, train, _ = two_process_runs
   assert train[0]["losses"] == train[1]["losses"]     # one SPMD program: every process sees the same values
+  assert train[0]["to_host_ok"] and train[1]["to_host_ok"]
   mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   _, ref, _ = run_steps(mesh, parallel.DEFAULT_RULES)
   for name in ("sft", "rm"):

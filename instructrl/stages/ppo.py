@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from instructrl import checkpoints, evaluation, objectives, parallel
+from instructrl import checkpoints, distributed, evaluation, objectives, parallel
 from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, left_pad_prompts, pack_texts
 from instructrl.data.records import load_jsonl
@@ -37,7 +37,7 @@ from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import process_logits, sample
 from instructrl.models.transformer import Decoder, left_pad_positions
 from instructrl.stages import loop
-from instructrl.stages.train_state import abstract_state, device_batch, guarded_update, state_shardings
+from instructrl.stages.train_state import abstract_state, guarded_update, process_batch, state_shardings
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
 ScoreFn = Callable  # (seq_bs, last_index_b, response_bt, response_mask_bt) -> score_b
@@ -236,7 +236,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
                                                                cfg.target_kl, cfg.kl_horizon, cfg.batch_size)}
     jax.block_until_ready(metrics)
     t2 = time.perf_counter()
-    texts = [tokenizer.decode(t) for t in np.asarray(tokens)]
+    texts = [tokenizer.decode(t) for t in distributed.to_host(tokens)]
     gold = [world.judge(records[i], a).score for i, a in zip(batch["index"], texts)]
     return state, {**metrics, **ro_metrics, "objective/gold_score": float(np.mean(gold)),
                    "ppo/policy/lr": lr,
@@ -247,7 +247,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
     n_mb = updates_per_iter // cfg.ppo_epochs
     p_idx = batch_indices(len(ptx), n_mb * cfg.ptx_batch_size, step, seed + 1)
     ptx_b = {k: v.reshape(n_mb, cfg.ptx_batch_size, -1) for k, v in ptx.batch(p_idx).items()}
-    out = device_batch({"prompt": prompts[idx], "prompt_mask": prompt_mask[idx]}, mesh, rules)
+    out = process_batch(lambda i: {"prompt": prompts[i], "prompt_mask": prompt_mask[i]}, idx, mesh, rules)
     out["ptx"] = jax.device_put(ptx_b, parallel.replicated(mesh)) if cfg.ptx_coef > 0 else \
         jax.tree.map(lambda x: x[:, :1], ptx_b)
     out["index"] = idx

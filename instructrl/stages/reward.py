@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from instructrl import checkpoints, objectives, parallel
+from instructrl import checkpoints, distributed, objectives, parallel
 from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, left_pad_prompts, prompt_response_examples
 from instructrl.data.rankings import load_ranked, pairs_from_ranked, ranked_examples
@@ -38,7 +38,7 @@ from instructrl.models.sampling import sample
 from instructrl.models.transformer import Decoder
 from instructrl.stages import loop
 from instructrl.stages.train_state import (abstract_state, device_batch, guarded_update, init_params, make_optimizer,
-                                           state_shardings)
+                                           process_batch, state_shardings)
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
 COMPARISONS = "comparisons"
@@ -208,7 +208,7 @@ def mean_score(score_step, params, tokens, last, batch_size: int, mesh, rules) -
   out = []
   for b in range(len(tokens) // batch_size):
     sl = slice(b * batch_size, (b + 1) * batch_size)
-    out.append(np.asarray(score_step(params, *device_batch({"t": tokens[sl], "l": last[sl]}, mesh, rules).values())))
+    out.append(distributed.to_host(score_step(params, *device_batch({"t": tokens[sl], "l": last[sl]}, mesh, rules).values())))
   return float(np.mean(np.concatenate(out)[:n]))
 
 
@@ -292,7 +292,7 @@ def run(config, workdir: Path, mesh, rules):
 
   return loop.run(
       stage, mesh, rules, initial_params=initial_params, train_step=train_step,
-      batch_at=lambda step: device_batch(data.batch(batch_indices(len(data), batch_size, step, seed)), mesh, rules),
+      batch_at=lambda step: process_batch(data.batch, batch_indices(len(data), batch_size, step, seed), mesh, rules),
       evaluate=validation, finalize=normalise, after_training=after_training,
       items_per_step=batch_size, item_name="prompts" if cfg.formulation == "per_prompt" else "pairs",
       extra_meta={"seed": seed, "formulation": cfg.formulation, "heldout_group": cfg.heldout_group})
