@@ -182,6 +182,7 @@ def test_llama3_rope_scaling_is_refused():
                        "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
 
 
+@pytest.mark.slow
 def test_cli_import_then_export_round_trip(tmp_path):
   """`python -m instructrl.convert import` writes a stage the SFT/RM hand-off reads; `export` gives it back."""
   import subprocess
