@@ -368,6 +368,18 @@ def load(directory: str | Path, mesh=None, rules=None, param_dtype: str = "float
   params = jax.tree.map(lambda a, w: a.astype(w.dtype), params, want)
   if mesh is not None:
     shardings = parallel.logical_shardings(boxed, mesh, rules or parallel.DEFAULT_RULES)
+
+    def check(path, a, s):
+      # A released vocab (GPT-2: 50257) rarely divides a tensor axis; say so instead of XLA's error.
+      try:
+        s.shard_shape(a.shape)
+      except ValueError:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise ConvertError(f"{d}: weight {name} of shape {a.shape} cannot be split as {s.spec} on mesh "
+                           f"{dict(mesh.shape)}: a dimension is not divisible by its mesh axes (a vocab of "
+                           f"{cfg.vocab_size}?); map that logical axis to None in mesh.rules, e.g. "
+                           f"('vocab', None), or use a mesh axis size that divides it") from None
+    jax.tree_util.tree_map_with_path(check, params, shardings)
     params = jax.tree.map(jax.device_put, params, shardings)
   return params, cfg
 
