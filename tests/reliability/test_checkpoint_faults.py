@@ -179,3 +179,45 @@ def test_save_on_a_full_disk_stops_cleanly_and_keeps_the_previous_checkpoint(tmp
   assert r["leftovers"] == ["1"], r          # no half-written step 2, no Orbax tmp folder left taking space
   assert r["problem"] is None and r["restored_step"] == 1 and r["exact"], r
   assert r["after_freeing"] == 2, r
+
+
+CLI_DISK_FULL = r"""
+set -u
+mount -t tmpfs -o size=24m none "$MNT"
+W="$MNT/w"
+"$@" --workdir="$W" > "$OUT/first.log" 2>&1 &
+PID=$!
+while [ ! -e "$W/pretrain/5/instructrl_manifest.json" ] && kill -0 $PID 2>/dev/null; do sleep 0.01; done
+dd if=/dev/zero of="$MNT/filler" bs=64k 2>/dev/null
+truncate -s -128K "$MNT/filler"               # room for metric lines, not for a checkpoint
+wait $PID; echo "first_rc=$?" > "$OUT/rc"
+ls "$W/pretrain" > "$OUT/steps_after_failure"
+rm "$MNT/filler"
+"$@" --workdir="$W" > "$OUT/second.log" 2>&1; echo "second_rc=$?" >> "$OUT/rc"
+ls "$W/pretrain" > "$OUT/steps_after_rerun"
+"""
+
+
+@pytest.mark.slow
+def test_cli_on_a_full_disk_stops_with_a_clear_message_and_resumes(tmp_path):
+  """Through the CLI: the disk fills up during pretraining (a real tmpfs); the run stops at the next save
+  saying so, the previous checkpoint stays, and after space is freed the same command finishes."""
+  if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+    pytest.skip("needs `unshare -rm` (user + mount namespaces) to mount a small tmpfs")
+  from tests.reliability.kill_harness import cli_cmd, cli_env
+  mnt, out = tmp_path / "mnt", tmp_path / "out"
+  mnt.mkdir()
+  out.mkdir()
+  cmd = [c for c in cli_cmd(Path("unused"), "world,pretrain") if not c.startswith("--workdir=")]
+  p = subprocess.run(["unshare", "-rm", "bash", "-c", CLI_DISK_FULL, "disk_full", *cmd], cwd=ROOT, timeout=400,
+                     env={**cli_env(), "MNT": str(mnt), "OUT": str(out)}, capture_output=True, text=True)
+  assert p.returncode == 0, p.stderr[-2000:]
+  rc = dict(l.split("=") for l in (out / "rc").read_text().split())
+  first = (out / "first.log").read_text()
+  assert rc["first_rc"] != "0", first[-2000:]
+  assert "CheckpointSaveError" in first and "failed (the disk is full)" in first, first[-3000:]
+  assert "the previous checkpoint (step 5) is intact" in first, first[-3000:]
+  assert (out / "steps_after_failure").read_text().split() == ["5"]   # no half-written step, no tmp folder
+  assert rc["second_rc"] == "0", (out / "second.log").read_text()[-3000:]
+  assert "resuming from step 5" in (out / "second.log").read_text()
+  assert "20" in (out / "steps_after_rerun").read_text().split()
