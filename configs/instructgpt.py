@@ -54,7 +54,11 @@ def _rm_stage():
   c.epochs = 1.0                 # paper C.2: a single epoch (more overfits)
   c.formulation = "per_prompt"   # "per_prompt" (paper) or "shuffled_pairs" (the ablation it argues against)
   c.pair_batch_size = 64         # comparisons per batch in the shuffled-pairs ablation
-  c.policy = "sft"               # whose samples the labelers rank
+  c.policy = "sft"               # the policy whose samples the labelers rank; its trunk initialises the RM
+  # Where the K ranked responses come from (weights per response slot): "policy" (rm.policy at
+  # rm.sample_temperature), "pretrain" (bare prompt) and "pretrain_few_shot" (prompted GPT), both at
+  # eval.baseline_temperature. Paper 3.5: comparisons rank outputs of several models.
+  c.source_mix = ml_collections.ConfigDict({"policy": 1.0, "pretrain": 0.0, "pretrain_few_shot": 0.0})
   c.n_prompts = 2000             # RM prompts sampled and ranked (<= world.n_rm_prompts)
   c.valid_fraction = 0.2         # of those, held out for validation accuracy
   c.k_choices = (4, 5, 6, 7, 8, 9)  # paper 3.5: K = 4..9 responses per prompt

@@ -71,6 +71,10 @@ def check_config(config) -> None:
       raise ValueError(f"rm.{field}={rm[field]}: expected a positive integer")
   if not rm.k_choices or min(rm.k_choices) < 2:
     raise ValueError(f"rm.k_choices={tuple(rm.k_choices)}: every K must be >= 2 (the paper uses 4..9)")
+  mix = dict(rm.source_mix)
+  if any(float(v) < 0 for v in mix.values()) or not any(float(v) > 0 for v in mix.values()):
+    raise ValueError(f"rm.source_mix={mix}: expected non-negative weights, at least one positive "
+                     f"(sources: policy, pretrain, pretrain_few_shot)")
   if not 0 < rm.valid_fraction < 1:
     raise ValueError(f"rm.valid_fraction={rm.valid_fraction}: expected a fraction in (0, 1)")
   if rm.epochs <= 0:

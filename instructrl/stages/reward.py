@@ -28,13 +28,12 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from instructrl import checkpoints, distributed, objectives, parallel
+from instructrl import checkpoints, distributed, evaluation, objectives, parallel
 from instructrl.data import world as world_lib
-from instructrl.data.batching import batch_indices, left_pad_prompts, prompt_response_examples
+from instructrl.data.batching import batch_indices, prompt_response_examples
 from instructrl.data.rankings import load_ranked, pairs_from_ranked, ranked_examples
 from instructrl.data.records import load_jsonl, write_jsonl
 from instructrl.models.config import ModelConfig
-from instructrl.models.sampling import sample
 from instructrl.models.transformer import Decoder
 from instructrl.stages import loop
 from instructrl.stages.train_state import (abstract_state, device_batch, guarded_update, init_params, make_optimizer,
@@ -55,12 +54,42 @@ def load_policy(config, workdir: Path, mesh, rules, stage: str = "sft"):
   return params
 
 
-def collect(config, workdir: Path, mesh, rules) -> Path:
-  """Sample K responses per RM prompt from the SFT policy and have every labeler group rank them.
+SOURCES = ("policy", "pretrain", "pretrain_few_shot")
 
-  Writes workdir/comparisons/{train,valid}.jsonl in the `ranked` schema (one line per prompt and
-  labeler group) and a COMPLETE marker. Policy: duplicate and empty samples are dropped before
-  ranking (a labeler cannot rank a response against itself); a prompt left with < 2 is skipped.
+
+def _source_sampler(config, workdir: Path, mesh, rules, world, tokenizer, model_cfg, source: str):
+  """texts(prompts, key) -> one sampled answer per prompt, from one of the SOURCES.
+
+  policy: rm.policy (SFT) at rm.sample_temperature; pretrain: the pretrained model on the bare
+  prompt, and pretrain_few_shot: with a few-shot prefix, both at eval.baseline_temperature (the
+  paper's comparisons also rank outputs of several models, its GPT-3 baselines included).
+  """
+  cfg = config.rm
+  params = load_policy(config, workdir, mesh, rules, cfg.policy if source == "policy" else "pretrain")
+  few_shot = source == "pretrain_few_shot"
+  prefix = world.few_shot_prefix(np.random.default_rng(config.seed), k=config.eval.few_shot) if few_shot else ""
+  temperature = cfg.sample_temperature if source == "policy" else config.eval.baseline_temperature
+
+  def texts(prompts: list[str], key) -> list[str]:
+    full = [prefix + f"Q: {p}\nA:" for p in prompts] if few_shot else [world.format_prompt(p) for p in prompts]
+    out = evaluation.generate(params, model_cfg, tokenizer, full, rng=key, batch_size=len(full),
+                              prompt_len=cfg.prompt_len + (config.eval.prefix_len if few_shot else 0),
+                              max_new_tokens=cfg.max_new_tokens, temperature=temperature)
+    if any(o is None for o in out):
+      raise ValueError(f"rm.prompt_len={cfg.prompt_len} is too short for some prompts_rm.jsonl prompts")
+    return [o.split("\n")[0] if few_shot else o for o in out]
+
+  return texts
+
+
+def collect(config, workdir: Path, mesh, rules) -> Path:
+  """Sample K responses per RM prompt and have every labeler group rank them.
+
+  Responses come from rm.source_mix (default: the SFT policy only); each of a prompt's K slots
+  draws its source by those weights, and the record's `sources` field says which. Writes
+  workdir/comparisons/{train,valid}.jsonl in the `ranked` schema (one line per prompt and labeler
+  group) and a COMPLETE marker. Policy: duplicate and empty samples are dropped before ranking (a
+  labeler cannot rank a response against itself); a prompt left with < 2 is skipped.
   """
   cfg = config.rm
   out = Path(workdir) / COMPARISONS
@@ -70,7 +99,12 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
   world = world_lib.World.load(world_dir)
   tokenizer = load_tokenizer(workdir)
   model_cfg = ModelConfig.from_dict(config.model)
-  params = load_policy(config, workdir, mesh, rules, cfg.policy)
+  mix = {s: float(cfg.source_mix[s]) for s in SOURCES if float(cfg.source_mix.get(s, 0.0)) > 0}
+  unknown = sorted(set(cfg.source_mix) - set(SOURCES))
+  if unknown or not mix:
+    raise ValueError(f"rm.source_mix={dict(cfg.source_mix)}: expected positive weights on some of {SOURCES}")
+  names, weights = list(mix), np.array(list(mix.values())) / sum(mix.values())
+  samplers = {s: _source_sampler(config, workdir, mesh, rules, world, tokenizer, model_cfg, s) for s in names}
   records = load_jsonl(world_dir / "prompts_rm.jsonl", "eval")[:cfg.n_prompts]
   rng = np.random.default_rng([config.seed, 404])
   k_max = max(cfg.k_choices)
@@ -85,22 +119,20 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
     for start in tqdm(range(0, len(records), P), desc="rm: sampling", unit="batch",
                       disable=jax.process_index() != 0):
       chunk = records[start:start + P]
-      prompts = [world.format_prompt(r["prompt"]) for r in chunk for _ in range(k_max)]
+      prompts = [r["prompt"] for r in chunk for _ in range(k_max)]
       prompts += prompts[:1] * (P * k_max - len(prompts))          # static shape: pad the last batch
-      toks, mask, keep = left_pad_prompts(tokenizer, prompts, cfg.prompt_len)
-      if len(keep) != len(prompts):
-        raise ValueError(f"rm.prompt_len={cfg.prompt_len} is too short for some prompts_rm.jsonl prompts")
-      s = sample(params, toks, mask, jax.random.fold_in(key, start), cfg=model_cfg,
-                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature, eos_id=tokenizer.eos_id,
-                 pad_id=tokenizer.pad_id)
-      texts = [tokenizer.decode(t) for t in np.asarray(s.tokens)]
+      # k_max candidates per prompt from every source in the mix (one key per source and batch).
+      cands = {s: samplers[s](prompts, jax.random.fold_in(jax.random.fold_in(key, start), j))
+               for j, s in enumerate(names)}
       for i, rec in enumerate(chunk):
         k = int(rng.choice(cfg.k_choices))
-        responses = []
-        for t in texts[i * k_max:(i + 1) * k_max]:
-          t = t.strip()
-          if t and t not in responses and len(responses) < k:
+        pools = {s: iter(t.strip() for t in cands[s][i * k_max:(i + 1) * k_max]) for s in names}
+        responses, sources = [], []
+        for s in (names[int(j)] for j in rng.choice(len(names), size=k, p=weights)):
+          t = next((t for t in pools[s] if t and t not in responses), None)
+          if t is not None:
             responses.append(t)
+            sources.append(s)
         if len(responses) < 2:
           skipped += 1
           continue
@@ -110,7 +142,7 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
           rows[split].append({"prompt": rec["prompt"], "responses": responses,
                               "ranking": [int(x) for x in world.rank(rec, responses, labeler, rng)],
                               "labeler": labeler, "group": int(g), "family": rec["family"], "params": rec["params"],
-                              "id": rec["id"]})
+                              "id": rec["id"], "sources": sources})
   if skipped:
     logging.warning("rm: skipped %d prompts with fewer than 2 distinct non-empty samples", skipped)
   for split, recs in rows.items():
@@ -126,6 +158,22 @@ def select(records: list[dict], groups: list[int], by_prompt_index: bool = True)
   ids = sorted({r["id"] for r in records})
   want = {pid: groups[i % len(groups)] for i, pid in enumerate(ids)} if by_prompt_index else None
   return [r for r in records if r["group"] == want[r["id"]]]
+
+
+def restrict(records: list[dict], source: str) -> list[dict]:
+  """The records cut down to the responses of one source (ranking order kept); < 2 left: dropped.
+
+  Records without a `sources` field (a user's own data, older collections) are all `source`.
+  """
+  out = []
+  for r in records:
+    keep = [i for i, s in enumerate(r.get("sources") or [source] * len(r["responses"])) if s == source]
+    if len(keep) < 2:
+      continue
+    new = {old: j for j, old in enumerate(keep)}
+    out.append({**r, "responses": [r["responses"][i] for i in keep],
+                "ranking": [new[i] for i in r["ranking"] if i in new], "sources": [source] * len(keep)})
+  return out
 
 
 def pairwise_agreement(a: list[dict], b: list[dict]) -> float:
@@ -237,6 +285,12 @@ def run(config, workdir: Path, mesh, rules):
   valid = as_examples(valid_train_groups, "rm valid")
   heldout_recs = [r for r in valid_all if r["group"] == cfg.heldout_group]
   valid_heldout = as_examples(heldout_recs, "rm valid (held-out group)")
+  # With a source mix, accuracy on comparisons among the policy's own samples is the number that
+  # matters for PPO (easy policy-vs-pretrain pairs inflate the pooled one): reported separately.
+  policy_only = restrict(valid_train_groups, "policy")
+  mixed = len(policy_only) != len(valid_train_groups) or any(
+      len(a["responses"]) != len(b["responses"]) for a, b in zip(policy_only, valid_train_groups))
+  valid_policy = as_examples(policy_only, "rm valid (policy samples only)") if mixed and policy_only else None
   data = pairs_from_ranked(train) if cfg.formulation == "shuffled_pairs" else train
   if cfg.formulation not in ("per_prompt", "shuffled_pairs"):
     raise ValueError(f"rm.formulation={cfg.formulation!r}: expected 'per_prompt' or 'shuffled_pairs'")
@@ -264,8 +318,12 @@ def run(config, workdir: Path, mesh, rules):
   def validation(params):
     a = evaluate(eval_step, params, valid, cfg.eval_batch_size, mesh, rules)
     h = evaluate(eval_step, params, valid_heldout, cfg.eval_batch_size, mesh, rules)
-    return {"accuracy": a["accuracy"], "loss": a["loss"], "pairs": a["pairs"],
-            "heldout_group/accuracy": h["accuracy"], "heldout_group/loss": h["loss"]}
+    out = {"accuracy": a["accuracy"], "loss": a["loss"], "pairs": a["pairs"],
+           "heldout_group/accuracy": h["accuracy"], "heldout_group/loss": h["loss"]}
+    if valid_policy is not None and len(valid_policy) >= cfg.eval_batch_size:
+      out["policy_pairs/accuracy"] = evaluate(eval_step, params, valid_policy, cfg.eval_batch_size, mesh,
+                                              rules)["accuracy"]
+    return out
 
   # ------------------------------------------------------------------ bias: demonstrations score 0 on average
   demos = load_jsonl(workdir / "world" / "demos_valid.jsonl", "demo")

@@ -251,6 +251,15 @@ def test_select_one_ranking_per_prompt_round_robin_over_groups():
   assert all(r["group"] != 4 for r in reward.select(records, [0, 1, 2, 3]))  # held-out group never picked
 
 
+def test_restrict_keeps_one_sources_responses_in_ranked_order():
+  r = {"responses": ["a", "b", "c", "d"], "ranking": [2, 0, 3, 1], "sources": ["policy", "pretrain", "policy", "policy"]}
+  (out,) = reward.restrict([r], "policy")
+  assert out["responses"] == ["a", "c", "d"] and out["ranking"] == [1, 0, 2]   # c > a > d, as in the full ranking
+  assert reward.restrict([r], "pretrain") == []                               # one response left: nothing to compare
+  plain = {"responses": ["x", "y"], "ranking": [1, 0]}                         # no sources field: a user's own data
+  assert reward.restrict([plain], "policy")[0]["ranking"] == [1, 0]
+
+
 def test_pairwise_agreement_on_hand_made_rankings():
   a = [{"ranking": [2, 0, 3, 1]}, {"ranking": [0, 1, 2]}]
   assert reward.pairwise_agreement(a, a) == 1.0
@@ -329,6 +338,27 @@ def test_collection_files_and_metrics(reference_run):
   train = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train] == list(range(2, 13, 2))
   assert all(np.isfinite(r["train/loss"]) for r in train)
+
+
+@pytest.mark.slow
+def test_collection_mixes_sources_by_weight(reference_run, tmp_path):
+  """rm.source_mix: each response slot draws its model; the record says which; the RM trains on it."""
+  from instructrl.data.rankings import load_ranked
+  w, _ = reference_run
+  for stage in ("world", "pretrain", "sft"):
+    shutil.copytree(w / stage, tmp_path / stage)
+  cli(tmp_path, "--config.rm.source_mix.policy=0.5", "--config.rm.source_mix.pretrain=0.25",
+      "--config.rm.source_mix.pretrain_few_shot=0.25", stages="rm")
+  recs = load_ranked(tmp_path / "comparisons" / "train.jsonl") + load_ranked(tmp_path / "comparisons" / "valid.jsonl")
+  assert all(len(r["sources"]) == len(r["responses"]) for r in recs)
+  sources = [s for r in recs if r["group"] == 0 for s in r["sources"]]
+  share = {s: sources.count(s) / len(sources) for s in ("policy", "pretrain", "pretrain_few_shot")}
+  assert 0.3 < share["policy"] < 0.7 and share["pretrain"] > 0.1 and share["pretrain_few_shot"] > 0.1, share
+  # few-shot answers are cut at the newline that ends an answer in the Q/A format
+  assert not any("\n" in t for r in recs for t, s in zip(r["responses"], r["sources"]) if s == "pretrain_few_shot")
+  assert final_params(tmp_path / "rm")[0] > 0
+  with pytest.raises(AssertionError, match="source_mix"):
+    cli(tmp_path / "bad", "--config.rm.source_mix.policy=0", stages="rm")   # refused before any work
 
 
 @pytest.mark.slow

@@ -76,7 +76,8 @@ class World:
 
     # --- judge and formats -----------------------------------------------------------------------
     def judge(self, record: dict, response: str) -> judge_lib.Verdict:
-        return judge_lib.judge(self.facts, record, response, self.cfg.get("acceptable_threshold", judge_lib.ACCEPTABLE))
+        return judge_lib.judge(self.facts, record, response, self.cfg.get("acceptable_threshold", judge_lib.ACCEPTABLE),
+                               self.cfg.get("form_credit", 0.0))
 
     def gold(self, record: dict) -> str:
         return tasks.gold(self.facts, record["family"], record["params"])

@@ -62,6 +62,7 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.demo_constraint_follow = 0.75    # demos that obey an extra constraint
     c.demo_premise_reject = 0.4        # demos that reject a false premise (the rest accept it)
     c.acceptable_threshold = 0.7       # gold score at or above which a response is acceptable
+    c.form_credit = 0.0                # share of the score a wrong answer keeps for good form (judge.py)
 
     if size == "smoke":
         c.n_countries, c.n_people, c.n_animals = 8, 12, 8
@@ -84,7 +85,7 @@ _NONNEG_INT = ("n_corpus_train", "n_corpus_valid", "n_demos", "n_demos_valid", "
                "n_ppo_prompts", "n_eval_prompts", "n_truthful", "n_toxicity", "n_cloze")
 _RATES = ("mix_encyclopedia", "mix_instructions", "mix_forum", "mix_qa", "forum_right_rate",
           "qa_right_rate", "constraint_rate", "insult_rate", "demo_error_rate", "demo_max_filler_rate",
-          "demo_sentence_rate", "demo_constraint_follow", "demo_premise_reject", "acceptable_threshold",
+          "demo_sentence_rate", "demo_constraint_follow", "demo_premise_reject", "acceptable_threshold", "form_credit",
           "test_entity_fraction")
 
 

@@ -125,7 +125,7 @@ def _constraint_ok(c: str, response: str, rude: bool) -> bool:
     raise ValueError(f"constraints: unknown constraint {c!r}")
 
 
-def judge(facts: Facts, record: dict, response: str, threshold: float = ACCEPTABLE) -> Verdict:
+def judge(facts: Facts, record: dict, response: str, threshold: float = ACCEPTABLE, form_credit: float = 0.0) -> Verdict:
     family, p = record["family"], record["params"]
     prompt = tasks.prompt_text(family, p)
     R, P = tasks.tokens(response), set(tasks.tokens(prompt))
@@ -144,6 +144,9 @@ def judge(facts: Facts, record: dict, response: str, threshold: float = ACCEPTAB
     truthful = max(0.0, 1 - 0.5 * invented)
     if family == "false_premise" and not any(t in NEGATIONS for t in R):
         truthful = 0.0
-    score = c * (1 - 0.5 * (1 - k)) * b * truthful * (0.2 if rude else 1.0)
+    form = (1 - 0.5 * (1 - k)) * b * truthful * (0.2 if rude else 1.0)
+    # form_credit: a wrong answer that is concise, polite and truthful still beats a wrong answer
+    # that is not (a labeler would say so); an empty response gets nothing.
+    score = form * (c + (1 - c) * form_credit) if R else 0.0
     parts = {"correct": c, "constraints": k, "brevity": b, "truthful": truthful, "polite": float(not rude)}
     return Verdict(score=float(score), correct=c >= 1.0, acceptable=score >= threshold, parts=parts)
