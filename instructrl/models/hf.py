@@ -19,7 +19,6 @@ so no permutation is needed.
 from __future__ import annotations
 
 import json
-import math
 import struct
 from pathlib import Path
 from typing import Any, Mapping
@@ -390,7 +389,3 @@ def save(directory: str | Path, params, cfg: ModelConfig, *, bos_id: int | None 
   import jax
   params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
   write_checkpoint(directory, config_to_hf(cfg, bos_id, eos_id), params_to_hf(cfg, params), max_shard_bytes)
-
-
-def num_tensor_bytes(tensors: Mapping[str, np.ndarray]) -> int:
-  return int(sum(math.prod(a.shape) * a.dtype.itemsize for a in tensors.values()))
