@@ -40,6 +40,16 @@ class _Common:
   def encode(self, text: str) -> list[int]:
     return self.encode_batch([text])[0]
 
+  def decode(self, ids: Iterable[int]) -> str:
+    """Decode, stopping at EOS and skipping PAD/BOS."""
+    out = []
+    for i in map(int, ids):
+      if i == self.eos_id:
+        break
+      if i not in (self.pad_id, self.bos_id):
+        out.append(i)
+    return self._decode(out)
+
   def _check_ids(self, where):
     for name in ("bos_id", "eos_id", "pad_id"):
       v = getattr(self, name)
@@ -86,15 +96,8 @@ class HFTokenizer(_Common):
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
-  def decode(self, ids: Iterable[int]) -> str:
-    """Decode, stopping at EOS and skipping special tokens."""
-    out = []
-    for i in ids:
-      i = int(i)
-      if i == self.eos_id:
-        break
-      out.append(i)
-    return self.tok.decode(out, skip_special_tokens=True)
+  def _decode(self, ids: list[int]) -> str:
+    return self.tok.decode(ids, skip_special_tokens=True)
 
 
 class SentencePieceTokenizer(_Common):
@@ -121,15 +124,8 @@ class SentencePieceTokenizer(_Common):
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return self.sp.encode(list(texts))
 
-  def decode(self, ids: Iterable[int]) -> str:
-    out = []
-    for i in ids:
-      i = int(i)
-      if i == self.eos_id:
-        break
-      if i not in (self.pad_id, self.bos_id):
-        out.append(i)
-    return self.sp.decode(out)
+  def _decode(self, ids: list[int]) -> str:
+    return self.sp.decode(ids)
 
 
 def load(path: str | Path, **special):
