@@ -26,10 +26,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/alpaca_sft.py or configs/hh_rlhf.py",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def _define_flags():
+  """Only when run as a program: importing this module (tests, instructrl.main) defines no flags."""
+  config = config_flags.DEFINE_config_file("config", None, "configs/alpaca_sft.py or configs/hh_rlhf.py",
+                                           lock_config=False)
+  workdir = flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  return config, workdir
 
 
 def split_valid(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -154,11 +158,14 @@ def run(config, workdir) -> None:
   return out
 
 
-def main(argv):
-  del argv
-  logging.getLogger().setLevel(logging.INFO)
-  run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
+  _config, _workdir = _define_flags()
+
+  def main(argv):
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    for h in logging.getLogger().handlers:   # Orbax logs every save at INFO: keep its warnings only
+      h.addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+    run(_config.value, _workdir.value)
+
   app.run(main)
