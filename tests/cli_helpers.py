@@ -53,23 +53,41 @@ def run_worker_on_8_devices(test_file: str, timeout: int = 300) -> dict:
   return json.loads(line[-1][len("RESULT "):])
 
 
+def sigkill_when(cmd: list, ready, *, cwd, env=None, timeout: float = 240, poll: float = 0.002, delay: float = 0.0,
+                 log: Path | None = None) -> bool:
+  """Start `cmd`, SIGKILL it `delay` seconds after `ready()` first returns true, wait for it.
+
+  Returns whether the kill landed (False: the process ended first, before `ready()` or during the
+  delay). Output goes to `log` (appended) or nowhere.
+  """
+  import signal
+  import subprocess
+  import time
+  out = open(log, "ab") if log else subprocess.DEVNULL
+  proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=out)
+  try:
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not ready():
+      time.sleep(poll)
+    if proc.poll() is None and time.time() < deadline:
+      time.sleep(delay)
+    if proc.poll() is not None:
+      return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return True
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    if log:
+      out.close()
+
+
 def sigkill_when_exists(cmd: list, marker: Path, *, cwd, env=None, timeout: float = 240, poll: float = 0.002):
   """Start `cmd`, SIGKILL it as soon as `marker` exists (e.g. a checkpoint folder), wait for it.
 
   Fails if the process ends on its own before the marker appears (the kill point was missed).
   """
-  import signal
-  import subprocess
-  import time
-  proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + timeout
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-      time.sleep(poll)
-    assert proc.poll() is None, f"run ended (or failed) before the kill point {marker}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
+  killed = sigkill_when(cmd, marker.exists, cwd=cwd, env=env, timeout=timeout, poll=poll)
+  assert killed, f"run ended (or failed) before the kill point {marker}"

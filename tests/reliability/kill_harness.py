@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -94,33 +93,20 @@ def _in_write(workdir: Path) -> tuple[set, set]:
 
 def kill_at(workdir: Path, stages: str, glob: str, delay: float, log: Path, timeout: float) -> dict:
   """Run the pipeline; SIGKILL it `delay` s after a new path matching `glob` appears. Returns what happened."""
-  before = matches(workdir, glob)
+  from tests.cli_helpers import sigkill_when
+  before, hits = matches(workdir, glob), []
   tmp0, unsealed0 = _in_write(workdir)
-  with open(log, "ab") as f:
-    proc = subprocess.Popen(cli_cmd(workdir, stages), cwd=ROOT, env=cli_env(), stdout=f, stderr=f)
-  try:
-    deadline, hit = time.time() + timeout, None
-    while proc.poll() is None and time.time() < deadline:
-      new = matches(workdir, glob) - before
-      if new:
-        hit = sorted(new)[0]
-        break
-      time.sleep(0.002)
-    if hit is None:
-      proc.wait(timeout=max(1.0, deadline - time.time()))
-      if proc.returncode:
-        raise RuntimeError(f"run failed before event {glob}; log: {log}\n{log.read_text()[-3000:]}")
-      return {"event": glob, "killed": False}
-    time.sleep(delay)
-    ran_to_end = proc.poll() is not None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
+
+  def ready():
+    hits.extend(sorted(matches(workdir, glob) - before))
+    return bool(hits)
+  killed = sigkill_when(cli_cmd(workdir, stages), ready, cwd=ROOT, env=cli_env(), timeout=timeout, delay=delay,
+                        log=log)
+  if not hits:   # ended first: fine only if it finished the pipeline
+    run(workdir, stages, log, timeout)   # a failed run raises here, with its log
+    return {"event": glob, "killed": False}
   tmp1, unsealed1 = _in_write(workdir)
-  return {"event": glob, "at": os.path.relpath(hit, workdir), "delay_s": round(delay, 3), "killed": not ran_to_end,
+  return {"event": glob, "at": os.path.relpath(hits[0], workdir), "delay_s": round(delay, 3), "killed": killed,
           "inside_orbax_write": sorted(os.path.relpath(p, workdir) for p in tmp1 - tmp0),
           "between_commit_and_manifest": sorted(os.path.relpath(p, workdir) for p in unsealed1 - unsealed0)}
 
