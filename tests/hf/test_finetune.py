@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("transformers", reason="needs the `hf` extra (a local GPT-2 is made with transformers)")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import helpers  # noqa: E402
+import hf_fixtures as helpers  # noqa: E402
 from configs import alpaca_sft, hh_rlhf  # noqa: E402
 from instructrl import finetune  # noqa: E402
 

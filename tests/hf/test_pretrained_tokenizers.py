@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("tokenizers", reason="tokenizer.json needs the `hf` extra")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import helpers  # noqa: E402
+import hf_fixtures as helpers  # noqa: E402
 from instructrl.data import pretrained_tokenizer  # noqa: E402
 from instructrl.data.batching import prompt_response_examples  # noqa: E402
 
