@@ -93,6 +93,29 @@ def _with_steps(stage_cfg, steps: int = 1000):
   return c
 
 
+def describe(stage: str, config) -> StageProgram:
+  """The stage's shapes without tracing anything (enough for the analytic estimate)."""
+  from instructrl.models.config import ModelConfig
+  if stage not in STAGES:
+    raise ValueError(f"--stages: unknown stage {stage!r}; expected some of {STAGES}")
+  if stage in ("pretrain", "sft", "rm"):
+    cfg = config[stage]
+    model_cfg = ModelConfig.from_dict({**config.model, **cfg.get("model_overrides", {})})
+    if stage != "rm":
+      return StageProgram(None, (), f"{cfg.batch_size} x {cfg.seq_len}", cfg.batch_size, model_cfg, cfg.seq_len, True)
+    K = max(cfg.k_choices)
+    return StageProgram(None, (), f"{cfg.batch_size} prompts x K={K} x {cfg.seq_len}", cfg.batch_size, model_cfg,
+                        K * cfg.seq_len, True)
+  cfg = config.ppo
+  model_cfg = ModelConfig.from_dict(config.model)
+  B, P, N = cfg.batch_size, cfg.prompt_len, cfg.max_new_tokens
+  if stage == "ppo_rollout":
+    return StageProgram(None, (), f"{B} episodes x ({P} prompt + {N} new)", B, model_cfg, P + N, False)
+  ptx_bs = cfg.ptx_batch_size if cfg.ptx_coef > 0 else 1
+  return StageProgram(None, (), f"{B} episodes, minibatch {cfg.minibatch_size}, ptx {ptx_bs} x {cfg.ptx_seq_len}",
+                      cfg.minibatch_size, model_cfg, P + N, True)
+
+
 def build(stage: str, config, mesh, rules) -> StageProgram:
   """The stage's jitted step and abstract arguments on `mesh`, as the stage itself builds them."""
   import jax
@@ -246,16 +269,22 @@ def _measure(stage, config, mesh, rules, shape, analytic_only, fit_layers):
   those depths and extrapolated linearly to config.model.n_layers (the blocks are identical, so
   every byte count is affine in the depth; checked against a full compile in docs/scaling.md)."""
   import copy
-  program = build(stage, config, mesh, rules)
+  program = describe(stage, config)
   split = shape[0] * shape[1]
   if program.batch % split:
     raise ValueError(f"batch of {program.batch} rows does not split over data x fsdp = {split} devices; "
                      f"use the tensor axis or a larger batch")
+  cfg = program.model_cfg
+  for field, axis, size in (("n_heads", "tensor", shape[2]), ("n_kv_heads", "tensor", shape[2]),
+                            ("d_ff", "tensor", shape[2]), ("vocab_size", "tensor", shape[2]),
+                            ("d_model", "fsdp", shape[1])):
+    if getattr(cfg, field) % size:   # the default rules' axes (parallel.DEFAULT_RULES)
+      raise ValueError(f"model.{field}={getattr(cfg, field)} does not split over {axis}={size}")
   row = {"shape": program.shape, "analytic_gib": analytic_memory(stage, program, shape, config)["peak"] / GiB}
   if analytic_only:
     return row
   if not fit_layers:
-    m = compiled_memory(program, mesh, rules)
+    m = compiled_memory(build(stage, config, mesh, rules), mesh, rules)
   else:
     L = config.model.n_layers
     ms = []
@@ -282,7 +311,7 @@ def plan(config, layouts, stages, target: str, headroom: float = 0.1, analytic_o
   for shape in layouts:
     chips = math.prod(shape)
     if analytic_only:
-      mesh = jax.sharding.AbstractMesh(tuple(shape), parallel.MESH_AXES)
+      mesh = None      # nothing is traced or compiled
     else:
       available = jax.devices() if devices is None else devices
       if chips > len(available):
