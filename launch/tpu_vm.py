@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 
 from _common import add_run_flags, execute, train_command
 
@@ -74,7 +75,7 @@ def steps(args) -> list[tuple[str, object]]:
     out.append(("mount the bucket on every worker (a shared run directory)",
                 ssh(f"sudo mkdir -p {args.mount} && sudo chown $USER {args.mount} && "
                     f"gcsfuse --implicit-dirs {mount} {args.mount}")))
-  run = " ".join(train_command(args, python=".venv/bin/python"))
+  run = shlex.join(train_command(args, python=".venv/bin/python"))   # overrides like mesh.shape=(1,-1,1) need quotes
   out.append((f"run on all {num_workers(args.accelerator)} workers at once",
               ssh(f"set -o pipefail; cd instructrl && {run} 2>&1 | tee ~/{LOG}"), True))
   out.append(("local log folder", ["mkdir", "-p", args.log_dir]))

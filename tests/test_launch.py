@@ -29,7 +29,7 @@ def commands(out: str) -> list[str]:
 def test_tpu_vm_queued_pod_slice():
   out = dry("tpu_vm.py", "--name=irl", "--zone=us-east5-a", "--project=p", "--accelerator=v5p-32", "--queued",
             "--spot", "--bucket=gs://bkt", "--workdir=/mnt/instructrl/r1", "--config=configs/instructgpt.py:6b",
-            "--stages=sft,rm", "--set", "rm.epochs=2", "--delete")
+            "--stages=sft,rm", "--set", "rm.epochs=2", "--set", "mesh.shape=(1,-1,1)", "--delete")
   cmds = commands(out)
   where = "--zone=us-east5-a --project=p"
   assert cmds[0] == (f"gcloud compute tpus queued-resources create irl --node-id=irl {where} "
@@ -44,7 +44,7 @@ def test_tpu_vm_queued_pod_slice():
   assert "--worker=all" in run and run[-1] == (
       "--command=set -o pipefail; cd instructrl && .venv/bin/python -m instructrl.main "
       "--config=configs/instructgpt.py:6b --workdir=/mnt/instructrl/r1 --distributed=on --stages=sft,rm "
-      "--config.rm.epochs=2 2>&1 | tee ~/instructrl.log")
+      "--config.rm.epochs=2 '--config.mesh.shape=(1,-1,1)' 2>&1 | tee ~/instructrl.log")
   logs = [c for c in cmds if "instructrl.log' logs/" in c]
   assert len(logs) == 4       # v5p-32: 16 chips, 4 hosts
   assert logs[3].endswith(f"logs/irl-worker3.log {where} --worker=3")
