@@ -199,6 +199,7 @@ CLI = [("unknown config key", ["--config.model.nonexistent=1"], "nonexistent"),
        ("out-of-range value", ["--config.rm.on_nonfinite=ignore"], "rm.on_nonfinite='ignore'")]
 
 
+@pytest.mark.slow   # three CLI start-ups; tests/test_main.py checks flag errors in the fast suite
 @pytest.mark.parametrize("case", CLI, ids=[c[0] for c in CLI])
 def test_cli_refuses_bad_flags_before_any_work(case, tmp_path):
   _, flags, needle = case
