@@ -19,6 +19,13 @@ from configs import alpaca_sft, hh_rlhf  # noqa: E402
 from instructrl import finetune  # noqa: E402
 
 PUB = helpers.FIX / "public"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+NO_SHARED = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present (CI clones the repo alone); "
+                               "the excerpt of the same file in tests/fixtures/public runs instead")
+DEMOS = [PUB / "self_instruct_seed_tasks_first10.jsonl",
+         pytest.param(SHARED / "self-instruct/seed_tasks.jsonl", marks=NO_SHARED)]
+PAIRS = [PUB / "hh_harmless_base_test_first8.jsonl.gz",
+         pytest.param(SHARED / "hh-rlhf/harmless-base-test-first1000.jsonl.gz", marks=NO_SHARED)]
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +38,18 @@ def metrics(workdir, stage):
 
 
 @pytest.mark.slow
-def test_sft_steps_on_self_instruct_demos(hf_dir, tmp_path):
+@pytest.mark.parametrize("demos", DEMOS, ids=["excerpt", "shared"])
+def test_sft_steps_on_self_instruct_demos(hf_dir, tmp_path, demos):
   c = alpaca_sft.get_config("test")
   c.init.hf_dir = str(hf_dir)
-  c.data.train = str(PUB / "self_instruct_seed_tasks_first10.jsonl")
+  c.data.train = str(demos)
+  c.data.valid = str(PUB / "self_instruct_seed_tasks_first10.jsonl")   # small: the eval stays cheap
   finetune.run(c, tmp_path)
   loss = [m["train/loss"] for m in metrics(tmp_path, "sft") if "train/loss" in m]
   assert len(loss) == 8 and np.all(np.isfinite(loss))
   # Starts near ln(800) = 6.7 (random GPT-2 init) and learns the demos' token statistics.
-  assert loss[0] > 6.0 and np.mean(loss[-2:]) < loss[0] - 0.3, loss   # measured: 6.71 -> 6.29
+  # Measured: 6.71 -> 6.29 (excerpt, 7 demos seen again and again), 6.68 -> 6.48 (all 175 seed tasks).
+  assert loss[0] > 6.0 and np.mean(loss[-2:]) < loss[0] - 0.15, loss
   assert any("valid/loss" in m for m in metrics(tmp_path, "sft"))
   # A rerun finds the finished stage and the imported checkpoint and does nothing new.
   finetune.run(c, tmp_path)
@@ -47,10 +57,12 @@ def test_sft_steps_on_self_instruct_demos(hf_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_rm_steps_on_hh_pairs(hf_dir, tmp_path):
+@pytest.mark.parametrize("pairs", PAIRS, ids=["excerpt", "shared"])
+def test_rm_steps_on_hh_pairs(hf_dir, tmp_path, pairs):
   c = hh_rlhf.get_config("test")
   c.init.hf_dir = str(hf_dir)
-  c.data.train = str(PUB / "hh_harmless_base_test_first8.jsonl.gz")
+  c.data.train = str(pairs)
+  c.data.valid = str(PUB / "hh_harmless_base_test_first8.jsonl.gz")
   finetune.run(c, tmp_path)
   m = metrics(tmp_path, "rm")
   loss = [x["train/loss"] for x in m if "train/loss" in x]
