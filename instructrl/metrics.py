@@ -35,7 +35,9 @@ class MetricWriter:
       # Up to the last newline: a run killed mid-append leaves a partial last line, never a complete row.
       lines = text.split("\n")[:-1]
       kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-      self.path.write_text("".join(l + "\n" for l in kept))
+      tmp = self.path.with_name(self.path.name + ".tmp")   # replaced atomically: a kill here loses no line
+      tmp.write_text("".join(l + "\n" for l in kept))
+      tmp.replace(self.path)
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(Path(workdir) / "tensorboard" / stage))
 

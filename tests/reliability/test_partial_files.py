@@ -44,3 +44,19 @@ def test_truncated_files_stop_the_run_before_training(tmp_path):
   assert steps(w / "sft") == []
   out = cli(w, "world")                      # the world stage itself refuses to skip over it
   assert out.returncode != 0 and f"{corpus}: changed since" in out.stderr, out.stderr[-2000:]
+
+
+def test_metrics_of_a_run_killed_mid_append_resume_cleanly(tmp_path):
+  """A kill inside MetricWriter.write leaves half a line: the resumed run drops it (and rows past the
+  restored step), so the file ends as an uninterrupted run's."""
+  import json
+  from instructrl.metrics import MetricWriter
+  path = tmp_path / "metrics" / "sft.jsonl"
+  path.parent.mkdir()
+  rows = [json.dumps({"step": s, "train/loss": 1.0 / s}, sort_keys=True) for s in (10, 20, 30)]
+  path.write_text("\n".join(rows) + "\n" + rows[0][:9])       # killed while appending step 40
+  w = MetricWriter(tmp_path, "sft", resume_step=20)            # the last checkpoint was step 20
+  w.write(30, {"loss": 1.0 / 30}, prefix="train/")
+  w.close()
+  assert path.read_text() == "\n".join(rows) + "\n"
+  assert sorted(p.name for p in path.parent.iterdir()) == ["sft.jsonl"]
