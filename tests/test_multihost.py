@@ -224,3 +224,30 @@ def test_checkpoint_restores_on_another_mesh(two_process_runs):
       assert got["n_leaves"][0] == got["n_leaves"][1] > 5
       assert got["max_diff"] == 0.0
       assert got["local_shards_wq"] == 4
+
+
+def test_initialize_decides_from_flags_and_environment(monkeypatch):
+  """Which runs connect (no connection is made here: every case returns or fails before it)."""
+  from instructrl import distributed
+  for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_WORKER_HOSTNAMES",
+              "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.detected_cluster() is None
+  assert distributed.initialize("auto") is False          # one host: nothing to do
+  assert distributed.initialize("off", "10.0.0.1:1234", 2, 0) is False
+  with pytest.raises(ValueError, match="also give --num_processes and --process_id"):
+    distributed.initialize("auto", "10.0.0.1:1234")
+  with pytest.raises(ValueError, match="expected 0 <= process_id < --num_processes=2"):
+    distributed.initialize("auto", "10.0.0.1:1234", 2, 2)
+  monkeypatch.setenv("JAX_PROCESS_ID", "one")
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='one': expected an integer"):
+    distributed.initialize("auto", "10.0.0.1:1234", 2)
+  with pytest.raises(ValueError, match="--distributed='sometimes'"):
+    distributed.initialize("sometimes")
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  monkeypatch.setenv("SLURM_JOB_ID", "77")
+  assert distributed.detected_cluster() == "slurm"
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert distributed.detected_cluster() is None            # a one-task SLURM job is a single host
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t0,t1,t2,t3")
+  assert distributed.detected_cluster() == "tpu-pod"
