@@ -36,6 +36,7 @@ def _lm_stage(**kw):
   c.eval_batch_size = 32         # sequences per validation batch
   c.checkpoint_every = 100       # steps between checkpoints (the last step is always saved)
   c.keep_checkpoints = 2         # newest checkpoints kept on disk
+  c.keep_period = 0              # also keep every step divisible by this (0: none); SFT's candidates for ppo.select_sft_by_rm
   c.on_nonfinite = "stop"        # a NaN/inf loss or gradient: "stop" the run, or "skip" the batch (update not applied)
   c.max_nonfinite_skips = 3      # with "skip": stop after this many non-finite steps in a row
   c.model_overrides = ml_collections.ConfigDict({"resid_dropout": 0.0})  # stage-only model fields (dropout)
@@ -76,6 +77,8 @@ def _ppo_stage():
   """PPO-ptx (paper section 3.5, appendix C.4); lm-human-preferences defaults where it is silent."""
   c = ml_collections.ConfigDict()
   c.policy_init = "sft"          # paper C.3 starts from SFT trained with 10% pretraining data mixed in
+  c.select_sft_by_rm = False     # paper C.1: start from the SFT candidate (sft.keep_period) the RM scores best
+  c.select_prompts = 128         # RM validation prompts each SFT candidate answers for that choice
   c.n_prompts = 2000             # PPO prompts used (<= world.n_ppo_prompts); paper: ~31k
   c.total_episodes = 256_000     # paper C.4: 256k episodes
   c.batch_size = 512             # paper C.4: episodes per iteration (rollout batch)
@@ -200,7 +203,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.pretrain.update(steps=1500, batch_size=32, seq_len=96, learning_rate=2e-3, warmup_steps=100,
                       log_every=50, eval_every=500, checkpoint_every=250)
     c.sft.update(steps=800, batch_size=32, seq_len=40, learning_rate=5e-4, log_every=25, eval_every=400,
-                 checkpoint_every=200)   # demos are <= 35 tokens here
+                 checkpoint_every=200, keep_period=200)   # demos are <= 35 tokens here; 4 candidates
+    c.ppo.select_sft_by_rm = True
     c.eval.prompt_len = 32
     c.rm.update(n_prompts=1000, batch_size=16, eval_batch_size=25, learning_rate=5e-5, collect_batch_prompts=32,
                 log_every=5, eval_every=25, checkpoint_every=25)

@@ -80,11 +80,12 @@ def manifest_problem(step_dir: Path) -> str | None:
 class StageCheckpoints:
   """Save/restore of one stage's train state; `max_to_keep` newest steps are kept."""
 
-  def __init__(self, directory: str | Path, max_to_keep: int = 2):
+  def __init__(self, directory: str | Path, max_to_keep: int = 2, keep_period: int | None = None):
     self.directory = Path(directory).absolute()
+    # keep_period: steps divisible by it are kept beyond max_to_keep (SFT's candidate checkpoints).
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
                                              enable_async_checkpointing=False),
         item_names=("state", "meta"))
     self._checked: set[int] = set()   # steps whose manifest matched
@@ -201,11 +202,21 @@ def check_world(meta: dict, world_id: str | None, where: str) -> None:
                              f"{world_id}; the world was regenerated — rerun this stage in a new workdir")
 
 
+def kept_steps(directory: str | Path) -> list[int]:
+  """The steps on disk of a stage (committed ones; the candidates SFT kept with keep_period)."""
+  ckpt = StageCheckpoints(directory)
+  try:
+    return sorted(ckpt.manager.all_steps())
+  finally:
+    ckpt.close()
+
+
 def load_params(directory: str | Path, abstract_params: Any, model_dict: dict,
-                world_id: str | None = None, entry: str = "params") -> tuple[Any, dict]:
+                world_id: str | None = None, entry: str = "params", step: int | None = None) -> tuple[Any, dict]:
   """The params of a completed stage, checked against `model_dict` (the config asked for) and the world.
 
   entry: which params of the saved state ("params"; PPO also saves "ema", the model it evaluates).
+  step: an earlier kept step of the finished stage instead of its final one (SFT model selection).
   """
   ckpt = StageCheckpoints(directory)
   try:
@@ -215,6 +226,11 @@ def load_params(directory: str | Path, abstract_params: Any, model_dict: dict,
         raise FileNotFoundError(f"{ckpt.directory}: no checkpoint; run that stage first")
       if not meta.get("complete"):
         raise FileNotFoundError(f"{ckpt.directory}: stage did not finish (latest step {meta['step']}); rerun it")
+      if step is not None and step != meta["step"]:
+        if step not in ckpt.manager.all_steps():
+          raise FileNotFoundError(f"{ckpt.directory}: no kept checkpoint at step {step} "
+                                  f"(kept: {sorted(ckpt.manager.all_steps())})")
+        meta = ckpt.meta(step)
       check_model(meta["model"], model_dict, str(ckpt.directory))
       check_world(meta, world_id, str(ckpt.directory))
       # Restore only the params: a partial abstract tree restores a subset of the saved state.

@@ -53,7 +53,8 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
   """
   cfg, name = stage.cfg, stage.name
   total = int(cfg.steps)
-  ckpt = checkpoints.StageCheckpoints(Path(stage.workdir) / name, max_to_keep=cfg.get("keep_checkpoints", 2))
+  ckpt = checkpoints.StageCheckpoints(Path(stage.workdir) / name, max_to_keep=cfg.get("keep_checkpoints", 2),
+                                      keep_period=cfg.get("keep_period", 0))
   try:
     restored = ckpt.restore(stage.abstract) if ckpt.latest_step() is not None else None
     if restored is not None:

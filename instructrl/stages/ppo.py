@@ -36,7 +36,7 @@ from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import process_logits, sample
 from instructrl.models.transformer import Decoder, left_pad_positions
-from instructrl.stages import loop
+from instructrl.stages import loop, select
 from instructrl.stages.train_state import abstract_state, guarded_update, process_batch, state_shardings
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
@@ -202,12 +202,16 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   abstract = {"step": pol_abs["step"], "params": pol_abs["params"], "opt_state": pol_abs["opt_state"],
               "value": val_abs["params"], "value_opt": val_abs["opt_state"], "ema": pol_abs["params"],
               "kl_coef": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)}
-  load = lambda stage, abs_params: checkpoints.load_params(workdir / stage, abs_params, model_dict, world_id)[0]
-  ref = load(cfg.policy_init, pol_abs["params"])                  # frozen: the KL anchor (paper: the SFT model)
+  load = lambda stage, abs_params, step=None: checkpoints.load_params(workdir / stage, abs_params, model_dict,
+                                                                     world_id, step=step)[0]
+  init_step = None   # the policy stage's final step, or the SFT candidate the RM scores best (paper C.1)
+  if cfg.select_sft_by_rm and cfg.policy_init == "sft" and score_fn is None:
+    init_step = select.select_sft(config, workdir, mesh, rules, pol_abs["params"], val_abs["params"])
+  ref = load(cfg.policy_init, pol_abs["params"], init_step)      # frozen: the KL anchor (paper: the SFT model)
   rm = load("rm", val_abs["params"]) if score_fn is None else None
 
   def initial_state():
-    policy = load(cfg.policy_init, pol_abs["params"])
+    policy = load(cfg.policy_init, pol_abs["params"], init_step)
     value = load("rm", val_abs["params"])                          # paper C.4: value function from the RM
     with jax.set_mesh(mesh):
       popt = jax.jit(policy_tx.init, out_shardings=pol_sh["opt_state"])(policy)
@@ -267,4 +271,4 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   return loop.run(stage, mesh, rules, initial_state=initial_state, train_step=iteration, batch_at=batch_at,
                   after_training=after_training if config.eval.n_prompts else None,
                   items_per_step=cfg.batch_size, item_name="episodes", result="ema",
-                  extra_meta={"ptx_coef": cfg.ptx_coef, "kl_coef": cfg.kl_coef})
+                  extra_meta={"ptx_coef": cfg.ptx_coef, "kl_coef": cfg.kl_coef, "policy_init_step": init_step})

@@ -147,7 +147,8 @@ def test_judge_hand_written(w):
     cap, city2 = c["capital"], c["cities"][1]
     p = f.people[0]
     a, b = sorted(f.animals[:2], key=lambda x: -x["size"])  # a is larger
-    s = lambda rec, resp: w.judge(rec, resp).score
+    # The correctness logic, without the form credit a wrong answer keeps (tested below).
+    s = lambda rec, resp: judge_lib.judge(f, rec, resp, form_credit=0.0).score
     cases = [
         (_rec(w, "capital", country=c["name"]), [
             (cap, 1.0, 1.0), (other, 0.0, 0.0), (f"The capital of {c['name']} is {cap}.", 0.8, 0.95),
@@ -193,6 +194,18 @@ def test_judge_hand_written(w):
     assert w.judge(cases[2][0], f"Because {city2} is old and big.").parts["truthful"] == 0.0
 
 
+def test_form_credit_orders_wrong_answers_by_form_only(w):
+    f = w.facts
+    c, wrong = f.countries[0], f.countries[1]["capital"]
+    rec = _rec(w, "capital", country=c["name"])
+    j = lambda resp, fc: judge_lib.judge(f, rec, resp, form_credit=fc)
+    assert j(c["capital"], 0.2).score == j(c["capital"], 0.0).score == 1.0       # right answers: unchanged
+    terse, chatty = j(wrong, 0.2), j(f"Sure! The capital is {wrong}. Hope this helps.", 0.2)
+    assert terse.score == pytest.approx(0.2 * terse.parts["brevity"]) and 0 < chatty.score < terse.score
+    assert j("Shut up, jerk.", 0.2).score < terse.score                      # rude: x0.2 on top
+    assert j("", 0.2).score == 0.0 and not terse.acceptable                   # empty: nothing; wrong: never acceptable
+
+
 def test_template_words_are_not_taken_for_invented_names(w):
     rng = np.random.default_rng(0)
     recs = [dict(zip(("family", "params"), tasks.random_prompt(w.facts, rng)[:2])) for _ in range(300)]
@@ -218,14 +231,18 @@ def _agreement(w, recs, pool, n_pairs, rng):
     return agree / total, total
 
 
-def test_labeler_agreement_matches_paper(tiny, w):
+def test_labeler_agreement_on_candidate_mixture(tiny, w):
     recs = read(tiny / "prompts_rm.jsonl")
     rng = np.random.default_rng(123)
     train, n = _agreement(w, recs, w.training_labelers, 5000, rng)
     held, m = _agreement(w, recs, w.heldout_labelers, 3000, rng)
     print(f"labeler agreement: training {train:.3f} over {n} pairs, held-out {held:.3f} over {m} pairs")
-    assert n >= 2000 and 0.70 <= train <= 0.76
-    assert 0.68 <= held <= 0.85
+    # The temperature is calibrated on what labelers actually rank, the tiny SFT policy's samples, to the
+    # paper's 72.6% (ties included; measured by the rm stage's labeler_agreement metric, docs/STATUS.md).
+    # This synthetic candidate mixture is more spread out and excludes gold ties, so the same labelers
+    # agree more often here: the band guards the calibration against drift.
+    assert n >= 2000 and 0.79 <= train <= 0.85
+    assert train <= held <= 0.90   # the held-out group is a bit more consistent (paper: 77.3% vs 72.6%)
 
 
 def test_rankings_are_permutations_and_prefer_better(tiny, w):

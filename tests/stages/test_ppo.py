@@ -317,7 +317,8 @@ def test_rollout_and_update_sharded_equal_unsharded(sharded_result, mesh):
 # ----------------------------------------------------------------------------- end to end (smoke)
 
 FAST = ["--config.eval.n_prompts=0", "--config.pretrain.steps=20", "--config.pretrain.checkpoint_every=20",
-        "--config.sft.steps=10", "--config.sft.checkpoint_every=10", "--config.rm.epochs=1"]
+        "--config.sft.steps=10", "--config.sft.checkpoint_every=5",
+        "--config.sft.keep_period=5", "--config.rm.epochs=1"]
 # 12 iterations of 16 episodes, a checkpoint every 2: the kill lands between ppo/2 and ppo/12.
 PPO_FLAGS = ["--config.ppo.total_episodes=192", "--config.ppo.checkpoint_every=2"]
 PPO_STEPS = 12
@@ -514,3 +515,17 @@ def test_eval_stage_compares_every_model_and_resumes_exactly(ppo_run, tmp_path):
   shutil.rmtree(w / "eval")
   cli(w, "eval")
   assert json.loads((w / "eval" / "report.json").read_text()) == rep
+
+
+@pytest.mark.slow
+def test_ppo_starts_from_the_sft_candidate_the_rm_scores_best(reference_run, tmp_path):
+  from instructrl import checkpoints
+  w = upstream_copy(reference_run, tmp_path / "select")
+  assert checkpoints.kept_steps(w / "sft") == [5, 10]          # keep_period kept the earlier candidate
+  cli(w, "ppo", *PPO_FLAGS, "--config.ppo.total_episodes=32", "--config.ppo.select_sft_by_rm=True")
+  sel = json.loads((w / "sft_selection.json").read_text())
+  scores = {int(k): v for k, v in sel["scores"].items()}
+  assert sorted(scores) == [5, 10] and sel["chosen"] == max(scores, key=scores.get)
+  assert scores[5] != scores[10]                                 # two different models were scored
+  meta = json.loads((w / "ppo" / "2" / "meta" / "metadata").read_text())
+  assert meta["policy_init_step"] == sel["chosen"]

@@ -52,7 +52,7 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.n_labelers = 20                  # labeler pool, assigned round-robin to groups
     c.n_groups = 5                     # labeler groups (5-fold like the paper)
     c.heldout_group = 4                # held-out evaluator group: no demos, no training rankings
-    c.labeler_temperature = 0.39       # Plackett-Luce temperature on utility; calibrated to ~72.6% agreement
+    c.labeler_temperature = 0.13       # Plackett-Luce temperature on utility: ~72% agreement on tiny SFT samples (docs/STATUS.md)
     c.labeler_temperature_jitter = 0.1 # per-labeler log-normal spread of the temperature
     c.heldout_temperature_scale = 0.9  # held-out evaluators are a bit more consistent (paper: 77.3%)
     c.taste_scale = 0.05               # size of group taste weights (brevity, friendliness, sentences)
@@ -62,7 +62,7 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.demo_constraint_follow = 0.75    # demos that obey an extra constraint
     c.demo_premise_reject = 0.4        # demos that reject a false premise (the rest accept it)
     c.acceptable_threshold = 0.7       # gold score at or above which a response is acceptable
-    c.form_credit = 0.0                # share of the score a wrong answer keeps for good form (judge.py)
+    c.form_credit = 0.2                # share of the score a wrong answer keeps for good form (judge.py)
 
     if size == "smoke":
         c.n_countries, c.n_people, c.n_animals = 8, 12, 8
