@@ -227,9 +227,13 @@ def load_params(directory: str | Path, abstract_params: Any, model_dict: dict,
       if not meta.get("complete"):
         raise FileNotFoundError(f"{ckpt.directory}: stage did not finish (latest step {meta['step']}); rerun it")
       if step is not None and step != meta["step"]:
-        if step not in ckpt.manager.all_steps():
-          raise FileNotFoundError(f"{ckpt.directory}: no kept checkpoint at step {step} "
-                                  f"(kept: {sorted(ckpt.manager.all_steps())})")
+        kept = sorted(s for s in ckpt.manager.all_steps() if s not in ckpt._bad)
+        if step not in kept:
+          raise FileNotFoundError(f"{ckpt.directory}: no usable kept checkpoint at step {step} (kept: {kept})")
+        problem = manifest_problem(ckpt.directory / str(step))   # latest_step() checked only the final one
+        if problem:
+          ckpt.quarantine(step, problem)
+          continue
         meta = ckpt.meta(step)
       check_model(meta["model"], model_dict, str(ckpt.directory))
       check_world(meta, world_id, str(ckpt.directory))

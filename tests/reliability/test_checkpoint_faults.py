@@ -221,3 +221,18 @@ def test_cli_on_a_full_disk_stops_with_a_clear_message_and_resumes(tmp_path):
   assert rc["second_rc"] == "0", (out / "second.log").read_text()[-3000:]
   assert "resuming from step 5" in (out / "second.log").read_text()
   assert "20" in (out / "steps_after_rerun").read_text().split()
+
+
+def test_a_damaged_kept_candidate_step_is_refused_not_replaced(tmp_path):
+  """load_params(step=k) of a damaged earlier step says so; it never hands over another step's params."""
+  d = tmp_path / "stage"
+  c = checkpoints.StageCheckpoints(d, max_to_keep=5)
+  model = {"d_model": 64}
+  for s in (1, 2, 3):
+    c.save(s, state_at(s), {"complete": s == 3, "model": model})
+  c.close()
+  params, meta = checkpoints.load_params(d, abstract()["params"], model, step=2)
+  assert meta["step"] == 2 and np.array_equal(params["w"], state_at(2)["params"]["w"])
+  flip_byte(d / "2")
+  with pytest.raises(FileNotFoundError, match=r"no usable kept checkpoint at step 2 \(kept: \[1, 3\]\)"):
+    checkpoints.load_params(d, abstract()["params"], model, step=2)
