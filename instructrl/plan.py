@@ -301,7 +301,7 @@ def _measure(stage, config, mesh, rules, shape, analytic_only, fit_layers):
 
 
 def plan(config, layouts, stages, target: str, headroom: float = 0.1, analytic_only: bool = False,
-         devices=None, fit_layers: tuple | None = None) -> list[dict]:
+         devices=None, fit_layers: tuple | None = None, on_row=None) -> list[dict]:
   """One row per (mesh shape, stage): measured and analytic per-device bytes, and whether it fits."""
   import jax
   from instructrl import parallel
@@ -325,6 +325,8 @@ def plan(config, layouts, stages, target: str, headroom: float = 0.1, analytic_o
       except ValueError as e:
         row.update(error=str(e), fits=False)
       rows.append(row)
+      if on_row:   # compiles take minutes: show each row as it is done
+        on_row(row)
   return rows
 
 
@@ -337,19 +339,25 @@ def smallest_fitting(rows: list[dict]) -> tuple | None:
   return ok[0][1] if ok else None
 
 
-def format_table(rows: list[dict], target: str, headroom: float) -> str:
-  lines = [f"target {target}: {TARGETS[target] / GiB:.1f} GiB per chip, {headroom:.0%} headroom kept "
-           f"(budget {TARGETS[target] * (1 - headroom) / GiB:.1f} GiB)",
-           f"{'stage':<12}{'chips':>6}  {'mesh':<12}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'peak':>8}"
-           f"{'analytic':>10}  {'fits':<5} shape"]
-  g = lambda r, k: f"{r[k]:8.2f}" if k in r else f"{'-':>8}"
-  for r in rows:
-    if "error" in r:
-      lines.append(f"{r['stage']:<12}{r['chips']:>6}  {str(tuple(r['mesh'])):<12} error: {r['error']}")
-      continue
-    lines.append(f"{r['stage']:<12}{r['chips']:>6}  {str(tuple(r['mesh'])):<12}{g(r, 'argument_gib')}{g(r, 'output_gib')}"
-                 f"{g(r, 'alias_gib')}{g(r, 'temp_gib')}{g(r, 'peak_gib')}{r['analytic_gib']:10.2f}  "
-                 f"{'yes' if r['fits'] else 'NO':<5} {r['shape']}")
+def table_header(target: str, headroom: float) -> str:
+  return "\n".join([
+      f"target {target}: {TARGETS[target] / GiB:.1f} GiB per chip, {headroom:.0%} headroom kept "
+      f"(budget {TARGETS[target] * (1 - headroom) / GiB:.1f} GiB)",
+      f"{'stage':<12}{'chips':>6}  {'mesh':<12}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'peak':>8}"
+      f"{'analytic':>10}  {'fits':<5} shape"])
+
+
+def table_row(r: dict) -> str:
+  g = lambda k: f"{r[k]:8.2f}" if k in r else f"{'-':>8}"
+  if "error" in r:
+    return f"{r['stage']:<12}{r['chips']:>6}  {str(tuple(r['mesh'])):<12} error: {r['error']}"
+  return (f"{r['stage']:<12}{r['chips']:>6}  {str(tuple(r['mesh'])):<12}{g('argument_gib')}{g('output_gib')}"
+          f"{g('alias_gib')}{g('temp_gib')}{g('peak_gib')}{r['analytic_gib']:10.2f}  "
+          f"{'yes' if r['fits'] else 'NO':<5} {r['shape']}")
+
+
+def table_footer(rows: list[dict]) -> str:
+  lines = []
   fitted = sorted({tuple(r["extrapolated_from_layers"]) for r in rows if "extrapolated_from_layers" in r})
   if fitted:
     lines.append(f"args/out/alias/temp/peak: compiled at depths {fitted[0]} and extrapolated linearly to n_layers.")
@@ -357,6 +365,10 @@ def format_table(rows: list[dict], target: str, headroom: float) -> str:
   lines.append("GiB per device. " + (f"Fewest chips tried on which every stage fits: {math.prod(best)}, mesh {best}"
                                      if best else "No mesh tried fits every stage: try more chips or a tensor axis."))
   return "\n".join(lines)
+
+
+def format_table(rows: list[dict], target: str, headroom: float) -> str:
+  return "\n".join([table_header(target, headroom), *map(table_row, rows), table_footer(rows)])
 
 
 def parse_layouts(mesh_text: str, chips_text: str | None) -> list[tuple]:
@@ -395,8 +407,10 @@ def main(argv):
   jax.config.update("jax_platforms", "cpu")
   if not _ANALYTIC_ONLY.value:
     jax.config.update("jax_num_cpu_devices", max(math.prod(m) for m in layouts))
-  rows = plan(config, layouts, stages, _TARGET.value, _HEADROOM.value, _ANALYTIC_ONLY.value, fit_layers=fit)
-  print(format_table(rows, _TARGET.value, _HEADROOM.value))
+  print(table_header(_TARGET.value, _HEADROOM.value), flush=True)
+  rows = plan(config, layouts, stages, _TARGET.value, _HEADROOM.value, _ANALYTIC_ONLY.value, fit_layers=fit,
+              on_row=lambda r: print(table_row(r), flush=True))
+  print(table_footer(rows))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=1)
