@@ -208,6 +208,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.prompt_len = 32
     c.rm.update(n_prompts=1000, batch_size=16, eval_batch_size=25, learning_rate=5e-5, collect_batch_prompts=32,
                 log_every=5, eval_every=25, checkpoint_every=25)
+    # Half the ranked responses from SFT, half from the pretrained model bare and prompted (paper 3.5:
+    # several models' outputs); measured on tiny, docs/STATUS.md: 0.655 vs 0.557 policy-only.
+    c.rm.source_mix.update(policy=0.5, pretrain=0.25, pretrain_few_shot=0.25)
     c.ppo.update(total_episodes=64 * 40, batch_size=64, minibatch_size=16, ptx_batch_size=32,
                  learning_rate=2e-5, value_learning_rate=1e-4, warmup_iterations=2, ptx_coef=1.0)
     c.sft.model_overrides.resid_dropout = 0.1
