@@ -224,7 +224,7 @@ def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config
   n = cfg.num_params()
   ab = np.dtype(cfg.compute_dtype).itemsize
   trained = {"pretrain": 1, "sft": 1, "rm": 1, "ppo_rollout": 0, "ppo_update": 2}[stage]   # models with Adam
-  frozen = {"ppo_rollout": 4, "ppo_update": 2}.get(stage, 0)   # rollout: policy/ref/value/RM; update: EMA + policy copy
+  frozen = {"ppo_rollout": 4, "ppo_update": 1}.get(stage, 0)   # rollout: policy/ref/value/RM; update: the EMA
   state = n * (trained * 16 + frozen * 4) / shards
   D, F, L, H, V = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.n_heads, cfg.vocab_size
 
