@@ -100,6 +100,8 @@ def _ppo_stage():
   c.clip = 0.2                   # paper C.4: PPO clip
   c.value_clip = 0.2             # lm-human-preferences: value clipping (cliprange_value)
   c.whiten_advantages = True     # lm-human-preferences default
+  c.normalize_score = True       # lm-human-preferences: RM scores of the initial policy's samples scaled to std 1
+  c.normalize_batches = 2        # rollouts that estimate that std
   c.temperature = 1.0            # paper C.4: sampling temperature 1
   c.prompt_len = 32              # prompt tokens (left-padded)
   c.max_new_tokens = 32          # response cap

@@ -66,11 +66,11 @@ def response_view(model_cfg, params, head, seq_bs, positions_bs, kv_mask_bs, P):
 
 
 def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn: ScoreFn | None = None):
-  """rollout(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, kl_coef) -> (batch, metrics)."""
+  """rollout(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, kl_coef, score_gain) -> (batch, metrics)."""
   logp_of = lambda logits, toks: jnp.take_along_axis(
       process_logits(logits, cfg.temperature), toks[..., None], axis=-1)[..., 0]
 
-  def rollout(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, kl_coef):
+  def rollout(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, kl_coef, score_gain=1.0):
     B, P = prompt_bp.shape
     s = sample(policy, prompt_bp, prompt_mask_bp, rng, cfg=model_cfg, max_new_tokens=cfg.max_new_tokens,
                temperature=cfg.temperature, eos_id=eos_id, pad_id=pad_id)
@@ -89,14 +89,17 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
     else:
       score = score_fn(seq, last, s.tokens, s.mask)
     ended = jnp.any(s.tokens == eos_id, axis=1)
-    score = score + jnp.where(ended, 0.0, cfg.missing_eos_penalty)
+    raw = score
+    # score_gain: 1 / the RM scores' std on the initial policy's samples (ppo.normalize_score).
+    score = score_gain * score + jnp.where(ended, 0.0, cfg.missing_eos_penalty)
     rewards, kl = objectives.kl_penalty_rewards(logp, ref_logp, score, s.mask, kl_coef)
     adv, returns = objectives.gae(rewards, values, s.mask, cfg.gamma, cfg.gae_lambda)
     if cfg.whiten_advantages:
       adv = objectives.whiten(adv, s.mask)
     batch = {"seq": seq, "positions": positions, "kv_mask": kv_mask, "mask": s.mask, "old_logp": logp,
              "old_values": values, "advantages": adv, "returns": returns}
-    metrics = {"objective/score": score.mean(), "objective/kl": kl.sum(1).mean(),
+    metrics = {"objective/score": raw.mean(), "objective/score_std": raw.std(),
+               "objective/score_normalized": score.mean(), "objective/kl": kl.sum(1).mean(),
                "objective/kl_coef": kl_coef, "objective/reward": rewards.sum(1).mean(),
                "objective/response_length": s.lengths.mean(), "objective/eos_fraction": ended.mean()}
     return batch, metrics, s.tokens
@@ -196,12 +199,13 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   repl = parallel.replicated(mesh)
   shardings = {"step": repl, "params": pol_sh["params"], "opt_state": pol_sh["opt_state"],
                "value": val_sh["params"], "value_opt": val_sh["opt_state"], "ema": pol_sh["params"],
-               "kl_coef": repl}
+               "kl_coef": repl, "score_gain": repl}
   pol_abs = abstract_state(model_cfg, policy_tx, pol_sh, "lm")
   val_abs = abstract_state(model_cfg, value_tx, val_sh, "scalar")
   abstract = {"step": pol_abs["step"], "params": pol_abs["params"], "opt_state": pol_abs["opt_state"],
               "value": val_abs["params"], "value_opt": val_abs["opt_state"], "ema": pol_abs["params"],
-              "kl_coef": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)}
+              "kl_coef": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl),
+              "score_gain": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)}
   load = lambda stage, abs_params, step=None: checkpoints.load_params(workdir / stage, abs_params, model_dict,
                                                                      world_id, step=step)[0]
   init_step = None   # the policy stage's final step, or the SFT candidate the RM scores best (paper C.1)
@@ -213,12 +217,30 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   def initial_state():
     policy = load(cfg.policy_init, pol_abs["params"], init_step)
     value = load("rm", val_abs["params"])                          # paper C.4: value function from the RM
+    gain = score_gain(policy, value) if cfg.normalize_score else 1.0
+    # The value head predicts normalised returns from the start: the RM's head times the gain.
+    value = {**value, "score": value["score"] * gain, "score_bias": value["score_bias"] * gain}
     with jax.set_mesh(mesh):
       popt = jax.jit(policy_tx.init, out_shardings=pol_sh["opt_state"])(policy)
       vopt = jax.jit(value_tx.init, out_shardings=val_sh["opt_state"])(value)
     return {"step": jax.device_put(jnp.int32(0), repl), "params": policy, "opt_state": popt, "value": value,
             "value_opt": vopt, "ema": jax.tree.map(jnp.copy, policy),
-            "kl_coef": jax.device_put(jnp.float32(cfg.kl_coef), repl)}
+            "kl_coef": jax.device_put(jnp.float32(cfg.kl_coef), repl),
+            "score_gain": jax.device_put(jnp.float32(gain), repl)}
+
+  def score_gain(policy, value) -> float:
+    """lm-human-preferences' reward normalisation: RM scores of the initial policy's samples get std 1.
+
+    Measured once on ppo.normalize_batches rollouts (their own key, no KL), then fixed and
+    checkpointed, so a resumed run uses the same gain.
+    """
+    key = jax.random.key(config.seed + 9)
+    stds = [float(rollout(policy, value, ref, rm, *[batch_at(i)[k] for k in ("prompt", "prompt_mask")],
+                          jax.random.fold_in(key, i), jnp.float32(0.0), jnp.float32(1.0))[1]["objective/score_std"])
+            for i in range(cfg.normalize_batches)]
+    gain = 1.0 / max(float(np.mean(stds)), 1e-6)
+    logging.info("ppo: RM score std on the initial policy %.4g: score gain %.4g", float(np.mean(stds)), gain)
+    return gain
 
   # ------------------------------------------------------------------ steps
   rollout = jax.jit(make_rollout(model_cfg, cfg, tokenizer.eos_id, tokenizer.pad_id, score_fn))
@@ -230,7 +252,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
     key = jax.random.fold_in(rng, state["step"])
     t0 = time.perf_counter()
     ro, ro_metrics, tokens = rollout(state["params"], state["value"], ref, rm, batch["prompt"],
-                                     batch["prompt_mask"], key, state["kl_coef"])
+                                     batch["prompt_mask"], key, state["kl_coef"], state["score_gain"])
     jax.block_until_ready(ro)
     t1 = time.perf_counter()
     lr = policy_sched(state["step"] * updates_per_iter)       # of this iteration's first update (as lm/rm log it)

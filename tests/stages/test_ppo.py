@@ -165,7 +165,14 @@ def test_reward_lands_on_the_last_real_token_of_ragged_responses():
   np.testing.assert_allclose(returns, np.where(mask, want[:, None], 0.0), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(b["advantages"], np.where(mask, want[:, None] - b["old_values"], 0.0),
                              rtol=1e-5, atol=1e-4)
-  assert float(m["objective/score"]) == pytest.approx(want.mean(), rel=1e-6)
+  raw = want - np.where(ended, 0.0, penalty)          # objective/score is the RM's own score, before gain/penalty
+  assert float(m["objective/score"]) == pytest.approx(raw.mean(), rel=1e-6)
+  assert float(m["objective/score_std"]) == pytest.approx(raw.std(), rel=1e-5)
+  assert float(m["objective/score_normalized"]) == pytest.approx(want.mean(), rel=1e-6)   # gain 1 here
+  with parallel.activate(mesh, rules):   # the same samples (same key) with the reward normalisation's gain
+    _, m2, _ = rollout(state["params"], state["value"], models["ref"], None, prompts, pmask, jax.random.key(1),
+                       state["kl_coef"], 2.0)
+  assert float(m2["objective/score_normalized"]) == pytest.approx((2 * raw + want - raw).mean(), rel=1e-6)
   assert float(m["objective/reward"]) == pytest.approx(want.mean(), rel=1e-6)
   assert float(m["objective/response_length"]) == pytest.approx(lengths.mean())
   assert float(m["objective/eos_fraction"]) == pytest.approx(ended.mean())
@@ -412,8 +419,19 @@ def test_step_zero_policy_is_reference_and_value_is_rm(reference_run, ppo_run, m
   state = captured["state"]
   _, rm = final_params(reference_run / "rm")
   _, sft = final_params(reference_run / "sft")
-  assert trees_equal(state["value"], rm), "the value function starts from the RM (paper C.4)"
-  assert "score" in flat(state["value"]) and "score_bias" in flat(state["value"])
+  # The value function starts from the RM (paper C.4): its trunk exactly, its head times the score gain
+  # that gives the RM's scores on the initial policy's samples std 1 (lm-human-preferences).
+  gain = float(state["score_gain"])
+  assert np.isfinite(gain) and gain > 0
+  v, r = flat(state["value"]), flat(rm)
+  assert v.keys() == r.keys()
+  head = [k for k in v if k.split("/")[-1] in ("score", "score_bias")]
+  assert len(head) == 2
+  for k in v:
+    if k in head:
+      np.testing.assert_allclose(v[k], gain * r[k], rtol=1e-6)
+    else:
+      assert np.array_equal(v[k], r[k]), k
   assert trees_equal(state["params"], sft) and trees_equal(state["ema"], sft)
   assert int(state["step"]) == 0 and float(state["kl_coef"]) == pytest.approx(0.02)
   # fresh optimizers: Adam's moments and counts all zero
