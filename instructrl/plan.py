@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 from absl import app, flags
