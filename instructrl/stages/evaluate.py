@@ -57,7 +57,10 @@ def available_models(workdir: Path) -> list[dict]:
                 "few_shot": True}]
   meta = stage_meta(workdir, "sft")
   if meta:
-    models.append({"name": "SFT", "stage": "sft", "step": meta["step"], "entry": "params", "few_shot": False})
+    # The SFT baseline is the SFT model PPO started from: the RM-selected candidate if there was a choice.
+    sel = workdir / "sft_selection.json"
+    step = json.loads(sel.read_text())["chosen"] if sel.exists() else meta["step"]
+    models.append({"name": "SFT", "stage": "sft", "step": step, "entry": "params", "few_shot": False})
   for stage in PPO_STAGES:
     meta = stage_meta(workdir, stage)
     if meta:
@@ -106,7 +109,7 @@ def run(config, workdir: Path, mesh, rules) -> dict:
   tx, _ = make_optimizer(config.sft, 1)
   abstract = abstract_state(model_cfg, tx, state_shardings(model_cfg, tx, mesh, rules))["params"]
   load = lambda m: checkpoints.load_params(workdir / m["stage"], abstract, model_cfg.to_dict(), world_id,
-                                           entry=m["entry"])[0]
+                                           entry=m["entry"], step=m["step"])[0]
   prefix = world.few_shot_prefix(np.random.default_rng(config.seed), k=ecfg.few_shot)
   valid_lm = pack_texts(tokenizer.encode_batch([r["text"] for r in load_jsonl(world_dir / "corpus_valid.jsonl",
                                                                                "text")]), config.pretrain.seq_len)
