@@ -23,15 +23,16 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from instructrl import cli_flags
 from absl import app, flags
 from ml_collections import config_flags
 
 
 def _define_flags():
   """Only when run as a program: importing this module (tests, instructrl.main) defines no flags."""
-  config = config_flags.DEFINE_config_file("config", None, "configs/alpaca_sft.py or configs/hh_rlhf.py",
+  config = cli_flags.define(config_flags.DEFINE_config_file, "config", None, "configs/alpaca_sft.py or configs/hh_rlhf.py",
                                            lock_config=False)
-  workdir = flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
+  workdir = cli_flags.define(flags.DEFINE_string, "workdir", None, "Run directory (created if missing).")
   flags.mark_flags_as_required(["config", "workdir"])
   return config, workdir
 

@@ -13,20 +13,21 @@ import sys
 from pathlib import Path
 
 import ml_collections
+from instructrl import cli_flags
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/instructgpt.py:tiny.",
+_CONFIG = cli_flags.define(config_flags.DEFINE_config_file, "config", None, "Config file, e.g. configs/instructgpt.py:tiny.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
-_STAGES = flags.DEFINE_string("stages", None, "Comma-separated stages; default: config.stages.")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+_WORKDIR = cli_flags.define(flags.DEFINE_string, "workdir", None, "Run directory (created if missing).")
+_STAGES = cli_flags.define(flags.DEFINE_string, "stages", None, "Comma-separated stages; default: config.stages.")
+_DISTRIBUTED = cli_flags.define(flags.DEFINE_enum, "distributed", "auto", ["auto", "on", "off"],
                                  "Multi-host: 'auto' connects the processes when a coordinator is given or a TPU pod / "
                                  "SLURM / Open MPI job is detected (instructrl/distributed.py).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, where JAX cannot detect the "
+_COORDINATOR = cli_flags.define(flags.DEFINE_string, "coordinator_address", None, "host:port of process 0, where JAX cannot detect the "
                                    "cluster (GPU nodes without SLURM); or env JAX_COORDINATOR_ADDRESS.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+_NUM_PROCESSES = cli_flags.define(flags.DEFINE_integer, "num_processes", None, "Processes in the job (with --coordinator_address).")
+_PROCESS_ID = cli_flags.define(flags.DEFINE_integer, "process_id", None, "This process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 STAGES = ("world", "pretrain", "sft", "rm", "ppo", "ppo_noptx", "eval")

@@ -26,6 +26,7 @@ import math
 import os
 import time
 
+from instructrl import cli_flags
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -46,18 +47,18 @@ PLAN_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensi
                   "--xla_disable_hlo_passes=cse_barrier_expander")
 STAGES = ("pretrain", "sft", "rm", "ppo_rollout", "ppo_update")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config, e.g. configs/instructgpt.py:6b.", lock_config=True)
-_MESH = flags.DEFINE_string("mesh", None, "Mesh shape data,fsdp,tensor (one entry may be -1 with --chips); several "
+_CONFIG = cli_flags.define(config_flags.DEFINE_config_file, "config", None, "Config, e.g. configs/instructgpt.py:6b.", lock_config=True)
+_MESH = cli_flags.define(flags.DEFINE_string, "mesh", None, "Mesh shape data,fsdp,tensor (one entry may be -1 with --chips); several "
                             "separated by ';' are compared in one table. Default: config.mesh.shape.")
-_CHIPS = flags.DEFINE_string("chips", None, "Comma-separated chip counts to try (the -1 entry of --mesh takes the rest); "
+_CHIPS = cli_flags.define(flags.DEFINE_string, "chips", None, "Comma-separated chip counts to try (the -1 entry of --mesh takes the rest); "
                              "default: the product of --mesh.")
-_TARGET = flags.DEFINE_enum("target", "v5p", list(TARGETS), "Chip whose memory the result is checked against.")
-_STAGES = flags.DEFINE_string("stages", "sft,rm,ppo_rollout,ppo_update", f"Comma-separated, from {STAGES}.")
-_HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of chip memory kept free (runtime, fragmentation).")
-_ANALYTIC_ONLY = flags.DEFINE_bool("analytic_only", False, "Skip compiling; closed-form estimate only (175b).")
-_FIT_LAYERS = flags.DEFINE_string("fit_layers", None, "Two depths, e.g. 2,4: compile those and extrapolate the "
+_TARGET = cli_flags.define(flags.DEFINE_enum, "target", "v5p", list(TARGETS), "Chip whose memory the result is checked against.")
+_STAGES = cli_flags.define(flags.DEFINE_string, "stages", "sft,rm,ppo_rollout,ppo_update", f"Comma-separated, from {STAGES}.")
+_HEADROOM = cli_flags.define(flags.DEFINE_float, "headroom", 0.1, "Fraction of chip memory kept free (runtime, fragmentation).")
+_ANALYTIC_ONLY = cli_flags.define(flags.DEFINE_bool, "analytic_only", False, "Skip compiling; closed-form estimate only (175b).")
+_FIT_LAYERS = cli_flags.define(flags.DEFINE_string, "fit_layers", None, "Two depths, e.g. 2,4: compile those and extrapolate the "
                                   "bytes linearly to model.n_layers (minutes instead of an hour for 6b/175b).")
-_JSON = flags.DEFINE_string("json", None, "Also write the rows as JSON to this file.")
+_JSON = cli_flags.define(flags.DEFINE_string, "json", None, "Also write the rows as JSON to this file.")
 
 
 # ----------------------------------------------------------------------------- one stage, abstractly
@@ -394,7 +395,7 @@ def main(argv):
     layouts = parse_layouts(_MESH.value or ",".join(map(str, config.mesh.shape)), _CHIPS.value)
   except ValueError as e:
     raise app.UsageError(str(e))
-  stages = [s.strip() for s in _STAGES.value.split(",") if s.strip()]
+  stages = [s.strip() for s in (_STAGES.value or "sft,rm,ppo_rollout,ppo_update").split(",") if s.strip()]
   bad = [s for s in stages if s not in STAGES]
   if bad:
     raise app.UsageError(f"--stages: unknown {bad}; choose from {STAGES}")

@@ -20,11 +20,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+from instructrl import cli_flags
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/instructgpt.py:tiny.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run directory with world, pretrain and sft done.")
+_CONFIG = cli_flags.define(config_flags.DEFINE_config_file, "config", None, "Config file, e.g. configs/instructgpt.py:tiny.")
+_WORKDIR = cli_flags.define(flags.DEFINE_string, "workdir", None, "A run directory with world, pretrain and sft done.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from instructrl import cli_flags
 from absl import app, flags, logging
 
-_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file, e.g. configs/sweeps/kl_coef.py[:arg].", required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (members under it).", required=True)
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the per-member commands and the sharing, run nothing.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these members (names); aggregation still reads every member.")
+_SWEEP = cli_flags.define(flags.DEFINE_string, "sweep", None, "Sweep file, e.g. configs/sweeps/kl_coef.py[:arg].", required=True)
+_WORKDIR = cli_flags.define(flags.DEFINE_string, "workdir", None, "Sweep directory (members under it).", required=True)
+_DRY_RUN = cli_flags.define(flags.DEFINE_bool, "dry_run", False, "Print the per-member commands and the sharing, run nothing.")
+_ONLY = cli_flags.define(flags.DEFINE_list, "only", [], "Run only these members (names); aggregation still reads every member.")
 
 # Where each stage's outputs live in a run directory.
 STAGE_OUTPUTS = {"world": ("world",), "pretrain": ("pretrain", "metrics/pretrain.jsonl"),

@@ -504,9 +504,10 @@ def test_rerun_of_complete_ppo_stage_changes_nothing(ppo_run):
 # ----------------------------------------------------------------------------- the eval stage on these runs
 
 @pytest.mark.slow
-def test_eval_stage_compares_every_model_and_resumes_exactly(ppo_run, tmp_path):
+def test_eval_stage_compares_every_model_and_resumes_exactly(ppo_run, reference_run, tmp_path):
   w = tmp_path / "eval_run"
   shutil.copytree(ppo_run, w)
+  shutil.copy(reference_run / "metrics" / "rm.jsonl", w / "metrics" / "rm.jsonl")   # the RM's accuracies
   cli(w, "ppo_noptx,eval", *PPO_FLAGS)
   rep = json.loads((w / "eval" / "report.json").read_text())
   assert rep["models"] == ["GPT", "GPT prompted", "SFT", "PPO-ptx", "PPO"]
