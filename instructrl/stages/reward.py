@@ -57,7 +57,7 @@ def load_policy(config, workdir: Path, mesh, rules, stage: str = "sft"):
 SOURCES = ("policy", "pretrain", "pretrain_few_shot")
 
 
-def _source_sampler(config, workdir: Path, mesh, rules, world, tokenizer, model_cfg, source: str):
+def _source_sampler(config, params, world, tokenizer, model_cfg, source: str):
   """texts(prompts, key) -> one sampled answer per prompt, from one of the SOURCES.
 
   policy: rm.policy (SFT) at rm.sample_temperature; pretrain: the pretrained model on the bare
@@ -65,7 +65,6 @@ def _source_sampler(config, workdir: Path, mesh, rules, world, tokenizer, model_
   paper's comparisons also rank outputs of several models, its GPT-3 baselines included).
   """
   cfg = config.rm
-  params = load_policy(config, workdir, mesh, rules, cfg.policy if source == "policy" else "pretrain")
   few_shot = source == "pretrain_few_shot"
   prefix = world.few_shot_prefix(np.random.default_rng(config.seed), k=config.eval.few_shot) if few_shot else ""
   temperature = cfg.sample_temperature if source == "policy" else config.eval.baseline_temperature
@@ -104,7 +103,9 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
   if unknown or not mix:
     raise ValueError(f"rm.source_mix={dict(cfg.source_mix)}: expected positive weights on some of {SOURCES}")
   names, weights = list(mix), np.array(list(mix.values())) / sum(mix.values())
-  samplers = {s: _source_sampler(config, workdir, mesh, rules, world, tokenizer, model_cfg, s) for s in names}
+  stage_of = lambda s: cfg.policy if s == "policy" else "pretrain"
+  params = {st: load_policy(config, workdir, mesh, rules, st) for st in {stage_of(s) for s in names}}   # each once
+  samplers = {s: _source_sampler(config, params[stage_of(s)], world, tokenizer, model_cfg, s) for s in names}
   records = load_jsonl(world_dir / "prompts_rm.jsonl", "eval")[:cfg.n_prompts]
   rng = np.random.default_rng([config.seed, 404])
   k_max = max(cfg.k_choices)
