@@ -92,7 +92,14 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
   """
   cfg = config.rm
   out = Path(workdir) / COMPARISONS
+  wanted = collection_key(config)
   if (out / "COMPLETE").exists():
+    have = json.loads((out / "COMPLETE").read_text()).get("key")   # absent in sets collected before the check
+    if have is not None and have != wanted:
+      diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+      raise ValueError(f"{out} was collected with different settings ({', '.join(diff)}: "
+                       f"{ {k: have.get(k) for k in diff} } there, { {k: wanted.get(k) for k in diff} } asked); "
+                       f"use a new --workdir or delete {out} and the rm stage")
     return out
   world_dir = Path(workdir) / "world"
   world = world_lib.World.load(world_dir)
@@ -148,8 +155,18 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
     logging.warning("rm: skipped %d prompts with fewer than 2 distinct non-empty samples", skipped)
   for split, recs in rows.items():
     write_jsonl(out / f"{split}.jsonl", recs)
-  (out / "COMPLETE").write_text(json.dumps({"prompts": len(records), "skipped": skipped}) + "\n")
+  (out / "COMPLETE").write_text(json.dumps({"prompts": len(records), "skipped": skipped, "key": wanted}) + "\n")
   return out
+
+
+def collection_key(config) -> dict:
+  """The settings that decide what collect() writes: a finished set is reused only if they match."""
+  cfg = config.rm
+  keys = ("n_prompts", "valid_fraction", "k_choices", "sample_temperature", "prompt_len", "max_new_tokens",
+          "collect_batch_prompts", "policy")
+  return json.loads(json.dumps({**{k: cfg[k] for k in keys}, "source_mix": cfg.source_mix.to_dict(),
+                                "seed": config.seed, "baseline_temperature": config.eval.baseline_temperature,
+                                "few_shot": config.eval.few_shot, "prefix_len": config.eval.prefix_len}))
 
 
 # ----------------------------------------------------------------------------- data

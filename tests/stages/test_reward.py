@@ -457,3 +457,19 @@ def test_labeler_group_cross_validation_runs_every_fold(reference_run, tmp_path)
     assert (w / "rm_cv" / f"fold{g}" / "rm").is_dir()
   accs = [f["valid/heldout_group/accuracy"] for f in summary["folds"].values()]
   assert summary["valid/heldout_group/accuracy"]["mean"] == pytest.approx(np.mean(accs))
+
+
+def test_collected_comparisons_are_reused_only_with_the_same_collection_settings(tmp_path):
+  from configs.instructgpt import get_config
+  config = get_config("smoke")
+  out = tmp_path / "comparisons"
+  out.mkdir()
+  (out / "COMPLETE").write_text(json.dumps({"prompts": 40, "skipped": 0, "key": reward.collection_key(config)}))
+  assert reward.collect(config, tmp_path, None, None) == out          # same settings: reused, nothing sampled
+  config.rm.learning_rate = 1e-3                                     # training settings do not matter
+  assert reward.collect(config, tmp_path, None, None) == out
+  config.rm.n_prompts = 41
+  with pytest.raises(ValueError, match=r"n_prompts.*40.*41.*delete"):
+    reward.collect(config, tmp_path, None, None)
+  (out / "COMPLETE").write_text(json.dumps({"prompts": 40, "skipped": 0}))   # collected before the check: kept
+  assert reward.collect(config, tmp_path, None, None) == out
