@@ -24,7 +24,8 @@ setup(
         "matplotlib>=3.8",         # the eval stage's plots (Agg backend, no display needed)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # nbclient/nbformat/ipykernel: tests/test_notebooks.py executes notebooks/*.ipynb
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         # HF parity tests and tokenizer.json; install torch==2.13.0 (CPU) first, see .ci/run
         "hf": ["transformers>=4.45", "tokenizers>=0.20"],
         # TFDS-prepared datasets (array_record), read without TensorFlow

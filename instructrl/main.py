@@ -98,7 +98,7 @@ def main(argv):
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     handler.addFilter(_QuietLibraries())
   import jax
-  from instructrl import parallel, workdir_lock
+  from instructrl import parallel, progress, workdir_lock
   from instructrl.stages import evaluate, ppo, pretrain, reward, sft, world
 
   from instructrl import distributed
@@ -129,8 +129,12 @@ def main(argv):
          "ppo_noptx": lambda: ppo.run(_without_ptx(config), workdir, mesh, rules, name="ppo_noptx"),
          "eval": lambda: evaluate.run(config, workdir, mesh, rules)}
   try:
-    for stage in stages:
-      run[stage]()
+    # The outer bar and a line per stage (skipped / resumed / running); process 0 speaks.
+    with progress.Pipeline(config, workdir, stages, enabled=jax.process_index() == 0) as pipeline:
+      for stage in stages:
+        pipeline.start(stage)
+        run[stage]()
+        pipeline.finish(stage)
   finally:
     lock.release()
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from instructrl import checkpoints, parallel
+from instructrl import checkpoints, parallel, progress
 from instructrl.metrics import MetricWriter, logged_final
 from instructrl.stages.train_state import NonFiniteError, new_state
 
@@ -103,6 +103,7 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
           skips = 0
         bar.update(1)
         done = step + 1
+        progress.step(name, done, total)   # the whole pipeline's bar (main.py); a no-op elsewhere
         if done % cfg.log_every == 0 or done == total:
           m = jax.device_get(metrics)
           now = time.perf_counter()

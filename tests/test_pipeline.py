@@ -1,0 +1,58 @@
+"""The whole pipeline in one command on the smoke preset (issue #6): world -> pretrain -> sft -> rm ->
+ppo -> ppo_noptx -> eval with no --stages flag, a complete report, progress lines per stage, and a
+rerun that skips every stage."""
+
+import json
+import subprocess
+
+import pytest
+from tests.smoke_pipeline import ROOT, cli_env, command, smoke_run  # noqa: F401 -- smoke_run is a fixture
+
+STAGES = ("world", "pretrain", "sft", "rm", "ppo", "ppo_noptx", "eval")
+
+
+def test_default_stages_are_the_whole_pipeline():
+  from configs import instructgpt
+  for preset in ("smoke", "tiny", "1.3b"):
+    assert tuple(instructgpt.get_config(preset).stages.split(",")) == STAGES
+
+
+@pytest.mark.slow
+def test_one_command_runs_every_stage_and_writes_a_complete_report(smoke_run):
+  w = smoke_run["workdir"]
+  rep = json.loads((w / "eval" / "report.json").read_text())
+  assert rep["models"] == ["GPT", "GPT prompted", "SFT", "PPO-ptx", "PPO"]
+  for name in rep["models"]:
+    r = rep["results"][name]
+    assert 0 <= r["win_rate_vs_sft"]["mean"] <= 1 and 1 <= r["likert"]["mean"] <= 7, name
+    assert 0 <= r["cloze_accuracy"] <= 1 and r["heldout_lm_loss"] > 0, name
+  assert {"accuracy_train_groups", "accuracy_heldout_group"} <= set(rep["rm"])
+  assert set(rep["ppo_curves"]) == {"PPO-ptx", "PPO"}
+  md = (w / "eval" / "report.md").read_text()
+  assert all(f"| {name} |" in md for name in rep["models"])
+  for f in ("win_rates.png", "alignment_tax.png", "ppo_curves.png"):
+    assert (w / "eval" / f).stat().st_size > 1000, f
+  for stage in STAGES[1:-1]:
+    assert (w / "metrics" / f"{stage}.jsonl").stat().st_size > 0, stage
+  # One line per stage from the outer progress bar, in order, then the whole run's timing.
+  err = smoke_run["stderr"]
+  lines = [f"pipeline [{i}/7] {s}: {'generating' if s == 'world' else 'running'}" for i, s in enumerate(STAGES, 1)]
+  at = [err.find(l) for l in lines]
+  assert all(a >= 0 for a in at) and at == sorted(at), [l for l, a in zip(lines, at) if a < 0]
+  assert "pipeline: done in" in err
+  # Issue #6: "well under 2 minutes". Measured 2-core CPU, warm compile cache: see README "One command".
+  assert smoke_run["seconds"] < 120, f"the smoke pipeline took {smoke_run['seconds']:.0f} s"
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_stage(smoke_run, tmp_path):
+  import shutil
+  w = tmp_path / "copy"
+  shutil.copytree(smoke_run["workdir"], w, ignore=shutil.ignore_patterns("LOCK"))
+  before = (w / "eval" / "report.json").read_bytes()
+  out = subprocess.run(command(w), cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  for i, s in enumerate(STAGES, 1):
+    assert f"pipeline [{i}/7] {s}: complete, skipping" in out.stderr, s
+  assert "ETA unknown" in out.stderr     # nothing left to estimate: said, not a made-up time
+  assert (w / "eval" / "report.json").read_bytes() == before
