@@ -150,7 +150,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset              # which preset this config came from
   c.seed = 0                     # one seed for world, init, dropout and data order
-  c.stages = "world,pretrain,sft,rm"  # stages run by default, in order
+  c.stages = "world,pretrain,sft,rm,ppo,ppo_noptx,eval"  # stages run by default, in order: the whole pipeline
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)      # (data, fsdp, tensor); -1 takes the remaining devices
