@@ -23,16 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import CompileCounter, environment
-from configs import instructgpt
+from benchmarks.common import (CompileCounter, check_batch, environment, model_summary, peak_memory_bytes,
+                               ppo_data, ppo_setup, setup)
 from instructrl import parallel
 from instructrl.data.tokenizer import EOS_ID, PAD_ID
-from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import sample
-from instructrl.stages import ppo, train_state
+from instructrl.stages import ppo
 
 
 def main():
@@ -41,7 +39,7 @@ def main():
   ap.add_argument("--batch_size", type=int, default=None, help="episodes per iteration (default: the preset's)")
   ap.add_argument("--minibatch_size", type=int, default=None, help="episodes per update (default: the preset's)")
   ap.add_argument("--iterations", type=int, default=5, help="timed iterations per repeat")
-  ap.add_argument("--repeats", type=int, default=2, help="timing rounds; the best is kept")
+  ap.add_argument("--repeats", type=int, default=2, help="timing rounds (x iterations); medians reported")
   ap.add_argument("--prompt_len", type=int, default=None)
   ap.add_argument("--max_new_tokens", type=int, default=None)
   ap.add_argument("--ptx_coef", type=float, default=None, help="0: plain PPO (no pretraining forward/backward)")
@@ -52,62 +50,26 @@ def main():
     args.batch_size, args.minibatch_size, args.iterations, args.repeats = 16, 8, 2, 1
 
   counter = CompileCounter()
-  config = instructgpt.get_config(args.preset)
-  pc = config.ppo
+  from configs import instructgpt
+  pc = instructgpt.get_config(args.preset).ppo
   pc.batch_size = args.batch_size or pc.batch_size
   pc.minibatch_size = args.minibatch_size or pc.minibatch_size
   pc.prompt_len = args.prompt_len or pc.prompt_len
   pc.max_new_tokens = args.max_new_tokens or pc.max_new_tokens
   if args.ptx_coef is not None:
     pc.ptx_coef = args.ptx_coef
-  B, mb, P, N = pc.batch_size, pc.minibatch_size, pc.prompt_len, pc.max_new_tokens
+  B, mb, P, N, L = pc.batch_size, pc.minibatch_size, pc.prompt_len, pc.max_new_tokens, pc.ptx_seq_len
   if B % mb:
     raise ValueError(f"--batch_size={B} must be a multiple of --minibatch_size={mb}")
-  m = dict(config.model)
-  if args.dtype:
-    m["dtype"] = args.dtype
-  m["max_len"] = max(m["max_len"], P + N, pc.ptx_seq_len)
-  cfg = ModelConfig.from_dict(m)
-  mesh = parallel.make_mesh(config.mesh.shape)
-  rules = parallel.rules_from_config(config.mesh.rules)
-  n_batch_shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
-  if mb % n_batch_shards:
-    raise ValueError(f"--minibatch_size={mb} must be a multiple of the {n_batch_shards} batch shards")
-
-  # ------------------------------------------------------------------ state, as ppo.run builds it
-  n_mb = pc.ppo_epochs * (B // mb)
-  policy_tx, _ = ppo.make_optimizer(pc.learning_rate, pc.warmup_iterations * n_mb, pc.grad_clip, pc.b1, pc.b2)
-  value_tx, _ = ppo.make_optimizer(pc.value_learning_rate, pc.warmup_iterations * n_mb, pc.grad_clip, pc.b1, pc.b2)
-  pol_sh = train_state.state_shardings(cfg, policy_tx, mesh, rules, "lm")
-  val_sh = train_state.state_shardings(cfg, value_tx, mesh, rules, "scalar")
-  repl = parallel.replicated(mesh)
-  shardings = {"step": repl, "params": pol_sh["params"], "opt_state": pol_sh["opt_state"],
-               "value": val_sh["params"], "value_opt": val_sh["opt_state"], "ema": pol_sh["params"], "kl_coef": repl}
-  policy = train_state.init_params(cfg, jax.random.key(0), pol_sh["params"], mesh, rules, "lm")
-  rm = train_state.init_params(cfg, jax.random.key(1), val_sh["params"], mesh, rules, "scalar")
-  with jax.set_mesh(mesh):
-    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
-    ref, ema = copy(policy), copy(policy)
-    value = copy(rm)
-    popt = jax.jit(policy_tx.init, out_shardings=pol_sh["opt_state"])(policy)
-    vopt = jax.jit(value_tx.init, out_shardings=val_sh["opt_state"])(value)
-  state = {"step": jax.device_put(jnp.int32(0), repl), "params": policy, "opt_state": popt, "value": value,
-           "value_opt": vopt, "ema": ema, "kl_coef": jax.device_put(jnp.float32(pc.kl_coef), repl)}
-
-  # ------------------------------------------------------------------ data: random left-padded prompts, ptx windows
-  rng = np.random.default_rng(0)
-  lengths = rng.integers(P // 2, P + 1, B)
-  prompt_mask = np.arange(P)[None, :] >= (P - lengths)[:, None]
-  prompts = np.where(prompt_mask, rng.integers(4, cfg.vocab_size, (B, P)), PAD_ID).astype(np.int32)
-  L = pc.ptx_seq_len
-  ptx_bs = pc.ptx_batch_size if pc.ptx_coef > 0 else 1           # as ppo.run: a stub when ptx is off
-  ptx_toks = rng.integers(4, cfg.vocab_size, (B // mb, ptx_bs, L + 1)).astype(np.int32)
-  ptx = jax.device_put({"inputs": ptx_toks[..., :-1], "targets": ptx_toks[..., 1:],
-                        "mask": np.ones((B // mb, ptx_bs, L), bool)}, repl)
-  batch = train_state.device_batch({"prompt": prompts, "prompt_mask": prompt_mask}, mesh, rules)
+  s = setup(args.preset, dtype=args.dtype, min_len=max(P + N, L))
+  config, cfg, mesh = s.config, s.cfg, s.mesh
+  check_batch(mb, "--minibatch_size", s)
+  st = ppo_setup(s, pc)
+  state, ref, rm, shardings, repl, n_mb = st.state, st.ref, st.rm, st.shardings, st.repl, st.n_mb
+  batch, ptx, ptx_bs = ppo_data(s, pc, np.random.default_rng(0))
 
   rollout = jax.jit(ppo.make_rollout(cfg, pc, EOS_ID, PAD_ID))
-  update = jax.jit(ppo.make_update(cfg, pc, policy_tx, value_tx, P), out_shardings=(shardings, repl),
+  update = jax.jit(ppo.make_update(cfg, pc, st.policy_tx, st.value_tx, P), out_shardings=(shardings, repl),
                    donate_argnums=0)
   sampling = lambda params, key: sample(params, batch["prompt"], batch["prompt_mask"], key, cfg=cfg,
                                         max_new_tokens=N, temperature=pc.temperature, eos_id=EOS_ID, pad_id=PAD_ID)
@@ -132,7 +94,7 @@ def main():
     jax.block_until_ready(sampling(state["params"], jax.random.fold_in(base, it[0] - 1)))
     return time.perf_counter() - t0
 
-  with parallel.activate(mesh, rules):
+  with parallel.activate(mesh, s.rules):
     compiles_setup = counter.count
     t0 = time.perf_counter()
     state, metrics, _, _ = iteration(state)                  # compiles rollout and update
@@ -142,19 +104,16 @@ def main():
     sample_only(state)
     compiles_warmup = counter.count - compiles_setup
     after_warmup = counter.count
-    best = None
-    for _ in range(args.repeats):
-      ro_t, up_t, sa_t, lens = [], [], [], []
-      for _ in range(args.iterations):
-        state, metrics, r, u = iteration(state)
-        ro_t.append(r)
-        up_t.append(u)
-        lens.append(float(metrics["objective/response_length"]))
-        sa_t.append(sample_only(state))                      # same policy, same key: the same responses
-      row = {"rollout_s": float(np.mean(ro_t)), "update_s": float(np.mean(up_t)), "sampling_s": float(np.mean(sa_t)),
-             "response_length": float(np.mean(lens))}
-      if best is None or row["rollout_s"] + row["update_s"] < best["rollout_s"] + best["update_s"]:
-        best = row
+    ro_t, up_t, sa_t, lens = [], [], [], []
+    for _ in range(args.repeats * args.iterations):
+      state, metrics, r, u = iteration(state)
+      ro_t.append(r)
+      up_t.append(u)
+      lens.append(float(metrics["objective/response_length"]))
+      sa_t.append(sample_only(state))                        # same policy, same key: the same responses
+    # Medians: the machine is shared, a mean would carry other people's load spikes.
+    best = {"rollout_s": float(np.median(ro_t)), "update_s": float(np.median(up_t)),
+            "sampling_s": float(np.median(sa_t)), "response_length": float(np.mean(lens))}
     compiles_after_warmup = counter.count - after_warmup
 
   iteration_s = best["rollout_s"] + best["update_s"]
@@ -162,8 +121,7 @@ def main():
   print(json.dumps({
       "benchmark": "ppo_iteration", "preset": args.preset, **environment(),
       "mesh": dict(mesh.shape),
-      "model": {"style": cfg.style, "layers": cfg.n_layers, "d_model": cfg.d_model, "params": cfg.num_params(),
-                "dtype": cfg.dtype},
+      "model": model_summary(cfg),
       "batch_size": B, "minibatch_size": mb, "ppo_epochs": pc.ppo_epochs, "updates_per_iteration": n_mb,
       "prompt_len": P, "max_new_tokens": N, "mean_response_length": best["response_length"],
       "ptx_coef": pc.ptx_coef, "ptx_batch_size": ptx_bs if pc.ptx_coef > 0 else 0, "ptx_seq_len": L,
@@ -177,6 +135,7 @@ def main():
       "final_metrics": {k: float(metrics[k]) for k in ("objective/kl", "ppo/policy/ratio_mean",
                                                         "ppo/policy/clipfrac", "ppo/val/value_loss")},
       "first_iteration_s_incl_compile": first_s,
+      "peak_memory_bytes": peak_memory_bytes(),
       "compiles_warmup": compiles_warmup,
       "compiles_after_warmup": compiles_after_warmup,
   }, indent=1))

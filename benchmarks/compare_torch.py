@@ -1,0 +1,384 @@
+"""JAX (this repo) vs the PyTorch stack (torch + transformers, TRL-style loops) on the same shapes, same run.
+
+  python benchmarks/compare_torch.py                       # all parts: matmul, sft, generate, rm, ppo
+  python benchmarks/compare_torch.py --parts=sft --sft_shape=llama8x512 --repeats=5
+  python benchmarks/compare_torch.py --quick
+
+Both sides get the same model shape (transformers' LlamaForCausalLM / GPT2LMHeadModel built from
+`instructrl.models.hf.config_to_hf`, random init, no downloads), the same dtype (f32 unless --dtype),
+the same batch and the same threads (torch.set_num_threads(--threads); XLA:CPU uses the cores it sees).
+Timings are interleaved (jax, torch, jax, torch, ...) so the shared machine's load hits both alike;
+medians are reported with the load average. ratio = JAX throughput / torch throughput (> 1: JAX faster).
+
+What each torch side does (what a PyTorch user would write):
+  sft:      model(input_ids).logits -> cross-entropy -> backward -> clip_grad_norm_ -> AdamW.step.
+  generate: model.generate(do_sample=True, use_cache=True, top_k=0) for max_new_tokens (EOS disabled
+            on both sides, so both generate exactly max_new_tokens per row).
+  rm:       TRL RewardTrainer's step: chosen and rejected of each pair forwarded (one batch of 2P),
+            reward at the last real token, -logsigmoid(r_c - r_r), AdamW. Compared with our per-pair
+            step (the same algorithm) and with our per-prompt step (one forward per response).
+  ppo:      TRL PPOTrainer's iteration without ptx (TRL has none): generate, forward policy, reference,
+            value and RM on prompt+response, k1 KL rewards, GAE, whitening, then for each minibatch
+            a clipped policy loss and a clipped value loss, each with its own Adam (as ours).
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+
+from benchmarks import train_step as train_step_bench
+from benchmarks.common import (SHAPES, CompileCounter, environment, interleaved, matmul_peak, model_summary,
+                               ppo_data, ppo_setup, ranked_batch, setup, summary)
+from instructrl import parallel
+from instructrl.data.rankings import pairs_from_ranked
+from instructrl.data.tokenizer import EOS_ID, PAD_ID
+from instructrl.models.hf import config_to_hf
+from instructrl.models.sampling import sample
+from instructrl.stages import ppo, reward, train_state
+
+NO_EOS = -1
+
+
+# ----------------------------------------------------------------------------- torch models
+
+def hf_config(cfg, pad_id=PAD_ID):
+  d = config_to_hf(cfg)
+  kind = d.pop("model_type")
+  d.pop("architectures")
+  d["pad_token_id"] = pad_id
+  conf = transformers.CONFIG_MAPPING[kind](**d)
+  return conf
+
+
+def torch_lm(cfg):
+  torch.manual_seed(0)
+  return transformers.AutoModelForCausalLM.from_config(hf_config(cfg)).float().train()
+
+
+class TorchScalar(torch.nn.Module):
+  """Backbone + a linear scalar per token: the value function, and the RM read at the last real token."""
+
+  def __init__(self, cfg):
+    super().__init__()
+    torch.manual_seed(1)
+    self.backbone = transformers.AutoModel.from_config(hf_config(cfg)).float()
+    self.head = torch.nn.Linear(cfg.d_model, 1)
+
+  def forward(self, ids, attention_mask=None, position_ids=None):
+    h = self.backbone(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return self.head(h)[..., 0]
+
+
+def torch_matmul_peak(dtype, n=2048, repeats=3) -> float:
+  a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+  a @ b
+  best = min(_t(lambda: a @ b) for _ in range(repeats))
+  return 2 * n ** 3 / best
+
+
+def _t(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def ratio_row(times: dict, work: float, unit: str) -> dict:
+  row = {name: {**summary(ts), f"{unit}_per_s": work / statistics.median(ts)} for name, ts in times.items()}
+  return row
+
+
+# ----------------------------------------------------------------------------- parts
+
+def part_matmul(args, counter):
+  out = {}
+  for name, jdt, tdt in (("float32", jnp.float32, torch.float32), ("bfloat16", jnp.bfloat16, torch.bfloat16)):
+    out[name] = {"jax_flops_per_s": matmul_peak(jdt, n=2048, inner=1, repeats=3),
+                 "torch_flops_per_s": torch_matmul_peak(tdt)}
+    out[name]["ratio"] = out[name]["jax_flops_per_s"] / out[name]["torch_flops_per_s"]
+  return out
+
+
+def part_sft(args, counter, shape):
+  s = train_step_bench.build(shape, dtype=args.dtype, steps=1000)
+  cfg, B, T = s.cfg, s.B, s.T
+  model = torch_lm(cfg)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+  toks = np.random.default_rng(0).integers(4, cfg.vocab_size, (B, T + 1))
+  inputs, targets = torch.tensor(toks[:, :-1]), torch.tensor(toks[:, 1:])
+  state = [s.state]
+
+  def jax_steps():
+    with parallel.activate(s.mesh, s.rules):
+      for _ in range(args.steps):
+        state[0], m = s.train_step(state[0], s.batch, s.key)
+      jax.block_until_ready(m)
+
+  def torch_steps():
+    for _ in range(args.steps):
+      logits = model(input_ids=inputs).logits
+      loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+
+  jax_steps(), torch_steps()                                    # warm-up (compile; torch's allocator)
+  before = counter.count
+  times = interleaved({"jax": jax_steps, "torch": torch_steps}, args.repeats)
+  row = ratio_row(times, B * T * args.steps, "tokens")
+  return {"shape": shape, "model": model_summary(cfg), "batch_size": B, "seq_len": T, "steps_per_timing": args.steps,
+          **row, "ratio": row["jax"]["tokens_per_s"] / row["torch"]["tokens_per_s"],
+          "compiles_after_warmup": counter.count - before}
+
+
+def part_generate(args, counter):
+  preset, model_over, _, _ = SHAPES[args.gen_shape]
+  P, N = args.prompt_len, args.max_new_tokens
+  s = setup(preset, dtype=args.dtype, min_len=P + N, model=model_over)
+  cfg = s.cfg
+  tx, _ = train_state.make_optimizer(s.config.sft, 10)
+  sh = train_state.state_shardings(cfg, tx, s.mesh, s.rules)
+  params = train_state.init_params(cfg, jax.random.key(0), sh["params"], s.mesh, s.rules)
+  model = torch_lm(cfg).eval()
+  rng = np.random.default_rng(0)
+  rows = []
+  for B in [int(b) for b in args.gen_batches.split(",")]:
+    lengths = rng.integers(P // 2, P + 1, B)
+    mask = np.arange(P)[None, :] >= (P - lengths)[:, None]
+    prompt = np.where(mask, rng.integers(4, cfg.vocab_size, (B, P)), PAD_ID).astype(np.int32)
+    jp, jm = jnp.asarray(prompt), jnp.asarray(mask)
+    tp, tm = torch.tensor(prompt, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+    key = jax.random.key(1)
+    kw = dict(cfg=cfg, max_new_tokens=N, temperature=1.0, eos_id=NO_EOS, pad_id=PAD_ID)
+
+    def jax_gen():
+      jax.block_until_ready(sample(params, jp, jm, key, **kw).tokens)
+
+    def torch_gen():
+      with torch.inference_mode():
+        out = model.generate(input_ids=tp, attention_mask=tm, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                             max_new_tokens=N, min_new_tokens=N, use_cache=True, eos_token_id=None,
+                             pad_token_id=PAD_ID)
+      assert out.shape[1] == P + N, out.shape
+
+    jax_gen(), torch_gen()
+    before = counter.count
+    times = interleaved({"jax": jax_gen, "torch": torch_gen}, args.repeats)
+    row = ratio_row(times, B * N, "new_tokens")
+    rows.append({"batch": B, **row, "ratio": row["jax"]["new_tokens_per_s"] / row["torch"]["new_tokens_per_s"],
+                 "compiles_after_warmup": counter.count - before})
+  return {"shape": args.gen_shape, "model": model_summary(cfg), "prompt_len": P, "max_new_tokens": N,
+          "results": rows}
+
+
+def part_rm(args, counter):
+  from configs import instructgpt
+  B, T = args.rm_prompts, args.rm_seq_len
+  s = setup(args.preset, dtype=args.dtype, min_len=T,
+            stage_overrides=dict(instructgpt.get_config(args.preset).rm.get("model_overrides", {})))
+  cfg, mesh, rules = s.cfg, s.mesh, s.rules
+  tx, schedule = train_state.make_optimizer(s.config.rm, 1000)
+  sh = train_state.state_shardings(cfg, tx, mesh, rules, head="scalar")
+  host = jax.tree.map(np.asarray, train_state.init_params(cfg, jax.random.key(0), sh["params"], mesh, rules, "scalar"))
+  forms = ("per_prompt", "shuffled_pairs")
+  steps = {f: reward.make_steps(cfg, f, tx, schedule, sh, mesh, rules)[0] for f in forms}
+  states = {f: train_state.new_state(jax.device_put(host, sh["params"]), tx, sh, mesh) for f in forms}
+  tmodel = TorchScalar(cfg).train()
+  topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
+  rng = np.random.default_rng(0)
+  key = jax.random.key(1)
+  rows = []
+  for K in [int(k) for k in args.rm_ks.split(",")]:
+    ranked = ranked_batch(rng, B, K, T, cfg.vocab_size)
+    pairs = pairs_from_ranked(ranked)
+    Pn = len(pairs)
+    batches = {"per_prompt": train_state.device_batch(ranked.batch(np.arange(B)), mesh, rules),
+               "shuffled_pairs": train_state.device_batch(pairs.batch(np.arange(Pn)), mesh, rules)}
+    pb = pairs.batch(np.arange(Pn))
+    ids = torch.tensor(np.concatenate([pb["chosen"], pb["rejected"]]), dtype=torch.long)
+    last = torch.tensor(np.concatenate([pb["chosen_last"], pb["rejected_last"]]), dtype=torch.long)
+    am = (torch.arange(T)[None, :] <= last[:, None]).long()
+
+    def jax_fn(f):
+      def run():
+        with parallel.activate(mesh, rules):
+          for _ in range(args.steps):
+            states[f], m = steps[f](states[f], batches[f], key)
+          jax.block_until_ready(m)
+      return run
+
+    def torch_fn():
+      for _ in range(args.steps):
+        r = tmodel(ids, attention_mask=am).gather(1, last[:, None])[:, 0]
+        loss = -F.logsigmoid(r[:Pn] - r[Pn:]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tmodel.parameters(), 1.0)
+        topt.step()
+        topt.zero_grad(set_to_none=True)
+
+    fns = {"jax_per_prompt": jax_fn("per_prompt"), "jax_per_pair": jax_fn("shuffled_pairs"), "torch_per_pair": torch_fn}
+    for f in fns.values():
+      f()
+    before = counter.count
+    times = interleaved(fns, args.repeats)
+    row = ratio_row(times, B * K * (K - 1) // 2 * args.steps, "comparisons")
+    t = row["torch_per_pair"]["comparisons_per_s"]
+    rows.append({"K": K, "comparisons_per_step": Pn, **row,
+                 "ratio_jax_per_pair_vs_torch": row["jax_per_pair"]["comparisons_per_s"] / t,
+                 "ratio_jax_per_prompt_vs_torch": row["jax_per_prompt"]["comparisons_per_s"] / t,
+                 "compiles_after_warmup": counter.count - before})
+  return {"preset": args.preset, "model": model_summary(cfg), "prompts": B, "seq_len": T,
+          "steps_per_timing": args.steps, "results": rows}
+
+
+def part_ppo(args, counter):
+  from configs import instructgpt
+  pc = instructgpt.get_config(args.preset).ppo
+  pc.batch_size, pc.minibatch_size, pc.ptx_coef = args.ppo_batch, args.ppo_minibatch, 0.0
+  B, mb, P, N = pc.batch_size, pc.minibatch_size, pc.prompt_len, pc.max_new_tokens
+  s = setup(args.preset, dtype=args.dtype, min_len=max(P + N, pc.ptx_seq_len))
+  cfg = s.cfg
+  st = ppo_setup(s, pc)
+  batch, ptx, _ = ppo_data(s, pc, np.random.default_rng(0))
+  # EOS disabled on both sides: a random policy's response lengths would otherwise differ by framework.
+  rollout = jax.jit(ppo.make_rollout(cfg, pc, NO_EOS, PAD_ID))
+  update = jax.jit(ppo.make_update(cfg, pc, st.policy_tx, st.value_tx, P), out_shardings=(st.shardings, st.repl),
+                   donate_argnums=0)
+  state = [st.state]
+  it = [0]
+
+  def jax_iter():
+    with parallel.activate(s.mesh, s.rules):
+      key = jax.random.fold_in(jax.random.key(0), it[0])
+      it[0] += 1
+      ro, _, _ = rollout(state[0]["params"], state[0]["value"], st.ref, st.rm, batch["prompt"], batch["prompt_mask"],
+                         key, state[0]["kl_coef"])
+      state[0], m = update(state[0], ro, ptx, jax.random.fold_in(key, 1))
+      jax.block_until_ready(m)
+
+  # ---- torch, TRL-style
+  policy, ref = torch_lm(cfg), torch_lm(cfg).eval()
+  value, rm = TorchScalar(cfg), TorchScalar(cfg).eval()
+  popt = torch.optim.Adam(policy.parameters(), lr=pc.learning_rate)
+  vopt = torch.optim.Adam(value.parameters(), lr=pc.value_learning_rate)
+  prompt = torch.tensor(np.asarray(batch["prompt"]), dtype=torch.long)
+  pmask = torch.tensor(np.asarray(batch["prompt_mask"]), dtype=torch.long)
+  T = 1.0 / max(pc.temperature, 1e-6)
+
+  def logp_of(logits, toks):
+    return torch.log_softmax(logits.float() * T, -1).gather(-1, toks[..., None])[..., 0]
+
+  def torch_iter():
+    with torch.no_grad():
+      policy.eval()
+      seq = policy.generate(input_ids=prompt, attention_mask=pmask, do_sample=True, top_k=0, top_p=1.0,
+                            temperature=pc.temperature, max_new_tokens=N, min_new_tokens=N, eos_token_id=None,
+                            pad_token_id=PAD_ID)
+      policy.train()
+      resp = seq[:, P:]
+      am = torch.cat([pmask, torch.ones_like(resp)], 1)
+      pos = (am.cumsum(1) - 1).clamp(min=0)
+      logp = logp_of(policy(input_ids=seq, attention_mask=am, position_ids=pos).logits[:, P - 1:-1], resp)
+      ref_logp = logp_of(ref(input_ids=seq, attention_mask=am, position_ids=pos).logits[:, P - 1:-1], resp)
+      values = value(seq, am, pos)[:, P - 1:-1]
+      score = rm(seq, am, pos)[:, -1]
+      rewards = -pc.kl_coef * (logp - ref_logp)
+      rewards[:, -1] += score
+      adv = torch.zeros_like(rewards)
+      last = torch.zeros(B)
+      for t in reversed(range(N)):                   # TRL's GAE loop
+        nv = values[:, t + 1] if t < N - 1 else 0.0
+        delta = rewards[:, t] + pc.gamma * nv - values[:, t]
+        last = delta + pc.gamma * pc.gae_lambda * last
+        adv[:, t] = last
+      returns = adv + values
+      adv = (adv - adv.mean()) * torch.rsqrt(adv.var() + 1e-8)
+    for _ in range(pc.ppo_epochs):
+      for idx in torch.randperm(B).reshape(-1, mb):
+        new_logp = logp_of(policy(input_ids=seq[idx], attention_mask=am[idx], position_ids=pos[idx]).logits[:, P - 1:-1],
+                           resp[idx])
+        ratio = torch.exp(new_logp - logp[idx])
+        pg = torch.max(-adv[idx] * ratio, -adv[idx] * ratio.clamp(1 - pc.clip, 1 + pc.clip)).mean()
+        pg.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), pc.grad_clip)
+        popt.step()
+        popt.zero_grad(set_to_none=True)
+        v = value(seq[idx], am[idx], pos[idx])[:, P - 1:-1]
+        vc = values[idx] + (v - values[idx]).clamp(-pc.value_clip, pc.value_clip)
+        vl = 0.5 * torch.max((v - returns[idx]) ** 2, (vc - returns[idx]) ** 2).mean()
+        vl.backward()
+        torch.nn.utils.clip_grad_norm_(value.parameters(), pc.grad_clip)
+        vopt.step()
+        vopt.zero_grad(set_to_none=True)
+
+  jax_iter(), jax_iter(), torch_iter()
+  before = counter.count
+  times = interleaved({"jax": jax_iter, "torch": torch_iter}, args.repeats)
+  row = ratio_row(times, B, "episodes")
+  return {"preset": args.preset, "model": model_summary(cfg), "batch_size": B, "minibatch_size": mb,
+          "ppo_epochs": pc.ppo_epochs, "prompt_len": P, "max_new_tokens": N, "ptx": "off on both sides", **row,
+          "ratio": row["jax"]["episodes_per_s"] / row["torch"]["episodes_per_s"],
+          "compiles_after_warmup": counter.count - before}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--parts", default="matmul,sft,generate,rm,ppo")
+  ap.add_argument("--preset", default="tiny", help="model of the generate/rm/ppo parts")
+  ap.add_argument("--sft_shapes", default="tiny,llama8x512", help="common.SHAPES for the SFT part")
+  ap.add_argument("--gen_shape", default="tiny")
+  ap.add_argument("--gen_batches", default="1,16,64")
+  ap.add_argument("--prompt_len", type=int, default=32)
+  ap.add_argument("--max_new_tokens", type=int, default=32)
+  ap.add_argument("--rm_prompts", type=int, default=8)
+  ap.add_argument("--rm_seq_len", type=int, default=64)
+  ap.add_argument("--rm_ks", default="4,9")
+  ap.add_argument("--ppo_batch", type=int, default=64)
+  ap.add_argument("--ppo_minibatch", type=int, default=16)
+  ap.add_argument("--steps", type=int, default=3, help="train steps per timing (sft, rm)")
+  ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians reported")
+  ap.add_argument("--threads", type=int, default=2, help="torch threads (XLA:CPU uses the cores it sees)")
+  ap.add_argument("--dtype", default=None, help="compute dtype override on the JAX side (float32/bfloat16)")
+  ap.add_argument("--quick", action="store_true", help="small batches, 2 rounds")
+  args = ap.parse_args()
+  if args.quick:
+    args.repeats, args.steps = 2, 1
+    args.sft_shapes, args.gen_batches, args.rm_prompts, args.rm_ks = "tiny", "1,16", 2, "4"
+    args.ppo_batch, args.ppo_minibatch = 16, 8
+  torch.set_num_threads(args.threads)
+  counter = CompileCounter()
+  out = {"benchmark": "compare_torch", "quick": args.quick, "repeats": args.repeats}
+  parts = args.parts.split(",")
+  t0 = time.perf_counter()
+  if "matmul" in parts:
+    out["matmul"] = part_matmul(args, counter)
+  if "sft" in parts:
+    out["sft"] = [part_sft(args, counter, sh) for sh in args.sft_shapes.split(",")]
+  if "generate" in parts:
+    out["generate"] = part_generate(args, counter)
+  if "rm" in parts:
+    out["rm"] = part_rm(args, counter)
+  if "ppo" in parts:
+    out["ppo"] = part_ppo(args, counter)
+  out["wall_s"] = time.perf_counter() - t0
+  out.update(environment())
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+  main()
