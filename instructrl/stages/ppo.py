@@ -97,7 +97,7 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
     if cfg.whiten_advantages:
       adv = objectives.whiten(adv, s.mask)
     batch = {"seq": seq, "positions": positions, "kv_mask": kv_mask, "mask": s.mask, "old_logp": logp,
-             "old_values": values, "advantages": adv, "returns": returns}
+             "old_values": values, "advantages": adv, "returns": returns, "score": raw}
     metrics = {"objective/score": raw.mean(), "objective/score_std": raw.std(),
                "objective/score_normalized": score.mean(), "objective/kl": kl.sum(1).mean(),
                "objective/kl_coef": kl_coef, "objective/reward": rewards.sum(1).mean(),
@@ -264,6 +264,12 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
     t2 = time.perf_counter()
     texts = [tokenizer.decode(t) for t in distributed.to_host(tokens)]
     gold = [world.judge(records[i], a).score for i, a in zip(batch["index"], texts)]
+    if cfg.sample_every and int(state["step"]) % cfg.sample_every == 0:
+      # A few samples in the log: reward hacking shows here long before the gold curve is plotted.
+      raw = distributed.to_host(ro["score"])
+      for j in range(min(2, len(texts))):
+        logging.info("ppo: sample (iteration %d) RM %.4f gold %.2f | %r -> %r", int(state["step"]), raw[j], gold[j],
+                     records[batch["index"][j]]["prompt"], texts[j])
     return state, {**metrics, **ro_metrics, "objective/gold_score": float(np.mean(gold)),
                    "ppo/policy/lr": lr,
                    "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}

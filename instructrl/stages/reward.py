@@ -55,6 +55,7 @@ def load_policy(config, workdir: Path, mesh, rules, stage: str = "sft"):
 
 
 SOURCES = ("policy", "pretrain", "pretrain_few_shot")
+SPARE = 2   # extra samples per prompt and source, for the duplicates and empty answers dropped before ranking
 
 
 def _source_sampler(config, params, world, tokenizer, model_cfg, source: str):
@@ -115,11 +116,15 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
   samplers = {s: _source_sampler(config, params[stage_of(s)], world, tokenizer, model_cfg, s) for s in names}
   records = load_jsonl(world_dir / "prompts_rm.jsonl", "eval")[:cfg.n_prompts]
   rng = np.random.default_rng([config.seed, 404])
-  k_max = max(cfg.k_choices)
   n_valid = int(round(cfg.valid_fraction * len(records)))
   groups = sorted({l.group for l in world.labelers})
   by_group = {g: [l.id for l in world.labelers if l.group == g] for g in groups}
   P = cfg.collect_batch_prompts
+  # Each prompt gets exactly its draws of a source plus SPARE extra samples (duplicates and empty
+  # answers are dropped), sampled in calls of a fixed row count (static shapes: one compile per
+  # source) sized for the expected need; an unlucky chunk just takes one more call.
+  mean_k = float(np.mean(cfg.k_choices))
+  rows_per_call = {s: P * (math.ceil(mean_k * w) + SPARE) for s, w in zip(names, weights)}
   rows = {"train": [], "valid": []}
   skipped = 0
   key = jax.random.key(config.seed + 405)
@@ -127,17 +132,24 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
     for start in tqdm(range(0, len(records), P), desc="rm: sampling", unit="batch",
                       disable=jax.process_index() != 0):
       chunk = records[start:start + P]
-      prompts = [r["prompt"] for r in chunk for _ in range(k_max)]
-      prompts += prompts[:1] * (P * k_max - len(prompts))          # static shape: pad the last batch
-      # k_max candidates per prompt from every source in the mix (one key per source and batch).
-      cands = {s: samplers[s](prompts, jax.random.fold_in(jax.random.fold_in(key, start), j))
-               for j, s in enumerate(names)}
+      plans = [[names[int(j)] for j in rng.choice(len(names), size=int(rng.choice(cfg.k_choices)), p=weights)]
+               for _ in chunk]                                       # K, then each slot's source
+      pools = [{s: [] for s in names} for _ in chunk]
+      for j, s in enumerate(names):
+        want = [(i, rec["prompt"]) for i, (rec, plan) in enumerate(zip(chunk, plans)) if s in plan
+                for _ in range(plan.count(s) + SPARE)]
+        R = rows_per_call[s]
+        for c in range(0, len(want), R):
+          part = want[c:c + R]
+          texts = samplers[s]([p for _, p in part] + [part[0][1]] * (R - len(part)),
+                              jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, start), j), c))
+          for (i, _), t in zip(part, texts):
+            pools[i][s].append(t.strip())
       for i, rec in enumerate(chunk):
-        k = int(rng.choice(cfg.k_choices))
-        pools = {s: iter(t.strip() for t in cands[s][i * k_max:(i + 1) * k_max]) for s in names}
+        left = {s: iter(pools[i][s]) for s in names}
         responses, sources = [], []
-        for s in (names[int(j)] for j in rng.choice(len(names), size=k, p=weights)):
-          t = next((t for t in pools[s] if t and t not in responses), None)
+        for s in plans[i]:
+          t = next((t for t in left[s] if t and t not in responses), None)
           if t is not None:
             responses.append(t)
             sources.append(s)

@@ -2,6 +2,9 @@
 
 Starts from pretrain's final checkpoint (refused if its model config differs). The paper's
 SFT (appendix C.1): 16 epochs, cosine decay to 10% with no warm-up, residual dropout 0.2.
+With `sft.pretrain_mix` > 0 a fraction of the training examples are pretraining windows (loss on
+every token): the paper's PPO init (appendix C.3) is an SFT model trained with 10% pretraining
+data mixed in, which keeps it close to the pretraining distribution that PPO-ptx pulls towards.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import jax
 
 from instructrl import checkpoints, evaluation
 from instructrl.data import world as world_lib
-from instructrl.data.batching import prompt_response_examples
+import numpy as np
+
+from instructrl.data.batching import TokenExamples, pack_texts, prompt_response_examples
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.stages import lm
@@ -33,6 +38,8 @@ def run(config, workdir: Path, mesh, rules):
     return prompt_response_examples(tokenizer, [world.format_prompt(r["prompt"]) for r in records],
                                     [r["response"] for r in records], cfg.seq_len, what=f)
   train, valid = demos("demos_train.jsonl"), demos("demos_valid.jsonl")
+  if cfg.get("pretrain_mix", 0.0) > 0:
+    train = mix_pretraining(train, tokenizer, world_dir, cfg.pretrain_mix, config.seed)
   logging.info("sft: %d train demos, %d valid demos; %d steps = %.1f epochs", len(train), len(valid), cfg.steps,
                cfg.steps * cfg.batch_size / len(train))
 
@@ -53,3 +60,22 @@ def run(config, workdir: Path, mesh, rules):
 
   return lm.run("sft", config, workdir, train, valid, initial_params, mesh, rules,
                 after_training if config.eval.n_prompts else None)
+
+
+def mix_pretraining(demos: TokenExamples, tokenizer, world_dir: Path, fraction: float, seed: int) -> TokenExamples:
+  """Demos plus pretraining windows of the same length, the windows `fraction` of the examples.
+
+  The windows are a seeded sample of the packed training corpus (the text pretrain saw), so
+  every batch holds `fraction` pretraining rows in expectation; their loss covers every token.
+  """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"sft.pretrain_mix={fraction}: expected a fraction in [0, 1)")
+  corpus = pack_texts(tokenizer.encode_batch([r["text"] for r in load_jsonl(world_dir / "corpus_train.jsonl", "text")]),
+                      demos.tokens.shape[1] - 1)
+  n = int(round(len(demos) * fraction / (1.0 - fraction)))
+  if n > len(corpus):
+    raise ValueError(f"sft.pretrain_mix={fraction} needs {n} pretraining windows; the corpus has {len(corpus)}")
+  pick = np.sort(np.random.default_rng(seed + 23).choice(len(corpus), size=n, replace=False))
+  logging.info("sft: %d pretraining windows mixed into %d demos (%.0f%%)", n, len(demos), 100 * fraction)
+  return TokenExamples(np.concatenate([demos.tokens, corpus.tokens[pick]]),
+                       np.concatenate([demos.loss_mask, corpus.loss_mask[pick]]))
