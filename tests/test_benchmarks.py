@@ -1,0 +1,86 @@
+"""The benchmarks: their JSON has the keys BENCHMARKS.md quotes, and the no-cache baseline samples what the
+cache sampler samples (else "cache vs no cache" would compare different work)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.sampler import sample_no_cache  # noqa: E402
+from instructrl.models.config import ModelConfig  # noqa: E402
+from instructrl.models.sampling import sample  # noqa: E402
+from instructrl.models.transformer import Decoder  # noqa: E402
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_no_cache_sampler_draws_the_same_tokens_as_the_cache_sampler(style):
+  cfg = ModelConfig(style=style, vocab_size=64, max_len=24, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
+                    head_dim=16, d_ff=64)
+  params = Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  rng = np.random.default_rng(0)
+  mask = np.arange(8)[None, :] >= np.array([[0], [3], [5]])           # left-padded prompts
+  prompt = np.where(mask, rng.integers(4, 64, (3, 8)), 0).astype(np.int32)
+  kw = dict(cfg=cfg, max_new_tokens=6, temperature=1.0, eos_id=-1, pad_id=0)
+  cached = sample(params, prompt, mask, jax.random.key(3), **kw).tokens
+  recomputed = sample_no_cache(params, prompt, mask, jax.random.key(3), **kw)
+  np.testing.assert_array_equal(np.asarray(cached), np.asarray(recomputed))
+
+
+def test_interleaved_calls_round_robin():
+  calls = []
+  times = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+  assert calls == ["a", "b"] * 3
+  assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_llama_shape_flops_per_token():
+  s = common.setup("tiny", model=common.SHAPES["llama8x512"][1], min_len=256)
+  cfg = s.cfg
+  per_layer = 4 * 512 * 512 + 3 * 512 * 1408
+  assert cfg.num_params(include_embeddings=False) == 8 * (per_layer + 2 * 512) + 512
+  want = 6 * (8 * (per_layer + 2 * 512) + 512 + 512 * 1024) + 12 * 8 * 8 * 64 * 256
+  assert common.lm_flops_per_token(cfg, 256) == want
+
+
+ENV_KEYS = {"backend", "device", "jax", "loadavg", "xla_flags"}
+
+
+@pytest.mark.slow
+def test_run_all_quick_writes_one_json_with_every_benchmark(tmp_path):
+  names = ["matmul_peak", "train_step_tiny", "sampler", "rm_step", "ppo_iteration"]
+  if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
+    names.append("compare_torch")
+  out = tmp_path / "r.json"
+  p = subprocess.run([sys.executable, str(ROOT / "benchmarks/run_all.py"), "--quick", f"--out={out}",
+                      f"--only={','.join(names)}"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+  doc = json.loads(out.read_text())
+  assert p.returncode == 0, (doc["failed"], p.stderr[-3000:])
+  r = doc["results"]
+  assert set(r) == set(names)
+  for name in names:
+    assert ENV_KEYS <= set(r[name]), name
+  assert r["matmul_peak"]["float32_flops_per_s"] > 0 and r["matmul_peak"]["bfloat16_flops_per_s"] > 0
+  t = r["train_step_tiny"]
+  assert t["tokens_per_s"] > 0 and 0 < t["mfu"] < 1 and t["compiles_after_warmup"] == 0
+  assert all(row["cache"]["new_tokens_per_s"] > 0 and row["no_cache"]["new_tokens_per_s"] > 0
+             for row in r["sampler"]["results"]) and r["sampler"]["compiles_after_warmup"] == 0
+  assert [row["K"] for row in r["rm_step"]["results"]] == [2, 4, 9] and r["rm_step"]["compiles_after_warmup"] == 0
+  ppo = r["ppo_iteration"]
+  assert ppo["episodes_per_s"] > 0 and set(ppo["rollout_split_s"]) == {"sampling", "scoring"}
+  assert ppo["compiles_after_warmup"] == 0
+  if "compare_torch" in r:
+    c = r["compare_torch"]
+    assert {"matmul", "sft", "generate", "rm", "ppo"} <= set(c)
+    assert c["sft"][0]["ratio"] > 0 and c["ppo"]["ratio"] > 0 and c["generate"]["results"][0]["ratio"] > 0
+    assert c["rm"]["results"][0]["ratio_jax_per_prompt_vs_torch"] > 0
+    assert c["sft"][0]["compiles_after_warmup"] == 0 and c["ppo"]["compiles_after_warmup"] == 0
