@@ -40,8 +40,10 @@ def test_one_command_runs_every_stage_and_writes_a_complete_report(smoke_run):
   at = [err.find(l) for l in lines]
   assert all(a >= 0 for a in at) and at == sorted(at), [l for l, a in zip(lines, at) if a < 0]
   assert "pipeline: done in" in err
-  # Issue #6: "well under 2 minutes". Measured 2-core CPU, warm compile cache: see README "One command".
-  assert smoke_run["seconds"] < 120, f"the smoke pipeline took {smoke_run['seconds']:.0f} s"
+  # Issue #6: "well under 2 minutes". Bounded in CPU seconds, which other jobs on the cores do not inflate
+  # as they do wall time (measured figures: README, "One command").
+  assert smoke_run["cpu_seconds"] < 120, (f"the smoke pipeline took {smoke_run['cpu_seconds']:.0f} CPU s "
+                                          f"({smoke_run['seconds']:.0f} s wall)")
 
 
 @pytest.mark.slow

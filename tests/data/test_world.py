@@ -48,7 +48,7 @@ SCHEMAS = {
     "corpus": {"text": str},
     "demos": {"prompt": str, "response": str, "labeler": str, "group": int, "family": str, "params": dict, "id": str},
     "prompts": {"prompt": str, "family": str, "params": dict, "gold": str, "split": str, "id": str},
-    "cloze": {"context": str, "choices": list, "answer": int, "id": str},
+    "cloze": {"context": str, "choices": list, "answer": int, "kind": str, "id": str},
 }
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from instructrl.data.world import corpus, tasks
 from instructrl.data.world.api import World
 from instructrl.data.world.config import validate
-from instructrl.data.world.facts import COLOURS, make_facts, split_entities
+from instructrl.data.world.facts import make_facts, split_entities
 from instructrl.data.world.labelers import make_labelers
 
 TRUTHFUL_MIX = (("false_premise", 0.6), ("capital", 0.15), ("lives", 0.15), ("colour", 0.1))
@@ -70,28 +70,66 @@ def _toxicity(w: World, n: int, rng) -> list:
     return out
 
 
+# Cloze kinds and their shares. The first version (one fact, three random distractors of the right type)
+# was saturated: 99-100% for GPT, SFT, PPO and PPO-ptx on tiny, so it could not show an alignment tax.
+# Every kind here has plausible distractors and needs what the pretraining corpus teaches:
+# - larger: the size order of the animals, stated pair by pair in encyclopedia text (never whole): one
+#   of the 3 next smaller animals among the 3 next larger ones;
+# - count: the Q/A documents' word counting, the distractors within 2 of the answer;
+# - capital / lives: which city of a country is its capital, or where a person lives, the distractors
+#   being the same country's other cities (every model knows these: they anchor the scale).
+# Tried and dropped on tiny (/tmp/f1 models): Q/A addition with near sums (19-24% for every model, below
+# chance: not learned), Q/A sorting against reorderings (100% for every model). Measured: README,
+# "Alignment tax".
+CLOZE_KINDS = (("larger", 0.5), ("count", 0.3), ("capital", 0.1), ("lives", 0.1))
+
+
+def _cloze_item(w: World, kind: str, rng):
+    """(context, right answer, distractors, fallback distractors) of one item; None when this draw
+    cannot make one. The fallback tops the distractors up to three in worlds with fewer cities a country."""
+    f = w.facts
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]
+    if kind == "larger":
+        # Near in the order: the answer is among the 3 next smaller animals, the distractors are the 3
+        # next larger ones (any smaller vs any larger was 95% for GPT: far pairs are easy).
+        a = pick(f.animals)
+        smaller = [b["name"] for b in f.animals if 0 < a["size"] - b["size"] <= 3]
+        larger = [b["name"] for b in f.animals if 0 < b["size"] - a["size"] <= 3]
+        if not smaller or len(larger) < 3:
+            return None
+        return f"The {a['name']} is larger than the", pick(smaller), larger, []
+    if kind == "capital":
+        c = pick(f.countries)
+        return f"The capital of {c['name']} is", c["capital"], c["cities"][1:], f.cities
+    if kind == "lives":
+        p = pick(f.people)
+        return f"{p['name']} lives in", p["city"], f.country[f.city_country[p["city"]]]["cities"], f.cities
+    if kind == "count":
+        q = tasks.make_params(f, "count", rng)
+        n = len(q["words"])
+        return f"Q: {tasks.base_prompt('count', q)}\nA:", str(n), [str(n + d) for d in (-2, -1, 1, 2) if n + d > 0], []
+    raise ValueError(f"cloze kind: unknown {kind!r}; expected one of {[k for k, _ in CLOZE_KINDS]}")
+
+
 def _cloze(w: World, n: int, rng) -> list:
-    """Four-way cloze from the facts; scored by log p(" " + choice | context)."""
-    f, out = w.facts, []
-    for i in range(n):
-        kind = int(rng.integers(4))
-        if kind == 0:
-            c = f.countries[int(rng.integers(len(f.countries)))]
-            ctx, right, pool = f"The capital of {c['name']} is", c["capital"], f.cities
-        elif kind == 1:
-            p = f.people[int(rng.integers(len(f.people)))]
-            ctx, right, pool = f"{p['name']} lives in", p["city"], f.cities
-        elif kind == 2:
-            a = f.animals[int(rng.integers(len(f.animals)))]
-            ctx, right, pool = f"The {a['name']} is", a["colour"], list(COLOURS)
-        else:
-            city = f.cities[int(rng.integers(len(f.cities)))]
-            ctx, right, pool = f"{city} is a city in", f.city_country[city], [c["name"] for c in f.countries]
-        wrong = [x for x in pool if x != right]
-        choices = [right] + [wrong[int(j)] for j in rng.choice(len(wrong), 3, replace=False)]
+    """Four-way multiple choice, scored by log p(" " + choice | context); see CLOZE_KINDS."""
+    # "larger" needs an animal with a smaller one and three larger ones: at least 5 animals.
+    kinds, shares = zip(*[(k, s) for k, s in CLOZE_KINDS if k != "larger" or len(w.facts.animals) >= 5])
+    out = []
+    while len(out) < n:
+        kind = kinds[int(rng.choice(len(kinds), p=np.array(shares) / sum(shares)))]
+        got = None
+        while got is None:   # redraw the same kind (redrawing the kind would skew the shares)
+            got = _cloze_item(w, kind, rng)
+        ctx, right, near, far = got
+        wrong = sorted(set(near) - {right})
+        wrong = [wrong[int(j)] for j in rng.permutation(len(wrong))[:3]]
+        far = sorted(set(far) - {right} - set(wrong))
+        wrong += [far[int(j)] for j in rng.choice(len(far), 3 - len(wrong), replace=False)]
+        choices = [right] + wrong
         order = rng.permutation(4)
-        out.append({"context": ctx, "choices": [choices[int(j)] for j in order],
-                    "answer": int(np.argmax(order == 0)), "id": f"cloze-{i:05d}"})
+        out.append({"context": ctx, "choices": [choices[int(j)] for j in order], "kind": kind,
+                    "answer": int(np.argmax(order == 0)), "id": f"cloze-{len(out):05d}"})
     return out
 
 
