@@ -73,5 +73,11 @@ def batch_sharding(mesh, rules, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, spec)
 
 
+def stacked_batch_sharding(mesh, rules, ndim: int = 3) -> NamedSharding:
+  """[n, batch, ...]: a stack of batches scanned over its first axis, each batch sharded on 'batch'."""
+  spec = nn.logical_to_mesh_axes((None, "batch") + (None,) * (ndim - 2), rules)
+  return NamedSharding(mesh, spec)
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

@@ -180,10 +180,11 @@ def build(stage: str, config, mesh, rules) -> StageProgram:
   n_mb = cfg.batch_size // cfg.minibatch_size
   ptx_bs = cfg.ptx_batch_size if cfg.ptx_coef > 0 else 1
   L = cfg.ptx_seq_len
-  ptx = {"inputs": _abstract((n_mb, ptx_bs, L), jnp.int32, repl), "targets": _abstract((n_mb, ptx_bs, L), jnp.int32, repl),
-         "mask": _abstract((n_mb, ptx_bs, L), jnp.bool_, repl)}
+  ptx_sh = parallel.stacked_batch_sharding(mesh, rules) if cfg.ptx_coef > 0 else repl   # as ppo.run
+  ptx = {k: _abstract((n_mb, ptx_bs, L), dt, ptx_sh)
+         for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("mask", jnp.bool_))}
   update = jax.jit(ppo.make_update(model_cfg, cfg, policy_tx, value_tx, P),
-                   in_shardings=(shardings, ro_out_sh[0], repl, repl), out_shardings=(shardings, repl),
+                   in_shardings=(shardings, ro_out_sh[0], ptx_sh, repl), out_shardings=(shardings, repl),
                    donate_argnums=0)
   return StageProgram(update, (state, batch, ptx, key), f"{B} episodes, minibatch {cfg.minibatch_size}, "
                       f"ptx {ptx_bs} x {L}", cfg.minibatch_size, model_cfg, P + N, True)
@@ -245,8 +246,8 @@ def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config
   else:
     act = acts(program.batch, program.tokens)
   if stage == "ppo_update" and config.ppo.ptx_coef > 0:
-    # The ptx minibatch is replicated (not batch-sharded), so every device holds all of its rows.
-    act += acts(config.ppo.ptx_batch_size * data * fsdp, config.ppo.ptx_seq_len)
+    # The ptx minibatch is sharded on 'batch' like the episodes (ppo.run): a 1/(data x fsdp) slice a device.
+    act += acts(config.ppo.ptx_batch_size, config.ppo.ptx_seq_len)
   return {"state": state, "activations": act, "peak": state + act}
 
 

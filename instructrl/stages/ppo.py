@@ -243,7 +243,10 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
     return gain
 
   # ------------------------------------------------------------------ steps
-  rollout = jax.jit(make_rollout(model_cfg, cfg, tokenizer.eos_id, tokenizer.pad_id, score_fn))
+  rows = parallel.batch_sharding(mesh, rules)
+  rollout = jax.jit(make_rollout(model_cfg, cfg, tokenizer.eos_id, tokenizer.pad_id, score_fn),
+                    in_shardings=(pol_sh["params"], val_sh["params"], pol_sh["params"],
+                                  val_sh["params"] if score_fn is None else None, rows, rows, repl, repl, repl))
   update = jax.jit(make_update(model_cfg, cfg, policy_tx, value_tx, prompts.shape[1]),
                    out_shardings=(shardings, repl), donate_argnums=0)
   seed = config.seed + 7
@@ -274,14 +277,26 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
                    "ppo/policy/lr": lr,
                    "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}
 
+  ptx_sharding = parallel.stacked_batch_sharding(mesh, rules)
+  axes = ptx_sharding.spec[1] if len(ptx_sharding.spec) > 1 else None
+  n_shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+  if cfg.ptx_coef > 0 and cfg.ptx_batch_size % n_shards:
+    raise ValueError(f"ppo.ptx_batch_size={cfg.ptx_batch_size} must be divisible by the {n_shards} batch shards "
+                     f"of mesh {dict(mesh.shape)}")
+
   def batch_at(step):
     idx = batch_indices(len(records), cfg.batch_size, step, seed)
     n_mb = updates_per_iter // cfg.ppo_epochs
     p_idx = batch_indices(len(ptx), n_mb * cfg.ptx_batch_size, step, seed + 1)
     ptx_b = {k: v.reshape(n_mb, cfg.ptx_batch_size, -1) for k, v in ptx.batch(p_idx).items()}
     out = process_batch(lambda i: {"prompt": prompts[i], "prompt_mask": prompt_mask[i]}, idx, mesh, rules)
-    out["ptx"] = jax.device_put(ptx_b, parallel.replicated(mesh)) if cfg.ptx_coef > 0 else \
-        jax.tree.map(lambda x: x[:, :1], ptx_b)
+    if cfg.ptx_coef > 0:
+      # Sharded like the episodes (each minibatch's rows over 'batch'), not replicated: at paper
+      # scale the 8x-larger pretraining batch is most of the PPO update's activation memory.
+      out["ptx"] = {k: jax.make_array_from_callback(v.shape, ptx_sharding, lambda index, v=v: v[index])
+                    for k, v in ptx_b.items()}
+    else:
+      out["ptx"] = jax.tree.map(lambda x: x[:, :1], ptx_b)
     out["index"] = idx
     return out
 

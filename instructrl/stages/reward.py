@@ -259,9 +259,12 @@ def make_steps(model_cfg: ModelConfig, formulation: str, tx, schedule, shardings
       return rm_scores(model, params, tokens, last)
 
   repl = parallel.replicated(mesh)
-  # The batch keeps the sharding device_batch gave it (its arrays have 2-3 dims by formulation).
-  train = jax.jit(train_step, out_shardings=(shardings, repl), donate_argnums=0)
-  return train, jax.jit(eval_step, out_shardings=repl), jax.jit(score_step)
+  # Every batch array (2-3 dims by formulation) is sharded on its leading 'batch' dim: one prefix sharding.
+  rows = parallel.batch_sharding(mesh, rules, 1)
+  train = jax.jit(train_step, in_shardings=(shardings, rows, repl), out_shardings=(shardings, repl),
+                  donate_argnums=0)
+  return (train, jax.jit(eval_step, in_shardings=(shardings["params"], rows), out_shardings=repl),
+          jax.jit(score_step, in_shardings=(shardings["params"], rows, rows)))
 
 
 def evaluate(eval_step, params, examples, batch_size: int, mesh, rules) -> dict:

@@ -253,10 +253,10 @@ def _worker():
   rules = parallel.DEFAULT_RULES
   cfg = ModelConfig(**TINY)
   B, P = 8, 6
-  pc = ppo_cfg(batch_size=B, minibatch_size=4, ptx_batch_size=4, ptx_coef=0.5, kl_coef=0.1)
+  pc = ppo_cfg(batch_size=B, minibatch_size=4, ptx_batch_size=8, ptx_coef=0.5, kl_coef=0.1)
   host = host_models(cfg)
   prompts, pmask = tiny_prompts(B, P)
-  ptx = tiny_ptx(2, 4)
+  ptx = tiny_ptx(2, 8)
 
   def run(shape):
     devices = jax.devices() if np.prod(shape) == 8 else jax.devices()[:1]
@@ -266,13 +266,16 @@ def _worker():
       b = train_state.device_batch({"prompt": prompts, "prompt_mask": pmask}, mesh, rules)
       batch, ro_m, tokens = rollout(state["params"], state["value"], models["ref"], models["rm"], b["prompt"],
                                     b["prompt_mask"], jax.random.key(7), state["kl_coef"])
-      state, m = update(state, batch, jax.device_put(ptx, parallel.replicated(mesh)), jax.random.key(8))
+      ptx_dev = jax.device_put(ptx, parallel.stacked_batch_sharding(mesh, rules))   # as ppo.run: rows over 'batch'
+      state, m = update(state, batch, ptx_dev, jax.random.key(8))
     wq = state["params"]["layer_0"]["attn"]["wq"]
+    ptx_rows = {s.data.shape[1] for s in ptx_dev["inputs"].addressable_shards}
     return {"tokens": np.asarray(tokens).tolist(), "lengths": np.asarray(batch["mask"]).sum(1).tolist(),
             "rollout": {k: float(v) for k, v in ro_m.items()},
             "batch": {k: np.asarray(batch[k], np.float64).tolist() for k in ("old_logp", "old_values", "advantages",
                                                                                "returns")},
             "update": {k: float(v) for k, v in m.items()}, "step": int(state["step"]),
+            "ptx_rows_per_device": sorted(ptx_rows),
             "n_shards_wq": len({tuple((i.start, i.stop) for i in idx)
                                 for idx in wq.sharding.devices_indices_map(wq.shape).values()}),
             }, {k: flat(state[k]) for k in ("params", "value", "ema")}
@@ -297,12 +300,14 @@ def sharded_result():
 # its embed dim, and split 2 x 2 on embed x heads.
 MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
 WQ_SHARDS = {"8x1x1": 1, "2x4x1": 4, "2x2x2": 4}
+PTX_ROWS = {"8x1x1": [1], "2x4x1": [1], "2x2x2": [2]}   # 8 ptx rows over the data x fsdp devices
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_rollout_and_update_sharded_equal_unsharded(sharded_result, mesh):
   ref, r = sharded_result["1x1x1"], sharded_result[mesh]
   assert r["n_shards_wq"] == WQ_SHARDS[mesh]
+  assert r["ptx_rows_per_device"] == PTX_ROWS[mesh] and ref["ptx_rows_per_device"] == [8]
   assert r["tokens"] == ref["tokens"], "the same rng must sample the same responses on every mesh"
   assert r["lengths"] == ref["lengths"] and len(set(ref["lengths"])) > 1     # ragged
   for k, v in ref["rollout"].items():
