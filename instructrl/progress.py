@@ -7,10 +7,14 @@ token through the model forward once; the stages share one model shape, so the u
 for all of them):
 - a training token costs 3 (forward + backward);
 - a sampled token costs SAMPLE_COST: decoding is one small forward per new token, latency-bound at
-  these batch sizes. 40 is calibrated on the 2-core CPU tiny run (docs/STATUS.md figures: pretrain
-  13.8M training units in ~6 min; RM sampling ~210k tokens in ~4 min; the eval stage ~230k tokens
-  in ~5 min). On an accelerator decoding is relatively dearer or cheaper; the *rate* adapts to the
-  machine, the relative weights of the stages do not;
+  these batch sizes. 40 is a rough calibration on the 2-core CPU tiny figures of docs/STATUS.md:
+  pretrain, 1500 x 32 x 96 tokens x 3 = 13.8M units, "~6 min"; RM sampling "~4 min per 1,000
+  prompts" (1,000 x 6.5 responses x 32 tokens = 208k tokens); eval "5 models x 1,200 prompts in
+  ~5 min" (6 answer sets x 1,200 x 32 = 230k tokens): ~45 and ~50 units per sampled token at
+  pretrain's rate. On an accelerator decoding is relatively dearer or cheaper; the *rate* adapts to
+  the machine, the relative weights of the stages do not;
+- compilation is not modelled: on the smoke preset it is most of the time, so early ETAs there are
+  far off (README, "One command");
 - the world stage (seconds) and small evaluation passes inside training are not counted.
 The outer bar's total is the cost still to do (complete stages 0, a resumed stage the part after
 its checkpoint); it advances with the inner loops' steps (`step`, called by loop.run) and when a
@@ -50,7 +54,8 @@ def stage_steps(stage: str, config) -> int:
     return int(config[stage].steps)
   if stage == "rm":
     rm = config.rm
-    train = rm.n_prompts - int(round(rm.valid_fraction * rm.n_prompts))
+    n = min(rm.n_prompts, config.world.n_rm_prompts)   # reward.py: the world's RM prompts, cut to rm.n_prompts
+    train = n - int(round(rm.valid_fraction * n))
     per = rm.batch_size if rm.formulation == "per_prompt" else rm.pair_batch_size
     if rm.formulation != "per_prompt":   # shuffled pairs: every comparison of every prompt, C(K, 2) of them
       k = sum(rm.k_choices) / len(rm.k_choices)
