@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 STYLES = ("gpt", "llama")
+ATTENTION = ("einsum", "dot_product")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -35,6 +36,9 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype: float32 on CPU, bfloat16 on accelerators
   param_dtype: str = "float32"  # master weights stay float32 (paper: fp32 master weights)
   remat: bool = False           # recompute each block in the backward pass (large presets)
+  # "einsum": attention written out (default); "dot_product": jax.nn.dot_product_attention, which runs
+  # cuDNN's fused (flash) kernel on GPU where it applies and the same XLA math elsewhere. No param change.
+  attention: str = "einsum"
 
   def __post_init__(self):
     def bad(field, expected):
@@ -51,6 +55,8 @@ class ModelConfig:
     for f in ("embed_dropout", "attn_dropout", "resid_dropout"):
       if not 0.0 <= getattr(self, f) < 1.0:
         bad(f, "a probability in [0, 1)")
+    if self.attention not in ATTENTION:
+      bad("attention", f"one of {ATTENTION}")
     for f in ("dtype", "param_dtype"):
       if getattr(self, f) not in _DTYPES:
         bad(f, f"one of {tuple(_DTYPES)}")
@@ -98,7 +104,7 @@ class ModelConfig:
 
 def mismatched_fields(a: Mapping[str, Any], b: Mapping[str, Any],
                       ignore: tuple[str, ...] = ("embed_dropout", "attn_dropout", "resid_dropout",
-                                                 "dtype", "remat")) -> list[str]:
-  """Fields that change the parameter tree or its meaning (dropout/dtype/remat may differ by stage)."""
+                                                 "dtype", "remat", "attention")) -> list[str]:
+  """Fields that change the parameter tree or its meaning (dropout/dtype/remat/attention may differ by stage)."""
   keys = sorted((set(a) | set(b)) - set(ignore))
   return [k for k in keys if a.get(k) != b.get(k)]

@@ -113,13 +113,21 @@ class Attention(nn.Module):
     allowed_bts = (jnp.arange(S)[None, :] <= q_slot_t[:, None])[None]              # causal
     if kv_mask_bs is not None:
       allowed_bts = allowed_bts & kv_mask_bs[:, None, :].astype(bool)             # padding
-    qg = q.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * H ** -0.5
-    # A finite fill keeps fully-masked rows (left-pad queries) NaN-free; their outputs are unused.
-    logits = jnp.where(allowed_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=deterministic)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+    if cfg.attention == "dot_product" and (deterministic or cfg.attn_dropout == 0.0):
+      # No cache and no padding: plain causal, which lets cuDNN skip the masked blocks. Fully-masked
+      # rows (left-pad queries) get a finite fill there too; their outputs are unused.
+      plain_causal = cache is None and kv_mask_bs is None
+      out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=H ** -0.5,
+                                         mask=None if plain_causal else allowed_bts[:, None],
+                                         is_causal=plain_causal)
+    else:
+      qg = q.reshape(B, T, K, N // K, H)
+      logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * H ** -0.5
+      # A finite fill keeps fully-masked rows (left-pad queries) NaN-free; their outputs are unused.
+      logits = jnp.where(allowed_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+      probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=deterministic)
+      out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
     if cfg.style == "gpt":
