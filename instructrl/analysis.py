@@ -5,6 +5,7 @@
   steps, loss = run.curve("pretrain", "train/loss")
   analysis.report_rows(run.report)                          # the eval table as plain dicts
   analysis.samples(run.workdir, ["SFT", "PPO-ptx"], n=10)   # side by side, with the gold verdict
+  python -m instructrl.analysis --workdir=W [--items=other_cloze_eval.jsonl]   # cloze accuracy by kind
 
 Plain dicts, lists and NumPy arrays (no pandas), so the notebooks stay thin and this is unit-tested
 (tests/test_analysis.py); notebooks/ uses it, tests/test_notebooks.py executes them.
@@ -253,3 +254,49 @@ def sweep_rows(sweep: dict) -> list[dict]:
           f"{v['mean']:.3f}" + (f" ± {v['std']:.3f}" if v.get("std") else ""))
     rows.append(out)
   return rows
+
+
+# ----------------------------------------------------------------------------- cloze by kind
+
+def cloze_by_kind(workdir: str | Path, items_path: str | Path | None = None) -> dict:
+  """{model: {"all": accuracy, <kind>: accuracy}} of every finished model of a run (the eval stage's
+  models and checkpoints) on its world's cloze items, or on `items_path` (e.g. a newer world's items
+  scored by an older run's models: only the world's facts must agree). Loads the models: seconds on
+  smoke, about a minute on tiny (CPU)."""
+  import ml_collections
+  from instructrl import checkpoints, evaluation, parallel
+  from instructrl.models.config import ModelConfig
+  from instructrl.stages import evaluate
+  from instructrl.stages.train_state import abstract_state, make_optimizer, state_shardings
+  from instructrl.stages.world import load_tokenizer, world_fingerprint
+  workdir = Path(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  items = _read_jsonl(Path(items_path or workdir / "world" / "cloze_eval.jsonl"))
+  model_cfg = ModelConfig.from_dict(config.model.to_dict())
+  mesh, rules = parallel.make_mesh(tuple(config.mesh.shape)), parallel.rules_from_config(config.mesh.rules)
+  tx, _ = make_optimizer(config.sft, 1)
+  abstract = abstract_state(model_cfg, tx, state_shardings(model_cfg, tx, mesh, rules))["params"]
+  tokenizer, world_id = load_tokenizer(workdir), world_fingerprint(workdir)
+  ex, owner = evaluation.cloze_examples(tokenizer, items, config.eval.cloze_seq_len)
+  kinds = np.array([it.get("kind", "all") for it in items])
+  out = {}
+  with parallel.activate(mesh, rules):
+    for m in evaluate.available_models(workdir):
+      if m["few_shot"]:
+        continue   # the same params as GPT: the cloze prompt has no few-shot prefix
+      params = checkpoints.load_params(workdir / m["stage"], abstract, model_cfg.to_dict(), world_id,
+                                       entry=m["entry"], step=m["step"])[0]
+      nll, _ = evaluation.sequence_nll(params, model_cfg, ex, config.eval.batch_size)
+      hit = np.array([int(np.argmin(nll[owner == i])) == it["answer"] for i, it in enumerate(items)])
+      out[m["name"]] = {"all": float(hit.mean()), **{k: float(hit[kinds == k].mean()) for k in sorted(set(kinds))}}
+  return out
+
+
+if __name__ == "__main__":
+  import argparse
+  ap = argparse.ArgumentParser(description="Cloze accuracy by kind of every finished model of a run.")
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--items", default=None, help="a cloze_eval.jsonl (default: the run's world's)")
+  args = ap.parse_args()
+  got = cloze_by_kind(args.workdir, args.items)
+  print(format_table([{"model": m, **v} for m, v in got.items()]))
