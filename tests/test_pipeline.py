@@ -58,3 +58,16 @@ def test_rerun_skips_every_stage(smoke_run, tmp_path):
     assert f"pipeline [{i}/7] {s}: complete, skipping" in out.stderr, s
   assert "ETA unknown" in out.stderr     # nothing left to estimate: said, not a made-up time
   assert (w / "eval" / "report.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_cloze_by_kind_agrees_with_the_report(smoke_run):
+  from instructrl import analysis
+  from instructrl.data.world.generate import CLOZE_KINDS
+  w = smoke_run["workdir"]
+  rep = json.loads((w / "eval" / "report.json").read_text())
+  got = analysis.cloze_by_kind(w)
+  assert list(got) == [m for m in rep["models"] if m != "GPT prompted"]
+  for name, acc in got.items():
+    assert acc["all"] == pytest.approx(rep["results"][name]["cloze_accuracy"]), name
+    assert set(acc) == {"all"} | {k for k, _ in CLOZE_KINDS}, name
