@@ -58,8 +58,10 @@ def _rm_stage():
   c.policy = "sft"               # the policy whose samples the labelers rank; its trunk initialises the RM
   # Where the K ranked responses come from (weights per response slot): "policy" (rm.policy at
   # rm.sample_temperature), "pretrain" (bare prompt) and "pretrain_few_shot" (prompted GPT), both at
-  # eval.baseline_temperature. Paper 3.5: comparisons rank outputs of several models.
-  c.source_mix = ml_collections.ConfigDict({"policy": 1.0, "pretrain": 0.0, "pretrain_few_shot": 0.0})
+  # eval.baseline_temperature, and "ppo" (an earlier PPO policy, rm.ppo_source). Paper 3.5:
+  # comparisons rank outputs of several models, later ones of its RL policies.
+  c.source_mix = ml_collections.ConfigDict({"policy": 1.0, "pretrain": 0.0, "pretrain_few_shot": 0.0, "ppo": 0.0})
+  c.ppo_source = ""              # with source_mix.ppo > 0: an earlier run's finished ppo stage dir (same world)
   c.n_prompts = 2000             # RM prompts sampled and ranked (<= world.n_rm_prompts)
   c.valid_fraction = 0.2         # of those, held out for validation accuracy
   c.k_choices = (4, 5, 6, 7, 8, 9)  # paper 3.5: K = 4..9 responses per prompt

@@ -92,6 +92,7 @@ def test_mismatched_checkpoint_is_refused(reference_run, tmp_path):
     ("--config.sft.warmup_steps=500", "warmup_steps"),
     ("--config.mesh.shape=(3,1,1)", "mesh.shape"),
     ("--config.model.nonexistent=1", "nonexistent"),
+    ("--config.rm.source_mix.ppo=0.5", "rm.ppo_source"),          # iterated collection needs an earlier PPO run
 ])
 def test_bad_config_values_give_clear_errors(tmp_path, flag, needle):
   out = cli(tmp_path, *FAST, flag, stages="world,pretrain,sft", check=False)

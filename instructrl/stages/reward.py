@@ -45,16 +45,18 @@ COMPARISONS = "comparisons"
 
 # ----------------------------------------------------------------------------- collection
 
-def load_policy(config, workdir: Path, mesh, rules, stage: str = "sft"):
+def load_policy(config, workdir: Path, mesh, rules, stage: str = "sft", directory: Path | None = None,
+                entry: str = "params"):
+  """A finished LM stage's params (directory: another run's stage, checked against this run's world)."""
   model_cfg = ModelConfig.from_dict(config.model)
   tx, _ = make_optimizer(config.sft, 1)
   abstract = abstract_state(model_cfg, tx, state_shardings(model_cfg, tx, mesh, rules))
-  params, _ = checkpoints.load_params(Path(workdir) / stage, abstract["params"], model_cfg.to_dict(),
-                                      world_fingerprint(workdir))
+  params, _ = checkpoints.load_params(directory or Path(workdir) / stage, abstract["params"], model_cfg.to_dict(),
+                                      world_fingerprint(workdir), entry=entry)
   return params
 
 
-SOURCES = ("policy", "pretrain", "pretrain_few_shot")
+SOURCES = ("policy", "pretrain", "pretrain_few_shot", "ppo")
 SPARE = 2   # extra samples per prompt and source, for the duplicates and empty answers dropped before ranking
 
 
@@ -63,12 +65,14 @@ def _source_sampler(config, params, world, tokenizer, model_cfg, source: str):
 
   policy: rm.policy (SFT) at rm.sample_temperature; pretrain: the pretrained model on the bare
   prompt, and pretrain_few_shot: with a few-shot prefix, both at eval.baseline_temperature (the
-  paper's comparisons also rank outputs of several models, its GPT-3 baselines included).
+  paper's comparisons also rank outputs of several models, its GPT-3 baselines included); ppo: an
+  earlier PPO policy (rm.ppo_source, its EMA) at rm.sample_temperature — the paper's later
+  comparisons ranked its RL policies' samples, which is how an RM learns to score what PPO writes.
   """
   cfg = config.rm
   few_shot = source == "pretrain_few_shot"
   prefix = world.few_shot_prefix(np.random.default_rng(config.seed), k=config.eval.few_shot) if few_shot else ""
-  temperature = cfg.sample_temperature if source == "policy" else config.eval.baseline_temperature
+  temperature = cfg.sample_temperature if source in ("policy", "ppo") else config.eval.baseline_temperature
 
   def texts(prompts: list[str], key) -> list[str]:
     full = [prefix + f"Q: {p}\nA:" for p in prompts] if few_shot else [world.format_prompt(p) for p in prompts]
@@ -111,8 +115,13 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
   if unknown or not mix:
     raise ValueError(f"rm.source_mix={dict(cfg.source_mix)}: expected positive weights on some of {SOURCES}")
   names, weights = list(mix), np.array(list(mix.values())) / sum(mix.values())
-  stage_of = lambda s: cfg.policy if s == "policy" else "pretrain"
-  params = {st: load_policy(config, workdir, mesh, rules, st) for st in {stage_of(s) for s in names}}   # each once
+  stage_of = lambda s: {"policy": cfg.policy, "ppo": "ppo_source"}.get(s, "pretrain")
+  if "ppo" in names and not cfg.ppo_source:
+    raise ValueError("rm.source_mix.ppo > 0 needs rm.ppo_source: the directory of a finished ppo stage of an "
+                     "earlier run on the same world (e.g. runs/round1/ppo)")
+  params = {st: load_policy(config, workdir, mesh, rules, directory=Path(cfg.ppo_source), entry="ema")
+            if st == "ppo_source" else load_policy(config, workdir, mesh, rules, st)
+            for st in {stage_of(s) for s in names}}   # each model loaded once
   samplers = {s: _source_sampler(config, params[stage_of(s)], world, tokenizer, model_cfg, s) for s in names}
   records = load_jsonl(world_dir / "prompts_rm.jsonl", "eval")[:cfg.n_prompts]
   rng = np.random.default_rng([config.seed, 404])
@@ -175,7 +184,7 @@ def collection_key(config) -> dict:
   """The settings that decide what collect() writes: a finished set is reused only if they match."""
   cfg = config.rm
   keys = ("n_prompts", "valid_fraction", "k_choices", "sample_temperature", "prompt_len", "max_new_tokens",
-          "collect_batch_prompts", "policy")
+          "collect_batch_prompts", "policy", "ppo_source")
   return json.loads(json.dumps({**{k: cfg[k] for k in keys}, "source_mix": cfg.source_mix.to_dict(),
                                 "seed": config.seed, "baseline_temperature": config.eval.baseline_temperature,
                                 "few_shot": config.eval.few_shot, "prefix_len": config.eval.prefix_len}))

@@ -553,3 +553,21 @@ def test_ppo_starts_from_the_sft_candidate_the_rm_scores_best(reference_run, tmp
   assert scores[5] != scores[10]                                 # two different models were scored
   meta = json.loads((w / "ppo" / "2" / "meta" / "metadata").read_text())
   assert meta["policy_init_step"] == sel["chosen"]
+
+
+@pytest.mark.slow
+def test_rm_round_two_ranks_an_earlier_ppo_policys_samples(reference_run, ppo_run, tmp_path):
+  """Iterated collection (paper 3.5: later comparisons rank the RL policies' samples): a second RM's
+  comparisons mix in responses from round one's PPO policy (its EMA), named in each record."""
+  w = tmp_path / "round2"
+  for stage in ("world", "pretrain", "sft"):
+    shutil.copytree(reference_run / stage, w / stage)
+  cli(w, "rm", "--config.rm.source_mix.policy=0.5", "--config.rm.source_mix.ppo=0.5",
+      f"--config.rm.ppo_source={ppo_run / 'ppo'}")
+  recs = [json.loads(l) for split in ("train", "valid")
+          for l in (w / "comparisons" / f"{split}.jsonl").read_text().splitlines()]
+  sources = [s for r in recs for s in r["sources"]]
+  assert set(sources) == {"policy", "ppo"} and 0.25 < sources.count("ppo") / len(sources) < 0.75
+  key = json.loads((w / "comparisons" / "COMPLETE").read_text())["key"]
+  assert key["ppo_source"] == str(ppo_run / "ppo") and key["source_mix"]["ppo"] == 0.5
+  assert any("final/valid/accuracy" in r for r in metric_rows(w, "rm"))
