@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.cli_helpers import final_params, sigkill_when_exists
+from tests.cli_helpers import cli_env, final_params, sigkill_when_exists
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--config.eval.n_prompts=0", "--config.pretrain.steps=40", "--config.pretrain.checkpoint_every=5",
@@ -19,7 +19,7 @@ FAST = ["--config.eval.n_prompts=0", "--config.pretrain.steps=40", "--config.pre
 def cli(workdir, *extra, stages="world,pretrain,sft", check=True, timeout=300):
   cmd = [sys.executable, "-m", "instructrl.main", "--config=configs/instructgpt.py:smoke", f"--workdir={workdir}",
          f"--stages={stages}", *extra]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cli_env())
   if check and out.returncode:
     raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
   return out
@@ -59,7 +59,7 @@ def test_resume_after_sigkill_gives_identical_params(reference_run, tmp_path):
   for stage, wait_for in (("pretrain", "pretrain/5"), ("sft", "sft/5")):
     cmd = [sys.executable, "-m", "instructrl.main", "--config=configs/instructgpt.py:smoke", f"--workdir={w}",
            "--stages=world,pretrain,sft", *FAST]
-    sigkill_when_exists(cmd, w / wait_for, cwd=ROOT)
+    sigkill_when_exists(cmd, w / wait_for, cwd=ROOT, env=cli_env())
     kills += 1
     final = {"pretrain": "40", "sft": "20"}[stage]
     assert not (w / stage / final).exists(), f"the kill landed after {stage} finished"

@@ -13,7 +13,6 @@ subprocess is bounded.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from instructrl import parallel
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import process_logits
 from instructrl.stages import ppo, train_state
-from tests.cli_helpers import final_params, run_worker_on_8_devices, sigkill_when_exists
+from tests.cli_helpers import cli_env, final_params, run_worker_on_8_devices, sigkill_when_exists
 
 ROOT = Path(__file__).resolve().parents[2]
 EOS, PAD = 3, 0
@@ -334,13 +333,6 @@ FAST = ["--config.eval.n_prompts=0", "--config.pretrain.steps=20", "--config.pre
 # 12 iterations of 16 episodes, a checkpoint every 2: the kill lands between ppo/2 and ppo/12.
 PPO_FLAGS = ["--config.ppo.total_episodes=192", "--config.ppo.checkpoint_every=2"]
 PPO_STEPS = 12
-
-
-def cli_env() -> dict:
-  """The CLI processes share the persistent compile cache of the test processes (conftest.py)."""
-  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.environ.get("INSTRUCTRL_JAX_CACHE",
-                                                                    "/tmp/instructrl-jax-cache"),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
 
 def cli_cmd(workdir, stages, *extra):
