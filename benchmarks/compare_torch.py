@@ -107,8 +107,8 @@ def ratio_row(times: dict, work: float, unit: str) -> dict:
 def part_matmul(args, counter):
   out = {}
   for name, jdt, tdt in (("float32", jnp.float32, torch.float32), ("bfloat16", jnp.bfloat16, torch.bfloat16)):
-    out[name] = {"jax_flops_per_s": matmul_peak(jdt, n=2048, inner=1, repeats=3),
-                 "torch_flops_per_s": torch_matmul_peak(tdt)}
+    out[name] = {"n": args.matmul_n, "jax_flops_per_s": matmul_peak(jdt, n=args.matmul_n, inner=1, repeats=3),
+                 "torch_flops_per_s": torch_matmul_peak(tdt, n=args.matmul_n)}
     out[name]["ratio"] = out[name]["jax_flops_per_s"] / out[name]["torch_flops_per_s"]
   return out
 
@@ -350,6 +350,8 @@ def main():
   ap.add_argument("--rm_ks", default="4,9")
   ap.add_argument("--ppo_batch", type=int, default=64)
   ap.add_argument("--ppo_minibatch", type=int, default=16)
+  # torch's bf16 matmul has no hardware path on CPUs without AVX512-BF16/AMX: ~85 s per 2048^3 here.
+  ap.add_argument("--matmul_n", type=int, default=2048)
   ap.add_argument("--steps", type=int, default=3, help="train steps per timing (sft, rm)")
   ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians reported")
   ap.add_argument("--threads", type=int, default=2, help="torch threads (XLA:CPU uses the cores it sees)")
@@ -357,7 +359,7 @@ def main():
   ap.add_argument("--quick", action="store_true", help="small batches, 2 rounds")
   args = ap.parse_args()
   if args.quick:
-    args.repeats, args.steps = 2, 1
+    args.repeats, args.steps, args.matmul_n = 2, 1, 512
     args.sft_shapes, args.gen_batches, args.rm_prompts, args.rm_ks = "tiny", "1,16", 2, "4"
     args.ppo_batch, args.ppo_minibatch = 16, 8
   torch.set_num_threads(args.threads)
