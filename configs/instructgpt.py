@@ -141,6 +141,8 @@ def _model(**kw):
       dtype="float32",           # compute dtype (bfloat16 on accelerators)
       param_dtype="float32",     # master weights (paper C: fp32 master weights)
       remat=False,               # recompute blocks in the backward pass
+      attention="einsum",        # "einsum" (written out) or "dot_product" (jax.nn.dot_product_attention:
+                                 # cuDNN fused attention on GPU where it applies; same math elsewhere)
   ))
   c.update(kw)
   return c
