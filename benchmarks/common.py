@@ -160,6 +160,14 @@ def setup(preset: str, *, dtype: str | None = None, min_len: int = 0, model: dic
   return types.SimpleNamespace(config=config, cfg=cfg, mesh=mesh, rules=rules, n_batch_shards=n_batch_shards)
 
 
+def lm_params(s, seed: int = 0):
+  """Random-init LM params of setup `s`'s model, sharded on its mesh (sampling benchmarks need no optimizer)."""
+  from instructrl.stages import train_state
+  tx, _ = train_state.make_optimizer(s.config.sft, 10)
+  shardings = train_state.state_shardings(s.cfg, tx, s.mesh, s.rules)
+  return train_state.init_params(s.cfg, jax.random.key(seed), shardings["params"], s.mesh, s.rules)
+
+
 def check_batch(n: int, what: str, s) -> None:
   if n % s.n_batch_shards:
     raise ValueError(f"{what}={n} must be a multiple of the {s.n_batch_shards} batch shards")

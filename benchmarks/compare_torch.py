@@ -42,11 +42,11 @@ import torch.nn.functional as F
 import transformers
 
 from benchmarks import train_step as train_step_bench
-from benchmarks.common import (SHAPES, CompileCounter, environment, interleaved, matmul_peak, model_summary,
+from benchmarks.common import (SHAPES, CompileCounter, environment, interleaved, lm_params, matmul_peak, model_summary,
                                ppo_data, ppo_setup, ranked_batch, setup, summary)
 from instructrl import parallel
 from instructrl.data.rankings import pairs_from_ranked
-from instructrl.data.tokenizer import EOS_ID, PAD_ID
+from instructrl.data.tokenizer import PAD_ID
 from instructrl.models.hf import config_to_hf
 from instructrl.models.sampling import sample
 from instructrl.stages import ppo, reward, train_state
@@ -151,9 +151,7 @@ def part_generate(args, counter):
   P, N = args.prompt_len, args.max_new_tokens
   s = setup(preset, dtype=args.dtype, min_len=P + N, model=model_over)
   cfg = s.cfg
-  tx, _ = train_state.make_optimizer(s.config.sft, 10)
-  sh = train_state.state_shardings(cfg, tx, s.mesh, s.rules)
-  params = train_state.init_params(cfg, jax.random.key(0), sh["params"], s.mesh, s.rules)
+  params = lm_params(s)
   model = torch_lm(cfg).eval()
   rng = np.random.default_rng(0)
   rows = []

@@ -25,12 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (SHAPES, CompileCounter, environment, interleaved, model_summary, peak_memory_bytes,
+from benchmarks.common import (SHAPES, CompileCounter, environment, interleaved, lm_params, model_summary, peak_memory_bytes,
                                setup, summary)
 from instructrl.data.tokenizer import PAD_ID
 from instructrl.models.sampling import process_logits, sample
 from instructrl.models.transformer import Decoder, left_pad_positions
-from instructrl.stages import train_state
 
 NO_EOS = -1
 
@@ -83,9 +82,7 @@ def main():
   P, N = args.prompt_len, args.max_new_tokens
   s = setup(preset, dtype=args.dtype, min_len=P + N, model=model)
   cfg = s.cfg
-  tx, _ = train_state.make_optimizer(s.config.sft, 10)
-  shardings = train_state.state_shardings(cfg, tx, s.mesh, s.rules)
-  params = train_state.init_params(cfg, jax.random.key(0), shardings["params"], s.mesh, s.rules)
+  params = lm_params(s)
   rng = np.random.default_rng(0)
   key = jax.random.key(1)
   kw = dict(cfg=cfg, max_new_tokens=N, temperature=1.0, eos_id=NO_EOS, pad_id=PAD_ID)
