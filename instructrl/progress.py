@@ -133,8 +133,8 @@ def stage_state(stage: str, workdir: Path, upstream_runs: bool) -> tuple[str, in
     if not report.exists() or upstream_runs:
       return "new", 0
     from instructrl.stages import evaluate
-    models = [m["name"] for m in evaluate.available_models(workdir)]
-    return ("complete" if json.loads(report.read_text()).get("models") == models else "new"), 0
+    ids = {m["name"]: m["id"] for m in evaluate.available_models(workdir)}
+    return ("complete" if json.loads(report.read_text()).get("model_ids") == ids else "new"), 0
   return "new", 0
 
 

@@ -61,6 +61,27 @@ def test_rerun_skips_every_stage(smoke_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_reruns_when_a_stage_was_retrained(smoke_run, tmp_path):
+  """Same model names, new checkpoint: the report must judge the new one, not skip on the old report."""
+  import shutil
+  w = tmp_path / "copy"
+  shutil.copytree(smoke_run["workdir"], w, ignore=shutil.ignore_patterns("LOCK"))
+  before = json.loads((w / "eval" / "report.json").read_text())
+  shutil.rmtree(w / "ppo_noptx")
+  out = subprocess.run(command(w) + ["--stages=ppo_noptx,eval", "--config.ppo.kl_coef=0.5"], cwd=ROOT,
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "exists, skipping" not in out.stderr
+  after = json.loads((w / "eval" / "report.json").read_text())
+  assert after["models"] == before["models"]
+  changed = [n for n in after["models"] if after["model_ids"][n] != before["model_ids"][n]]
+  assert changed == ["PPO"], changed
+  assert after["results"]["PPO"]["kl_coef"] == 0.5 and before["results"]["PPO"]["kl_coef"] != 0.5
+  # The other models' cached answers were reused: their judged numbers are unchanged.
+  assert after["results"]["SFT"]["gold"] == before["results"]["SFT"]["gold"]
+
+
+@pytest.mark.slow
 def test_cloze_by_kind_agrees_with_the_report(smoke_run):
   from instructrl import analysis
   from instructrl.data.world.generate import CLOZE_KINDS

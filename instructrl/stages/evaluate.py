@@ -18,6 +18,7 @@ and report.json is written last; a rerun with the same set of models skips the s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -47,8 +48,26 @@ def stage_meta(workdir: Path, stage: str) -> dict | None:
   return meta if meta and meta.get("complete") else None
 
 
+def checkpoint_id(workdir: Path, stage: str, step: int) -> str:
+  """A fingerprint of one saved step: the hash of its manifest (file sizes and hashes) or, for a step
+  saved without one, of Orbax's metadata (it carries the commit time). A stage rerun under the same
+  workdir saves the same step numbers, so the step alone cannot tell its checkpoints apart."""
+  step_dir = Path(workdir) / stage / str(step)
+  for name in (checkpoints.MANIFEST, "_CHECKPOINT_METADATA"):
+    if (step_dir / name).exists():
+      return hashlib.sha256((step_dir / name).read_bytes()).hexdigest()[:16]
+  return "unknown"
+
+
 def available_models(workdir: Path) -> list[dict]:
-  """[{name, stage, entry, few_shot}] for every finished stage, in the paper's order."""
+  """[{name, stage, step, id, entry, few_shot}] for every finished stage, in the paper's order."""
+  models = _available_models(workdir)
+  for m in models:
+    m["id"] = checkpoint_id(workdir, m["stage"], m["step"])
+  return models
+
+
+def _available_models(workdir: Path) -> list[dict]:
   models = []
   meta = stage_meta(workdir, "pretrain")
   if meta:
@@ -90,7 +109,8 @@ def run(config, workdir: Path, mesh, rules) -> dict:
     raise FileNotFoundError(f"{workdir}/sft: no finished SFT checkpoint; the eval stage compares against SFT, "
                             f"run --stages=sft first")
   done = out_dir / "report.json"
-  if done.exists() and json.loads(done.read_text()).get("models") == [m["name"] for m in models]:
+  # Skip only if the report judged these very checkpoints (a rerun stage saves new ones).
+  if done.exists() and json.loads(done.read_text()).get("model_ids") == {m["name"]: m["id"] for m in models}:
     logging.info("eval: report for %s exists, skipping", [m["name"] for m in models])
     return json.loads(done.read_text())
 
@@ -140,7 +160,8 @@ def run(config, workdir: Path, mesh, rules) -> dict:
         gold=_strip(evaluation.gold_summary(world, sets["eval"], a["eval"])),
         truthfulness=truthfulness(world, sets["truthful"], a["truthful"]),
         toxicity=toxicity(world, sets["toxicity"], a["toxicity"]))
-  out = {"models": [m["name"] for m in models], "results": rows,
+  out = {"models": [m["name"] for m in models], "model_ids": {m["name"]: m["id"] for m in models},
+         "results": rows,
          "judged_by": {"group": raters[0].group, "labelers": [l.id for l in raters]},
          "n_prompts": {k: len(v) for k, v in sets.items()}, "rm": rm_summary(workdir),
          "ppo_curves": {m["name"]: ppo_curve(workdir / "metrics" / f"{m['stage']}.jsonl")
@@ -158,7 +179,7 @@ def _temperature(m: dict, ecfg) -> float:
 def _answers(out_dir: Path, m: dict, params, model_cfg, tokenizer, world, sets, config, prefix, index) -> dict:
   path = out_dir / "answers" / f"{slug(m['name'])}.json"
   # Reuse cached answers only if they came from the same checkpoint, decoding and prompts.
-  key = {"stage": m["stage"], "step": m["step"], "index": index, "seed": config.seed, "few_shot": m["few_shot"],
+  key = {"stage": m["stage"], "step": m["step"], "id": m["id"], "index": index, "seed": config.seed, "few_shot": m["few_shot"],
          "temperature": _temperature(m, config.eval), "max_new_tokens": config.eval.max_new_tokens,
          "n": {k: len(v) for k, v in sets.items()}}
   if path.exists():

@@ -192,11 +192,15 @@ def collection_key(config) -> dict:
 
 # ----------------------------------------------------------------------------- data
 
-def select(records: list[dict], groups: list[int], by_prompt_index: bool = True) -> list[dict]:
-  """One ranking per prompt: prompt i gets the ranking of group groups[i % len(groups)]."""
+def select(records: list[dict], groups: list[int], per_prompt: int = 1) -> list[dict]:
+  """`per_prompt` rankings of each prompt, by different groups: prompt i gets the rankings of groups
+  groups[(i + j) % len(groups)] for j < per_prompt. One (the default) is the paper's setting: each
+  comparison labelled once; more spends more labels on the same samples (independent noise)."""
+  if not 1 <= per_prompt <= len(groups):
+    raise ValueError(f"rm.rankings_per_prompt={per_prompt}: expected 1..{len(groups)} (the training groups)")
   ids = sorted({r["id"] for r in records})
-  want = {pid: groups[i % len(groups)] for i, pid in enumerate(ids)} if by_prompt_index else None
-  return [r for r in records if r["group"] == want[r["id"]]]
+  want = {pid: {groups[(i + j) % len(groups)] for j in range(per_prompt)} for i, pid in enumerate(ids)}
+  return [r for r in records if r["group"] in want[r["id"]]]
 
 
 def restrict(records: list[dict], source: str) -> list[dict]:
@@ -322,7 +326,7 @@ def run(config, workdir: Path, mesh, rules):
   k_max = max(cfg.k_choices)
   as_examples = lambda recs, what: ranked_examples(tokenizer, recs, cfg.seq_len, k_max, world.format_prompt,
                                                    what=what)
-  train = as_examples(select(train_all, train_groups), "rm train")
+  train = as_examples(select(train_all, train_groups, cfg.get("rankings_per_prompt", 1)), "rm train")
   valid_train_groups = select(valid_all, train_groups)
   valid = as_examples(valid_train_groups, "rm valid")
   heldout_recs = [r for r in valid_all if r["group"] == cfg.heldout_group]

@@ -251,6 +251,18 @@ def test_select_one_ranking_per_prompt_round_robin_over_groups():
   assert all(r["group"] != 4 for r in reward.select(records, [0, 1, 2, 3]))  # held-out group never picked
 
 
+def test_select_several_rankings_per_prompt_from_distinct_groups():
+  ids = ["p3", "p0", "p4", "p1", "p2"]
+  records = [{"id": pid, "group": g, "ranking": [0, 1]} for pid in ids for g in range(5)]
+  picked = reward.select(records, [0, 1, 3], per_prompt=2)
+  got = {pid: sorted(r["group"] for r in picked if r["id"] == pid) for pid in ids}
+  # sorted ids p0..p4 start at groups 0, 1, 3, 0, 1 and take the next one round-robin
+  assert got == {"p0": [0, 1], "p1": [1, 3], "p2": [0, 3], "p3": [0, 1], "p4": [1, 3]}
+  assert len(reward.select(records, [0, 1, 3], per_prompt=3)) == 15           # every training group's ranking
+  with pytest.raises(ValueError, match="rankings_per_prompt=4: expected 1..3"):
+    reward.select(records, [0, 1, 3], per_prompt=4)
+
+
 def test_restrict_keeps_one_sources_responses_in_ranked_order():
   r = {"responses": ["a", "b", "c", "d"], "ranking": [2, 0, 3, 1], "sources": ["policy", "pretrain", "policy", "policy"]}
   (out,) = reward.restrict([r], "policy")
