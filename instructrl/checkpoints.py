@@ -195,6 +195,33 @@ def check_model(saved: dict, expected: dict, where: str) -> None:
     raise CheckpointMismatch(f"{where}: model config does not match ({details})")
 
 
+# Stage settings that change how a run is logged, evaluated or saved, not what it computes: these may
+# differ between the run that saved a checkpoint and the one that restores it.
+CADENCE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
+                            "keep_period", "sample_every", "on_nonfinite", "max_nonfinite_skips"})
+
+
+def settings_of(cfg) -> dict:
+  """A stage config block as plain JSON (what the checkpoint meta stores)."""
+  return json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), default=str))
+
+
+def check_settings(meta: dict, cfg, where: str, section: str) -> None:
+  """A stage restored under other training settings would silently mix two runs (a resume) or ignore
+  the new ones (a finished stage is skipped): refuse it, naming each field. Checkpoints saved before
+  settings were recorded are not checked."""
+  saved = meta.get("settings")
+  if saved is None:
+    return
+  asked = settings_of(cfg)
+  bad = sorted(k for k in set(saved) | set(asked) if k not in CADENCE_FIELDS and saved.get(k) != asked.get(k))
+  if bad:
+    details = ", ".join(f"{section}.{k}: checkpoint has {saved.get(k)!r}, config has {asked.get(k)!r}" for k in bad)
+    state = "finished" if meta.get("complete") else "was interrupted"
+    raise CheckpointMismatch(f"{where} {state} under other training settings ({details}); use a new --workdir, "
+                             f"or delete {where} (and the stages after it) to retrain it with these settings")
+
+
 def check_world(meta: dict, world_id: str | None, where: str) -> None:
   """A checkpoint trained on another world/tokenizer would be silently wrong: refuse it."""
   if world_id is not None and meta.get("world") not in (None, world_id):

@@ -82,6 +82,19 @@ def test_eval_reruns_when_a_stage_was_retrained(smoke_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_finished_stage_refuses_new_training_settings(smoke_run, tmp_path):
+  """Asking for another PPO lr in a workdir whose PPO finished must not silently keep the old one."""
+  import shutil
+  w = tmp_path / "copy"
+  shutil.copytree(smoke_run["workdir"], w, ignore=shutil.ignore_patterns("LOCK"))
+  out = subprocess.run(command(w) + ["--stages=ppo", "--config.ppo.learning_rate=3e-3"], cwd=ROOT,
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "finished under other training settings (ppo.learning_rate: checkpoint has 0.0001, config has 0.003)" \
+      in out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_cloze_by_kind_agrees_with_the_report(smoke_run):
   from instructrl import analysis
   from instructrl.data.world.generate import CLOZE_KINDS

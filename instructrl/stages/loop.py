@@ -33,6 +33,7 @@ class Stage:
   tx: Any
   shardings: dict
   abstract: dict                # abstract state with shardings (restore target)
+  settings_section: str = ""    # config section named in a settings-mismatch error (default: the name)
 
 
 def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None = None,
@@ -61,6 +62,7 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
       state, meta = restored
       checkpoints.check_model(meta["model"], stage.model_dict, str(ckpt.directory))
       checkpoints.check_world(meta, stage.world_id, str(ckpt.directory))
+      checkpoints.check_settings(meta, cfg, str(ckpt.directory), stage.settings_section or name)
       if meta.get("complete"):
         logging.info("%s: complete checkpoint at step %d, skipping", name, meta["step"])
         if after_training and not logged_final(stage.workdir, name, total):
@@ -77,7 +79,8 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
     writer = MetricWriter(stage.workdir, name, resume_step=start)
     meta = lambda step, complete=False: {
         "model": stage.model_dict, "world": stage.world_id, "data_position": step, "complete": complete,
-        "rng": np.asarray(jax.random.key_data(stage.rng)).tolist(), **(extra_meta or {})}
+        "rng": np.asarray(jax.random.key_data(stage.rng)).tolist(), "settings": checkpoints.settings_of(cfg),
+        **(extra_meta or {})}
     t_last, step_last = time.perf_counter(), start
     policy, max_skips, skips = cfg.get("on_nonfinite", "stop"), int(cfg.get("max_nonfinite_skips", 0)), 0
     with parallel.activate(mesh, rules), tqdm(total=total, initial=start, desc=name, unit="step",

@@ -310,7 +310,8 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
     return out
 
   stage = loop.Stage(name=name, cfg=stage_cfg, workdir=workdir, model_dict=model_dict, world_id=world_id,
-                     rng=jax.random.key(seed), tx=policy_tx, shardings=shardings, abstract=abstract)
+                     rng=jax.random.key(seed), tx=policy_tx, shardings=shardings, abstract=abstract,
+                     settings_section="ppo")
   return loop.run(stage, mesh, rules, initial_state=initial_state, train_step=iteration, batch_at=batch_at,
                   after_training=after_training if config.eval.n_prompts else None,
                   items_per_step=cfg.batch_size, item_name="episodes", result="ema",

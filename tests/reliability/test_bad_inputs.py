@@ -192,6 +192,23 @@ def test_checkpoint_of_another_world_or_tokenizer():
     checkpoints.check_world({"world": "aaaa"}, "bbbb", "/w/sft")
 
 
+def test_checkpoint_trained_under_other_settings():
+  import ml_collections
+  saved = {"learning_rate": 1e-4, "kl_coef": 0.1, "log_every": 1, "k_choices": [4, 5]}
+  meta = {"settings": saved, "complete": True}
+  asked = ml_collections.ConfigDict({**saved, "learning_rate": 2e-5, "k_choices": (4, 5)})
+  with pytest.raises(checkpoints.CheckpointMismatch,
+                     match=r"/w/ppo_noptx finished under other training settings \(ppo.learning_rate: checkpoint "
+                           r"has 0.0001, config has 2e-05\); use a new --workdir, or delete /w/ppo_noptx"):
+    checkpoints.check_settings(meta, asked, "/w/ppo_noptx", "ppo")
+  # How often a run logs or saves is not a training setting; tuples and lists compare equal (JSON).
+  checkpoints.check_settings(meta, ml_collections.ConfigDict({**saved, "log_every": 10, "k_choices": (4, 5)}),
+                             "/w/ppo", "ppo")
+  checkpoints.check_settings({"complete": True}, asked, "/w/ppo", "ppo")   # saved before settings were recorded
+  with pytest.raises(checkpoints.CheckpointMismatch, match="was interrupted under other training settings"):
+    checkpoints.check_settings({"settings": saved}, asked, "/w/ppo", "ppo")
+
+
 # ----------------------------------------------------------------------------- the CLI (subprocesses)
 
 CLI = [("unknown config key", ["--config.model.nonexistent=1"], "nonexistent"),
