@@ -56,6 +56,9 @@ def _rm_stage():
   c.formulation = "per_prompt"   # "per_prompt" (paper) or "shuffled_pairs" (the ablation it argues against)
   c.pair_batch_size = 64         # comparisons per batch in the shuffled-pairs ablation
   c.policy = "sft"               # the policy whose samples the labelers rank; its trunk initialises the RM
+  c.base_workdir = ""            # "": the RM starts from this run's rm.policy stage; else from that stage of
+                                 # another run on the same world, with that run's model (a larger RM, as the
+                                 # paper's 6B RM); PPO's value function follows it
   # Where the K ranked responses come from (weights per response slot): "policy" (rm.policy at
   # rm.sample_temperature), "pretrain" (bare prompt) and "pretrain_few_shot" (prompted GPT), both at
   # eval.baseline_temperature, and "ppo" (an earlier PPO policy, rm.ppo_source). Paper 3.5:

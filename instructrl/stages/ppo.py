@@ -17,7 +17,6 @@ estimator (log pi_RL - log pi_SFT of the sampled token).
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import process_logits, sample
 from instructrl.models.transformer import Decoder, left_pad_positions
-from instructrl.stages import loop, select
+from instructrl.stages import loop, reward, select
 from instructrl.stages.train_state import abstract_state, guarded_update, process_batch, state_shardings
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
@@ -65,8 +64,12 @@ def response_view(model_cfg, params, head, seq_bs, positions_bs, kv_mask_bs, P):
   return out[:, P - 1:-1]
 
 
-def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn: ScoreFn | None = None):
-  """rollout(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, kl_coef, score_gain) -> (batch, metrics)."""
+def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn: ScoreFn | None = None,
+                 rm_cfg: ModelConfig | None = None):
+  """rollout(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, kl_coef, score_gain) -> (batch, metrics).
+
+  rm_cfg: the RM's and the value function's model when it is not the policy's (rm.base_workdir)."""
+  rm_cfg = rm_cfg or model_cfg
   logp_of = lambda logits, toks: jnp.take_along_axis(
       process_logits(logits, cfg.temperature), toks[..., None], axis=-1)[..., 0]
 
@@ -77,14 +80,14 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
     seq = jnp.concatenate([prompt_bp, s.tokens], axis=1)
     kv_mask = jnp.concatenate([prompt_mask_bp.astype(bool), s.mask], axis=1)
     positions = left_pad_positions(jnp.concatenate([prompt_mask_bp, jnp.ones_like(s.mask)], axis=1))
-    view = functools.partial(response_view, model_cfg, seq_bs=seq, positions_bs=positions, kv_mask_bs=kv_mask, P=P)
+    view = lambda m, **kw: response_view(m, seq_bs=seq, positions_bs=positions, kv_mask_bs=kv_mask, P=P, **kw)
     # Re-scored with a full forward, exactly as the update will: the PPO ratio starts at 1.
-    logp = logp_of(view(params=policy, head="lm"), s.tokens)
-    ref_logp = logp_of(view(params=ref, head="lm"), s.tokens)   # same temperature: a KL that is >= 0
-    values = view(params=value, head="scalar")
+    logp = logp_of(view(model_cfg, params=policy, head="lm"), s.tokens)
+    ref_logp = logp_of(view(model_cfg, params=ref, head="lm"), s.tokens)   # same temperature: a KL that is >= 0
+    values = view(rm_cfg, params=value, head="scalar")
     last = P - 1 + s.lengths                                   # the last real token (EOS if emitted)
     if score_fn is None:
-      scores_bs, _ = Decoder(model_cfg, head="scalar").apply({"params": rm}, seq, positions, kv_mask_bs=kv_mask)
+      scores_bs, _ = Decoder(rm_cfg, head="scalar").apply({"params": rm}, seq, positions, kv_mask_bs=kv_mask)
       score = jnp.take_along_axis(scores_bs, last[:, None], axis=1)[:, 0]
     else:
       score = score_fn(seq, last, s.tokens, s.mask)
@@ -109,8 +112,11 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
 
 # ----------------------------------------------------------------------------- update
 
-def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int):
-  """update(state, batch, ptx_mbs, rng) -> (state, metrics): epochs x minibatches in one lax.scan."""
+def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int, value_cfg: ModelConfig | None = None):
+  """update(state, batch, ptx_mbs, rng) -> (state, metrics): epochs x minibatches in one lax.scan.
+
+  value_cfg: the value function's model when it is not the policy's (an RM from rm.base_workdir)."""
+  value_cfg = value_cfg or model_cfg
 
   def policy_loss(params, mb, ptx):
     logits = response_view(model_cfg, params, "lm", mb["seq"], mb["positions"], mb["kv_mask"], P)
@@ -128,7 +134,7 @@ def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int):
     return pg + cfg.ptx_coef * ptx_nll, {**m, "pg_loss": pg, "ptx_loss": ptx_nll}
 
   def value_loss(params, mb):
-    values = response_view(model_cfg, params, "scalar", mb["seq"], mb["positions"], mb["kv_mask"], P)
+    values = response_view(value_cfg, params, "scalar", mb["seq"], mb["positions"], mb["kv_mask"], P)
     return objectives.value_loss(values, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip)
 
   def update(state, batch, ptx_mbs, rng):
@@ -173,6 +179,8 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   tokenizer = load_tokenizer(workdir)
   model_cfg = ModelConfig.from_dict(config.model)
   model_dict = model_cfg.to_dict()
+  rm_dict = reward.rm_model(config)     # the RM's and the value function's model (a larger one: rm.base_workdir)
+  rm_cfg = ModelConfig.from_dict(rm_dict)
   world_id = world_fingerprint(workdir)
   world = world_lib.World.load(world_dir)
 
@@ -195,19 +203,19 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   value_tx, _ = make_optimizer(cfg.value_learning_rate, cfg.warmup_iterations * updates_per_iter,
                                cfg.grad_clip, cfg.b1, cfg.b2)
   pol_sh = state_shardings(model_cfg, policy_tx, mesh, rules, "lm")
-  val_sh = state_shardings(model_cfg, value_tx, mesh, rules, "scalar")
+  val_sh = state_shardings(rm_cfg, value_tx, mesh, rules, "scalar")
   repl = parallel.replicated(mesh)
   shardings = {"step": repl, "params": pol_sh["params"], "opt_state": pol_sh["opt_state"],
                "value": val_sh["params"], "value_opt": val_sh["opt_state"], "ema": pol_sh["params"],
                "kl_coef": repl, "score_gain": repl}
   pol_abs = abstract_state(model_cfg, policy_tx, pol_sh, "lm")
-  val_abs = abstract_state(model_cfg, value_tx, val_sh, "scalar")
+  val_abs = abstract_state(rm_cfg, value_tx, val_sh, "scalar")
   abstract = {"step": pol_abs["step"], "params": pol_abs["params"], "opt_state": pol_abs["opt_state"],
               "value": val_abs["params"], "value_opt": val_abs["opt_state"], "ema": pol_abs["params"],
               "kl_coef": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl),
               "score_gain": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)}
-  load = lambda stage, abs_params, step=None: checkpoints.load_params(workdir / stage, abs_params, model_dict,
-                                                                     world_id, step=step)[0]
+  load = lambda stage, abs_params, step=None: checkpoints.load_params(
+      workdir / stage, abs_params, rm_dict if stage == "rm" else model_dict, world_id, step=step)[0]
   init_step = None   # the policy stage's final step, or the SFT candidate the RM scores best (paper C.1)
   if cfg.select_sft_by_rm and cfg.policy_init == "sft" and score_fn is None:
     init_step = select.select_sft(config, workdir, mesh, rules, pol_abs["params"], val_abs["params"])
@@ -244,10 +252,10 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
 
   # ------------------------------------------------------------------ steps
   rows = parallel.batch_sharding(mesh, rules)
-  rollout = jax.jit(make_rollout(model_cfg, cfg, tokenizer.eos_id, tokenizer.pad_id, score_fn),
+  rollout = jax.jit(make_rollout(model_cfg, cfg, tokenizer.eos_id, tokenizer.pad_id, score_fn, rm_cfg),
                     in_shardings=(pol_sh["params"], val_sh["params"], pol_sh["params"],
                                   val_sh["params"] if score_fn is None else None, rows, rows, repl, repl, repl))
-  update = jax.jit(make_update(model_cfg, cfg, policy_tx, value_tx, prompts.shape[1]),
+  update = jax.jit(make_update(model_cfg, cfg, policy_tx, value_tx, prompts.shape[1], rm_cfg),
                    out_shardings=(shardings, repl), donate_argnums=0)
   seed = config.seed + 7
 

@@ -46,14 +46,36 @@ COMPARISONS = "comparisons"
 # ----------------------------------------------------------------------------- collection
 
 def load_policy(config, workdir: Path, mesh, rules, stage: str = "sft", directory: Path | None = None,
-                entry: str = "params"):
-  """A finished LM stage's params (directory: another run's stage, checked against this run's world)."""
-  model_cfg = ModelConfig.from_dict(config.model)
+                entry: str = "params", model: dict | None = None):
+  """A finished LM stage's params (directory: another run's stage, checked against this run's world;
+  model: its model fields when they are not config.model's)."""
+  model_cfg = ModelConfig.from_dict(model or config.model)
   tx, _ = make_optimizer(config.sft, 1)
   abstract = abstract_state(model_cfg, tx, state_shardings(model_cfg, tx, mesh, rules))
   params, _ = checkpoints.load_params(directory or Path(workdir) / stage, abstract["params"], model_cfg.to_dict(),
                                       world_fingerprint(workdir), entry=entry)
   return params
+
+
+def rm_model(config) -> dict:
+  """The RM's model fields: the policy's (config.model), or with rm.base_workdir set, those of the model
+  the RM starts from there — an RM larger than the policy, as the paper's 6B RM for its 1.3B-175B
+  policies. PPO's value function, initialised from the RM, has the same fields."""
+  base = config.rm.get("base_workdir", "")
+  if not base:
+    return ModelConfig.from_dict(config.model).to_dict()
+  where = Path(base) / config.rm.policy
+  ckpt = checkpoints.StageCheckpoints(where)
+  try:
+    meta = ckpt.meta() if ckpt.latest_step() is not None else None
+  finally:
+    ckpt.close()
+  if not meta or not meta.get("complete"):
+    raise FileNotFoundError(
+        f"rm.base_workdir={base}: no finished {config.rm.policy!r} stage at {where}. Train the RM's base model there "
+        f"on this run's world first: copy W/world to {base}/world, then `python -m instructrl.main "
+        f"--config=... --config.model.d_model=... --workdir={base} --stages=pretrain,{config.rm.policy}`")
+  return ModelConfig.from_dict(meta["model"]).to_dict()
 
 
 SOURCES = ("policy", "pretrain", "pretrain_few_shot", "ppo")
@@ -314,8 +336,12 @@ def run(config, workdir: Path, mesh, rules):
   comparisons = collect(config, workdir, mesh, rules)
   world = world_lib.World.load(workdir / "world")
   tokenizer = load_tokenizer(workdir)
-  model_cfg = ModelConfig.from_dict({**config.model, **cfg.get("model_overrides", {})})
-  model_dict = ModelConfig.from_dict(config.model).to_dict()
+  model_dict = rm_model(config)     # the policy's model, or rm.base_workdir's (a larger RM)
+  model_cfg = ModelConfig.from_dict({**model_dict, **cfg.get("model_overrides", {})})
+  base = Path(cfg.base_workdir) if cfg.get("base_workdir", "") else None
+  if base is not None and world_fingerprint(base) != world_fingerprint(workdir):
+    raise ValueError(f"rm.base_workdir={base}: its world ({world_fingerprint(base)}) is not this run's "
+                     f"({world_fingerprint(workdir)}); copy {workdir / 'world'} there before training its base model")
 
   # ------------------------------------------------------------------ data
   groups = sorted({l.group for l in world.labelers})
@@ -355,7 +381,8 @@ def run(config, workdir: Path, mesh, rules):
 
   def initial_params():
     rm = init_params(model_cfg, jax.random.key(config.seed + 5), shardings["params"], mesh, rules, head="scalar")
-    policy = load_policy(config, workdir, mesh, rules, cfg.policy)
+    policy = load_policy(config, workdir, mesh, rules, cfg.policy, model=model_dict,
+                         directory=base / cfg.policy if base is not None else None)
     return {k: policy[k] if k in policy else v for k, v in rm.items()}   # the unembedding is dropped
 
   train_step, eval_step, score_step = make_steps(model_cfg, cfg.formulation, tx, schedule, shardings, mesh, rules)

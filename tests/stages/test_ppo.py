@@ -563,3 +563,35 @@ def test_rm_round_two_ranks_an_earlier_ppo_policys_samples(reference_run, ppo_ru
   key = json.loads((w / "comparisons" / "COMPLETE").read_text())["key"]
   assert key["ppo_source"] == str(ppo_run / "ppo") and key["source_mix"]["ppo"] == 0.5
   assert any("final/valid/accuracy" in r for r in metric_rows(w, "rm"))
+
+
+@pytest.mark.slow
+def test_rm_larger_than_the_policy_scores_and_initialises_the_value(reference_run, tmp_path):
+  """rm.base_workdir: the RM (and so PPO's value function) starts from a wider model's SFT trained on
+  the same world in another workdir (paper: a 6B RM for every policy size)."""
+  base = tmp_path / "rm_base"
+  shutil.copytree(reference_run / "world", base / "world")
+  cli(base, "pretrain,sft", "--config.model.d_model=96", "--config.model.d_ff=384")      # smoke: 64 / 256
+  w = tmp_path / "main"
+  for stage in ("world", "pretrain", "sft", "comparisons"):
+    shutil.copytree(reference_run / stage, w / stage)
+  cli(w, "rm,ppo", f"--config.rm.base_workdir={base}", "--config.ppo.total_episodes=32")
+  rm_meta = json.loads((w / "rm" / str(max(int(p.name) for p in (w / "rm").iterdir() if p.name.isdigit()))
+                        / "meta" / "metadata").read_text())
+  assert rm_meta["model"]["d_model"] == 96 and rm_meta["complete"]
+  assert any("final/valid/accuracy" in r for r in metric_rows(w, "rm"))
+  _, state = final_state(w / "ppo")
+  assert state["value"]["embed"].shape[-1] == 96            # the value function is the RM's size
+  assert state["params"]["embed"].shape[-1] == 64           # the policy is not
+  assert all(np.isfinite(r["train/objective/score"]) for r in metric_rows(w) if "train/objective/score" in r)
+
+
+def test_rm_base_workdir_without_a_finished_sft_is_a_clear_error(tmp_path):
+  from configs import instructgpt
+  from instructrl.stages import reward
+  config = instructgpt.get_config("smoke")
+  config.rm.base_workdir = str(tmp_path / "nothing")
+  with pytest.raises(FileNotFoundError, match="rm.base_workdir=.*nothing: no finished 'sft' stage"):
+    reward.rm_model(config)
+  config.rm.base_workdir = ""
+  assert reward.rm_model(config)["d_model"] == config.model.d_model
