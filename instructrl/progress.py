@@ -134,7 +134,7 @@ def stage_state(stage: str, workdir: Path, upstream_runs: bool) -> tuple[str, in
       return "new", 0
     from instructrl.stages import evaluate
     ids = {m["name"]: m["id"] for m in evaluate.available_models(workdir)}
-    return ("complete" if json.loads(report.read_text()).get("model_ids") == ids else "new"), 0
+    return ("complete" if evaluate.judged_ids(workdir / "eval") == ids else "new"), 0
   return "new", 0
 
 

@@ -67,6 +67,7 @@ def test_eval_reruns_when_a_stage_was_retrained(smoke_run, tmp_path):
   w = tmp_path / "copy"
   shutil.copytree(smoke_run["workdir"], w, ignore=shutil.ignore_patterns("LOCK"))
   before = json.loads((w / "eval" / "report.json").read_text())
+  ids_before = json.loads((w / "eval" / "judged_checkpoints.json").read_text())["model_ids"]
   shutil.rmtree(w / "ppo_noptx")
   out = subprocess.run(command(w) + ["--stages=ppo_noptx,eval", "--config.ppo.kl_coef=0.5"], cwd=ROOT,
                        env=cli_env(), capture_output=True, text=True, timeout=300)
@@ -74,7 +75,8 @@ def test_eval_reruns_when_a_stage_was_retrained(smoke_run, tmp_path):
   assert "exists, skipping" not in out.stderr
   after = json.loads((w / "eval" / "report.json").read_text())
   assert after["models"] == before["models"]
-  changed = [n for n in after["models"] if after["model_ids"][n] != before["model_ids"][n]]
+  ids_after = json.loads((w / "eval" / "judged_checkpoints.json").read_text())["model_ids"]
+  changed = [n for n in after["models"] if ids_after[n] != ids_before[n]]
   assert changed == ["PPO"], changed
   assert after["results"]["PPO"]["kl_coef"] == 0.5 and before["results"]["PPO"]["kl_coef"] != 0.5
   # The other models' cached answers were reused: their judged numbers are unchanged.

@@ -48,6 +48,15 @@ def stage_meta(workdir: Path, stage: str) -> dict | None:
   return meta if meta and meta.get("complete") else None
 
 
+JUDGED = "judged_checkpoints.json"
+
+
+def judged_ids(out_dir: Path) -> dict | None:
+  """{model name: checkpoint id} the report in out_dir judged (None: not recorded)."""
+  path = Path(out_dir) / JUDGED
+  return json.loads(path.read_text()).get("model_ids") if path.exists() else None
+
+
 def checkpoint_id(workdir: Path, stage: str, step: int) -> str:
   """A fingerprint of one saved step: the hash of its manifest (file sizes and hashes) or, for a step
   saved without one, of Orbax's metadata (it carries the commit time). A stage rerun under the same
@@ -110,7 +119,7 @@ def run(config, workdir: Path, mesh, rules) -> dict:
                             f"run --stages=sft first")
   done = out_dir / "report.json"
   # Skip only if the report judged these very checkpoints (a rerun stage saves new ones).
-  if done.exists() and json.loads(done.read_text()).get("model_ids") == {m["name"]: m["id"] for m in models}:
+  if done.exists() and judged_ids(out_dir) == {m["name"]: m["id"] for m in models}:
     logging.info("eval: report for %s exists, skipping", [m["name"] for m in models])
     return json.loads(done.read_text())
 
@@ -160,13 +169,15 @@ def run(config, workdir: Path, mesh, rules) -> dict:
         gold=_strip(evaluation.gold_summary(world, sets["eval"], a["eval"])),
         truthfulness=truthfulness(world, sets["truthful"], a["truthful"]),
         toxicity=toxicity(world, sets["toxicity"], a["toxicity"]))
-  out = {"models": [m["name"] for m in models], "model_ids": {m["name"]: m["id"] for m in models},
-         "results": rows,
+  out = {"models": [m["name"] for m in models], "results": rows,
          "judged_by": {"group": raters[0].group, "labelers": [l.id for l in raters]},
          "n_prompts": {k: len(v) for k, v in sets.items()}, "rm": rm_summary(workdir),
          "ppo_curves": {m["name"]: ppo_curve(workdir / "metrics" / f"{m['stage']}.jsonl")
                         for m in models if m["stage"] in PPO_STAGES}}
   report.write(out, out_dir)   # report.md and the plots first: report.json marks the stage complete
+  # Which checkpoints were judged, apart from the report: the ids carry Orbax's commit times, so two runs
+  # with bit-identical models (a resumed one and an uninterrupted one) have identical reports, not ids.
+  _write_json(out_dir / JUDGED, {"model_ids": {m["name"]: m["id"] for m in models}})
   _write_json(done, out)
   logging.info("eval: wrote %s", out_dir)
   return out
