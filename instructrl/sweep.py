@@ -14,6 +14,11 @@ Members whose chains agree up to a stage get that stage's outputs from one place
 pretrained model, SFT and often the RM are computed once. Members run serially here; on a
 cluster, run the printed commands in the order given (a member's command finds the shared
 stages the earlier ones made).
+
+  --seeds=0          run these seeds instead of the sweep file's (one seed first, the rest later)
+  --adopt=W1,W2      reuse finished runs: each of their stages whose hash matches a member's is
+                     copied into the shared dir instead of computed again (a beta sweep on top of
+                     three finished tiny seed runs trains only the PPO stages of the new members)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +41,9 @@ _SWEEP = cli_flags.define(flags.DEFINE_string, "sweep", None, "Sweep file, e.g. 
 _WORKDIR = cli_flags.define(flags.DEFINE_string, "workdir", None, "Sweep directory (members under it).", required=True)
 _DRY_RUN = cli_flags.define(flags.DEFINE_bool, "dry_run", False, "Print the per-member commands and the sharing, run nothing.")
 _ONLY = cli_flags.define(flags.DEFINE_list, "only", [], "Run only these members (names); aggregation still reads every member.")
+_SEEDS = cli_flags.define(flags.DEFINE_list, "seeds", [], "Run these seeds instead of the sweep file's (e.g. one seed first).")
+_ADOPT = cli_flags.define(flags.DEFINE_list, "adopt", [], "Finished run dirs whose stages the sweep reuses where their "
+                          "config hashes match a member's (e.g. the tiny runs the sweep starts from).")
 
 # Where each stage's outputs live in a run directory.
 STAGE_OUTPUTS = {"world": ("world",), "pretrain": ("pretrain", "metrics/pretrain.jsonl"),
@@ -123,6 +132,62 @@ def plan(sweep, workdir: Path) -> list[dict]:
   return runs
 
 
+def run_config(run_dir: Path, base: str) -> ml_collections.ConfigDict:
+  """A finished run's config: the sweep's base preset overlaid with the run's config.json, so a field
+  added to the code after the run keeps its default (what the run used) and a field the code no
+  longer has stays in and changes the hashes (the run is then not adopted)."""
+  path, _, arg = base.partition(":")
+  config = load_module(path).get_config(arg or None).to_dict()
+  def overlay(dst: dict, src: dict):
+    for k, v in src.items():
+      if isinstance(v, dict) and isinstance(dst.get(k), dict):
+        overlay(dst[k], v)
+      else:
+        dst[k] = tuple(v) if isinstance(v, list) else v
+  overlay(config, json.loads((run_dir / "config.json").read_text()))
+  return ml_collections.ConfigDict(config)
+
+
+def _has_outputs(path: Path) -> bool:
+  if path.is_dir():
+    return any(path.iterdir())
+  return path.exists() and path.stat().st_size > 0
+
+
+def adopt(runs: list[dict], sweep, finished: list[Path]) -> dict[str, Path]:
+  """Copy the stage outputs of finished runs into the shared dirs whose hashes they match.
+
+  A shared dir that already has outputs is left alone. Returns {shared dir name: source run}.
+  """
+  stages = [s.strip() for s in sweep["stages"].split(",") if s.strip()]
+  wanted = {shared.name: (stage, shared) for r in runs for stage, shared in r["shared"].items()}
+  adopted = {}
+  for src in finished:
+    if not (src / "config.json").exists():
+      raise FileNotFoundError(f"--adopt={src}: no config.json there (not a run directory)")
+    for stage, key in stage_keys(run_config(src, sweep["base"]), stages).items():
+      name = f"{stage}-{key}"
+      if name not in wanted or name in adopted:
+        continue
+      outs = STAGE_OUTPUTS[stage]
+      shared = wanted[name][1]
+      if any(_has_outputs(shared / o) for o in outs):
+        continue   # computed (or started) by the sweep itself
+      if not all((src / o).exists() for o in outs):
+        continue   # the run stopped before this stage
+      for o in outs:
+        (shared / o).parent.mkdir(parents=True, exist_ok=True)
+        if (src / o).is_dir():
+          if (shared / o).exists():
+            shutil.rmtree(shared / o)
+          shutil.copytree(src / o, shared / o, symlinks=False)
+        else:
+          shutil.copyfile(src / o, shared / o)
+      adopted[name] = src
+      logging.info("sweep: adopted %s from %s", name, src)
+  return adopted
+
+
 def link_shared(run: dict) -> None:
   """Point the member's stage outputs at the shared copies (made on first use)."""
   run_dir = run["run_dir"]
@@ -206,6 +271,8 @@ def plot(sweep, table: dict, path: Path) -> None:
 def main(argv):
   del argv
   sweep = load_sweep(_SWEEP.value)
+  if _SEEDS.value:
+    sweep.seeds = tuple(int(s) for s in _SEEDS.value)
   workdir = Path(_WORKDIR.value)
   runs = plan(sweep, workdir)
   for r in runs:
@@ -216,6 +283,10 @@ def main(argv):
   if _DRY_RUN.value:
     return
   workdir.mkdir(parents=True, exist_ok=True)
+  adopted = adopt(runs, sweep, [Path(p) for p in _ADOPT.value])
+  if _ADOPT.value:
+    print(f"# adopted {len(adopted)} stage outputs: " + (", ".join(f"{k} <- {v}" for k, v in adopted.items())
+                                                          or "none matched"))
   for r in runs:
     if _ONLY.value and r["member"] not in _ONLY.value:
       continue

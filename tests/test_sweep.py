@@ -98,3 +98,54 @@ def test_dry_run_prints_one_command_per_member_and_seed(tmp_path):
   assert len(cmds) == 4 * 3
   assert "# gamma1 seed 0: computes ppo,eval; shares world,pretrain,sft,rm,ppo_noptx" in out.stdout
   assert not any(tmp_path.iterdir()), "a dry run must not create run directories"
+
+
+def _fake_run(run_dir: Path, config, stages):
+  """A run directory with a config.json and a marker file in each stage's outputs."""
+  run_dir.mkdir(parents=True)
+  cfg = config.to_dict()
+  del cfg["rm"]["base_workdir"]          # written before this field existed: it had its default
+  (run_dir / "config.json").write_text(json.dumps(cfg, default=list))
+  for stage in stages:
+    for out in sweep.STAGE_OUTPUTS[stage]:
+      p = run_dir / out
+      if out.endswith(".jsonl"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f'{{"stage": "{stage}"}}\n')
+      else:
+        p.mkdir(parents=True, exist_ok=True)
+        (p / "marker").write_text(f"{run_dir.name}:{stage}")
+
+
+def test_adopt_copies_the_matching_stages_of_finished_runs(tmp_path, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  s = load("kl_coef", "tiny")
+  s.seeds = (0, 1)
+  runs = sweep.plan(s, tmp_path / "sweep")
+  base = sweep.member_config(s.base, {}, 0)
+  _fake_run(tmp_path / "seed0", base, sweep.STAGE_OUTPUTS)          # beta 0.1 = the tiny default
+  other = sweep.member_config(s.base, {"ppo.kl_coef": 0.1, "sft.learning_rate": 1e-4}, 1)
+  _fake_run(tmp_path / "seed1_other_sft", other, sweep.STAGE_OUTPUTS)
+  (tmp_path / "sweep" / "_shared").mkdir(parents=True)
+  got = sweep.adopt(runs, s, [tmp_path / "seed0", tmp_path / "seed1_other_sft"])
+  got = sorted((name.split("-")[0], src.name) for name, src in got.items())
+  # seed 0: every stage of the default member, world..eval; the seed-1 run differs from SFT on: only its
+  # pretrain matches (its world is the same world, already adopted from seed 0: the world has its own seed)
+  assert got == sorted([(st, "seed0") for st in sweep.STAGE_OUTPUTS] + [("pretrain", "seed1_other_sft")]), got
+  for r in runs:
+    sweep.link_shared(r)
+  r = by_member([r for r in runs if r["seed"] == 0])
+  assert (r["beta0.1"]["run_dir"] / "eval" / "marker").read_text() == "seed0:eval"
+  assert (r["beta0"]["run_dir"] / "rm" / "marker").read_text() == "seed0:rm"
+  assert not (r["beta0"]["run_dir"] / "ppo" / "marker").exists()          # another beta: trained anew
+  r1 = by_member([r for r in runs if r["seed"] == 1])
+  assert (r1["beta0"]["run_dir"] / "world" / "marker").read_text() == "seed0:world"
+  assert (r1["beta0"]["run_dir"] / "pretrain" / "marker").read_text() == "seed1_other_sft:pretrain"
+  assert not (r1["beta0"]["run_dir"] / "sft" / "marker").exists()
+  assert (r1["beta0"]["run_dir"] / "metrics" / "rm.jsonl").read_text() == ""
+  # a shared dir with outputs is never overwritten
+  (r["beta0.1"]["run_dir"] / "sft" / "marker").write_text("changed")
+  assert sweep.adopt(runs, s, [tmp_path / "seed0"]) == {}
+  assert (r["beta0"]["run_dir"] / "sft" / "marker").read_text() == "changed"
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    sweep.adopt(runs, s, [tmp_path])
