@@ -57,25 +57,40 @@ def load_policy(config, workdir: Path, mesh, rules, stage: str = "sft", director
   return params
 
 
-def rm_model(config) -> dict:
-  """The RM's model fields: the policy's (config.model), or with rm.base_workdir set, those of the model
-  the RM starts from there — an RM larger than the policy, as the paper's 6B RM for its 1.3B-175B
-  policies. PPO's value function, initialised from the RM, has the same fields."""
-  base = config.rm.get("base_workdir", "")
-  if not base:
-    return ModelConfig.from_dict(config.model).to_dict()
-  where = Path(base) / config.rm.policy
+def _finished_model(where: Path) -> dict | None:
+  """The model fields a finished stage was trained with, or None if it has not finished."""
   ckpt = checkpoints.StageCheckpoints(where)
   try:
     meta = ckpt.meta() if ckpt.latest_step() is not None else None
   finally:
     ckpt.close()
   if not meta or not meta.get("complete"):
+    return None
+  return ModelConfig.from_dict(meta["model"]).to_dict()
+
+
+def rm_model(config) -> dict:
+  """The model fields the RM stage trains: the policy's (config.model), or with rm.base_workdir set,
+  those of the model the RM starts from there — an RM larger than the policy, as the paper's 6B RM for
+  its 1.3B-175B policies."""
+  base = config.rm.get("base_workdir", "")
+  if not base:
+    return ModelConfig.from_dict(config.model).to_dict()
+  where = Path(base) / config.rm.policy
+  model = _finished_model(where)
+  if model is None:
     raise FileNotFoundError(
         f"rm.base_workdir={base}: no finished {config.rm.policy!r} stage at {where}. Train the RM's base model there "
         f"on this run's world first: copy W/world to {base}/world, then `python -m instructrl.main "
         f"--config=... --config.model.d_model=... --workdir={base} --stages=pretrain,{config.rm.policy}`")
-  return ModelConfig.from_dict(meta["model"]).to_dict()
+  return model
+
+
+def trained_rm_model(config, workdir: Path) -> dict:
+  """The model fields of the RM in workdir/rm (PPO's value function has them too): read from its
+  checkpoint, so the stages after the RM need neither rm.base_workdir nor the base run any more.
+  Before the RM has finished, what the RM stage would train."""
+  return _finished_model(Path(workdir) / "rm") or rm_model(config)
 
 
 SOURCES = ("policy", "pretrain", "pretrain_few_shot", "ppo")

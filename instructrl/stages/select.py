@@ -53,7 +53,7 @@ def select_sft(config, workdir: Path, mesh, rules, lm_abstract, rm_abstract) -> 
   # The RM's validation prompts: the first rm.valid_fraction of the ranked prompts, never trained on.
   records = load_jsonl(workdir / "world" / "prompts_rm.jsonl", "eval")[:config.rm.n_prompts]
   records = records[:min(cfg.select_prompts, int(round(config.rm.valid_fraction * len(records))))]
-  rm_dict = reward.rm_model(config)
+  rm_dict = reward.trained_rm_model(config, workdir)
   rm_params, _ = checkpoints.load_params(workdir / "rm", rm_abstract, rm_dict, world_id)
   rm_cfg = ModelConfig.from_dict({**rm_dict, **config.rm.get("model_overrides", {})})
   score = jax.jit(lambda p, t, l: reward.rm_scores(Decoder(rm_cfg, head="scalar"), p, t, l))

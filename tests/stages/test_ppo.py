@@ -575,7 +575,9 @@ def test_rm_larger_than_the_policy_scores_and_initialises_the_value(reference_ru
   w = tmp_path / "main"
   for stage in ("world", "pretrain", "sft", "comparisons"):
     shutil.copytree(reference_run / stage, w / stage)
-  cli(w, "rm,ppo", f"--config.rm.base_workdir={base}", "--config.ppo.total_episodes=32")
+  cli(w, "rm", f"--config.rm.base_workdir={base}")
+  shutil.rmtree(base)    # PPO reads the RM's model from W/rm: the base run is no longer needed
+  cli(w, "ppo", "--config.ppo.total_episodes=32")
   rm_meta = json.loads((w / "rm" / str(max(int(p.name) for p in (w / "rm").iterdir() if p.name.isdigit()))
                         / "meta" / "metadata").read_text())
   assert rm_meta["model"]["d_model"] == 96 and rm_meta["complete"]
