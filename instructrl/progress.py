@@ -7,12 +7,12 @@ token through the model forward once; the stages share one model shape, so the u
 for all of them):
 - a training token costs 3 (forward + backward);
 - a sampled token costs SAMPLE_COST: decoding is one small forward per new token, latency-bound at
-  these batch sizes. 40 is a rough calibration on the 2-core CPU tiny figures of docs/STATUS.md:
-  pretrain, 1500 x 32 x 96 tokens x 3 = 13.8M units, "~6 min"; RM sampling "~4 min per 1,000
-  prompts" (1,000 x 6.5 responses x 32 tokens = 208k tokens); eval "5 models x 1,200 prompts in
-  ~5 min" (6 answer sets x 1,200 x 32 = 230k tokens): ~45 and ~50 units per sampled token at
-  pretrain's rate. On an accelerator decoding is relatively dearer or cheaper; the *rate* adapts to
-  the machine, the relative weights of the stages do not;
+  these batch sizes, but the sampler stops once every row has ended and tiny's answers are short.
+  6 is calibrated on a whole tiny run (session 4, seed 0: pretrain 1,670 s, sft 366, rm 876, ppo 491,
+  ppo_noptx 325, eval 96; shares 44/10/23/13/9/3%, estimated 39/9/19/18/12/4% with this value and
+  22/6/28/19/16/11% with the earlier 40). PPO is still overestimated by ~1.4x. On an accelerator
+  decoding is relatively dearer or cheaper; the *rate* adapts to the machine, the relative weights
+  of the stages do not;
 - compilation is not modelled: on the smoke preset it is most of the time, so early ETAs there are
   far off (README, "One command");
 - the world stage (seconds) and small evaluation passes inside training are not counted.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-SAMPLE_COST = 40.0   # token passes per sampled token (see the module docstring)
+SAMPLE_COST = 6.0    # token passes per sampled token (see the module docstring)
 _CHECKPOINTED = ("pretrain", "sft", "rm", "ppo", "ppo_noptx")
 _ACTIVE = None       # the running Pipeline, if any: loop.run reports its steps to it
 
@@ -75,7 +75,9 @@ def stage_cost(stage: str, config, n_models: int = 0) -> tuple[float, float, flo
   if stage == "rm":
     rm = config.rm
     k = sum(rm.k_choices) / len(rm.k_choices)
-    sampling = rm.n_prompts * k * rm.max_new_tokens * SAMPLE_COST
+    # each source samples its share of the K responses plus reward.SPARE spares per prompt
+    sources = sum(1 for w in dict(rm.get("source_mix", {"policy": 1.0})).values() if w > 0)
+    sampling = rm.n_prompts * (k + 2 * sources) * rm.max_new_tokens * SAMPLE_COST
     return sampling, 3.0 * rm.epochs * rm.n_prompts * (1 - rm.valid_fraction) * k * rm.seq_len, 0.0
   if stage in ("ppo", "ppo_noptx"):
     p = config.ppo
