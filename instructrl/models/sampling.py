@@ -80,25 +80,30 @@ def sample(params, prompt_bp, prompt_mask_bp, rng, *, cfg: ModelConfig, max_new_
       tok_b = jnp.argmax(logp_bv, axis=-1)
     return tok_b, jnp.take_along_axis(logp_bv, tok_b[:, None], axis=-1)[:, 0]
 
-  def cond(carry):
-    i, done_b = carry[0], carry[3]
-    return (i < N) & ~jnp.all(done_b)
-
-  def body(carry):
-    i, cache, logits_bv, done_b, pos_b, tokens, logprobs, mask = carry
-    tok_b, logp_b = draw(logits_bv, i)
+  def record(i, tok_b, logp_b, done_b, tokens, logprobs, mask):
     alive_b = ~done_b
     tok_b = jnp.where(alive_b, tok_b, pad_id)
     tokens = tokens.at[:, i].set(tok_b)
     logprobs = logprobs.at[:, i].set(jnp.where(alive_b, logp_b, 0.0))
     mask = mask.at[:, i].set(alive_b)
-    done_b = done_b | (tok_b == eos_id)
-    logits_b1v, cache = model.apply({"params": params}, tok_b[:, None], pos_b[:, None], kv_mask_bs=kv_mask_bs,
-                                    cache=cache, cache_index=P + i)
-    return i + 1, cache, logits_b1v[:, 0], done_b, pos_b + 1, tokens, logprobs, mask
+    return tok_b, done_b | (tok_b == eos_id), tokens, logprobs, mask
 
-  carry = (jnp.int32(0), cache, logits_bpv[:, -1], jnp.zeros((B,), bool), positions_bp[:, -1] + 1,
-           jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32), jnp.zeros((B, N), bool))
+  def cond(carry):
+    i, done_b = carry[0], carry[3]
+    return (i < N) & ~jnp.all(done_b)
+
+  # Token i-1 is fed at the top of step i, so no forward pass runs after the last token is drawn.
+  def body(carry):
+    i, cache, prev_b, done_b, pos_b, tokens, logprobs, mask = carry
+    logits_b1v, cache = model.apply({"params": params}, prev_b[:, None], pos_b[:, None], kv_mask_bs=kv_mask_bs,
+                                    cache=cache, cache_index=P + i - 1)
+    tok_b, done_b, tokens, logprobs, mask = record(i, *draw(logits_b1v[:, 0], i), done_b, tokens, logprobs, mask)
+    return i + 1, cache, tok_b, done_b, pos_b + 1, tokens, logprobs, mask
+
+  tok_b, done_b, tokens, logprobs, mask = record(
+      0, *draw(logits_bpv[:, -1], 0), jnp.zeros((B,), bool), jnp.full((B, N), pad_id, jnp.int32),
+      jnp.zeros((B, N), jnp.float32), jnp.zeros((B, N), bool))
+  carry = (jnp.int32(1), cache, tok_b, done_b, positions_bp[:, -1] + 1, tokens, logprobs, mask)
   _, _, _, _, _, tokens, logprobs, mask = jax.lax.while_loop(cond, body, carry)
   return Samples(tokens, logprobs, mask, mask.sum(-1))
 

@@ -234,10 +234,10 @@ def test_forced_eos_and_early_stop(monkeypatch):
   np.testing.assert_array_equal(np.asarray(s.lengths), 1)
   np.testing.assert_allclose(np.asarray(s.logprobs[:, 0]), 0.0, atol=1e-5)   # EOS is (almost) certain
   np.testing.assert_array_equal(np.asarray(s.logprobs[:, 1:]), 0.0)
-  # prefill + one decode step, then the loop stops because every row is done (not N + 1 passes)
-  assert _CountingDecoder.calls == 2, _CountingDecoder.calls
+  # the prefill draws every row's EOS, and the loop never runs a decode pass (not N + 1 passes)
+  assert _CountingDecoder.calls == 1, _CountingDecoder.calls
 
-  # control: with EOS made impossible the same counter sees prefill + N decode steps
+  # control: with EOS made impossible, prefill + N - 1 decode steps: the last token is drawn, never fed
   _CountingDecoder.calls = 0
   never = {**params, "unembed": params["unembed"].at[:, EOS].set(-50.0 * params["norm_final"]["bias"])}
   s2 = fresh(never, prompt, pmask, jax.random.key(0), cfg=cfg, max_new_tokens=N, temperature=temperature,
@@ -246,7 +246,7 @@ def test_forced_eos_and_early_stop(monkeypatch):
   jax.effects_barrier()
   assert not (np.asarray(s2.tokens) == EOS).any()
   np.testing.assert_array_equal(np.asarray(s2.lengths), N)
-  assert _CountingDecoder.calls == N + 1, _CountingDecoder.calls
+  assert _CountingDecoder.calls == N, _CountingDecoder.calls
 
 
 # ------------------------------------------------------------------ statistics
