@@ -178,6 +178,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 32     # response cap
   c.eval.temperature = 1.0       # InstructGPT samples at 1 (paper, section 4 / appendix)
   c.eval.baseline_temperature = 0.7  # GPT-3 baselines at 0.7 (paper)
+  c.eval.prompted_at_policy_temperature = True  # also judge prompted GPT at eval.temperature: one temperature
+                                 # for all (tiny's SFT is much worse at 1 than at 0.7, docs/STATUS.md session 5)
   c.eval.few_shot = 2            # solved examples in the prompted-GPT prefix
   c.eval.report_prompts = 500    # eval stage: held-out prompts per set (eval/truthful/toxicity), <= world sizes
   c.eval.cloze_seq_len = 32      # eval stage: tokens per cloze context + choice

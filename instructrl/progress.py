@@ -98,10 +98,12 @@ def stage_cost(stage: str, config, n_models: int = 0) -> tuple[float, float, flo
   return 0.0, 0.0, 0.0   # world: seconds, not counted
 
 
-def eval_models(stages: list[str], workdir: Path) -> int:
-  """Answer sets the eval stage will sample: GPT, GPT prompted, SFT, its resample, each PPO stage."""
+def eval_models(stages: list[str], workdir: Path, config=None) -> int:
+  """Answer sets the eval stage will sample: GPT, GPT prompted (twice with
+  eval.prompted_at_policy_temperature), SFT, its resample, each PPO stage."""
   have = lambda s: s in stages or (Path(workdir) / s).is_dir()
-  return 2 * have("pretrain") + 2 + sum(have(s) for s in ("ppo", "ppo_noptx"))
+  twice = config is not None and bool(config.eval.get("prompted_at_policy_temperature", False))
+  return (2 + twice) * have("pretrain") + 2 + sum(have(s) for s in ("ppo", "ppo_noptx"))
 
 
 # ----------------------------------------------------------------------------- what is on disk
@@ -124,19 +126,17 @@ def checkpoint_state(stage_dir: Path) -> tuple[str, int]:
   return "new", 0
 
 
-def stage_state(stage: str, workdir: Path, upstream_runs: bool) -> tuple[str, int]:
+def stage_state(stage: str, workdir: Path, upstream_runs: bool, config=None) -> tuple[str, int]:
   workdir = Path(workdir)
   if stage == "world":
     return ("complete" if (workdir / "world" / "COMPLETE").exists() else "new"), 0
   if stage in _CHECKPOINTED:
     return checkpoint_state(workdir / stage)
   if stage == "eval":
-    report = workdir / "eval" / "report.json"
-    if not report.exists() or upstream_runs:
+    if upstream_runs or config is None:
       return "new", 0
     from instructrl.stages import evaluate
-    ids = {m["name"]: m["id"] for m in evaluate.available_models(workdir)}
-    return ("complete" if evaluate.judged_ids(workdir / "eval") == ids else "new"), 0
+    return ("complete" if evaluate.is_judged(config, workdir) else "new"), 0
   return "new", 0
 
 
@@ -148,12 +148,12 @@ class Pipeline:
 
   def __init__(self, config, workdir: Path, stages: list[str], enabled: bool = True):
     self.config, self.workdir, self.stages, self.enabled = config, Path(workdir), list(stages), enabled
-    n_models = eval_models(self.stages, self.workdir)
+    n_models = eval_models(self.stages, self.workdir, self.config)
     self.cost = {s: stage_cost(s, config, n_models) for s in self.stages}
     self.left = {}
     will_run = False
     for s in self.stages:
-      state, step = stage_state(s, self.workdir, upstream_runs=will_run)
+      state, step = stage_state(s, self.workdir, upstream_runs=will_run, config=self.config)
       self.left[s] = self._left(s, state, step)
       will_run = will_run or state != "complete"
     self.bar = None
@@ -198,7 +198,7 @@ class Pipeline:
   def start(self, stage: str) -> None:
     i = self.stages.index(stage) + 1
     # Probed again now that the stages before it have run (the eval stage's models are known now).
-    state, step = stage_state(stage, self.workdir, upstream_runs=False)
+    state, step = stage_state(stage, self.workdir, upstream_runs=False, config=self.config)
     what = {"complete": "complete, skipping", "new": "running",
             "resume": f"resuming from step {step} of {stage_steps(stage, self.config)}"}[state]
     if stage == "world" and state == "new":

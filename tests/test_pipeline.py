@@ -21,7 +21,8 @@ def test_default_stages_are_the_whole_pipeline():
 def test_one_command_runs_every_stage_and_writes_a_complete_report(smoke_run):
   w = smoke_run["workdir"]
   rep = json.loads((w / "eval" / "report.json").read_text())
-  assert rep["models"] == ["GPT", "GPT prompted", "SFT", "PPO-ptx", "PPO"]
+  assert rep["models"] == ["GPT", "GPT prompted", "GPT prompted (T=1)", "SFT", "PPO-ptx", "PPO"]
+  assert rep["results"]["GPT prompted"]["temperature"] == 0.7 and rep["results"]["GPT prompted (T=1)"]["temperature"] == 1
   for name in rep["models"]:
     r = rep["results"][name]
     assert 0 <= r["win_rate_vs_sft"]["mean"] <= 1 and 1 <= r["likert"]["mean"] <= 7, name
@@ -82,6 +83,18 @@ def test_eval_reruns_when_a_stage_was_retrained(smoke_run, tmp_path):
   # The other models' cached answers were reused: their judged numbers are unchanged.
   assert after["results"]["SFT"]["gold"] == before["results"]["SFT"]["gold"]
 
+  # Other eval settings: the stage runs again (it used to skip on the old report), the GPT baselines
+  # are sampled anew at their new temperature, and the other models' cached answers are reused.
+  out = subprocess.run(command(w) + ["--stages=eval", "--config.ppo.kl_coef=0.5",
+                                     "--config.eval.baseline_temperature=1.0"], cwd=ROOT,
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "exists, skipping" not in out.stderr
+  hot = json.loads((w / "eval" / "report.json").read_text())
+  assert hot["results"]["GPT prompted"]["temperature"] == 1.0, hot["results"]["GPT prompted"]
+  assert hot["results"]["SFT"]["gold"] == after["results"]["SFT"]["gold"]
+  assert json.loads((w / "eval" / "judged_checkpoints.json").read_text())["eval_settings"]["baseline_temperature"] == 1.0
+
 
 @pytest.mark.slow
 def test_a_finished_stage_refuses_new_training_settings(smoke_run, tmp_path):
@@ -103,7 +116,7 @@ def test_cloze_by_kind_agrees_with_the_report(smoke_run):
   w = smoke_run["workdir"]
   rep = json.loads((w / "eval" / "report.json").read_text())
   got = analysis.cloze_by_kind(w)
-  assert list(got) == [m for m in rep["models"] if m != "GPT prompted"]
+  assert list(got) == [m for m in rep["models"] if not m.startswith("GPT prompted")]
   for name, acc in got.items():
     assert acc["all"] == pytest.approx(rep["results"][name]["cloze_accuracy"]), name
     assert set(acc) == {"all"} | {k for k, _ in CLOZE_KINDS}, name

@@ -51,10 +51,19 @@ def stage_meta(workdir: Path, stage: str) -> dict | None:
 JUDGED = "judged_checkpoints.json"
 
 
-def judged_ids(out_dir: Path) -> dict | None:
-  """{model name: checkpoint id} the report in out_dir judged (None: not recorded)."""
-  path = Path(out_dir) / JUDGED
-  return json.loads(path.read_text()).get("model_ids") if path.exists() else None
+def judged_record(config, models: list[dict]) -> dict:
+  """What a report depends on besides the world: the checkpoints it judged and the eval settings
+  (temperatures, prompt counts, ...): a change of either makes the stage run again."""
+  return json.loads(json.dumps({"model_ids": {m["name"]: m["id"] for m in models},
+                                "eval_settings": config.eval.to_dict()}, default=list))
+
+
+def is_judged(config, workdir: Path) -> bool:
+  """Whether workdir/eval/report.json judged exactly these checkpoints under these eval settings."""
+  out_dir = Path(workdir) / "eval"
+  if not (out_dir / "report.json").exists() or not (out_dir / JUDGED).exists():
+    return False
+  return json.loads((out_dir / JUDGED).read_text()) == judged_record(config, eval_models(config, workdir))
 
 
 def checkpoint_id(workdir: Path, stage: str, step: int) -> str:
@@ -66,6 +75,25 @@ def checkpoint_id(workdir: Path, stage: str, step: int) -> str:
     if (step_dir / name).exists():
       return hashlib.sha256((step_dir / name).read_bytes()).hexdigest()[:16]
   return "unknown"
+
+
+def eval_models(config, workdir: Path) -> list[dict]:
+  """The models the eval stage judges: every finished stage (available_models), and with
+  eval.prompted_at_policy_temperature the few-shot GPT once more at eval.temperature, so the report
+  also compares the baselines with SFT at one temperature (the paper's 0.7 vs 1 mixes prompting with
+  sharpening). Each model carries the `index` its sampling and rater draws are keyed on: the extra row
+  comes after the SFT resample, so adding it changes no other model's answers."""
+  models = available_models(workdir)
+  for i, m in enumerate(models):
+    m["index"] = i
+  ecfg = config.eval
+  if ecfg.get("prompted_at_policy_temperature", False) and ecfg.baseline_temperature != ecfg.temperature:
+    at = [i for i, m in enumerate(models) if m["name"] == "GPT prompted"]
+    if at:
+      extra = {**models[at[0]], "name": f"GPT prompted (T={ecfg.temperature:g})", "temperature": ecfg.temperature,
+               "index": len(models) + 1}
+      models.insert(at[0] + 1, extra)
+  return models
 
 
 def available_models(workdir: Path) -> list[dict]:
@@ -113,13 +141,14 @@ def read_metrics(path: Path) -> list[dict]:
 def run(config, workdir: Path, mesh, rules) -> dict:
   workdir = Path(workdir)
   out_dir = workdir / "eval"
-  models = available_models(workdir)
+  models = eval_models(config, workdir)
   if not any(m["name"] == "SFT" for m in models):
     raise FileNotFoundError(f"{workdir}/sft: no finished SFT checkpoint; the eval stage compares against SFT, "
                             f"run --stages=sft first")
   done = out_dir / "report.json"
-  # Skip only if the report judged these very checkpoints (a rerun stage saves new ones).
-  if done.exists() and judged_ids(out_dir) == {m["name"]: m["id"] for m in models}:
+  # Skip only if the report judged these very checkpoints (a rerun stage saves new ones) under these
+  # eval settings; answers still come from the cache where their own key (checkpoint, decoding) matches.
+  if is_judged(config, workdir):
     logging.info("eval: report for %s exists, skipping", [m["name"] for m in models])
     return json.loads(done.read_text())
 
@@ -144,25 +173,30 @@ def run(config, workdir: Path, mesh, rules) -> dict:
                                                                                "text")]), config.pretrain.seq_len)
   cloze = [json.loads(l) for l in (world_dir / "cloze_eval.jsonl").read_text().splitlines() if l.strip()]
 
-  rows, answers = {}, {}
+  rows, answers, lm_scores = {}, {}, {}
   with parallel.activate(mesh, rules):
-    for i, m in enumerate(tqdm(models, desc="eval: models", unit="model", disable=jax.process_index() != 0)):
+    resample = sum(1 for m in models if "temperature" not in m)   # the index after the finished stages
+    for m in tqdm(models, desc="eval: models", unit="model", disable=jax.process_index() != 0):
       params = load(m)
-      answers[m["name"]] = _answers(out_dir, m, params, model_cfg, tokenizer, world, sets, config, prefix, i)
+      ckpt = (m["stage"], m["step"], m["entry"])    # GPT and GPT prompted share params: score them once
+      if ckpt not in lm_scores:
+        lm_scores[ckpt] = {
+            "heldout_lm_loss": evaluation.heldout_lm_loss(params, model_cfg, valid_lm, ecfg.batch_size),
+            "cloze_accuracy": evaluation.cloze_accuracy(params, model_cfg, tokenizer, cloze,
+                                                        seq_len=ecfg.cloze_seq_len, batch_size=ecfg.batch_size)}
+      answers[m["name"]] = _answers(out_dir, m, params, model_cfg, tokenizer, world, sets, config, prefix, m["index"])
       if m["name"] == "SFT":   # a second, independent SFT sample: the noise floor of the win rate
         answers["SFT resample"] = _answers(out_dir, {**m, "name": "SFT resample"}, params, model_cfg, tokenizer,
-                                           world, sets, config, prefix, len(models))
+                                           world, sets, config, prefix, resample)
       rows[m["name"]] = {
           "stage": m["stage"], "temperature": _temperature(m, ecfg),
-          "heldout_lm_loss": evaluation.heldout_lm_loss(params, model_cfg, valid_lm, ecfg.batch_size),
-          "cloze_accuracy": evaluation.cloze_accuracy(params, model_cfg, tokenizer, cloze,
-                                                      seq_len=ecfg.cloze_seq_len, batch_size=ecfg.batch_size),
+          **lm_scores[ckpt],
           **{k: m[k] for k in ("ptx_coef", "kl_coef") if k in m}}
 
   sft = answers["SFT"]
-  for i, m in enumerate(models):
+  for m in models:
     a = answers["SFT resample" if m["name"] == "SFT" else m["name"]]
-    rng = np.random.default_rng([config.seed, 110, i])
+    rng = np.random.default_rng([config.seed, 110, m["index"]])
     rows[m["name"]].update(
         win_rate_vs_sft=evaluation.win_rate(world, sets["eval"], a["eval"], sft["eval"], raters, rng),
         likert=evaluation.likert(world, sets["eval"], a["eval"], raters, rng),
@@ -177,13 +211,15 @@ def run(config, workdir: Path, mesh, rules) -> dict:
   report.write(out, out_dir)   # report.md and the plots first: report.json marks the stage complete
   # Which checkpoints were judged, apart from the report: the ids carry Orbax's commit times, so two runs
   # with bit-identical models (a resumed one and an uninterrupted one) have identical reports, not ids.
-  _write_json(out_dir / JUDGED, {"model_ids": {m["name"]: m["id"] for m in models}})
+  _write_json(out_dir / JUDGED, judged_record(config, models))
   _write_json(done, out)
   logging.info("eval: wrote %s", out_dir)
   return out
 
 
 def _temperature(m: dict, ecfg) -> float:
+  if "temperature" in m:
+    return m["temperature"]
   return ecfg.baseline_temperature if m["stage"] == "pretrain" else ecfg.temperature
 
 
