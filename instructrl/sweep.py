@@ -248,7 +248,21 @@ def markdown(sweep, table: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _numeric_axis(table: dict) -> tuple[str, list[float]] | None:
+  """(key, values) when every member overrides the same one field with a number (beta, gamma, ...)."""
+  keys = {tuple(row["overrides"]) for row in table.values()}
+  if len(keys) != 1 or len(next(iter(keys))) != 1:
+    return None
+  key = next(iter(keys))[0]
+  values = [row["overrides"][key] for row in table.values()]
+  if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    return None
+  return key, [float(v) for v in values]
+
+
 def plot(sweep, table: dict, path: Path) -> None:
+  """One panel per metric: mean +- std over seeds against the swept value when it is one number
+  (symlog x, so 0 fits beside 0.01), else a bar per member."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -257,12 +271,23 @@ def plot(sweep, table: dict, path: Path) -> None:
     return
   fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.2), squeeze=False)
   names = list(table)
+  axis = _numeric_axis(table)
   for ax, label in zip(axes[0], labels):
-    means = [table[n][label]["mean"] or 0.0 for n in names]
+    means = [table[n][label]["mean"] for n in names]
     errs = [table[n][label]["std"] or 0.0 for n in names]
-    ax.bar(names, means, yerr=errs, capsize=4, color="#4c72b0")
+    if axis is not None:
+      key, xs = axis
+      pts = sorted((x, m, e) for x, m, e in zip(xs, means, errs) if m is not None)
+      if pts:
+        x, m, e = zip(*pts)
+        ax.errorbar(x, m, yerr=e, marker="o", capsize=4, color="#4c72b0")
+      positive = [v for v in xs if v > 0]
+      ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
+      ax.set_xlabel(key)
+    else:
+      ax.bar(names, [m or 0.0 for m in means], yerr=errs, capsize=4, color="#4c72b0")
+      ax.tick_params(axis="x", rotation=30)
     ax.set_title(label)
-    ax.tick_params(axis="x", rotation=30)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

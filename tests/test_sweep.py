@@ -149,3 +149,10 @@ def test_adopt_copies_the_matching_stages_of_finished_runs(tmp_path, monkeypatch
   assert (r["beta0"]["run_dir"] / "sft" / "marker").read_text() == "changed"
   with pytest.raises(FileNotFoundError, match="config.json"):
     sweep.adopt(runs, s, [tmp_path])
+
+
+def test_numeric_sweeps_plot_against_the_swept_value():
+  table = {"beta0": {"overrides": {"ppo.kl_coef": 0.0}}, "beta0.1": {"overrides": {"ppo.kl_coef": 0.1}}}
+  assert sweep._numeric_axis(table) == ("ppo.kl_coef", [0.0, 0.1])
+  assert sweep._numeric_axis({"K4": {"overrides": {"rm.k_choices": (4,)}}}) is None
+  assert sweep._numeric_axis({"a": {"overrides": {"x": 1}}, "b": {"overrides": {"y": 2}}}) is None
