@@ -16,6 +16,7 @@ cluster, run the printed commands in the order given (a member's command finds t
 stages the earlier ones made).
 
   --seeds=0          run these seeds instead of the sweep file's (one seed first, the rest later)
+  --aggregate_only   run nothing, rebuild the table and plot from the reports that exist
   --adopt=W1,W2      reuse finished runs: each of their stages whose hash matches a member's is
                      copied into the shared dir instead of computed again (a beta sweep on top of
                      three finished tiny seed runs trains only the PPO stages of the new members)
@@ -41,6 +42,8 @@ _SWEEP = cli_flags.define(flags.DEFINE_string, "sweep", None, "Sweep file, e.g. 
 _WORKDIR = cli_flags.define(flags.DEFINE_string, "workdir", None, "Sweep directory (members under it).", required=True)
 _DRY_RUN = cli_flags.define(flags.DEFINE_bool, "dry_run", False, "Print the per-member commands and the sharing, run nothing.")
 _ONLY = cli_flags.define(flags.DEFINE_list, "only", [], "Run only these members (names); aggregation still reads every member.")
+_AGGREGATE = cli_flags.define(flags.DEFINE_bool, "aggregate_only", False, "Run nothing; rebuild sweep.{json,md,png} from the "
+                              "members' reports that exist (e.g. after members ran as separate jobs).")
 _SEEDS = cli_flags.define(flags.DEFINE_list, "seeds", [], "Run these seeds instead of the sweep file's (e.g. one seed first).")
 _ADOPT = cli_flags.define(flags.DEFINE_list, "adopt", [], "Finished run dirs whose stages the sweep reuses where their "
                           "config hashes match a member's (e.g. the tiny runs the sweep starts from).")
@@ -305,15 +308,18 @@ def main(argv):
     print(f"# {r['member']} seed {r['seed']}: computes {','.join(mine) or 'nothing new'}; shares "
           f"{','.join(s for s in r['shared'] if s not in mine) or 'nothing'}")
     print(" ".join(r["cmd"]))
+  unknown = sorted(set(_ONLY.value) - {m["name"] for m in sweep["members"]})
+  if unknown:
+    raise app.UsageError(f"--only: no member named {unknown}; the sweep has {[m['name'] for m in sweep['members']]}")
   if _DRY_RUN.value:
     return
   workdir.mkdir(parents=True, exist_ok=True)
-  adopted = adopt(runs, sweep, [Path(p) for p in _ADOPT.value])
+  adopted = {} if _AGGREGATE.value else adopt(runs, sweep, [Path(p) for p in _ADOPT.value])
   if _ADOPT.value:
     print(f"# adopted {len(adopted)} stage outputs: " + (", ".join(f"{k} <- {v}" for k, v in adopted.items())
                                                           or "none matched"))
   for r in runs:
-    if _ONLY.value and r["member"] not in _ONLY.value:
+    if _AGGREGATE.value or (_ONLY.value and r["member"] not in _ONLY.value):
       continue
     link_shared(r)
     logging.info("sweep: %s seed %d", r["member"], r["seed"])

@@ -156,3 +156,14 @@ def test_numeric_sweeps_plot_against_the_swept_value():
   assert sweep._numeric_axis(table) == ("ppo.kl_coef", [0.0, 0.1])
   assert sweep._numeric_axis({"K4": {"overrides": {"rm.k_choices": (4,)}}}) is None
   assert sweep._numeric_axis({"a": {"overrides": {"x": 1}}, "b": {"overrides": {"y": 2}}}) is None
+
+
+def test_only_names_unknown_members_and_aggregate_only_runs_nothing(tmp_path):
+  base = [sys.executable, "-m", "instructrl.sweep", "--sweep=configs/sweeps/kl_coef.py:smoke", f"--workdir={tmp_path}"]
+  out = subprocess.run(base + ["--only=beta0.1,beta9"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and "--only: no member named ['beta9']" in out.stderr, out.stderr[-2000:]
+  assert not any(tmp_path.iterdir())
+  out = subprocess.run(base + ["--aggregate_only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.md", "sweep.png"]
+  assert "| beta0.1 | ppo.kl_coef=0.1 | 0 | - |" in (tmp_path / "sweep.md").read_text()
