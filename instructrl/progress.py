@@ -76,8 +76,9 @@ def stage_cost(stage: str, config, n_models: int = 0) -> tuple[float, float, flo
     rm = config.rm
     k = sum(rm.k_choices) / len(rm.k_choices)
     # each source samples its share of the K responses plus reward.SPARE spares per prompt
+    from instructrl.stages import reward
     sources = sum(1 for w in dict(rm.get("source_mix", {"policy": 1.0})).values() if w > 0)
-    sampling = rm.n_prompts * (k + 2 * sources) * rm.max_new_tokens * SAMPLE_COST
+    sampling = rm.n_prompts * (k + reward.SPARE * sources) * rm.max_new_tokens * SAMPLE_COST
     return sampling, 3.0 * rm.epochs * rm.n_prompts * (1 - rm.valid_fraction) * k * rm.seq_len, 0.0
   if stage in ("ppo", "ppo_noptx"):
     p = config.ppo
@@ -98,12 +99,12 @@ def stage_cost(stage: str, config, n_models: int = 0) -> tuple[float, float, flo
   return 0.0, 0.0, 0.0   # world: seconds, not counted
 
 
-def eval_models(stages: list[str], workdir: Path, config=None) -> int:
+def eval_models(stages: list[str], workdir: Path, config) -> int:
   """Answer sets the eval stage will sample: GPT, GPT prompted (twice with
   eval.prompted_at_policy_temperature), SFT, its resample, each PPO stage."""
+  from instructrl.stages import evaluate
   have = lambda s: s in stages or (Path(workdir) / s).is_dir()
-  twice = config is not None and bool(config.eval.get("prompted_at_policy_temperature", False))
-  return (2 + twice) * have("pretrain") + 2 + sum(have(s) for s in ("ppo", "ppo_noptx"))
+  return (2 + evaluate.prompted_twice(config.eval)) * have("pretrain") + 2 + sum(have(s) for s in ("ppo", "ppo_noptx"))
 
 
 # ----------------------------------------------------------------------------- what is on disk
@@ -126,14 +127,14 @@ def checkpoint_state(stage_dir: Path) -> tuple[str, int]:
   return "new", 0
 
 
-def stage_state(stage: str, workdir: Path, upstream_runs: bool, config=None) -> tuple[str, int]:
+def stage_state(stage: str, workdir: Path, upstream_runs: bool, config) -> tuple[str, int]:
   workdir = Path(workdir)
   if stage == "world":
     return ("complete" if (workdir / "world" / "COMPLETE").exists() else "new"), 0
   if stage in _CHECKPOINTED:
     return checkpoint_state(workdir / stage)
   if stage == "eval":
-    if upstream_runs or config is None:
+    if upstream_runs:
       return "new", 0
     from instructrl.stages import evaluate
     return ("complete" if evaluate.is_judged(config, workdir) else "new"), 0

@@ -77,6 +77,11 @@ def checkpoint_id(workdir: Path, stage: str, step: int) -> str:
   return "unknown"
 
 
+def prompted_twice(ecfg) -> bool:
+  """Whether prompted GPT is also judged at the policies' temperature (a second answer set)."""
+  return bool(ecfg.get("prompted_at_policy_temperature", False)) and ecfg.baseline_temperature != ecfg.temperature
+
+
 def eval_models(config, workdir: Path) -> list[dict]:
   """The models the eval stage judges: every finished stage (available_models), and with
   eval.prompted_at_policy_temperature the few-shot GPT once more at eval.temperature, so the report
@@ -87,7 +92,7 @@ def eval_models(config, workdir: Path) -> list[dict]:
   for i, m in enumerate(models):
     m["index"] = i
   ecfg = config.eval
-  if ecfg.get("prompted_at_policy_temperature", False) and ecfg.baseline_temperature != ecfg.temperature:
+  if prompted_twice(ecfg):
     at = [i for i, m in enumerate(models) if m["name"] == "GPT prompted"]
     if at:
       extra = {**models[at[0]], "name": f"GPT prompted (T={ecfg.temperature:g})", "temperature": ecfg.temperature,
