@@ -197,7 +197,7 @@ def ppo_setup(s, pc):
     vopt = jax.jit(value_tx.init, out_shardings=val_sh["opt_state"])(value)
   state = {"step": jax.device_put(jnp.int32(0), repl), "params": policy, "opt_state": popt, "value": value,
            "value_opt": vopt, "ema": ema, "kl_coef": jax.device_put(jnp.float32(pc.kl_coef), repl)}
-  return types.SimpleNamespace(state=state, ref=ref, rm=rm, shardings=shardings, policy_tx=policy_tx,
+  return types.SimpleNamespace(state=state, ref=ref, rm=(rm,), shardings=shardings, policy_tx=policy_tx,
                                value_tx=value_tx, n_mb=n_mb, repl=repl)
 
 

@@ -75,6 +75,12 @@ def _rm_stage():
   c.seq_len = 64                 # prompt + response tokens per RM sequence
   c.rankings_per_prompt = 1      # training rankings of each prompt, each by another training group (paper: 1)
   c.heldout_group = 4            # labeler group never trained on: held-out accuracy (paper: 69.6% vs 72.4%)
+  # An ensemble of RMs on the same comparisons (not in the paper; Coste et al. 2023, "Reward model ensembles
+  # help mitigate overoptimization"): PPO's reward is the members' mean minus ppo.rm_uncertainty_coef times
+  # their std. Member 0 is W/rm (the value function's init); the others (W/rm_ensemble/member{i}) differ in
+  # head init and data order, and with ensemble_bootstrap each trains on a resample of the training prompts.
+  c.ensemble_size = 1
+  c.ensemble_bootstrap = True
   c.model_overrides = ml_collections.ConfigDict({"resid_dropout": 0.0})
   return c
 
@@ -112,6 +118,7 @@ def _ppo_stage():
   c.prompt_len = 32              # prompt tokens (left-padded)
   c.max_new_tokens = 32          # response cap
   c.missing_eos_penalty = 0.0    # added to the score of a response that never emitted EOS (0: off)
+  c.rm_uncertainty_coef = 0.0    # with rm.ensemble_size > 1: reward = members' mean - this x their std (0: mean)
   c.grad_clip = 1.0              # global gradient-norm clip, policy and value
   c.b1 = 0.9                     # paper C: Adam beta1
   c.b2 = 0.95                    # paper C: Adam beta2

@@ -201,6 +201,11 @@ CADENCE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "check
                             "keep_period", "sample_every", "on_nonfinite", "max_nonfinite_skips"})
 
 
+# Settings added after checkpoints began recording theirs: a checkpoint without one was trained as with
+# this value (so older runs still resume and skip under the default, and are refused under any other).
+LATER_FIELDS = {"rm_uncertainty_coef": 0.0, "rm_ensemble_size": 1}
+
+
 def settings_of(cfg) -> dict:
   """A stage config block as plain JSON (what the checkpoint meta stores)."""
   return json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), default=str))
@@ -214,6 +219,7 @@ def check_settings(meta: dict, cfg, where: str, section: str) -> None:
   if saved is None:
     return
   asked = settings_of(cfg)
+  saved = {**{k: v for k, v in LATER_FIELDS.items() if k in asked}, **saved}
   bad = sorted(k for k in set(saved) | set(asked) if k not in CADENCE_FIELDS and saved.get(k) != asked.get(k))
   if bad:
     details = ", ".join(f"{section}.{k}: checkpoint has {saved.get(k)!r}, config has {asked.get(k)!r}" for k in bad)

@@ -82,6 +82,14 @@ def check_config(config) -> None:
     raise ValueError(f"rm.valid_fraction={rm.valid_fraction}: expected a fraction in (0, 1)")
   if rm.epochs <= 0:
     raise ValueError(f"rm.epochs={rm.epochs}: expected > 0")
+  if rm.ensemble_size < 1:
+    raise ValueError(f"rm.ensemble_size={rm.ensemble_size}: expected >= 1 (1: a single RM, the paper's setting)")
+  if config.ppo.rm_uncertainty_coef < 0:
+    raise ValueError(f"ppo.rm_uncertainty_coef={config.ppo.rm_uncertainty_coef}: expected >= 0 (a penalty on the "
+                     f"RM ensemble's disagreement)")
+  if config.ppo.rm_uncertainty_coef > 0 and rm.ensemble_size < 2:
+    raise ValueError(f"ppo.rm_uncertainty_coef={config.ppo.rm_uncertainty_coef} needs rm.ensemble_size >= 2: "
+                     f"one RM has no disagreement to penalise")
   if rm.seq_len > model.max_len or rm.prompt_len + rm.max_new_tokens > model.max_len:
     raise ValueError(f"rm.seq_len / rm.prompt_len + rm.max_new_tokens exceed model.max_len={model.max_len}")
   for name in ("pretrain", "sft", "rm", "ppo"):

@@ -57,8 +57,8 @@ class MetricWriter:
       self.tb.close()
 
 
-def logged_final(workdir: str | Path, stage: str, step: int) -> bool:
-  """Whether the stage's metrics hold its end-of-stage ("final/") row for `step`."""
+def logged_final(workdir: str | Path, stage: str, step: int, prefix: str = "final/") -> bool:
+  """Whether the stage's metrics hold its end-of-stage row for `step` (a key starting with `prefix`)."""
   path = Path(workdir) / "metrics" / f"{stage}.jsonl"
   if not path.exists():
     return False
@@ -67,6 +67,6 @@ def logged_final(workdir: str | Path, stage: str, step: int) -> bool:
       row = json.loads(line)
     except ValueError:
       continue
-    if row.get("step") == step and any(k.startswith("final/") for k in row):
+    if row.get("step") == step and any(k.startswith(prefix) for k in row):
       return True
   return False

@@ -60,7 +60,7 @@ def stage_steps(stage: str, config) -> int:
     if rm.formulation != "per_prompt":   # shuffled pairs: every comparison of every prompt, C(K, 2) of them
       k = sum(rm.k_choices) / len(rm.k_choices)
       train = train * k * (k - 1) / 2
-    return max(1, math.ceil(rm.epochs * train / per))
+    return max(1, math.ceil(rm.epochs * train / per)) * int(rm.get("ensemble_size", 1))   # members in turn
   if stage in ("ppo", "ppo_noptx"):
     return max(1, int(config.ppo.total_episodes) // int(config.ppo.batch_size))
   return 0
@@ -79,12 +79,13 @@ def stage_cost(stage: str, config, n_models: int = 0) -> tuple[float, float, flo
     from instructrl.stages import reward
     sources = sum(1 for w in dict(rm.get("source_mix", {"policy": 1.0})).values() if w > 0)
     sampling = rm.n_prompts * (k + reward.SPARE * sources) * rm.max_new_tokens * SAMPLE_COST
-    return sampling, 3.0 * rm.epochs * rm.n_prompts * (1 - rm.valid_fraction) * k * rm.seq_len, 0.0
+    members = int(rm.get("ensemble_size", 1))
+    return sampling, 3.0 * members * rm.epochs * rm.n_prompts * (1 - rm.valid_fraction) * k * rm.seq_len, 0.0
   if stage in ("ppo", "ppo_noptx"):
     p = config.ppo
     seq = p.prompt_len + p.max_new_tokens
     per_iter = (p.batch_size * p.max_new_tokens * SAMPLE_COST   # rollout
-                + 4.0 * p.batch_size * seq                      # policy, reference, value, RM forwards
+                + (3.0 + int(config.rm.get("ensemble_size", 1))) * p.batch_size * seq   # policy, ref, value, RMs
                 + 6.0 * p.ppo_epochs * p.batch_size * seq)      # policy and value updates
     if stage == "ppo" and p.ptx_coef > 0:                       # a ptx batch per minibatch
       per_iter += 3.0 * p.ppo_epochs * (p.batch_size // p.minibatch_size) * p.ptx_batch_size * p.ptx_seq_len
@@ -131,6 +132,12 @@ def stage_state(stage: str, workdir: Path, upstream_runs: bool, config) -> tuple
   workdir = Path(workdir)
   if stage == "world":
     return ("complete" if (workdir / "world" / "COMPLETE").exists() else "new"), 0
+  if stage == "rm":   # the RM ensemble's members train in turn: its step is theirs summed
+    from instructrl.stages import reward
+    states = [checkpoint_state(d) for d in reward.member_dirs(config, workdir)]
+    if all(st == "complete" for st, _ in states):
+      return "complete", sum(step for _, step in states)
+    return ("new", 0) if all(st == "new" for st, _ in states) else ("resume", sum(step for _, step in states))
   if stage in _CHECKPOINTED:
     return checkpoint_state(workdir / stage)
   if stage == "eval":

@@ -49,6 +49,10 @@ def markdown(rep: dict) -> str:
               f"- validation accuracy, held-out group: {_pct(rm.get('accuracy_heldout_group'))} (paper: 69.6%)",
               f"- labeler agreement, training groups: {_pct(rm.get('labeler_agreement_train_groups'))}; held-out vs "
               f"training: {_pct(rm.get('labeler_agreement_heldout_vs_train'))}"]
+    if rm.get("ensemble_size"):
+      lines += [f"- ensemble of {rm['ensemble_size']} RMs (mean score; the lines above are member 0's): "
+                f"{_pct(rm.get('ensemble_accuracy_train_groups'))} training groups, "
+                f"{_pct(rm.get('ensemble_accuracy_heldout_group'))} held-out group"]
   for name, c in (rep.get("ppo_curves") or {}).items():
     if c["step"]:
       lines += ["", f"## {name} over training", "",

@@ -48,11 +48,14 @@ _SEEDS = cli_flags.define(flags.DEFINE_list, "seeds", [], "Run these seeds inste
 _ADOPT = cli_flags.define(flags.DEFINE_list, "adopt", [], "Finished run dirs whose stages the sweep reuses where their "
                           "config hashes match a member's (e.g. the tiny runs the sweep starts from).")
 
-# Where each stage's outputs live in a run directory.
+# Where each stage's outputs live in a run directory (OPTIONAL: absent in runs without them, e.g. rm_ensemble
+# with rm.ensemble_size 1 or from before ensembles existed).
 STAGE_OUTPUTS = {"world": ("world",), "pretrain": ("pretrain", "metrics/pretrain.jsonl"),
-                 "sft": ("sft", "metrics/sft.jsonl"), "rm": ("comparisons", "rm", "metrics/rm.jsonl"),
+                 "sft": ("sft", "metrics/sft.jsonl"),
+                 "rm": ("comparisons", "rm", "rm_ensemble", "metrics/rm.jsonl"),
                  "ppo": ("ppo", "metrics/ppo.jsonl"), "ppo_noptx": ("ppo_noptx", "metrics/ppo_noptx.jsonl"),
                  "eval": ("eval",)}
+OPTIONAL_OUTPUTS = frozenset({"rm_ensemble"})
 
 
 def load_module(path: str):
@@ -176,9 +179,9 @@ def adopt(runs: list[dict], sweep, finished: list[Path]) -> dict[str, Path]:
       shared = wanted[name][1]
       if any(_has_outputs(shared / o) for o in outs):
         continue   # computed (or started) by the sweep itself
-      if not all((src / o).exists() for o in outs):
+      if not all((src / o).exists() for o in outs if o not in OPTIONAL_OUTPUTS):
         continue   # the run stopped before this stage
-      for o in outs:
+      for o in (o for o in outs if (src / o).exists()):
         (shared / o).parent.mkdir(parents=True, exist_ok=True)
         if (src / o).is_dir():
           if (shared / o).exists():

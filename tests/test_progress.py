@@ -27,6 +27,23 @@ def test_loop_steps_are_what_the_stages_derive():
   assert progress.stage_steps("rm", tiny) == -(-(n - round(rm.valid_fraction * n)) // rm.batch_size)
   assert progress.stage_steps("ppo", tiny) == tiny.ppo.total_episodes // tiny.ppo.batch_size
   assert progress.stage_steps("pretrain", tiny) == 1500 and progress.stage_steps("eval", tiny) == 0
+  one = progress.stage_steps("rm", tiny)
+  tiny.rm.ensemble_size = 3            # the ensemble's members train in turn, each a whole RM run
+  assert progress.stage_steps("rm", tiny) == 3 * one
+
+
+def test_rm_state_sums_the_ensemble_members(tmp_path):
+  tiny = instructgpt.get_config("tiny")
+  tiny.rm.ensemble_size = 3
+  one = progress.stage_steps("rm", tiny) // 3
+  assert progress.stage_state("rm", tmp_path, False, tiny) == ("new", 0)
+  fake_checkpoint(tmp_path / "rm", one, complete=True)
+  assert progress.stage_state("rm", tmp_path, False, tiny) == ("resume", one)   # members 1 and 2 to train
+  fake_checkpoint(tmp_path / "rm_ensemble" / "member1", one, complete=True)
+  fake_checkpoint(tmp_path / "rm_ensemble" / "member2", 25, complete=False)
+  assert progress.stage_state("rm", tmp_path, False, tiny) == ("resume", 2 * one + 25)
+  fake_checkpoint(tmp_path / "rm_ensemble" / "member2", one, complete=True)
+  assert progress.stage_state("rm", tmp_path, False, tiny) == ("complete", 3 * one)
 
 
 def test_costs_scale_with_the_work_and_ptx_costs_extra():

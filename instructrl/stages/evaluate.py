@@ -286,7 +286,9 @@ def rm_summary(workdir: Path) -> dict:
     final.update({k[len("final/"):]: v for k, v in row.items() if k.startswith("final/")})
   names = {"valid/accuracy": "accuracy_train_groups", "valid/heldout_group/accuracy": "accuracy_heldout_group",
            "labeler_agreement/train_groups": "labeler_agreement_train_groups",
-           "labeler_agreement/heldout_vs_train": "labeler_agreement_heldout_vs_train"}
+           "labeler_agreement/heldout_vs_train": "labeler_agreement_heldout_vs_train",
+           "ensemble/size": "ensemble_size", "ensemble/valid/accuracy": "ensemble_accuracy_train_groups",
+           "ensemble/valid/heldout_group/accuracy": "ensemble_accuracy_heldout_group"}
   return {new: final[old] for old, new in names.items() if old in final}
 
 

@@ -34,6 +34,7 @@ class Stage:
   shardings: dict
   abstract: dict                # abstract state with shardings (restore target)
   settings_section: str = ""    # config section named in a settings-mismatch error (default: the name)
+  progress: Callable[[int, int], None] | None = None   # (done, total) -> the pipeline bar (default: by name)
 
 
 def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None = None,
@@ -106,7 +107,8 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
           skips = 0
         bar.update(1)
         done = step + 1
-        progress.step(name, done, total)   # the whole pipeline's bar (main.py); a no-op elsewhere
+        # The whole pipeline's bar (main.py; a no-op elsewhere). The RM ensemble's members report as "rm".
+        (stage.progress or (lambda d, t: progress.step(name, d, t)))(done, total)
         if done % cfg.log_every == 0 or done == total:
           m = jax.device_get(metrics)
           now = time.perf_counter()

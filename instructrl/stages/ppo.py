@@ -68,7 +68,9 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
                  rm_cfg: ModelConfig | None = None):
   """rollout(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, kl_coef, score_gain) -> (batch, metrics).
 
-  rm_cfg: the RM's and the value function's model when it is not the policy's (rm.base_workdir)."""
+  rm: a tuple of the RM ensemble's params (one entry: the paper's single RM); the score is their mean
+  minus ppo.rm_uncertainty_coef times their std. rm_cfg: the RM's and the value function's model when it
+  is not the policy's (rm.base_workdir)."""
   rm_cfg = rm_cfg or model_cfg
   logp_of = lambda logits, toks: jnp.take_along_axis(
       process_logits(logits, cfg.temperature), toks[..., None], axis=-1)[..., 0]
@@ -86,11 +88,12 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
     ref_logp = logp_of(view(model_cfg, params=ref, head="lm"), s.tokens)   # same temperature: a KL that is >= 0
     values = view(rm_cfg, params=value, head="scalar")
     last = P - 1 + s.lengths                                   # the last real token (EOS if emitted)
-    if score_fn is None:
-      scores_bs, _ = Decoder(rm_cfg, head="scalar").apply({"params": rm}, seq, positions, kv_mask_bs=kv_mask)
-      score = jnp.take_along_axis(scores_bs, last[:, None], axis=1)[:, 0]
+    if score_fn is None:   # rm: the ensemble's members (one for the paper's single RM)
+      at_last = lambda params: jnp.take_along_axis(Decoder(rm_cfg, head="scalar").apply(
+          {"params": params}, seq, positions, kv_mask_bs=kv_mask)[0], last[:, None], axis=1)[:, 0]
+      score, disagreement = reward.ensemble_score(jnp.stack([at_last(p) for p in rm]), cfg.rm_uncertainty_coef)
     else:
-      score = score_fn(seq, last, s.tokens, s.mask)
+      score, disagreement = score_fn(seq, last, s.tokens, s.mask), jnp.zeros((B,))
     ended = jnp.any(s.tokens == eos_id, axis=1)
     raw = score
     # score_gain: 1 / the RM scores' std on the initial policy's samples (ppo.normalize_score).
@@ -102,6 +105,7 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
     batch = {"seq": seq, "positions": positions, "kv_mask": kv_mask, "mask": s.mask, "old_logp": logp,
              "old_values": values, "advantages": adv, "returns": returns, "score": raw}
     metrics = {"objective/score": raw.mean(), "objective/score_std": raw.std(),
+               "objective/rm_ensemble_std": disagreement.mean(),
                "objective/score_normalized": score.mean(), "objective/kl": kl.sum(1).mean(),
                "objective/kl_coef": kl_coef, "objective/reward": rewards.sum(1).mean(),
                "objective/response_length": s.lengths.mean(), "objective/eos_fraction": ended.mean()}
@@ -220,7 +224,11 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   if cfg.select_sft_by_rm and cfg.policy_init == "sft" and score_fn is None:
     init_step = select.select_sft(config, workdir, mesh, rules, pol_abs["params"], val_abs["params"])
   ref = load(cfg.policy_init, pol_abs["params"], init_step)      # frozen: the KL anchor (paper: the SFT model)
-  rm = load("rm", val_abs["params"]) if score_fn is None else None
+  rm = reward.load_members(config, workdir, mesh, rules) if score_fn is None else None   # the RM ensemble
+  stage_cfg.rm_ensemble_size = len(rm) if rm is not None else 0     # checked on resume/skip with the ppo block
+  if cfg.rm_uncertainty_coef and (rm is None or len(rm) < 2):
+    raise ValueError(f"ppo.rm_uncertainty_coef={cfg.rm_uncertainty_coef} needs an RM ensemble "
+                     f"(rm.ensemble_size >= 2): one RM has no disagreement to penalise")
 
   def initial_state():
     policy = load(cfg.policy_init, pol_abs["params"], init_step)
@@ -254,7 +262,8 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   rows = parallel.batch_sharding(mesh, rules)
   rollout = jax.jit(make_rollout(model_cfg, cfg, tokenizer.eos_id, tokenizer.pad_id, score_fn, rm_cfg),
                     in_shardings=(pol_sh["params"], val_sh["params"], pol_sh["params"],
-                                  val_sh["params"] if score_fn is None else None, rows, rows, repl, repl, repl))
+                                  (val_sh["params"],) * len(rm) if score_fn is None else None, rows, rows, repl,
+                                  repl, repl))
   update = jax.jit(make_update(model_cfg, cfg, policy_tx, value_tx, prompts.shape[1], rm_cfg),
                    out_shardings=(shardings, repl), donate_argnums=0)
   seed = config.seed + 7

@@ -28,11 +28,12 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from instructrl import checkpoints, distributed, evaluation, objectives, parallel
+from instructrl import checkpoints, distributed, evaluation, objectives, parallel, progress
 from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, prompt_response_examples
 from instructrl.data.rankings import load_ranked, pairs_from_ranked, ranked_examples
 from instructrl.data.records import load_jsonl, write_jsonl
+from instructrl.metrics import MetricWriter, logged_final
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
 from instructrl.stages import loop
@@ -390,15 +391,6 @@ def run(config, workdir: Path, mesh, rules):
   # ------------------------------------------------------------------ state: SFT trunk + a new scalar head
   tx, schedule = make_optimizer(stage_cfg, stage_cfg.steps)
   shardings = state_shardings(model_cfg, tx, mesh, rules, head="scalar")
-  stage = loop.Stage(name="rm", cfg=stage_cfg, workdir=workdir, model_dict=model_dict,
-                     world_id=world_fingerprint(workdir), rng=jax.random.key(config.seed + 4), tx=tx,
-                     shardings=shardings, abstract=abstract_state(model_cfg, tx, shardings, head="scalar"))
-
-  def initial_params():
-    rm = init_params(model_cfg, jax.random.key(config.seed + 5), shardings["params"], mesh, rules, head="scalar")
-    policy = load_policy(config, workdir, mesh, rules, cfg.policy, model=model_dict,
-                         directory=base / cfg.policy if base is not None else None)
-    return {k: policy[k] if k in policy else v for k, v in rm.items()}   # the unembedding is dropped
 
   train_step, eval_step, score_step = make_steps(model_cfg, cfg.formulation, tx, schedule, shardings, mesh, rules)
   seed = config.seed + 6
@@ -436,9 +428,109 @@ def run(config, workdir: Path, mesh, rules):
                                           cfg.eval_batch_size, mesh, rules),
             **{f"valid/{k}": v for k, v in validation(params).items()}}
 
-  return loop.run(
-      stage, mesh, rules, initial_params=initial_params, train_step=train_step,
-      batch_at=lambda step: process_batch(data.batch, batch_indices(len(data), batch_size, step, seed), mesh, rules),
-      evaluate=validation, finalize=normalise, after_training=after_training,
-      items_per_step=batch_size, item_name="prompts" if cfg.formulation == "per_prompt" else "pairs",
-      extra_meta={"seed": seed, "formulation": cfg.formulation, "heldout_group": cfg.heldout_group})
+  # ------------------------------------------------------------------ members: W/rm, then the ensemble's others
+  n_members = int(cfg.get("ensemble_size", 1))
+  if n_members < 1:
+    raise ValueError(f"rm.ensemble_size={n_members}: expected >= 1 (1: a single RM, the paper's setting)")
+  steps_per_member = stage_cfg.steps
+  result = None
+  for i in range(n_members):
+    # Member 0 is the single RM of the paper, unchanged by the ensemble's size (W/rm: PPO's value function
+    # starts from it). The others differ in head init and data order, and with rm.ensemble_bootstrap each
+    # trains on its own resample (with replacement) of the training prompts: more diversity, the same labels.
+    fold = (lambda k: k) if i == 0 else (lambda k, i=i: jax.random.fold_in(k, i))
+    order = (np.random.default_rng([config.seed, 407, i]).integers(len(data), size=len(data))
+             if i > 0 and cfg.get("ensemble_bootstrap", True) else np.arange(len(data)))
+    member_seed = seed + 1000 * i
+    where = member_dirs(config, workdir)[i]
+    # The settings a member's checkpoint is checked against: the ensemble's size changes no member, and
+    # bootstrapping only the members after the first (so a finished single RM joins a larger ensemble).
+    member_cfg = ml_collections.ConfigDict({k: v for k, v in stage_cfg.to_dict().items()
+                                            if k != "ensemble_size" and (i > 0 or k != "ensemble_bootstrap")})
+    stage = loop.Stage(name=where.name, cfg=member_cfg, workdir=where.parent, model_dict=model_dict,
+                       world_id=world_fingerprint(workdir), rng=fold(jax.random.key(config.seed + 4)), tx=tx,
+                       shardings=shardings, abstract=abstract_state(model_cfg, tx, shardings, head="scalar"),
+                       progress=lambda done, total, i=i: progress.step("rm", i * steps_per_member + done,
+                                                                       n_members * steps_per_member))
+
+    def initial_params(fold=fold):
+      rm = init_params(model_cfg, fold(jax.random.key(config.seed + 5)), shardings["params"], mesh, rules,
+                       head="scalar")
+      policy = load_policy(config, workdir, mesh, rules, cfg.policy, model=model_dict,
+                           directory=base / cfg.policy if base is not None else None)
+      return {k: policy[k] if k in policy else v for k, v in rm.items()}   # the unembedding is dropped
+
+    params = loop.run(
+        stage, mesh, rules, initial_params=initial_params, train_step=train_step,
+        batch_at=lambda step, order=order, member_seed=member_seed: process_batch(
+            data.batch, order[batch_indices(len(data), batch_size, step, member_seed)], mesh, rules),
+        evaluate=validation, finalize=normalise, after_training=after_training if i == 0 else None,
+        items_per_step=batch_size, item_name="prompts" if cfg.formulation == "per_prompt" else "pairs",
+        extra_meta={"seed": member_seed, "formulation": cfg.formulation, "heldout_group": cfg.heldout_group,
+                    "member": i})
+    result = params if i == 0 else result
+  if n_members > 1 and not logged_final(workdir, "rm", steps_per_member, "final/ensemble/size"):
+    members = load_members(config, workdir, mesh, rules)
+    ens_eval = make_ensemble_eval(model_cfg, mesh, rules)
+    out = {"size": n_members}
+    for what, examples in (("valid", valid), ("valid/heldout_group", valid_heldout), ("valid/policy_pairs", valid_policy)):
+      if examples is not None and len(examples) >= cfg.eval_batch_size:
+        out[f"{what}/accuracy"] = evaluate_ensemble(ens_eval, members, examples, cfg.eval_batch_size, mesh, rules)
+    logging.info("rm: ensemble of %d: %s", n_members, out)
+    writer = MetricWriter(workdir, "rm", resume_step=steps_per_member)
+    writer.write(steps_per_member, out, prefix="final/ensemble/")
+    writer.close()
+  return result
+
+
+# ----------------------------------------------------------------------------- ensemble
+
+ENSEMBLE = "rm_ensemble"   # W/rm_ensemble/member{i}: the ensemble's members after the first (W/rm)
+
+
+def member_dirs(config, workdir: Path) -> list[Path]:
+  """The checkpoint directories of the RM ensemble's members: W/rm first (the value function's init)."""
+  n = int(config.rm.get("ensemble_size", 1))
+  return [Path(workdir) / "rm"] + [Path(workdir) / ENSEMBLE / f"member{i}" for i in range(1, n)]
+
+
+def load_members(config, workdir: Path, mesh, rules) -> tuple:
+  """Every member's params (a tuple; one entry for a single RM), checked against W/rm's model and the world."""
+  rm_dict = trained_rm_model(config, workdir)
+  model_cfg = ModelConfig.from_dict(rm_dict)
+  tx, _ = make_optimizer(config.sft, 1)
+  abstract = abstract_state(model_cfg, tx, state_shardings(model_cfg, tx, mesh, rules, head="scalar"),
+                            head="scalar")["params"]
+  return tuple(checkpoints.load_params(d, abstract, rm_dict, world_fingerprint(workdir))[0]
+               for d in member_dirs(config, workdir))
+
+
+def ensemble_score(scores_nb, uncertainty_coef):
+  """The members' scores [N, B] -> mean - coef * std over members (Coste et al. 2023's uncertainty-weighted
+  objective; coef 0: the plain mean) and the std. With one member the std is 0 and this is its score."""
+  mean, std = scores_nb.mean(0), scores_nb.std(0)
+  return mean - uncertainty_coef * std, std
+
+
+def make_ensemble_eval(model_cfg: ModelConfig, mesh, rules):
+  """eval_step(members, batch) -> ranking metrics of the members' mean score (per-prompt form)."""
+  model = Decoder(model_cfg, head="scalar")
+
+  def step(members, batch):
+    with nn.logical_axis_rules(rules):
+      B, K, T = batch["tokens"].shape
+      r = jnp.stack([rm_scores(model, p, batch["tokens"].reshape(B * K, T), batch["last_index"].reshape(B * K))
+                     for p in members]).mean(0).reshape(B, K)
+      return objectives.ranking_loss(r, batch["ranks"], batch["mask"])[1]
+
+  return jax.jit(step, out_shardings=parallel.replicated(mesh))
+
+
+def evaluate_ensemble(step, members, examples, batch_size: int, mesh, rules) -> float:
+  """Pooled pairwise accuracy of the ensemble's mean score over whole batches of a ranked set."""
+  hits = pairs = 0.0
+  for b in range(len(examples) // batch_size):
+    m = step(members, device_batch(examples.batch(np.arange(b * batch_size, (b + 1) * batch_size)), mesh, rules))
+    hits += float(m["accuracy"]) * float(m["pairs"])
+    pairs += float(m["pairs"])
+  return hits / max(pairs, 1.0)

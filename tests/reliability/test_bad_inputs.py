@@ -207,6 +207,11 @@ def test_checkpoint_trained_under_other_settings():
   checkpoints.check_settings({"complete": True}, asked, "/w/ppo", "ppo")   # saved before settings were recorded
   with pytest.raises(checkpoints.CheckpointMismatch, match="was interrupted under other training settings"):
     checkpoints.check_settings({"settings": saved}, asked, "/w/ppo", "ppo")
+  # A setting added after the checkpoint was saved is read there as its LATER_FIELDS value: an old run
+  # resumes under that value and is refused under another.
+  checkpoints.check_settings(meta, ml_collections.ConfigDict({**saved, "rm_uncertainty_coef": 0.0}), "/w/ppo", "ppo")
+  with pytest.raises(checkpoints.CheckpointMismatch, match="ppo.rm_uncertainty_coef: checkpoint has 0.0, config has 0.5"):
+    checkpoints.check_settings(meta, ml_collections.ConfigDict({**saved, "rm_uncertainty_coef": 0.5}), "/w/ppo", "ppo")
 
 
 # ----------------------------------------------------------------------------- the CLI (subprocesses)

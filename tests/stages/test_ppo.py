@@ -105,7 +105,7 @@ def build(cfg: ModelConfig, pc, host: dict, mesh, rules, P: int, score_fn=None):
            "value_opt": vopt, "ema": jax.device_put(host["policy"], pol_sh["params"]),
            "kl_coef": jax.device_put(jnp.float32(pc.kl_coef), repl)}
   models = {"ref": jax.device_put(host["ref"], pol_sh["params"]),
-            "rm": jax.device_put(host["rm"], val_sh["params"]) if score_fn is None else None}
+            "rm": (jax.device_put(host["rm"], val_sh["params"]),) if score_fn is None else None}   # one member
   rollout = jax.jit(ppo.make_rollout(cfg, pc, EOS, PAD, score_fn))
   update = jax.jit(ppo.make_update(cfg, pc, policy_tx, value_tx, P), out_shardings=(shardings, repl),
                    donate_argnums=0)
@@ -208,6 +208,39 @@ def test_k1_kl_estimate_matches_the_exact_sequence_kl():
   assert 0.3 < ex.mean() < 5, ex.mean()               # a KL well above the noise (measured: 1.15 nats)
   assert abs(k1.mean() - ex.mean()) < 4 * se, (k1.mean(), ex.mean(), se)
   assert k1.mean() > 10 * k1.std() / np.sqrt(B)       # >= 0 on average, by a wide margin
+
+
+def test_rm_ensemble_score_is_the_members_mean_minus_coef_times_their_std():
+  """Rollouts with the same key draw the same samples; the ensemble's reward of each episode is then the
+  closed form of the single members' scores (two members: std = |a - b| / 2)."""
+  cfg = ModelConfig(**TINY)
+  B, P = 16, 6
+  coef = 0.5
+  mesh, rules = one_device()
+  prompts, pmask = tiny_prompts(B, P)
+  rm_a, rm_b = host_models(cfg)["rm"], host_models(cfg, seed=7)["rm"]
+  scores, stds = {}, {}
+  for name, members, c in (("a", (rm_a,), 0.0), ("b", (rm_b,), 0.0), ("ab", (rm_a, rm_b), coef),
+                           ("aa", (rm_a, rm_a), coef)):
+    state, models, rollout, _ = build(cfg, ppo_cfg(rm_uncertainty_coef=c), host_models(cfg), mesh, rules, P)
+    with parallel.activate(mesh, rules):
+      batch, m, _ = rollout(state["params"], state["value"], models["ref"], members, prompts, pmask,
+                            jax.random.key(4), state["kl_coef"])
+    scores[name], stds[name] = np.asarray(batch["score"], np.float64), float(m["objective/rm_ensemble_std"])
+  a, b = scores["a"], scores["b"]
+  assert np.abs(a - b).max() > 1e-3                    # two different RMs
+  np.testing.assert_allclose(scores["ab"], (a + b) / 2 - coef * np.abs(a - b) / 2, rtol=1e-5, atol=1e-6)
+  assert stds["ab"] == pytest.approx(np.mean(np.abs(a - b) / 2), rel=1e-5)
+  np.testing.assert_allclose(scores["aa"], a, rtol=1e-6, atol=1e-7)   # members that agree: no penalty
+  assert stds["aa"] == 0.0 and stds["a"] == 0.0
+
+
+def test_ensemble_score_closed_form():
+  from instructrl.stages import reward
+  s = jnp.array([[1.0, 0.0, 2.0], [3.0, 0.0, 2.0], [2.0, 0.0, 2.0]])   # 3 members x 3 episodes
+  score, std = reward.ensemble_score(s, 1.5)
+  np.testing.assert_allclose(std, [np.sqrt(2 / 3), 0.0, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(score, [2.0 - 1.5 * np.sqrt(2 / 3), 0.0, 2.0], rtol=1e-6)
 
 
 def test_first_update_has_ratio_one_and_moves_policy_value_and_ema():
@@ -586,6 +619,52 @@ def test_rm_larger_than_the_policy_scores_and_initialises_the_value(reference_ru
   assert state["value"]["embed"].shape[-1] == 96            # the value function is the RM's size
   assert state["params"]["embed"].shape[-1] == 64           # the policy is not
   assert all(np.isfinite(r["train/objective/score"]) for r in metric_rows(w) if "train/objective/score" in r)
+
+
+@pytest.mark.slow
+def test_rm_ensemble_joins_a_finished_rm_and_ppo_penalises_the_members_disagreement(reference_run, tmp_path):
+  """rm.ensemble_size=3 on a run whose single RM is finished: W/rm is kept as member 0 (skipped, not
+  retrained), members 1 and 2 train on bootstrap resamples; PPO scores with all three."""
+  w = upstream_copy(reference_run, tmp_path / "ens")
+  shutil.copytree(reference_run / "comparisons", w / "comparisons")
+  (w / "metrics").mkdir()
+  shutil.copyfile(reference_run / "metrics" / "rm.jsonl", w / "metrics" / "rm.jsonl")
+  _, rm0_before = final_params(w / "rm")
+  out = cli(w, "rm", "--config.rm.ensemble_size=3")
+  assert "rm: complete checkpoint" in out.stderr
+  _, rm0 = final_params(w / "rm")
+  assert trees_equal(rm0, rm0_before)
+  members = [rm0] + [final_params(w / "rm_ensemble" / f"member{i}")[1] for i in (1, 2)]
+  heads = [np.asarray(m["score"]).ravel() for m in members]
+  assert all(np.abs(heads[i] - heads[j]).max() > 1e-4 for i in range(3) for j in range(i))   # three different RMs
+  for i in (1, 2):
+    rows = [json.loads(l) for l in (w / "rm_ensemble" / "metrics" / f"member{i}.jsonl").read_text().splitlines()]
+    assert 0 < [r for r in rows if "valid/accuracy" in r][-1]["valid/accuracy"] < 1
+  ens = [r for r in metric_rows(w, "rm") if "final/ensemble/size" in r]
+  assert len(ens) == 1 and ens[0]["final/ensemble/size"] == 3
+  assert 0 < ens[0]["final/ensemble/valid/accuracy"] < 1 and 0 < ens[0]["final/ensemble/valid/heldout_group/accuracy"] < 1
+  cli(w, "rm", "--config.rm.ensemble_size=3")      # complete: nothing retrained, the ensemble row not repeated
+  assert len([r for r in metric_rows(w, "rm") if "final/ensemble/size" in r]) == 1
+  assert trees_equal(final_params(w / "rm_ensemble" / "member2")[1], members[2])
+
+  ens_flags = ["--config.rm.ensemble_size=3", "--config.ppo.rm_uncertainty_coef=1.0", "--config.ppo.total_episodes=32"]
+  cli(w, "ppo", *ens_flags)
+  rows = [r for r in metric_rows(w) if "train/objective/score" in r]
+  assert len(rows) == 2 and all(r["train/objective/rm_ensemble_std"] > 0 for r in rows)
+  # a finished PPO stage refuses another penalty (or another ensemble) instead of being silently skipped
+  bad = subprocess.run(cli_cmd(w, "ppo", *ens_flags[:2], "--config.ppo.total_episodes=32",
+                               "--config.ppo.rm_uncertainty_coef=0.5"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+  assert bad.returncode != 0 and "ppo.rm_uncertainty_coef: checkpoint has 1.0, config has 0.5" in bad.stderr
+  bad = subprocess.run(cli_cmd(w, "ppo", "--config.ppo.total_episodes=32"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=cli_env())
+  assert bad.returncode != 0 and "ppo.rm_ensemble_size: checkpoint has 3, config has 1" in bad.stderr
+
+
+def test_rm_uncertainty_penalty_without_an_ensemble_is_a_clear_error(tmp_path):
+  out = subprocess.run(cli_cmd(tmp_path, "world", "--config.ppo.rm_uncertainty_coef=1.0"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=cli_env())
+  assert out.returncode != 0 and "needs rm.ensemble_size >= 2" in out.stderr
 
 
 def test_rm_base_workdir_without_a_finished_sft_is_a_clear_error(tmp_path):
