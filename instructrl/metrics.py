@@ -57,6 +57,21 @@ class MetricWriter:
       self.tb.close()
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+  """Every row of a stage's metrics file ([] if there is none yet); a run killed mid-append leaves a
+  partial last line, which is not a row."""
+  path = Path(path)
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      continue
+  return rows
+
+
 def logged_final(workdir: str | Path, stage: str, step: int, prefix: str = "final/") -> bool:
   """Whether the stage's metrics hold its end-of-stage row for `step` (a key starting with `prefix`)."""
   path = Path(workdir) / "metrics" / f"{stage}.jsonl"

@@ -31,6 +31,7 @@ from instructrl import checkpoints, evaluation, parallel, report
 from instructrl.data import world as world_lib
 from instructrl.data.batching import pack_texts
 from instructrl.data.records import load_jsonl
+from instructrl.metrics import read_metrics
 from instructrl.models.config import ModelConfig
 from instructrl.stages.train_state import abstract_state, make_optimizer, state_shardings
 from instructrl.stages.world import load_tokenizer, world_fingerprint
@@ -135,12 +136,6 @@ def _available_models(workdir: Path) -> list[dict]:
 
 def slug(name: str) -> str:
   return "".join(c if c.isalnum() else "_" for c in name.lower())
-
-
-def read_metrics(path: Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
 def run(config, workdir: Path, mesh, rules) -> dict:

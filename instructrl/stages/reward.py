@@ -33,7 +33,7 @@ from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, prompt_response_examples
 from instructrl.data.rankings import load_ranked, pairs_from_ranked, ranked_examples
 from instructrl.data.records import load_jsonl, write_jsonl
-from instructrl.metrics import MetricWriter, logged_final
+from instructrl.metrics import MetricWriter, read_metrics
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
 from instructrl.stages import loop
@@ -469,7 +469,7 @@ def run(config, workdir: Path, mesh, rules):
         extra_meta={"seed": member_seed, "formulation": cfg.formulation, "heldout_group": cfg.heldout_group,
                     "member": i})
     result = params if i == 0 else result
-  if n_members > 1 and not logged_final(workdir, "rm", steps_per_member, "final/ensemble/size"):
+  if n_members > 1 and _logged_ensemble_size(workdir, steps_per_member) != n_members:
     members = load_members(config, workdir, mesh, rules)
     ens_eval = make_ensemble_eval(model_cfg, mesh, rules)
     out = {"size": n_members}
@@ -486,6 +486,16 @@ def run(config, workdir: Path, mesh, rules):
 # ----------------------------------------------------------------------------- ensemble
 
 ENSEMBLE = "rm_ensemble"   # W/rm_ensemble/member{i}: the ensemble's members after the first (W/rm)
+
+
+def _logged_ensemble_size(workdir: Path, step: int) -> int | None:
+  """The size of the last ensemble evaluated into W/metrics/rm.jsonl at `step` (None: none yet): a run
+  asking for another size evaluates its own ensemble again."""
+  size = None
+  for row in read_metrics(Path(workdir) / "metrics" / "rm.jsonl"):
+    if row.get("step") == step and "final/ensemble/size" in row:
+      size = int(row["final/ensemble/size"])
+  return size
 
 
 def member_dirs(config, workdir: Path) -> list[Path]:

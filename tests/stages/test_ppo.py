@@ -659,6 +659,9 @@ def test_rm_ensemble_joins_a_finished_rm_and_ppo_penalises_the_members_disagreem
   bad = subprocess.run(cli_cmd(w, "ppo", "--config.ppo.total_episodes=32"), cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env=cli_env())
   assert bad.returncode != 0 and "ppo.rm_ensemble_size: checkpoint has 3, config has 1" in bad.stderr
+  # a smaller ensemble of the same members is evaluated again (its own row), nothing retrained
+  cli(w, "rm", "--config.rm.ensemble_size=2")
+  assert [r["final/ensemble/size"] for r in metric_rows(w, "rm") if "final/ensemble/size" in r] == [3, 2]
 
 
 def test_rm_uncertainty_penalty_without_an_ensemble_is_a_clear_error(tmp_path):
