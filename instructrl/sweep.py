@@ -160,10 +160,11 @@ def _has_outputs(path: Path) -> bool:
   return path.exists() and path.stat().st_size > 0
 
 
-def adopt(runs: list[dict], sweep, finished: list[Path]) -> dict[str, Path]:
+def adopt(runs: list[dict], sweep, finished: list[Path], copy: bool = True) -> dict[str, Path]:
   """Copy the stage outputs of finished runs into the shared dirs whose hashes they match.
 
-  A shared dir that already has outputs is left alone. Returns {shared dir name: source run}.
+  A shared dir that already has outputs is left alone. Returns {shared dir name: source run}; with
+  copy=False (--dry_run) only says what would be copied.
   """
   stages = [s.strip() for s in sweep["stages"].split(",") if s.strip()]
   wanted = {shared.name: (stage, shared) for r in runs for stage, shared in r["shared"].items()}
@@ -181,7 +182,7 @@ def adopt(runs: list[dict], sweep, finished: list[Path]) -> dict[str, Path]:
         continue   # computed (or started) by the sweep itself
       if not all((src / o).exists() for o in outs if o not in OPTIONAL_OUTPUTS):
         continue   # the run stopped before this stage
-      for o in (o for o in outs if (src / o).exists()):
+      for o in (o for o in outs if copy and (src / o).exists()):
         (shared / o).parent.mkdir(parents=True, exist_ok=True)
         if (src / o).is_dir():
           if (shared / o).exists():
@@ -190,7 +191,8 @@ def adopt(runs: list[dict], sweep, finished: list[Path]) -> dict[str, Path]:
         else:
           shutil.copyfile(src / o, shared / o)
       adopted[name] = src
-      logging.info("sweep: adopted %s from %s", name, src)
+      if copy:
+        logging.info("sweep: adopted %s from %s", name, src)
   return adopted
 
 
@@ -306,21 +308,26 @@ def main(argv):
     sweep.seeds = tuple(int(s) for s in _SEEDS.value)
   workdir = Path(_WORKDIR.value)
   runs = plan(sweep, workdir)
-  for r in runs:
-    mine = [s for s, who in r["computes"].items() if who == f"{r['member']}/seed{r['seed']}"]
-    print(f"# {r['member']} seed {r['seed']}: computes {','.join(mine) or 'nothing new'}; shares "
-          f"{','.join(s for s in r['shared'] if s not in mine) or 'nothing'}")
-    print(" ".join(r["cmd"]))
   unknown = sorted(set(_ONLY.value) - {m["name"] for m in sweep["members"]})
   if unknown:
     raise app.UsageError(f"--only: no member named {unknown}; the sweep has {[m['name'] for m in sweep['members']]}")
+  if not _DRY_RUN.value:
+    workdir.mkdir(parents=True, exist_ok=True)
+  # Adopted first (with --dry_run: only looked up), so that the lines below say what is really computed.
+  adopted = {} if _AGGREGATE.value else adopt(runs, sweep, [Path(p) for p in _ADOPT.value], copy=not _DRY_RUN.value)
+  if _ADOPT.value:
+    print(f"# {'would adopt' if _DRY_RUN.value else 'adopted'} {len(adopted)} stage outputs: "
+          + (", ".join(f"{k} <- {v}" for k, v in adopted.items()) or "none matched"))
+  for r in runs:
+    mine = [s for s, who in r["computes"].items() if who == f"{r['member']}/seed{r['seed']}"]
+    taken = [s for s in mine if r["shared"][s].name in adopted]
+    mine = [s for s in mine if s not in taken]
+    print(f"# {r['member']} seed {r['seed']}: computes {','.join(mine) or 'nothing new'}; "
+          + (f"adopts {','.join(taken)}; " if taken else "")
+          + f"shares {','.join(s for s in r['shared'] if s not in mine and s not in taken) or 'nothing'}")
+    print(" ".join(r["cmd"]))
   if _DRY_RUN.value:
     return
-  workdir.mkdir(parents=True, exist_ok=True)
-  adopted = {} if _AGGREGATE.value else adopt(runs, sweep, [Path(p) for p in _ADOPT.value])
-  if _ADOPT.value:
-    print(f"# adopted {len(adopted)} stage outputs: " + (", ".join(f"{k} <- {v}" for k, v in adopted.items())
-                                                          or "none matched"))
   for r in runs:
     if _AGGREGATE.value or (_ONLY.value and r["member"] not in _ONLY.value):
       continue

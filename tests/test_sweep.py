@@ -117,6 +117,20 @@ def _fake_run(run_dir: Path, config, stages):
         (p / "marker").write_text(f"{run_dir.name}:{stage}")
 
 
+def test_dry_run_with_adopt_says_what_would_be_adopted_and_copies_nothing(tmp_path, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  base = sweep.member_config("configs/instructgpt.py:tiny", {}, 0)     # gamma 1 = the tiny default
+  _fake_run(tmp_path / "seed0", base, sweep.STAGE_OUTPUTS)
+  out = subprocess.run([sys.executable, "-m", "instructrl.sweep", "--sweep=configs/sweeps/ptx_coef.py:tiny",
+                        f"--workdir={tmp_path / 'sweep'}", "--seeds=0", f"--adopt={tmp_path / 'seed0'}", "--dry_run"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "# would adopt 7 stage outputs" in out.stdout
+  assert "# gamma0.3 seed 0: computes ppo,eval; adopts world,pretrain,sft,rm,ppo_noptx; shares nothing" in out.stdout
+  assert "# gamma1 seed 0: computes nothing new; adopts ppo,eval; shares world,pretrain,sft,rm,ppo_noptx" in out.stdout
+  assert not (tmp_path / "sweep").exists()
+
+
 def test_adopt_copies_the_matching_stages_of_finished_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
   s = load("kl_coef", "tiny")
