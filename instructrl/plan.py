@@ -161,7 +161,8 @@ def build(stage: str, config, mesh, rules) -> StageProgram:
   val = train_state.abstract_state(model_cfg, value_tx, val_sh, "scalar")
   B, P, N = cfg.batch_size, cfg.prompt_len, cfg.max_new_tokens
   rollout_fn = ppo.make_rollout(model_cfg, cfg, eos_id=3, pad_id=0)
-  ro_args = (pol["params"], val["params"], pol["params"], (val["params"],), _abstract((B, P), jnp.int32, bsh(2)),
+  members = (val["params"],) * int(config.rm.get("ensemble_size", 1))   # the RM ensemble's params, all resident
+  ro_args = (pol["params"], val["params"], pol["params"], members, _abstract((B, P), jnp.int32, bsh(2)),
              _abstract((B, P), jnp.bool_, bsh(2)), key, _abstract((), jnp.float32, repl))
   with parallel.activate(mesh, rules):   # the model's logical constraints need the rules while tracing
     ro_out = jax.eval_shape(rollout_fn, *ro_args)
