@@ -75,6 +75,9 @@ def _rm_stage():
   c.seq_len = 64                 # prompt + response tokens per RM sequence
   c.rankings_per_prompt = 1      # training rankings of each prompt, each by another training group (paper: 1)
   c.heldout_group = 4            # labeler group never trained on: held-out accuracy (paper: 69.6% vs 72.4%)
+  # The gold probe (final metrics): on up to this many RM validation prompts, how often the RM orders
+  # (rm.policy greedy, rm.policy at ppo.temperature) answer pairs as the gold judge does; 0: off.
+  c.gold_probe_prompts = 500
   # An ensemble of RMs on the same comparisons (not in the paper; Coste et al. 2023, "Reward model ensembles
   # help mitigate overoptimization"): PPO's reward is the members' mean minus ppo.rm_uncertainty_coef times
   # their std. Member 0 is W/rm (the value function's init); the others (W/rm_ensemble/member{i}) differ in

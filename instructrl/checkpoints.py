@@ -198,7 +198,8 @@ def check_model(saved: dict, expected: dict, where: str) -> None:
 # Stage settings that change how a run is logged, evaluated or saved, not what it computes: these may
 # differ between the run that saved a checkpoint and the one that restores it.
 CADENCE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-                            "keep_period", "sample_every", "on_nonfinite", "max_nonfinite_skips"})
+                            "keep_period", "sample_every", "on_nonfinite", "max_nonfinite_skips",
+                            "gold_probe_prompts"})
 
 
 # Settings added after checkpoints began recording theirs: a checkpoint without one was trained as with

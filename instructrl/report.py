@@ -53,6 +53,12 @@ def markdown(rep: dict) -> str:
       lines += [f"- ensemble of {rm['ensemble_size']} RMs (mean score; the lines above are member 0's): "
                 f"{_pct(rm.get('ensemble_accuracy_train_groups'))} training groups, "
                 f"{_pct(rm.get('ensemble_accuracy_heldout_group'))} held-out group"]
+    if rm.get("gold_agreement") is not None:
+      ens = rm.get("ensemble_gold_agreement")
+      lines += [f"- gold probe (pairs of SFT's greedy answer and a sample at PPO's temperature, RM validation prompts, "
+                f"{rm.get('gold_pairs')} pairs gold does not tie): the RM prefers gold's choice "
+                f"{_pct(rm['gold_agreement'])}" + (f" (ensemble mean {_pct(ens)})" if ens is not None else "") +
+                f"; the greedy answers score {_num(rm.get('gold_score_gap'), '.2f')} std above the samples"]
   for name, c in (rep.get("ppo_curves") or {}).items():
     if c["step"]:
       lines += ["", f"## {name} over training", "",

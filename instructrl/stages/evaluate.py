@@ -283,7 +283,9 @@ def rm_summary(workdir: Path) -> dict:
            "labeler_agreement/train_groups": "labeler_agreement_train_groups",
            "labeler_agreement/heldout_vs_train": "labeler_agreement_heldout_vs_train",
            "ensemble/size": "ensemble_size", "ensemble/valid/accuracy": "ensemble_accuracy_train_groups",
-           "ensemble/valid/heldout_group/accuracy": "ensemble_accuracy_heldout_group"}
+           "ensemble/valid/heldout_group/accuracy": "ensemble_accuracy_heldout_group",
+           "gold_probe/agreement": "gold_agreement", "gold_probe/pairs": "gold_pairs",
+           "gold_probe/score_gap": "gold_score_gap", "ensemble/gold_probe/agreement": "ensemble_gold_agreement"}
   return {new: final[old] for old, new in names.items() if old in final}
 
 

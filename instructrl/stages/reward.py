@@ -33,7 +33,7 @@ from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, prompt_response_examples
 from instructrl.data.rankings import load_ranked, pairs_from_ranked, ranked_examples
 from instructrl.data.records import load_jsonl, write_jsonl
-from instructrl.metrics import MetricWriter, read_metrics
+from instructrl.metrics import MetricWriter, logged_final, read_metrics
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
 from instructrl.stages import loop
@@ -332,8 +332,8 @@ def evaluate(eval_step, params, examples, batch_size: int, mesh, rules) -> dict:
   return {"accuracy": hits / max(pairs, 1.0), "loss": loss / max(n, 1), "pairs": pairs}
 
 
-def mean_score(score_step, params, tokens, last, batch_size: int, mesh, rules) -> float:
-  """Mean score over EVERY row: the last batch is filled up with copies of row 0 (static shape), dropped after."""
+def row_scores(score_step, params, tokens, last, batch_size: int, mesh, rules) -> np.ndarray:
+  """The score of EVERY row: the last batch is filled up with copies of row 0 (static shape), dropped after."""
   n, fill = len(tokens), -len(tokens) % batch_size
   tokens = np.concatenate([tokens, np.repeat(tokens[:1], fill, axis=0)])
   last = np.concatenate([last, np.repeat(last[:1], fill, axis=0)])
@@ -341,7 +341,70 @@ def mean_score(score_step, params, tokens, last, batch_size: int, mesh, rules) -
   for b in range(len(tokens) // batch_size):
     sl = slice(b * batch_size, (b + 1) * batch_size)
     out.append(distributed.to_host(score_step(params, *device_batch({"t": tokens[sl], "l": last[sl]}, mesh, rules).values())))
-  return float(np.mean(np.concatenate(out)[:n]))
+  return np.concatenate(out)[:n].astype(np.float64)
+
+
+def mean_score(score_step, params, tokens, last, batch_size: int, mesh, rules) -> float:
+  """Mean score over every row (not over whole batches only)."""
+  return float(np.mean(row_scores(score_step, params, tokens, last, batch_size, mesh, rules)))
+
+
+# ----------------------------------------------------------------------------- the gold probe
+
+def gold_agreement(rm_greedy, rm_sampled, gold_greedy, gold_sampled) -> dict:
+  """How the RM orders the pairs PPO has to learn to tell apart: each prompt's greedy answer and a sample
+  at PPO's temperature, from the policy PPO starts from (the headroom above SFT is mostly sharpening,
+  docs/STATUS.md session 4). Over the pairs the gold judge does not tie:
+  - agreement: how often the RM prefers the answer gold prefers (an RM tie counts as a miss);
+  - score_gap: what sharpening earns, mean RM(greedy) - mean RM(sampled) in units of the sampled answers'
+    score std, i.e. in PPO's normalised reward units (ppo.normalize_score) before the KL cost;
+  plus the pair count and the two answer sets' mean gold scores (all prompts)."""
+  rm_g, rm_s, g_g, g_s = (np.asarray(x, np.float64) for x in (rm_greedy, rm_sampled, gold_greedy, gold_sampled))
+  differs = g_g != g_s
+  hits = np.sign(rm_g - rm_s)[differs] == np.sign(g_g - g_s)[differs]
+  return {"agreement": float(hits.mean()) if differs.any() else float("nan"), "pairs": int(differs.sum()),
+          "score_gap": float((rm_g.mean() - rm_s.mean()) / max(float(rm_s.std()), 1e-9)),
+          "gold_greedy": float(g_g.mean()), "gold_sampled": float(g_s.mean())}
+
+
+def gold_probe_pairs(config, workdir: Path, mesh, rules, world, tokenizer) -> dict | None:
+  """The probe's answer pairs on RM validation prompts (never trained on): rm.policy greedy and at
+  ppo.temperature, tokenised for the RM; None with rm.gold_probe_prompts = 0 or no pair that fits."""
+  cfg = config.rm
+  n = int(cfg.get("gold_probe_prompts", 0))
+  if n <= 0:
+    return None
+  if _finished_model(Path(workdir) / cfg.policy) is None:   # an RM from rm.base_workdir before this run's policy
+    logging.warning("rm: no finished %s stage in %s: no gold probe", cfg.policy, workdir)
+    return None
+  records = load_jsonl(Path(workdir) / "world" / "prompts_rm.jsonl", "eval")[:cfg.n_prompts]
+  records = records[:int(round(cfg.valid_fraction * len(records)))][:n]    # collect(): the validation prompts
+  model_cfg = ModelConfig.from_dict(config.model)
+  policy = load_policy(config, workdir, mesh, rules, cfg.policy)
+  with parallel.activate(mesh, rules):
+    greedy, sampled = (evaluation.answer(policy, model_cfg, tokenizer, world, records, rng=jax.random.key(config.seed + 408),
+                                         eval_cfg=config.eval, temperature=t) for t in (0.0, config.ppo.temperature))
+  prompts = [world.format_prompt(r["prompt"]) for r in records]
+  fits = lambda i, a: a is not None and len(tokenizer.encode(prompts[i])) + len(tokenizer.encode(a)) + 2 <= cfg.seq_len
+  keep = [i for i in range(len(records)) if fits(i, greedy[i]) and fits(i, sampled[i])]
+  if not keep:
+    return None
+  out = {"n": len(keep)}
+  for name, answers in (("greedy", greedy), ("sampled", sampled)):
+    ex = prompt_response_examples(tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep], cfg.seq_len - 1,
+                                  what="rm gold probe")
+    out[name] = (ex.tokens, (ex.loss_mask.shape[1] - 1 - np.argmax(ex.loss_mask[:, ::-1], axis=1)).astype(np.int32))
+    out[f"gold_{name}"] = [world.judge(records[i], answers[i]).score for i in keep]
+  return out
+
+
+def run_gold_probe(pairs: dict | None, score_rows) -> dict:
+  """gold_agreement of `score_rows(tokens, last) -> scores` on the probe's pairs ({} without pairs)."""
+  if pairs is None:
+    return {}
+  out = gold_agreement(score_rows(*pairs["greedy"]), score_rows(*pairs["sampled"]), pairs["gold_greedy"],
+                       pairs["gold_sampled"])
+  return {f"gold_probe/{k}": v for k, v in out.items() if np.isfinite(v)}   # no agreement without a pair
 
 
 # ----------------------------------------------------------------------------- stage
@@ -417,6 +480,23 @@ def run(config, workdir: Path, mesh, rules):
     logging.info("rm: demonstrations score %.4f on average; subtracting it", bias)
     return {**params, "score_bias": params["score_bias"] - bias}
 
+  # ------------------------------------------------------------------ the gold probe (final metrics only)
+  n_members = int(cfg.get("ensemble_size", 1))
+  if n_members < 1:
+    raise ValueError(f"rm.ensemble_size={n_members}: expected >= 1 (1: a single RM, the paper's setting)")
+  steps_per_member = stage_cfg.steps
+  ensemble_due = n_members > 1 and _logged_ensemble_size(workdir, steps_per_member) != n_members
+  # Sampled up front, outside the training loop's mesh context (restoring a checkpoint inside it fails),
+  # and only when member 0's end-of-stage metrics or the ensemble's are still to be written.
+  probe = (gold_probe_pairs(config, workdir, mesh, rules, world, tokenizer)
+           if ensemble_due or not logged_final(workdir, "rm", steps_per_member) else None)
+
+  def gold_probe(score_rows) -> dict:
+    out = run_gold_probe(probe, score_rows)
+    if out:
+      logging.info("rm: gold probe: %s", {k: round(v, 4) for k, v in out.items()})
+    return out
+
   def after_training(params):
     by_id = lambda recs, g: {r["id"]: r for r in recs if r["group"] == g}
     a, b = by_id(valid_all, train_groups[0]), by_id(valid_all, train_groups[1 % len(train_groups)])
@@ -426,13 +506,10 @@ def run(config, workdir: Path, mesh, rules):
             "labeler_agreement/heldout_vs_train": pairwise_agreement([a[i] for i in common], [h[i] for i in common]),
             "demo_mean_score": mean_score(score_step, params, demo_ex.tokens, demo_last.astype(np.int32),
                                           cfg.eval_batch_size, mesh, rules),
-            **{f"valid/{k}": v for k, v in validation(params).items()}}
+            **{f"valid/{k}": v for k, v in validation(params).items()},
+            **gold_probe(lambda t, l: row_scores(score_step, params, t, l, cfg.eval_batch_size, mesh, rules))}
 
   # ------------------------------------------------------------------ members: W/rm, then the ensemble's others
-  n_members = int(cfg.get("ensemble_size", 1))
-  if n_members < 1:
-    raise ValueError(f"rm.ensemble_size={n_members}: expected >= 1 (1: a single RM, the paper's setting)")
-  steps_per_member = stage_cfg.steps
   result = None
   for i in range(n_members):
     # Member 0 is the single RM of the paper, unchanged by the ensemble's size (W/rm: PPO's value function
@@ -469,13 +546,16 @@ def run(config, workdir: Path, mesh, rules):
         extra_meta={"seed": member_seed, "formulation": cfg.formulation, "heldout_group": cfg.heldout_group,
                     "member": i})
     result = params if i == 0 else result
-  if n_members > 1 and _logged_ensemble_size(workdir, steps_per_member) != n_members:
+  if ensemble_due:
     members = load_members(config, workdir, mesh, rules)
     ens_eval = make_ensemble_eval(model_cfg, mesh, rules)
     out = {"size": n_members}
     for what, examples in (("valid", valid), ("valid/heldout_group", valid_heldout), ("valid/policy_pairs", valid_policy)):
       if examples is not None and len(examples) >= cfg.eval_batch_size:
         out[f"{what}/accuracy"] = evaluate_ensemble(ens_eval, members, examples, cfg.eval_batch_size, mesh, rules)
+    # The ensemble's mean score (PPO's reward with ppo.rm_uncertainty_coef = 0) on the same probe pairs.
+    out.update(gold_probe(lambda t, l: np.mean([row_scores(score_step, p, t, l, cfg.eval_batch_size, mesh, rules)
+                                               for p in members], axis=0)))
     logging.info("rm: ensemble of %d: %s", n_members, out)
     writer = MetricWriter(workdir, "rm", resume_step=steps_per_member)
     writer.write(steps_per_member, out, prefix="final/ensemble/")

@@ -643,6 +643,10 @@ def test_rm_ensemble_joins_a_finished_rm_and_ppo_penalises_the_members_disagreem
   ens = [r for r in metric_rows(w, "rm") if "final/ensemble/size" in r]
   assert len(ens) == 1 and ens[0]["final/ensemble/size"] == 3
   assert 0 < ens[0]["final/ensemble/valid/accuracy"] < 1 and 0 < ens[0]["final/ensemble/valid/heldout_group/accuracy"] < 1
+  # the gold probe of the ensemble's mean score, on member 0's pairs (same answers, so the same count)
+  single = [r for r in metric_rows(w, "rm") if "final/gold_probe/pairs" in r][-1]
+  assert ens[0]["final/ensemble/gold_probe/pairs"] == single["final/gold_probe/pairs"] > 0
+  assert 0 <= ens[0]["final/ensemble/gold_probe/agreement"] <= 1
   cli(w, "rm", "--config.rm.ensemble_size=3")      # complete: nothing retrained, the ensemble row not repeated
   assert len([r for r in metric_rows(w, "rm") if "final/ensemble/size" in r]) == 1
   assert trees_equal(final_params(w / "rm_ensemble" / "member2")[1], members[2])

@@ -239,6 +239,19 @@ def test_mean_score_averages_every_row_not_whole_batches_only():
       pytest.approx(7.8)                            # fewer rows than one batch
 
 
+def test_gold_agreement_on_hand_made_pairs():
+  # prompts: gold prefers greedy / sampled / ties / greedy / sampled; the RM gets 1, 2 and 4 right, ties 5
+  rm_g, rm_s = [0.9, 0.1, 0.5, 0.2, 0.3], [0.1, 0.8, 0.0, 0.6, 0.3]
+  gold_g, gold_s = [1.0, 0.2, 0.5, 1.0, 0.1], [0.0, 0.9, 0.5, 0.3, 0.7]
+  out = reward.gold_agreement(rm_g, rm_s, gold_g, gold_s)
+  assert out["pairs"] == 4                                  # the gold tie is not a pair
+  assert out["agreement"] == pytest.approx(2 / 4)          # prompts 1, 2 right; 4 wrong; the RM tie is a miss
+  assert out["score_gap"] == pytest.approx((np.mean(rm_g) - np.mean(rm_s)) / np.std(rm_s))
+  assert out["gold_greedy"] == pytest.approx(0.56) and out["gold_sampled"] == pytest.approx(0.48)
+  # no pair where gold differs: no agreement to report (run_gold_probe then drops it, keeping the count)
+  assert np.isnan(reward.gold_agreement([1.0], [0.0], [0.5], [0.5])["agreement"])
+
+
 # ----------------------------------------------------------------------------- data helpers
 
 def test_select_one_ranking_per_prompt_round_robin_over_groups():
@@ -347,6 +360,11 @@ def test_collection_files_and_metrics(reference_run):
   assert valid and 0 <= valid[-1]["valid/accuracy"] <= 1 and 0 <= valid[-1]["valid/heldout_group/accuracy"] <= 1
   final = [r for r in rows if "final/labeler_agreement/train_groups" in r]
   assert len(final) == 1 and 0 < final[0]["final/labeler_agreement/train_groups"] < 1
+  # the gold probe ran on the validation prompts (SFT greedy vs sampled; smoke's answers differ on some)
+  probe = {k: v for k, v in final[0].items() if k.startswith("final/gold_probe/")}
+  assert 0 < probe["final/gold_probe/pairs"] <= n_valid, probe
+  assert 0 <= probe["final/gold_probe/agreement"] <= 1 and np.isfinite(probe["final/gold_probe/score_gap"])
+  assert 0 <= probe["final/gold_probe/gold_sampled"] <= 1 and 0 <= probe["final/gold_probe/gold_greedy"] <= 1
   train = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train] == list(range(2, 13, 2))
   assert all(np.isfinite(r["train/loss"]) for r in train)
