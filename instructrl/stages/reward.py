@@ -389,13 +389,18 @@ def gold_probe_pairs(config, workdir: Path, mesh, rules, world, tokenizer) -> di
   keep = [i for i in range(len(records)) if fits(i, greedy[i]) and fits(i, sampled[i])]
   if not keep:
     return None
-  out = {"n": len(keep)}
+  out = {}
   for name, answers in (("greedy", greedy), ("sampled", sampled)):
     ex = prompt_response_examples(tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep], cfg.seq_len - 1,
                                   what="rm gold probe")
-    out[name] = (ex.tokens, (ex.loss_mask.shape[1] - 1 - np.argmax(ex.loss_mask[:, ::-1], axis=1)).astype(np.int32))
+    out[name] = (ex.tokens, eos_index(ex))
     out[f"gold_{name}"] = [world.judge(records[i], answers[i]).score for i in keep]
   return out
+
+
+def eos_index(examples) -> np.ndarray:
+  """Each prompt + response example's last trained position, its EOS: where the RM reads the score."""
+  return (examples.loss_mask.shape[1] - 1 - np.argmax(examples.loss_mask[:, ::-1], axis=1)).astype(np.int32)
 
 
 def run_gold_probe(pairs: dict | None, score_rows) -> dict:
@@ -472,10 +477,10 @@ def run(config, workdir: Path, mesh, rules):
   demos = load_jsonl(workdir / "world" / "demos_valid.jsonl", "demo")
   demo_ex = prompt_response_examples(tokenizer, [world.format_prompt(r["prompt"]) for r in demos],
                                      [r["response"] for r in demos], cfg.seq_len - 1, what="rm bias demos")
-  demo_last = demo_ex.loss_mask.shape[1] - 1 - np.argmax(demo_ex.loss_mask[:, ::-1], axis=1)   # the EOS
+  demo_last = eos_index(demo_ex)
 
   def normalise(params):
-    bias = mean_score(score_step, params, demo_ex.tokens, demo_last.astype(np.int32), cfg.eval_batch_size, mesh,
+    bias = mean_score(score_step, params, demo_ex.tokens, demo_last, cfg.eval_batch_size, mesh,
                       rules)
     logging.info("rm: demonstrations score %.4f on average; subtracting it", bias)
     return {**params, "score_bias": params["score_bias"] - bias}
@@ -504,7 +509,7 @@ def run(config, workdir: Path, mesh, rules):
     common = sorted(set(a) & set(b) & set(h))
     return {"labeler_agreement/train_groups": pairwise_agreement([a[i] for i in common], [b[i] for i in common]),
             "labeler_agreement/heldout_vs_train": pairwise_agreement([a[i] for i in common], [h[i] for i in common]),
-            "demo_mean_score": mean_score(score_step, params, demo_ex.tokens, demo_last.astype(np.int32),
+            "demo_mean_score": mean_score(score_step, params, demo_ex.tokens, demo_last,
                                           cfg.eval_batch_size, mesh, rules),
             **{f"valid/{k}": v for k, v in validation(params).items()},
             **gold_probe(lambda t, l: row_scores(score_step, params, t, l, cfg.eval_batch_size, mesh, rules))}
