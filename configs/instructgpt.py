@@ -65,6 +65,10 @@ def _rm_stage():
   # comparisons rank outputs of several models, later ones of its RL policies.
   c.source_mix = ml_collections.ConfigDict({"policy": 1.0, "pretrain": 0.0, "pretrain_few_shot": 0.0, "ppo": 0.0})
   c.ppo_source = ""              # with source_mix.ppo > 0: an earlier run's finished ppo stage dir (same world)
+  # Iterated collection (paper 3.5: comparisons gathered over rounds, later ones ranking the RL policies'
+  # samples): comma-separated `comparisons` dirs of earlier rounds on the same world, ADDED to this round's
+  # (train to train, valid to valid) rather than replaced by it. "": this round's comparisons only.
+  c.extra_comparisons = ""
   c.n_prompts = 2000             # RM prompts sampled and ranked (<= world.n_rm_prompts)
   c.valid_fraction = 0.2         # of those, held out for validation accuracy
   c.k_choices = (4, 5, 6, 7, 8, 9)  # paper 3.5: K = 4..9 responses per prompt

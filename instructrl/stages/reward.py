@@ -218,6 +218,25 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
   return out
 
 
+def earlier_rounds(config, workdir: Path) -> list[Path]:
+  """rm.extra_comparisons as checked paths: complete comparison sets collected on this run's world."""
+  out = []
+  for part in (p.strip() for p in str(config.rm.get("extra_comparisons", "")).split(",")):
+    if not part:
+      continue
+    d = Path(part)
+    if not (d / "COMPLETE").exists():
+      raise FileNotFoundError(f"rm.extra_comparisons: {d} is not a finished comparisons set (no {d / 'COMPLETE'}); "
+                              f"expected the `comparisons` dir of an earlier run's rm stage")
+    if d.resolve() == (Path(workdir) / COMPARISONS).resolve():
+      raise ValueError(f"rm.extra_comparisons: {d} is this run's own comparisons set")
+    if world_fingerprint(d.parent) != world_fingerprint(workdir):
+      raise ValueError(f"rm.extra_comparisons: {d} was collected on world {world_fingerprint(d.parent)}, "
+                       f"not this run's {world_fingerprint(workdir)}")
+    out.append(d)
+  return out
+
+
 def collection_key(config) -> dict:
   """The settings that decide what collect() writes: a finished set is reused only if they match."""
   cfg = config.rm
@@ -433,6 +452,8 @@ def run(config, workdir: Path, mesh, rules):
     raise ValueError(f"rm.heldout_group={cfg.heldout_group}: expected one of the labeler groups {groups}")
   train_groups = [g for g in groups if g != cfg.heldout_group]
   train_all, valid_all = load_ranked(comparisons / "train.jsonl"), load_ranked(comparisons / "valid.jsonl")
+  for extra in earlier_rounds(config, workdir):
+    train_all, valid_all = train_all + load_ranked(extra / "train.jsonl"), valid_all + load_ranked(extra / "valid.jsonl")
   k_max = max(cfg.k_choices)
   as_examples = lambda recs, what: ranked_examples(tokenizer, recs, cfg.seq_len, k_max, world.format_prompt,
                                                    what=what)

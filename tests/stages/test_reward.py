@@ -392,6 +392,41 @@ def test_collection_mixes_sources_by_weight(reference_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_extra_comparisons_add_an_earlier_round_to_this_one(reference_run, tmp_path):
+  """rm.extra_comparisons (iterated collection): an earlier round's rankings are trained on beside this
+  round's, so the RM sees both rounds' samples; bad paths are refused with the path named."""
+  from instructrl.data.rankings import load_ranked
+  w, config = reference_run
+  for stage in ("world", "pretrain", "sft"):
+    shutil.copytree(w / stage, tmp_path / stage)
+  # round two samples at another temperature (in use: from a PPO policy, rm.source_mix.ppo)
+  cli(tmp_path, f"--config.rm.extra_comparisons={w / 'comparisons'}", "--config.rm.sample_temperature=0.7", stages="rm")
+  this = load_ranked(tmp_path / "comparisons" / "train.jsonl")
+  earlier = load_ranked(w / "comparisons" / "train.jsonl")
+  ids = lambda recs: {r["id"] for r in recs}
+  assert ids(this) == ids(earlier)       # the same prompts, sampled again: one more ranking of each
+  assert [r["responses"] for r in this] != [r["responses"] for r in earlier]
+  # one training ranking of each prompt per round, 3 epochs of batch_size prompts
+  assert final_params(tmp_path / "rm")[0] == math.ceil(3 * 2 * len(ids(this)) / config["rm"]["batch_size"])
+  assert final_params(w / "rm")[0] == math.ceil(3 * len(ids(this)) / config["rm"]["batch_size"])
+
+  from configs.instructgpt import get_config
+  cfg = get_config("smoke")
+  cfg.rm.extra_comparisons = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere.*COMPLETE"):
+    reward.earlier_rounds(cfg, tmp_path)
+  cfg.rm.extra_comparisons = f"{w / 'comparisons'}, {tmp_path / 'comparisons'}"
+  with pytest.raises(ValueError, match="this run's own"):
+    reward.earlier_rounds(cfg, tmp_path)
+  other = tmp_path / "other_world" / "comparisons"
+  other.mkdir(parents=True)
+  (other / "COMPLETE").write_text("{}")
+  cfg.rm.extra_comparisons = str(other)
+  with pytest.raises(ValueError, match="collected on world None"):
+    reward.earlier_rounds(cfg, tmp_path)
+
+
+@pytest.mark.slow
 def test_bias_makes_demonstrations_score_zero_on_average(reference_run):
   from instructrl.data.world.api import World
   from instructrl.models.transformer import Decoder
