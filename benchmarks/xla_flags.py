@@ -24,6 +24,12 @@ HERE = Path(__file__).resolve().parent
 FLAG_SETS = {
     "default": "",
     "onednn": "--xla_cpu_use_onednn=true",
+    # Library fusions of jaxlib 0.10 (`--helpfull`-style text in libjax_common.so: "Available fusion types:
+    # dot, eltwise, and reduce"): dots go to oneDNN (which uses AMX-bf16 where the CPU has it), XNNPACK or
+    # YNNPACK instead of XLA's own emitter.
+    "onednn_dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
+    "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",
+    "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "fast_math": "--xla_cpu_enable_fast_math=true",
     "one_thread": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",

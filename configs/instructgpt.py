@@ -61,9 +61,11 @@ def _rm_stage():
                                  # paper's 6B RM); PPO's value function follows it
   # Where the K ranked responses come from (weights per response slot): "policy" (rm.policy at
   # rm.sample_temperature), "pretrain" (bare prompt) and "pretrain_few_shot" (prompted GPT), both at
-  # eval.baseline_temperature, and "ppo" (an earlier PPO policy, rm.ppo_source). Paper 3.5:
+  # eval.baseline_temperature, "ppo" (an earlier PPO policy, rm.ppo_source), and "mismatched" (rm.policy's
+  # answer to another RM prompt, half the time of the same task family; not in the paper). Paper 3.5:
   # comparisons rank outputs of several models, later ones of its RL policies.
-  c.source_mix = ml_collections.ConfigDict({"policy": 1.0, "pretrain": 0.0, "pretrain_few_shot": 0.0, "ppo": 0.0})
+  c.source_mix = ml_collections.ConfigDict({"policy": 1.0, "pretrain": 0.0, "pretrain_few_shot": 0.0, "ppo": 0.0,
+                                            "mismatched": 0.0})
   c.ppo_source = ""              # with source_mix.ppo > 0: an earlier run's finished ppo stage dir (same world)
   # Iterated collection (paper 3.5: comparisons gathered over rounds, later ones ranking the RL policies'
   # samples): comma-separated `comparisons` dirs of earlier rounds on the same world, ADDED to this round's
@@ -127,6 +129,10 @@ def _ppo_stage():
   c.prompt_len = 32              # prompt tokens (left-padded)
   c.max_new_tokens = 32          # response cap
   c.missing_eos_penalty = 0.0    # added to the score of a response that never emitted EOS (0: off)
+  # "rm": the trained reward model (the paper). "gold": the task world's gold judge scores each sample, an
+  # oracle RM: a diagnostic (not in the paper) of what PPO at these settings reaches with a perfect reward,
+  # which separates "the RM is the limit" from "the RL budget is" (docs/STATUS.md, session 7). One process only.
+  c.reward = "rm"
   c.rm_uncertainty_coef = 0.0    # with rm.ensemble_size > 1: reward = members' mean - this x their std (0: mean)
   c.grad_clip = 1.0              # global gradient-norm clip, policy and value
   c.b1 = 0.9                     # paper C: Adam beta1

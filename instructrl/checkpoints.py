@@ -204,7 +204,10 @@ CADENCE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "check
 
 # Settings added after checkpoints began recording theirs: a checkpoint without one was trained as with
 # this value (so older runs still resume and skip under the default, and are refused under any other).
-LATER_FIELDS = {"rm_uncertainty_coef": 0.0, "rm_ensemble_size": 1}
+# Fields added after checkpoints were first saved, with the value that reproduces the older behaviour (a
+# dict: keys added inside a nested block, e.g. a new rm.source_mix source at weight 0).
+LATER_FIELDS = {"rm_uncertainty_coef": 0.0, "rm_ensemble_size": 1, "extra_comparisons": "", "reward": "rm",
+                "source_mix": {"mismatched": 0.0}}
 
 
 def settings_of(cfg) -> dict:
@@ -220,7 +223,12 @@ def check_settings(meta: dict, cfg, where: str, section: str) -> None:
   if saved is None:
     return
   asked = settings_of(cfg)
-  saved = {**{k: v for k, v in LATER_FIELDS.items() if k in asked}, **saved}
+  saved = dict(saved)
+  for k, v in LATER_FIELDS.items():
+    if k in asked and isinstance(v, dict) and isinstance(saved.get(k), dict):
+      saved[k] = {**v, **saved[k]}
+    elif k in asked and k not in saved:
+      saved[k] = v
   bad = sorted(k for k in set(saved) | set(asked) if k not in CADENCE_FIELDS and saved.get(k) != asked.get(k))
   if bad:
     details = ", ".join(f"{section}.{k}: checkpoint has {saved.get(k)!r}, config has {asked.get(k)!r}" for k in bad)

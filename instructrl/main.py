@@ -75,7 +75,7 @@ def check_config(config) -> None:
   mix = dict(rm.source_mix)
   if any(float(v) < 0 for v in mix.values()) or not any(float(v) > 0 for v in mix.values()):
     raise ValueError(f"rm.source_mix={mix}: expected non-negative weights, at least one positive "
-                     f"(sources: policy, pretrain, pretrain_few_shot, ppo)")
+                     f"(sources: policy, pretrain, pretrain_few_shot, ppo, mismatched)")
   if float(mix.get("ppo", 0.0)) > 0 and not rm.ppo_source:
     raise ValueError("rm.source_mix.ppo > 0 needs rm.ppo_source: an earlier run's finished ppo stage dir")
   if not 0 < rm.valid_fraction < 1:

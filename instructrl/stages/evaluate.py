@@ -127,6 +127,8 @@ def _available_models(workdir: Path) -> list[dict]:
     meta = stage_meta(workdir, stage)
     if meta:
       name = "PPO-ptx" if meta.get("ptx_coef", 0) > 0 else "PPO"
+      if meta.get("reward", "rm") != "rm":      # an oracle-reward diagnostic run says so in every table
+        name += f" [{meta['reward']} reward]"
       if any(m["name"] == name for m in models):
         name += f" ({stage})"
       models.append({"name": name, "stage": stage, "step": meta["step"], "entry": "ema", "few_shot": False,

@@ -114,6 +114,31 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
   return rollout
 
 
+def gold_score_fn(world, tokenizer, records: list[dict], prompts_np: np.ndarray, prompt_mask_np: np.ndarray) -> ScoreFn:
+  """ppo.reward = "gold": the gold judge's score of each sampled response, through a host callback.
+
+  A row's record is found from its (unpadded) prompt tokens; the response is decoded up to its EOS.
+  An oracle for diagnostics: PPO on it shows what the RL settings reach with a perfect RM."""
+  by_prompt = {tuple(t[m].tolist()): r for t, m, r in zip(prompts_np, prompt_mask_np.astype(bool), records)}
+  P = prompts_np.shape[1]
+  pad, eos = tokenizer.pad_id, tokenizer.eos_id
+
+  def host(seq, tokens, mask):
+    out = []
+    for s, t, m in zip(np.asarray(seq), np.asarray(tokens), np.asarray(mask)):
+      p = s[:P]
+      rec = by_prompt.get(tuple(p[p != pad].tolist()))
+      if rec is None:
+        raise ValueError("ppo.reward=gold: a rollout prompt is not one of prompts_ppo.jsonl's")
+      out.append(world.judge(rec, tokenizer.decode([int(x) for x, k in zip(t, m) if k and x != eos])).score)
+    return np.asarray(out, np.float32)
+
+  def score_fn(seq, last, tokens, mask):
+    return jax.pure_callback(host, jax.ShapeDtypeStruct((seq.shape[0],), jnp.float32), seq, tokens, mask)
+
+  return score_fn
+
+
 # ----------------------------------------------------------------------------- update
 
 def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int, value_cfg: ModelConfig | None = None):
@@ -193,6 +218,14 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   prompts, prompt_mask, keep = left_pad_prompts(tokenizer, [world.format_prompt(r["prompt"]) for r in records],
                                                 cfg.prompt_len)
   records = [records[i] for i in keep]
+  reward_source = cfg.get("reward", "rm")
+  if reward_source not in ("rm", "gold"):
+    raise ValueError(f"ppo.reward={reward_source!r}: expected 'rm' (the trained reward model) or 'gold' (the "
+                     f"task world's gold judge, an oracle for diagnostics)")
+  if reward_source == "gold" and score_fn is None:
+    if jax.process_count() > 1:
+      raise ValueError("ppo.reward=gold scores on the host of a single process; run it without multi-host")
+    score_fn = gold_score_fn(world, tokenizer, records, prompts, prompt_mask)
   ptx = pack_texts(tokenizer.encode_batch([r["text"] for r in load_jsonl(world_dir / "corpus_train.jsonl", "text")]),
                    cfg.ptx_seq_len)
   updates_per_iter = cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
@@ -332,4 +365,5 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   return loop.run(stage, mesh, rules, initial_state=initial_state, train_step=iteration, batch_at=batch_at,
                   after_training=after_training if config.eval.n_prompts else None,
                   items_per_step=cfg.batch_size, item_name="episodes", result="ema",
-                  extra_meta={"ptx_coef": cfg.ptx_coef, "kl_coef": cfg.kl_coef, "policy_init_step": init_step})
+                  extra_meta={"ptx_coef": cfg.ptx_coef, "kl_coef": cfg.kl_coef, "policy_init_step": init_step,
+                              "reward": reward_source})

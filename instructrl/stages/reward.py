@@ -94,25 +94,51 @@ def trained_rm_model(config, workdir: Path) -> dict:
   return _finished_model(Path(workdir) / "rm") or rm_model(config)
 
 
-SOURCES = ("policy", "pretrain", "pretrain_few_shot", "ppo")
+SOURCES = ("policy", "pretrain", "pretrain_few_shot", "ppo", "mismatched")
 SPARE = 2   # extra samples per prompt and source, for the duplicates and empty answers dropped before ranking
 
 
-def _source_sampler(config, params, world, tokenizer, model_cfg, source: str):
+def mismatched_prompts(prompts: list[str], pool: list[dict], key, same_family: float = 0.5) -> list[str]:
+  """For each prompt, another prompt of `pool` to answer instead: with probability `same_family` one of
+  the same task family (a hard negative: "3" to a four-word count), else any other (an easy one: a
+  colour to "which is larger"). Deterministic in `key`; never the prompt itself (pool has >= 2 prompts)."""
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+  family = {r["prompt"]: r["family"] for r in pool}
+  by_family = {}
+  for r in pool:
+    by_family.setdefault(r["family"], []).append(r["prompt"])
+  every = [r["prompt"] for r in pool]
+  out = []
+  for p in prompts:
+    same = by_family.get(family.get(p), [])
+    cands = same if rng.random() < same_family and len(set(same)) > 1 else every
+    q = p
+    while q == p:
+      q = cands[int(rng.integers(len(cands)))]
+    out.append(q)
+  return out
+
+
+def _source_sampler(config, params, world, tokenizer, model_cfg, source: str, pool: list[dict] | None = None):
   """texts(prompts, key) -> one sampled answer per prompt, from one of the SOURCES.
 
   policy: rm.policy (SFT) at rm.sample_temperature; pretrain: the pretrained model on the bare
   prompt, and pretrain_few_shot: with a few-shot prefix, both at eval.baseline_temperature (the
   paper's comparisons also rank outputs of several models, its GPT-3 baselines included); ppo: an
   earlier PPO policy (rm.ppo_source, its EMA) at rm.sample_temperature — the paper's later
-  comparisons ranked its RL policies' samples, which is how an RM learns to score what PPO writes.
+  comparisons ranked its RL policies' samples, which is how an RM learns to score what PPO writes;
+  mismatched: rm.policy's answer (at rm.sample_temperature) to ANOTHER prompt of `pool`
+  (`mismatched_prompts`), ranked against this prompt's answers — not in the paper: negatives that make
+  the RM check that an answer answers its prompt, the check PPO's drift exploits (docs/STATUS.md, session 7).
   """
   cfg = config.rm
   few_shot = source == "pretrain_few_shot"
   prefix = world.few_shot_prefix(np.random.default_rng(config.seed), k=config.eval.few_shot) if few_shot else ""
-  temperature = cfg.sample_temperature if source in ("policy", "ppo") else config.eval.baseline_temperature
+  temperature = cfg.sample_temperature if source in ("policy", "ppo", "mismatched") else config.eval.baseline_temperature
 
   def texts(prompts: list[str], key) -> list[str]:
+    if source == "mismatched":
+      prompts = mismatched_prompts(prompts, pool, jax.random.fold_in(key, 7))
     full = [prefix + f"Q: {p}\nA:" for p in prompts] if few_shot else [world.format_prompt(p) for p in prompts]
     out = evaluation.generate(params, model_cfg, tokenizer, full, rng=key, batch_size=len(full),
                               prompt_len=cfg.prompt_len + (config.eval.prefix_len if few_shot else 0),
@@ -138,6 +164,8 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
   wanted = collection_key(config)
   if (out / "COMPLETE").exists():
     have = json.loads((out / "COMPLETE").read_text()).get("key")   # absent in sets collected before the check
+    if have is not None:
+      have = {**have, "source_mix": _used_sources(have.get("source_mix", {}))}
     if have is not None and have != wanted:
       diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
       raise ValueError(f"{out} was collected with different settings ({', '.join(diff)}: "
@@ -153,15 +181,15 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
   if unknown or not mix:
     raise ValueError(f"rm.source_mix={dict(cfg.source_mix)}: expected positive weights on some of {SOURCES}")
   names, weights = list(mix), np.array(list(mix.values())) / sum(mix.values())
-  stage_of = lambda s: {"policy": cfg.policy, "ppo": "ppo_source"}.get(s, "pretrain")
+  stage_of = lambda s: {"policy": cfg.policy, "mismatched": cfg.policy, "ppo": "ppo_source"}.get(s, "pretrain")
   if "ppo" in names and not cfg.ppo_source:
     raise ValueError("rm.source_mix.ppo > 0 needs rm.ppo_source: the directory of a finished ppo stage of an "
                      "earlier run on the same world (e.g. runs/round1/ppo)")
   params = {st: load_policy(config, workdir, mesh, rules, directory=Path(cfg.ppo_source), entry="ema")
             if st == "ppo_source" else load_policy(config, workdir, mesh, rules, st)
             for st in {stage_of(s) for s in names}}   # each model loaded once
-  samplers = {s: _source_sampler(config, params[stage_of(s)], world, tokenizer, model_cfg, s) for s in names}
   records = load_jsonl(world_dir / "prompts_rm.jsonl", "eval")[:cfg.n_prompts]
+  samplers = {s: _source_sampler(config, params[stage_of(s)], world, tokenizer, model_cfg, s, records) for s in names}
   rng = np.random.default_rng([config.seed, 404])
   n_valid = int(round(cfg.valid_fraction * len(records)))
   groups = sorted({l.group for l in world.labelers})
@@ -237,12 +265,18 @@ def earlier_rounds(config, workdir: Path) -> list[Path]:
   return out
 
 
+def _used_sources(mix: dict) -> dict:
+  """The sources a collection drew from: zero weights do not change what is sampled (nor do sources added
+  to the code after a set was collected)."""
+  return {k: v for k, v in mix.items() if float(v) > 0}
+
+
 def collection_key(config) -> dict:
   """The settings that decide what collect() writes: a finished set is reused only if they match."""
   cfg = config.rm
   keys = ("n_prompts", "valid_fraction", "k_choices", "sample_temperature", "prompt_len", "max_new_tokens",
           "collect_batch_prompts", "policy", "ppo_source")
-  return json.loads(json.dumps({**{k: cfg[k] for k in keys}, "source_mix": cfg.source_mix.to_dict(),
+  return json.loads(json.dumps({**{k: cfg[k] for k in keys}, "source_mix": _used_sources(cfg.source_mix.to_dict()),
                                 "seed": config.seed, "baseline_temperature": config.eval.baseline_temperature,
                                 "few_shot": config.eval.few_shot, "prefix_len": config.eval.prefix_len}))
 

@@ -599,6 +599,24 @@ def test_rm_round_two_ranks_an_earlier_ppo_policys_samples(reference_run, ppo_ru
 
 
 @pytest.mark.slow
+def test_gold_reward_scores_every_sample_with_the_gold_judge(reference_run, tmp_path):
+  """ppo.reward=gold (the oracle diagnostic): the score inside the jitted rollout is the gold judge's
+  score of the very samples the host decodes and judges for the gold metric; the report names the run."""
+  from instructrl.stages import evaluate
+  w = upstream_copy(reference_run, tmp_path / "gold")
+  cli(w, "ppo", *PPO_FLAGS, "--config.ppo.reward=gold")
+  rows = [r for r in metric_rows(w) if "train/objective/score" in r]
+  assert len(rows) == PPO_STEPS
+  for r in rows:
+    assert r["train/objective/score"] == pytest.approx(r["train/objective/gold_score"], abs=1e-5), r["step"]
+  assert len({round(r["train/objective/score"], 6) for r in rows}) > 1      # judged samples, not a constant
+  names = [m["name"] for m in evaluate.available_models(w)]
+  assert "PPO-ptx [gold reward]" in names, names
+  with pytest.raises(AssertionError, match="ppo.reward='oracle'"):
+    cli(upstream_copy(reference_run, tmp_path / "bad"), "ppo", *PPO_FLAGS, "--config.ppo.reward=oracle")
+
+
+@pytest.mark.slow
 def test_rm_larger_than_the_policy_scores_and_initialises_the_value(reference_run, tmp_path):
   """rm.base_workdir: the RM (and so PPO's value function) starts from a wider model's SFT trained on
   the same world in another workdir (paper: a 6B RM for every policy size)."""

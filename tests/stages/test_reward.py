@@ -276,6 +276,54 @@ def test_select_several_rankings_per_prompt_from_distinct_groups():
     reward.select(records, [0, 1, 3], per_prompt=4)
 
 
+def test_mismatched_prompts_are_other_prompts_half_of_the_same_family():
+  pool = [{"prompt": f"{f} {i}", "family": f} for f in ("count", "add", "sort") for i in range(20)]
+  prompts = [r["prompt"] for r in pool] * 10
+  got = reward.mismatched_prompts(prompts, pool, jax.random.key(0))
+  assert got == reward.mismatched_prompts(prompts, pool, jax.random.key(0))      # deterministic in the key
+  assert got != reward.mismatched_prompts(prompts, pool, jax.random.key(1))
+  assert all(q != p for p, q in zip(prompts, got))                                # never the prompt itself
+  family = {r["prompt"]: r["family"] for r in pool}
+  same = np.mean([family[p] == family[q] for p, q in zip(prompts, got)])
+  # half drawn from the family, half from all three families (a third of which is the same family again)
+  assert abs(same - (0.5 + 0.5 * 19 / 59)) < 0.05, same
+
+
+def test_zero_weight_sources_do_not_change_the_collection_key():
+  from configs.instructgpt import get_config
+  config = get_config("smoke")
+  key = reward.collection_key(config)
+  assert "mismatched" not in key["source_mix"] and "ppo" not in key["source_mix"]
+  config.rm.source_mix.mismatched = 0.25
+  assert reward.collection_key(config)["source_mix"]["mismatched"] == 0.25
+
+
+def test_settings_saved_before_a_nested_field_was_added_still_match():
+  from instructrl import checkpoints
+  asked = ml_collections.ConfigDict({"lr": 1.0, "extra_comparisons": "", "source_mix": {"policy": 1.0, "mismatched": 0.0}})
+  checkpoints.check_settings({"settings": {"lr": 1.0, "source_mix": {"policy": 1.0}}}, asked, "W/rm", "rm")
+  asked.source_mix.mismatched = 0.5
+  with pytest.raises(checkpoints.CheckpointMismatch, match="source_mix"):
+    checkpoints.check_settings({"settings": {"lr": 1.0, "source_mix": {"policy": 1.0}}}, asked, "W/rm", "rm")
+
+
+def test_best_of_n_curve_on_hand_made_scores():
+  from instructrl.best_of_n import curve
+  # 2 prompts x 4 samples. Prompt 0: the RM's favourite is the worst answer; prompt 1: the RM is right.
+  rm = [[0.1, 0.9, 0.2, 0.3], [0.5, 0.1, 0.4, 0.0]]
+  gold = [[1.0, 0.0, 0.5, 0.2], [1.0, 0.2, 0.2, 0.0]]
+  win = [[0.9, 0.1, 0.5, 0.3], [0.8, 0.4, 0.4, 0.2]]
+  out = curve(rm, gold, win, [1, 2, 4])
+  assert out["n"] == [1, 2, 4]
+  assert out["rm_pick_gold"][0] == pytest.approx(np.mean(gold)) and out["gold_pick_gold"][0] == pytest.approx(np.mean(gold))
+  # n=2: groups (0,1) and (2,3). Prompt 0 picks 1 then 3 -> gold 0, 0.2; prompt 1 picks 0 then 2 -> 1, 0.2
+  assert out["rm_pick_gold"][1] == pytest.approx((0.0 + 0.2 + 1.0 + 0.2) / 4)
+  assert out["gold_pick_gold"][1] == pytest.approx((1.0 + 0.5 + 1.0 + 0.2) / 4)
+  assert out["rm_pick_gold"][2] == pytest.approx((0.0 + 1.0) / 2) and out["gold_pick_win"][2] == pytest.approx(0.85)
+  with pytest.raises(ValueError, match="n=8"):
+    curve(rm, gold, win, [8])
+
+
 def test_restrict_keeps_one_sources_responses_in_ranked_order():
   r = {"responses": ["a", "b", "c", "d"], "ranking": [2, 0, 3, 1], "sources": ["policy", "pretrain", "policy", "policy"]}
   (out,) = reward.restrict([r], "policy")
@@ -424,6 +472,22 @@ def test_extra_comparisons_add_an_earlier_round_to_this_one(reference_run, tmp_p
   cfg.rm.extra_comparisons = str(other)
   with pytest.raises(ValueError, match="collected on world None"):
     reward.earlier_rounds(cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_best_of_n_cli_writes_the_curve(reference_run):
+  w, _ = reference_run
+  out = subprocess.run([sys.executable, "-m", "instructrl.best_of_n", "--config=configs/instructgpt.py:smoke",
+                        f"--workdir={w}", "--n=4", "--config.eval.report_prompts=16"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads((w / "analysis" / "best_of_n.json").read_text())
+  assert got["n"] == [1, 2, 4] and got["samples"] == 4 and 0 < got["prompts"] <= 16
+  # gold's own pick can only get better with more samples; the RM's need not
+  assert got["gold_pick_gold"] == sorted(got["gold_pick_gold"])
+  assert all(r <= g + 1e-9 for r, g in zip(got["rm_pick_gold"], got["gold_pick_gold"]))
+  assert all(0 <= x <= 1 for x in got["rm_pick_win"] + got["gold_pick_win"])
+  assert (w / "analysis" / "best_of_n.png").stat().st_size > 0
 
 
 @pytest.mark.slow
