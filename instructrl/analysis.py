@@ -223,6 +223,22 @@ def win_loss(side_by_side: list[dict], a: str, b: str) -> dict:
           "worse": int(sum(d < -1e-9 for d in diff)), "n": len(diff)}
 
 
+def by_family(side_by_side: list[dict], models: list[str]) -> list[dict]:
+  """Mean gold score per task family and model, from `samples` (one row per family, then "all"): where
+  an RL model gains on its SFT baseline and where it gives ground (e.g. tiny's PPO rejects false premises
+  far more often than SFT and loses on sort, docs/STATUS.md session 7)."""
+  fams = sorted({s["family"] for s in side_by_side})
+  rows = []
+  for f in fams + ["all"]:
+    picked = [s for s in side_by_side if f == "all" or s["family"] == f]
+    row = {"family": f, "n": len(picked)}
+    for m in models:
+      v = [s[m]["score"] for s in picked if s[m] is not None]
+      row[m] = float(np.mean(v)) if v else None
+    rows.append(row)
+  return rows
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 def load_sweep(path: str | Path) -> dict:

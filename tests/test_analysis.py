@@ -103,3 +103,13 @@ def test_sweep_rows(tmp_path):
   assert rows[1]["overrides"] == "(base)" and rows[1]["win rate"] is None
   with pytest.raises(FileNotFoundError, match="no sweep summary"):
     analysis.load_sweep(tmp_path / "nope")
+
+
+def test_by_family_means_gold_per_family_and_overall():
+  rows = [{"family": "add", "SFT": {"score": 0.2}, "PPO": {"score": 1.0}},
+          {"family": "add", "SFT": {"score": 0.4}, "PPO": None},
+          {"family": "sort", "SFT": {"score": 1.0}, "PPO": {"score": 0.5}}]
+  got = analysis.by_family(rows, ["SFT", "PPO"])
+  assert [r["family"] for r in got] == ["add", "sort", "all"]
+  assert got[0] == {"family": "add", "n": 2, "SFT": pytest.approx(0.3), "PPO": 1.0}
+  assert got[1]["PPO"] == 0.5 and got[2]["SFT"] == pytest.approx(1.6 / 3) and got[2]["PPO"] == pytest.approx(0.75)
