@@ -108,6 +108,8 @@ def mismatched_prompts(prompts: list[str], pool: list[dict], key, same_family: f
   for r in pool:
     by_family.setdefault(r["family"], []).append(r["prompt"])
   every = [r["prompt"] for r in pool]
+  if len(set(every)) < 2:
+    raise ValueError(f"rm.source_mix.mismatched needs at least 2 distinct RM prompts to swap; got {len(set(every))}")
   out = []
   for p in prompts:
     same = by_family.get(family.get(p), [])

@@ -287,6 +287,8 @@ def test_mismatched_prompts_are_other_prompts_half_of_the_same_family():
   same = np.mean([family[p] == family[q] for p, q in zip(prompts, got)])
   # half drawn from the family, half from all three families (a third of which is the same family again)
   assert abs(same - (0.5 + 0.5 * 19 / 59)) < 0.05, same
+  with pytest.raises(ValueError, match="2 distinct"):
+    reward.mismatched_prompts(["a"], [{"prompt": "a", "family": "add"}], jax.random.key(0))
 
 
 def test_zero_weight_sources_do_not_change_the_collection_key():
