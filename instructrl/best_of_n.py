@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from instructrl import distributed, evaluation, parallel
+from instructrl import cli_flags, distributed, evaluation, parallel
 from instructrl.data import world as world_lib
 from instructrl.data.batching import prompt_response_examples
 from instructrl.data.records import load_jsonl
@@ -151,20 +151,24 @@ def _plot(out: dict, path: Path) -> None:
   plt.close(fig)
 
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/instructgpt.py:<preset>", lock_config=False)
-flags.DEFINE_string("workdir", None, "a run directory with finished world, policy and rm stages")
-flags.DEFINE_integer("n", 32, "samples per prompt (a power of two gives every power of two up to it)")
-flags.DEFINE_string("policy", "sft", "the stage whose answers are picked from (sft, ppo, ppo_noptx)")
-flags.DEFINE_float("temperature", None, "sampling temperature (default: ppo.temperature)")
+# Shared with the other command-line modules (cli_flags): importing this one beside main must not redefine them.
+_CONFIG = cli_flags.define(config_flags.DEFINE_config_file, "config", None, "Config file, e.g. configs/instructgpt.py:tiny.",
+                           lock_config=True)
+_WORKDIR = cli_flags.define(flags.DEFINE_string, "workdir", None, "Run directory (created if missing).")
+_N = cli_flags.define(flags.DEFINE_integer, "n", 32, "best_of_n: samples per prompt (a power of two gives every "
+                      "power of two up to it)")
+_POLICY = cli_flags.define(flags.DEFINE_string, "policy", "sft", "best_of_n: the stage whose answers are picked "
+                           "from (sft, ppo, ppo_noptx)")
+_TEMPERATURE = cli_flags.define(flags.DEFINE_float, "temperature", None, "best_of_n: sampling temperature "
+                                "(default: ppo.temperature)")
 
 
 def main(argv):
   del argv
-  if FLAGS.config is None or FLAGS.workdir is None:
+  if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
-  out = run(FLAGS.config, Path(FLAGS.workdir), FLAGS.n, FLAGS.policy, FLAGS.temperature)
-  logging.info("best_of_n: wrote %s", Path(FLAGS.workdir) / "analysis" / "best_of_n.json")
+  out = run(_CONFIG.value, Path(_WORKDIR.value), _N.value, _POLICY.value, _TEMPERATURE.value)
+  logging.info("best_of_n: wrote %s", Path(_WORKDIR.value) / "analysis" / "best_of_n.json")
   print(json.dumps(out, indent=1))
 
 
