@@ -24,9 +24,9 @@ HERE = Path(__file__).resolve().parent
 FLAG_SETS = {
     "default": "",
     "onednn": "--xla_cpu_use_onednn=true",
-    # Library fusions of jaxlib 0.10 (`--helpfull`-style text in libjax_common.so: "Available fusion types:
-    # dot, eltwise, and reduce"): dots go to oneDNN (which uses AMX-bf16 where the CPU has it), XNNPACK or
-    # YNNPACK instead of XLA's own emitter.
+    # Library fusions of jaxlib 0.10 (help text in libjax_common.so: "Available fusion types: dot, eltwise,
+    # and reduce"): dots to oneDNN, XNNPACK or YNNPACK. On an AMX Xeon none reached AMX-bf16: XLA upcasts
+    # bf16 dots to f32 before the library sees them (BENCHMARKS.md, session 7).
     "onednn_dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
     "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",
     "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",

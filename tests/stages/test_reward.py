@@ -442,6 +442,23 @@ def test_collection_mixes_sources_by_weight(reference_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_collection_with_mismatched_answers_ranks_them_beside_the_policys(reference_run, tmp_path):
+  """rm.source_mix.mismatched: some slots hold rm.policy's answer to another prompt, named in `sources`,
+  ranked by the labelers like any other response; the RM trains on them."""
+  from instructrl.data.rankings import load_ranked
+  w, _ = reference_run
+  for stage in ("world", "pretrain", "sft"):
+    shutil.copytree(w / stage, tmp_path / stage)
+  cli(tmp_path, "--config.rm.source_mix.policy=0.5", "--config.rm.source_mix.mismatched=0.5", stages="rm")
+  recs = load_ranked(tmp_path / "comparisons" / "train.jsonl") + load_ranked(tmp_path / "comparisons" / "valid.jsonl")
+  sources = [s for r in recs if r["group"] == 0 for s in r["sources"]]
+  assert set(sources) == {"policy", "mismatched"} and 0.25 < sources.count("mismatched") / len(sources) < 0.75
+  key = json.loads((tmp_path / "comparisons" / "COMPLETE").read_text())["key"]
+  assert key["source_mix"] == {"policy": 0.5, "mismatched": 0.5}
+  assert final_params(tmp_path / "rm")[0] > 0
+
+
+@pytest.mark.slow
 def test_extra_comparisons_add_an_earlier_round_to_this_one(reference_run, tmp_path):
   """rm.extra_comparisons (iterated collection): an earlier round's rankings are trained on beside this
   round's, so the RM sees both rounds' samples; bad paths are refused with the path named."""
