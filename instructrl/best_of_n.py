@@ -23,14 +23,13 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from instructrl import cli_flags, distributed, evaluation, parallel
+from instructrl import cli_flags, evaluation, parallel
 from instructrl.data import world as world_lib
 from instructrl.data.batching import prompt_response_examples
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
 from instructrl.stages import reward
-from instructrl.stages.train_state import device_batch
 from instructrl.stages.world import load_tokenizer
 
 
@@ -101,15 +100,8 @@ def run(config, workdir: Path, n: int, policy: str = "sft", temperature: float |
   for j, answers in enumerate(samples):
     ex = prompt_response_examples(tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep],
                                   config.rm.seq_len - 1, what="best-of-n samples")
-    last = reward.eos_index(ex)
-    fill = -len(keep) % bs
-    tok = np.concatenate([ex.tokens, np.repeat(ex.tokens[:1], fill, 0)])
-    lst = np.concatenate([last, np.repeat(last[:1], fill)])
     with parallel.activate(mesh, rules):
-      got = [distributed.to_host(score(members, *device_batch({"t": tok[b:b + bs], "l": lst[b:b + bs]}, mesh,
-                                                                      rules).values()))
-             for b in range(0, len(tok), bs)]
-    scores[:, j] = np.concatenate(got)[:len(keep)]
+      scores[:, j] = reward.row_scores(score, members, ex.tokens, reward.eos_index(ex), bs, mesh, rules)
     for row, i in enumerate(keep):
       gold[row, j] = world.judge(records[i], answers[i]).score
       win[row, j] = preference(world, records[i], answers[i], baseline[i], raters[i % len(raters)])
