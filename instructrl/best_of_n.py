@@ -108,12 +108,29 @@ def run(config, workdir: Path, n: int, policy: str = "sft", temperature: float |
   ns = [1 << k for k in range(int(np.log2(n)) + 1)]
   out = {"policy": policy, "temperature": temperature, "samples": n, "prompts": len(keep),
          "judged_by": raters[0].group, **curve(scores, gold, win, ns),
-         "rm_gold_correlation_within_prompt": _within_prompt_corr(scores, gold)}
+         "rm_gold_correlation_within_prompt": _within_prompt_corr(scores, gold),
+         "by_family": by_family(scores, gold, win, [records[i]["family"] for i in keep], n)}
   dest = workdir / "analysis"
   dest.mkdir(exist_ok=True)
   (dest / "best_of_n.json").write_text(json.dumps(out, indent=1) + "\n")
   _plot(out, dest / "best_of_n.png")
   return out
+
+
+def by_family(scores, gold, win, families, n: int) -> list[dict]:
+  """One row per task family: its prompts, the within-prompt RM-gold correlation and the best-of-n
+  endpoints (one sample, the RM's pick among n, gold's pick among n): where the RM cannot tell a family's
+  right answers from its wrong ones, its pick is no better than a sample and PPO's gains there are noise."""
+  rows = []
+  families = np.asarray(families)
+  for fam in sorted(set(families.tolist())):
+    m = families == fam
+    c = curve(scores[m], gold[m], win[m], [1, n])
+    rows.append({"family": fam, "prompts": int(m.sum()), "rm_gold_correlation_within_prompt":
+                 _within_prompt_corr(scores[m], gold[m]), "sample_gold": c["rm_pick_gold"][0],
+                 "rm_pick_gold": c["rm_pick_gold"][1], "gold_pick_gold": c["gold_pick_gold"][1],
+                 "rm_pick_win": c["rm_pick_win"][1]})
+  return rows
 
 
 def _within_prompt_corr(scores, gold) -> float:

@@ -326,6 +326,20 @@ def test_best_of_n_curve_on_hand_made_scores():
     curve(rm, gold, win, [8])
 
 
+def test_best_of_n_by_family_splits_the_prompts():
+  from instructrl.best_of_n import by_family
+  rm = np.array([[0.1, 0.9, 0.2, 0.3], [0.5, 0.1, 0.4, 0.0], [0.0, 1.0, 0.0, 0.0]])
+  gold = np.array([[1.0, 0.0, 0.5, 0.2], [1.0, 0.2, 0.2, 0.0], [0.0, 1.0, 0.0, 0.0]])
+  win = gold / 2
+  rows = {r["family"]: r for r in by_family(rm, gold, win, ["sort", "capital", "capital"], 4)}
+  assert set(rows) == {"sort", "capital"} and rows["sort"]["prompts"] == 1 and rows["capital"]["prompts"] == 2
+  assert rows["sort"]["rm_pick_gold"] == 0.0 and rows["sort"]["gold_pick_gold"] == 1.0
+  assert rows["sort"]["sample_gold"] == pytest.approx(gold[0].mean())
+  assert rows["capital"]["rm_pick_gold"] == 1.0 and rows["capital"]["rm_pick_win"] == 0.5
+  # the RM ranks sort's answers against gold: negative within-prompt correlation
+  assert rows["sort"]["rm_gold_correlation_within_prompt"] < 0 < rows["capital"]["rm_gold_correlation_within_prompt"]
+
+
 def test_restrict_keeps_one_sources_responses_in_ranked_order():
   r = {"responses": ["a", "b", "c", "d"], "ranking": [2, 0, 3, 1], "sources": ["policy", "pretrain", "policy", "policy"]}
   (out,) = reward.restrict([r], "policy")
@@ -506,6 +520,7 @@ def test_best_of_n_cli_writes_the_curve(reference_run):
   assert got["gold_pick_gold"] == sorted(got["gold_pick_gold"])
   assert all(r <= g + 1e-9 for r, g in zip(got["rm_pick_gold"], got["gold_pick_gold"]))
   assert all(0 <= x <= 1 for x in got["rm_pick_win"] + got["gold_pick_win"])
+  assert sum(r["prompts"] for r in got["by_family"]) == got["prompts"]
   assert (w / "analysis" / "best_of_n.png").stat().st_size > 0
 
 
