@@ -133,7 +133,10 @@ def _ppo_stage():
   # oracle RM: a diagnostic (not in the paper) of what PPO at these settings reaches with a perfect reward,
   # which separates "the RM is the limit" from "the RL budget is" (docs/STATUS.md, session 7). One process only.
   c.reward = "rm"
-  c.rm_uncertainty_coef = 0.0    # with rm.ensemble_size > 1: reward = members' mean - this x their std (0: mean)
+  c.rm_uncertainty_coef = 0.0    # with an RM ensemble: reward = members' mean - this x their std (0: mean)
+  # Comma-separated run dirs on the same world whose finished `rm` stages join this run's RM as ensemble
+  # members (their trunks come from other seeds' pretraining and SFT); "": none (the paper's single RM).
+  c.rm_runs = ""
   c.grad_clip = 1.0              # global gradient-norm clip, policy and value
   c.b1 = 0.9                     # paper C: Adam beta1
   c.b2 = 0.95                    # paper C: Adam beta2

@@ -85,7 +85,8 @@ def stage_cost(stage: str, config, n_models: int = 0) -> tuple[float, float, flo
     p = config.ppo
     seq = p.prompt_len + p.max_new_tokens
     per_iter = (p.batch_size * p.max_new_tokens * SAMPLE_COST   # rollout
-                + (3.0 + int(config.rm.get("ensemble_size", 1))) * p.batch_size * seq   # policy, ref, value, RMs
+                + (3.0 + int(config.rm.get("ensemble_size", 1))
+                   + len([r for r in str(p.get("rm_runs", "")).split(",") if r.strip()])) * p.batch_size * seq   # policy, ref, value, RMs
                 + 6.0 * p.ppo_epochs * p.batch_size * seq)      # policy and value updates
     if stage == "ppo" and p.ptx_coef > 0:                       # a ptx batch per minibatch
       per_iter += 3.0 * p.ppo_epochs * (p.batch_size // p.minibatch_size) * p.ptx_batch_size * p.ptx_seq_len
@@ -134,7 +135,7 @@ def stage_state(stage: str, workdir: Path, upstream_runs: bool, config) -> tuple
     return ("complete" if (workdir / "world" / "COMPLETE").exists() else "new"), 0
   if stage == "rm":   # the RM ensemble's members train in turn: its step is theirs summed
     from instructrl.stages import reward
-    states = [checkpoint_state(d) for d in reward.member_dirs(config, workdir)]
+    states = [checkpoint_state(d) for d in reward.trained_member_dirs(config, workdir)]
     if all(st == "complete" for st, _ in states):
       return "complete", sum(step for _, step in states)
     return ("new", 0) if all(st == "new" for st, _ in states) else ("resume", sum(step for _, step in states))

@@ -261,7 +261,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   stage_cfg.rm_ensemble_size = len(rm) if rm is not None else 0     # checked on resume/skip with the ppo block
   if cfg.rm_uncertainty_coef and (rm is None or len(rm) < 2):
     raise ValueError(f"ppo.rm_uncertainty_coef={cfg.rm_uncertainty_coef} needs an RM ensemble "
-                     f"(rm.ensemble_size >= 2): one RM has no disagreement to penalise")
+                     f"(rm.ensemble_size >= 2 or ppo.rm_runs): one RM has no disagreement to penalise")
 
   def initial_state():
     policy = load(cfg.policy_init, pol_abs["params"], init_step)

@@ -581,7 +581,7 @@ def run(config, workdir: Path, mesh, rules):
     order = (np.random.default_rng([config.seed, 407, i]).integers(len(data), size=len(data))
              if i > 0 and cfg.get("ensemble_bootstrap", True) else np.arange(len(data)))
     member_seed = seed + 1000 * i
-    where = member_dirs(config, workdir)[i]
+    where = trained_member_dirs(config, workdir)[i]
     # The settings a member's checkpoint is checked against: the ensemble's size changes no member, and
     # bootstrapping only the members after the first (so a finished single RM joins a larger ensemble).
     member_cfg = ml_collections.ConfigDict({k: v for k, v in stage_cfg.to_dict().items()
@@ -640,10 +640,39 @@ def _logged_ensemble_size(workdir: Path, step: int) -> int | None:
   return size
 
 
-def member_dirs(config, workdir: Path) -> list[Path]:
-  """The checkpoint directories of the RM ensemble's members: W/rm first (the value function's init)."""
+def trained_member_dirs(config, workdir: Path) -> list[Path]:
+  """The checkpoint directories of the members this run's RM stage trains: W/rm first (the value function's
+  init), then W/rm_ensemble/member{i}."""
   n = int(config.rm.get("ensemble_size", 1))
   return [Path(workdir) / "rm"] + [Path(workdir) / ENSEMBLE / f"member{i}" for i in range(1, n)]
+
+
+def member_dirs(config, workdir: Path) -> list[Path]:
+  """Every member PPO scores with: this run's (trained_member_dirs), then the `rm` stage of each run in
+  ppo.rm_runs (other runs on the same world)."""
+  return trained_member_dirs(config, workdir) + rm_run_dirs(config, workdir)
+
+
+def rm_run_dirs(config, workdir: Path) -> list[Path]:
+  """ppo.rm_runs: the finished `rm` stages of other runs, as extra ensemble members. Their trunks come from
+  other pretraining/SFT seeds, so they need not err where this run's RM does (Eisenstein et al. 2023,
+  "Helping or herding?": pretrain-seed ensembles beat finetune-seed ones); checked for the same world and
+  RM model when loaded."""
+  text = str(config.ppo.get("rm_runs", "") or "")
+  out = []
+  for run in (r.strip() for r in text.split(",")):
+    if not run:
+      continue
+    d = Path(run) / "rm"
+    if not d.is_dir():
+      raise FileNotFoundError(f"ppo.rm_runs: {run!r} has no rm stage ({d} is missing); expected the run "
+                              f"directory of a finished RM on the same world")
+    if d.resolve() == (Path(workdir) / "rm").resolve():
+      raise ValueError(f"ppo.rm_runs: {run!r} is this run; list other runs only")
+    if d.resolve() in {x.resolve() for x in out}:
+      raise ValueError(f"ppo.rm_runs: {run!r} is listed twice")
+    out.append(d)
+  return out
 
 
 def load_members(config, workdir: Path, mesh, rules) -> tuple:

@@ -686,6 +686,28 @@ def test_rm_ensemble_joins_a_finished_rm_and_ppo_penalises_the_members_disagreem
   assert [r["final/ensemble/size"] for r in metric_rows(w, "rm") if "final/ensemble/size" in r] == [3, 2]
 
 
+@pytest.mark.slow
+def test_rm_runs_join_another_runs_rm_as_an_ensemble_member(reference_run, tmp_path):
+  """ppo.rm_runs: a second run on the same world, whose RM trained on other comparisons (another seed), is
+  a member beside W/rm: the members disagree, the penalty sees it, and a wrong entry is a clear error."""
+  other = upstream_copy(reference_run, tmp_path / "other")
+  shutil.rmtree(other / "rm")
+  cli(other, "rm", "--config.seed=1")          # other comparisons and data order: another RM
+  w = upstream_copy(reference_run, tmp_path / "main")
+  flags = [f"--config.ppo.rm_runs={other}", "--config.ppo.rm_uncertainty_coef=1.0", "--config.ppo.total_episodes=32"]
+  cli(w, "ppo", *flags)
+  rows = [r for r in metric_rows(w) if "train/objective/score" in r]
+  assert len(rows) == 2 and all(r["train/objective/rm_ensemble_std"] > 1e-4 for r in rows)
+  meta = json.loads((w / "ppo" / str(final_state(w / "ppo")[0]) / "meta" / "metadata").read_text())
+  assert meta["settings"]["rm_ensemble_size"] == 2 and meta["settings"]["rm_runs"] == str(other)
+  for bad_runs, why in ((tmp_path / "nothing", "has no rm stage"), (w, "is this run"),
+                        (f"{other},{other}", "is listed twice")):
+    out = subprocess.run(cli_cmd(w, "ppo_noptx", f"--config.ppo.rm_runs={bad_runs}",
+                                 "--config.ppo.total_episodes=32"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+    assert out.returncode != 0 and f"ppo.rm_runs: " in out.stderr and why in out.stderr, out.stderr[-2000:]
+
+
 def test_rm_uncertainty_penalty_without_an_ensemble_is_a_clear_error(tmp_path):
   out = subprocess.run(cli_cmd(tmp_path, "world", "--config.ppo.rm_uncertainty_coef=1.0"), cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=cli_env())
