@@ -129,6 +129,8 @@ def _available_models(workdir: Path) -> list[dict]:
       name = "PPO-ptx" if meta.get("ptx_coef", 0) > 0 else "PPO"
       if meta.get("reward", "rm") != "rm":      # an oracle-reward diagnostic run says so in every table
         name += f" [{meta['reward']} reward]"
+      elif int(meta.get("rm_ensemble_size", 1) or 1) > 1:   # rewarded by an RM ensemble, not the paper's one RM
+        name += f" [{meta['rm_ensemble_size']} RMs]"
       if any(m["name"] == name for m in models):
         name += f" ({stage})"
       models.append({"name": name, "stage": stage, "step": meta["step"], "entry": "ema", "few_shot": False,

@@ -366,4 +366,4 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
                   after_training=after_training if config.eval.n_prompts else None,
                   items_per_step=cfg.batch_size, item_name="episodes", result="ema",
                   extra_meta={"ptx_coef": cfg.ptx_coef, "kl_coef": cfg.kl_coef, "policy_init_step": init_step,
-                              "reward": reward_source})
+                              "reward": reward_source, "rm_ensemble_size": len(rm) if rm is not None else 0})

@@ -700,6 +700,8 @@ def test_rm_runs_join_another_runs_rm_as_an_ensemble_member(reference_run, tmp_p
   assert len(rows) == 2 and all(r["train/objective/rm_ensemble_std"] > 1e-4 for r in rows)
   meta = json.loads((w / "ppo" / str(final_state(w / "ppo")[0]) / "meta" / "metadata").read_text())
   assert meta["settings"]["rm_ensemble_size"] == 2 and meta["settings"]["rm_runs"] == str(other)
+  from instructrl.stages import evaluate
+  assert [m["name"] for m in evaluate.available_models(w) if m["stage"] == "ppo"] == ["PPO-ptx [2 RMs]"]
   for bad_runs, why in ((tmp_path / "nothing", "has no rm stage"), (w, "is this run"),
                         (f"{other},{other}", "is listed twice")):
     out = subprocess.run(cli_cmd(w, "ppo_noptx", f"--config.ppo.rm_runs={bad_runs}",
