@@ -67,6 +67,10 @@ def _rm_stage():
   c.source_mix = ml_collections.ConfigDict({"policy": 1.0, "pretrain": 0.0, "pretrain_few_shot": 0.0, "ppo": 0.0,
                                             "mismatched": 0.0})
   c.ppo_source = ""              # with source_mix.ppo > 0: an earlier run's finished ppo stage dir (same world)
+  # Rank empty samples too (the labelers see a policy that says nothing, and rank it low). Dropping them
+  # (False: sessions 1-7) leaves the RM blind there: on tiny, PPO-ptx answered 20 of 32 held-out "reverse"
+  # prompts with nothing (docs/STATUS.md, session 8).
+  c.keep_empty = True
   # Iterated collection (paper 3.5: comparisons gathered over rounds, later ones ranking the RL policies'
   # samples): comma-separated `comparisons` dirs of earlier rounds on the same world, ADDED to this round's
   # (train to train, valid to valid) rather than replaced by it. "": this round's comparisons only.

@@ -110,11 +110,13 @@ def hh_to_ranked(record: Any, where: str = "<hh>") -> dict:
   return validate_ranked(out, where, allow_empty_response=True)
 
 
-def to_ranked(record: Any, where: str) -> dict:
-  """Any accepted schema -> a validated ranked record, chosen by the fields present."""
+def to_ranked(record: Any, where: str, *, allow_empty_response: bool = False) -> dict:
+  """Any accepted schema -> a validated ranked record, chosen by the fields present.
+  allow_empty_response: accept empty responses in `ranked` records (a policy's own collected samples,
+  where saying nothing is a real answer the labelers ranked); they stay errors in other data."""
   if isinstance(record, dict):
     if "responses" in record or "ranking" in record:
-      return validate_ranked(record, where)
+      return validate_ranked(record, where, allow_empty_response=allow_empty_response)
     if "prompt" in record and ("chosen" in record or "rejected" in record):
       return pair_to_ranked(record, where)
     if "chosen" in record or "rejected" in record:
@@ -125,12 +127,14 @@ def to_ranked(record: Any, where: str) -> dict:
   raise RecordError(f"{where}: expected a JSON object for a ranked record, got {type(record).__name__}")
 
 
-def load_ranked(path: str | Path) -> list[dict]:
+def load_ranked(path: str | Path, *, allow_empty_response: bool = False) -> list[dict]:
   """Read a JSONL(.gz) file of ranked, pair or HH-RLHF records; every record validated.
 
   A truncated last line or bad JSON is an error, never skipped; blank lines are skipped.
+  allow_empty_response: see to_ranked (the RM stage's own comparisons).
   """
-  return [to_ranked(record, where) for record, where in json_lines(path, "ranked / pair / HH-RLHF records")]
+  return [to_ranked(record, where, allow_empty_response=allow_empty_response)
+          for record, where in json_lines(path, "ranked / pair / HH-RLHF records")]
 
 
 @dataclasses.dataclass

@@ -158,8 +158,8 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
   Responses come from rm.source_mix (default: the SFT policy only); each of a prompt's K slots
   draws its source by those weights, and the record's `sources` field says which. Writes
   workdir/comparisons/{train,valid}.jsonl in the `ranked` schema (one line per prompt and labeler
-  group) and a COMPLETE marker. Policy: duplicate and empty samples are dropped before ranking (a
-  labeler cannot rank a response against itself); a prompt left with < 2 is skipped.
+  group) and a COMPLETE marker. Policy: duplicate samples are dropped before ranking (a labeler cannot
+  rank a response against itself), empty ones too unless rm.keep_empty; a prompt left with < 2 is skipped.
   """
   cfg = config.rm
   out = Path(workdir) / COMPARISONS
@@ -167,7 +167,8 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
   if (out / "COMPLETE").exists():
     have = json.loads((out / "COMPLETE").read_text()).get("key")   # absent in sets collected before the check
     if have is not None:
-      have = {**have, "source_mix": _used_sources(have.get("source_mix", {}))}
+      # keep_empty came later: sets collected before it dropped empty samples
+      have = {"keep_empty": False, **have, "source_mix": _used_sources(have.get("source_mix", {}))}
     if have is not None and have != wanted:
       diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
       raise ValueError(f"{out} was collected with different settings ({', '.join(diff)}: "
@@ -223,13 +224,7 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
           for (i, _), t in zip(part, texts):
             pools[i][s].append(t.strip())
       for i, rec in enumerate(chunk):
-        left = {s: iter(pools[i][s]) for s in names}
-        responses, sources = [], []
-        for s in plans[i]:
-          t = next((t for t in left[s] if t and t not in responses), None)
-          if t is not None:
-            responses.append(t)
-            sources.append(s)
+        responses, sources = pick_responses(plans[i], pools[i], cfg.get("keep_empty", False))
         if len(responses) < 2:
           skipped += 1
           continue
@@ -273,11 +268,25 @@ def _used_sources(mix: dict) -> dict:
   return {k: v for k, v in mix.items() if float(v) > 0}
 
 
+def pick_responses(plan: list[str], pools: dict, keep_empty: bool) -> tuple[list[str], list[str]]:
+  """A prompt's ranked responses: for each slot of `plan` (its source), the next sample of that source's pool
+  that is not already among them (a response cannot be ranked against itself); empty samples only with
+  keep_empty. Returns (responses, sources); a slot whose pool runs out is left out."""
+  left = {s: iter(pool) for s, pool in pools.items()}
+  responses, sources = [], []
+  for s in plan:
+    t = next((t for t in left[s] if (t or keep_empty) and t not in responses), None)
+    if t is not None:
+      responses.append(t)
+      sources.append(s)
+  return responses, sources
+
+
 def collection_key(config) -> dict:
   """The settings that decide what collect() writes: a finished set is reused only if they match."""
   cfg = config.rm
   keys = ("n_prompts", "valid_fraction", "k_choices", "sample_temperature", "prompt_len", "max_new_tokens",
-          "collect_batch_prompts", "policy", "ppo_source")
+          "collect_batch_prompts", "policy", "ppo_source", "keep_empty")
   return json.loads(json.dumps({**{k: cfg[k] for k in keys}, "source_mix": _used_sources(cfg.source_mix.to_dict()),
                                 "seed": config.seed, "baseline_temperature": config.eval.baseline_temperature,
                                 "few_shot": config.eval.few_shot, "prefix_len": config.eval.prefix_len}))
@@ -487,9 +496,11 @@ def run(config, workdir: Path, mesh, rules):
   if cfg.heldout_group not in groups:
     raise ValueError(f"rm.heldout_group={cfg.heldout_group}: expected one of the labeler groups {groups}")
   train_groups = [g for g in groups if g != cfg.heldout_group]
-  train_all, valid_all = load_ranked(comparisons / "train.jsonl"), load_ranked(comparisons / "valid.jsonl")
+  # Collected by this stage (or an earlier round of it): an empty response is a sample the labelers ranked.
+  read = lambda d, split: load_ranked(d / f"{split}.jsonl", allow_empty_response=True)
+  train_all, valid_all = read(comparisons, "train"), read(comparisons, "valid")
   for extra in earlier_rounds(config, workdir):
-    train_all, valid_all = train_all + load_ranked(extra / "train.jsonl"), valid_all + load_ranked(extra / "valid.jsonl")
+    train_all, valid_all = train_all + read(extra, "train"), valid_all + read(extra, "valid")
   k_max = max(cfg.k_choices)
   as_examples = lambda recs, what: ranked_examples(tokenizer, recs, cfg.seq_len, k_max, world.format_prompt,
                                                    what=what)

@@ -340,6 +340,26 @@ def test_best_of_n_by_family_splits_the_prompts():
   assert rows["sort"]["rm_gold_correlation_within_prompt"] < 0 < rows["capital"]["rm_gold_correlation_within_prompt"]
 
 
+def test_pick_responses_drops_duplicates_and_keeps_one_empty_answer_only_when_asked():
+  from instructrl.stages.reward import pick_responses
+  plan = ["policy", "policy", "pretrain", "policy"]
+  pools = {"policy": ["3 7 9", "", "3 7 9", "", "9 7 3"], "pretrain": ["3 7 9", "Sort these too."]}
+  assert pick_responses(plan, pools, keep_empty=False) == (["3 7 9", "9 7 3", "Sort these too."],
+                                                           ["policy", "policy", "pretrain"])
+  # the empty sample is ranked like any other, once; the pool's second empty is a duplicate
+  assert pick_responses(plan, pools, keep_empty=True) == (["3 7 9", "", "Sort these too.", "9 7 3"],
+                                                          ["policy", "policy", "pretrain", "policy"])
+
+
+def test_own_comparisons_may_hold_an_empty_answer_other_ranked_data_may_not(tmp_path):
+  from instructrl.data.rankings import RecordError, load_ranked
+  f = tmp_path / "train.jsonl"
+  f.write_text(json.dumps({"prompt": "Reverse these words: cat sun", "responses": ["sun cat", ""], "ranking": [0, 1]}) + "\n")
+  with pytest.raises(RecordError, match=r"train.jsonl:1: responses\[1\] is empty"):
+    load_ranked(f)
+  assert load_ranked(f, allow_empty_response=True)[0]["responses"] == ["sun cat", ""]
+
+
 def test_restrict_keeps_one_sources_responses_in_ranked_order():
   r = {"responses": ["a", "b", "c", "d"], "ranking": [2, 0, 3, 1], "sources": ["policy", "pretrain", "policy", "policy"]}
   (out,) = reward.restrict([r], "policy")
@@ -635,4 +655,12 @@ def test_collected_comparisons_are_reused_only_with_the_same_collection_settings
   with pytest.raises(ValueError, match=r"n_prompts.*40.*41.*delete"):
     reward.collect(config, tmp_path, None, None)
   (out / "COMPLETE").write_text(json.dumps({"prompts": 40, "skipped": 0}))   # collected before the check: kept
+  assert reward.collect(config, tmp_path, None, None) == out
+  # a set collected before rm.keep_empty dropped empty samples: reused as keep_empty=False only
+  config.rm.n_prompts = 40
+  old = {k: v for k, v in reward.collection_key(config).items() if k != "keep_empty"}
+  (out / "COMPLETE").write_text(json.dumps({"prompts": 40, "skipped": 0, "key": old}))
+  with pytest.raises(ValueError, match=r"keep_empty.*False.*True"):
+    reward.collect(config, tmp_path, None, None)
+  config.rm.keep_empty = False
   assert reward.collect(config, tmp_path, None, None) == out
