@@ -418,7 +418,7 @@ def test_collection_files_and_metrics(reference_run):
   assert len(groups) >= 3 and rm["heldout_group"] in groups
   ids, ks = {}, []
   for split in ("train", "valid"):
-    recs = load_ranked(w / "comparisons" / f"{split}.jsonl")      # every record validated
+    recs = load_ranked(w / "comparisons" / f"{split}.jsonl", allow_empty_response=True)      # every record validated
     by_prompt = {}
     for r in recs:
       by_prompt.setdefault(r["id"], []).append(r)
@@ -427,7 +427,8 @@ def test_collection_files_and_metrics(reference_run):
       ks.append(len(rs[0]["responses"]))
       assert all(r["responses"] == rs[0]["responses"] for r in rs)   # the groups rank the same samples
     ids[split] = set(by_prompt)
-  # K is drawn from k_choices; duplicate or empty samples are dropped before ranking (documented policy),
+  # K is drawn from k_choices; duplicate samples are dropped before ranking (documented policy; empty ones are
+  # kept, rm.keep_empty),
   # which can only lower K, never below 2 (such prompts are skipped and counted in COMPLETE).
   assert all(2 <= k <= max(rm["k_choices"]) for k in ks)
   assert np.mean([k in rm["k_choices"] for k in ks]) >= 0.9, ks
@@ -463,7 +464,7 @@ def test_collection_mixes_sources_by_weight(reference_run, tmp_path):
     shutil.copytree(w / stage, tmp_path / stage)
   cli(tmp_path, "--config.rm.source_mix.policy=0.5", "--config.rm.source_mix.pretrain=0.25",
       "--config.rm.source_mix.pretrain_few_shot=0.25", stages="rm")
-  recs = load_ranked(tmp_path / "comparisons" / "train.jsonl") + load_ranked(tmp_path / "comparisons" / "valid.jsonl")
+  recs = load_ranked(tmp_path / "comparisons" / "train.jsonl", allow_empty_response=True) + load_ranked(tmp_path / "comparisons" / "valid.jsonl", allow_empty_response=True)
   assert all(len(r["sources"]) == len(r["responses"]) for r in recs)
   sources = [s for r in recs if r["group"] == 0 for s in r["sources"]]
   share = {s: sources.count(s) / len(sources) for s in ("policy", "pretrain", "pretrain_few_shot")}
@@ -484,7 +485,7 @@ def test_collection_with_mismatched_answers_ranks_them_beside_the_policys(refere
   for stage in ("world", "pretrain", "sft"):
     shutil.copytree(w / stage, tmp_path / stage)
   cli(tmp_path, "--config.rm.source_mix.policy=0.5", "--config.rm.source_mix.mismatched=0.5", stages="rm")
-  recs = load_ranked(tmp_path / "comparisons" / "train.jsonl") + load_ranked(tmp_path / "comparisons" / "valid.jsonl")
+  recs = load_ranked(tmp_path / "comparisons" / "train.jsonl", allow_empty_response=True) + load_ranked(tmp_path / "comparisons" / "valid.jsonl", allow_empty_response=True)
   sources = [s for r in recs if r["group"] == 0 for s in r["sources"]]
   assert set(sources) == {"policy", "mismatched"} and 0.25 < sources.count("mismatched") / len(sources) < 0.75
   key = json.loads((tmp_path / "comparisons" / "COMPLETE").read_text())["key"]
@@ -502,8 +503,8 @@ def test_extra_comparisons_add_an_earlier_round_to_this_one(reference_run, tmp_p
     shutil.copytree(w / stage, tmp_path / stage)
   # round two samples at another temperature (in use: from a PPO policy, rm.source_mix.ppo)
   cli(tmp_path, f"--config.rm.extra_comparisons={w / 'comparisons'}", "--config.rm.sample_temperature=0.7", stages="rm")
-  this = load_ranked(tmp_path / "comparisons" / "train.jsonl")
-  earlier = load_ranked(w / "comparisons" / "train.jsonl")
+  this = load_ranked(tmp_path / "comparisons" / "train.jsonl", allow_empty_response=True)
+  earlier = load_ranked(w / "comparisons" / "train.jsonl", allow_empty_response=True)
   ids = lambda recs: {r["id"] for r in recs}
   assert ids(this) == ids(earlier)       # the same prompts, sampled again: one more ranking of each
   assert [r["responses"] for r in this] != [r["responses"] for r in earlier]
