@@ -87,8 +87,8 @@ def check_config(config) -> None:
   if config.ppo.rm_uncertainty_coef < 0:
     raise ValueError(f"ppo.rm_uncertainty_coef={config.ppo.rm_uncertainty_coef}: expected >= 0 (a penalty on the "
                      f"RM ensemble's disagreement)")
-  n_rm_runs = len([r for r in str(config.ppo.get("rm_runs", "")).split(",") if r.strip()])
-  if config.ppo.rm_uncertainty_coef > 0 and rm.ensemble_size + n_rm_runs < 2:
+  from instructrl.stages.reward import rm_run_names
+  if config.ppo.rm_uncertainty_coef > 0 and rm.ensemble_size + len(rm_run_names(config)) < 2:
     raise ValueError(f"ppo.rm_uncertainty_coef={config.ppo.rm_uncertainty_coef} needs rm.ensemble_size >= 2 or "
                      f"ppo.rm_runs: one RM has no disagreement to penalise")
   if rm.seq_len > model.max_len or rm.prompt_len + rm.max_new_tokens > model.max_len:

@@ -82,11 +82,12 @@ def stage_cost(stage: str, config, n_models: int = 0) -> tuple[float, float, flo
     members = int(rm.get("ensemble_size", 1))
     return sampling, 3.0 * members * rm.epochs * rm.n_prompts * (1 - rm.valid_fraction) * k * rm.seq_len, 0.0
   if stage in ("ppo", "ppo_noptx"):
+    from instructrl.stages.reward import rm_run_names
     p = config.ppo
     seq = p.prompt_len + p.max_new_tokens
+    rms = int(config.rm.get("ensemble_size", 1)) + len(rm_run_names(config))
     per_iter = (p.batch_size * p.max_new_tokens * SAMPLE_COST   # rollout
-                + (3.0 + int(config.rm.get("ensemble_size", 1))
-                   + len([r for r in str(p.get("rm_runs", "")).split(",") if r.strip()])) * p.batch_size * seq   # policy, ref, value, RMs
+                + (3.0 + rms) * p.batch_size * seq               # policy, ref, value, RMs
                 + 6.0 * p.ppo_epochs * p.batch_size * seq)      # policy and value updates
     if stage == "ppo" and p.ptx_coef > 0:                       # a ptx batch per minibatch
       per_iter += 3.0 * p.ppo_epochs * (p.batch_size // p.minibatch_size) * p.ptx_batch_size * p.ptx_seq_len

@@ -664,16 +664,18 @@ def member_dirs(config, workdir: Path) -> list[Path]:
   return trained_member_dirs(config, workdir) + rm_run_dirs(config, workdir)
 
 
+def rm_run_names(config) -> list[str]:
+  """ppo.rm_runs as a list of run directories (no filesystem checks: see rm_run_dirs)."""
+  return [r.strip() for r in str(config.ppo.get("rm_runs", "") or "").split(",") if r.strip()]
+
+
 def rm_run_dirs(config, workdir: Path) -> list[Path]:
   """ppo.rm_runs: the finished `rm` stages of other runs, as extra ensemble members. Their trunks come from
   other pretraining/SFT seeds, so they need not err where this run's RM does (Eisenstein et al. 2023,
   "Helping or herding?": pretrain-seed ensembles beat finetune-seed ones); checked for the same world and
   RM model when loaded."""
-  text = str(config.ppo.get("rm_runs", "") or "")
   out = []
-  for run in (r.strip() for r in text.split(",")):
-    if not run:
-      continue
+  for run in rm_run_names(config):
     d = Path(run) / "rm"
     if not d.is_dir():
       raise FileNotFoundError(f"ppo.rm_runs: {run!r} has no rm stage ({d} is missing); expected the run "
