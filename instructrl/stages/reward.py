@@ -413,6 +413,45 @@ def mean_score(score_step, params, tokens, last, batch_size: int, mesh, rules) -
   return float(np.mean(row_scores(score_step, params, tokens, last, batch_size, mesh, rules)))
 
 
+def family_accuracy(records: list[dict], examples, scores_nk, world) -> dict:
+  """Per task family, over ranked validation records (examples = ranked_examples(records)):
+  - accuracy: how often the RM orders a ranked pair as the labeler did;
+  - utility_accuracy: how often the labeler's own noise-free utility (gold + group taste) does: the
+    accuracy of an RM that knew each group's taste exactly (labels are Plackett-Luce draws, so it is
+    below 1 and above the labelers' mutual agreement);
+  - gold_accuracy: over the pairs gold does not tie, how often the RM orders them as the gold judge does
+    (can the RM check this family's answers? a tie in RM score counts as a miss);
+  plus the pair counts. Families in sorted order; "all" pools them. A labeler tie in utility is a miss."""
+  ranks, mask, scores = np.asarray(examples.ranks), np.asarray(examples.mask), np.asarray(scores_nk)
+  tally = {}
+  for n, r in enumerate(np.asarray(examples.index)):
+    rec = records[int(r)]
+    k = int(mask[n].sum())
+    util = [world.utility(rec, x, rec["labeler"]) for x in rec["responses"][:k]]
+    gold = [world.judge(rec, x).score for x in rec["responses"][:k]]
+    t = tally.setdefault(rec["family"], np.zeros(5))
+    for i in range(k):
+      for j in range(i + 1, k):
+        a, b = (i, j) if ranks[n, i] < ranks[n, j] else (j, i)     # a: the labeler's choice
+        t += [1, scores[n, a] > scores[n, b], util[a] > util[b], gold[i] != gold[j],
+              gold[i] != gold[j] and np.sign(scores[n, i] - scores[n, j]) == np.sign(gold[i] - gold[j])]
+  tally = dict(sorted(tally.items()))
+  if tally:
+    tally["all"] = np.sum(list(tally.values()), axis=0)
+  return {fam: {"pairs": int(t[0]), "accuracy": t[1] / max(t[0], 1), "utility_accuracy": t[2] / max(t[0], 1),
+                "gold_pairs": int(t[3]), "gold_accuracy": t[4] / t[3] if t[3] else float("nan")}
+          for fam, t in tally.items()}
+
+
+def example_scores(score_rows, examples) -> np.ndarray:
+  """[N, K_max] RM scores of a RankedExamples' real responses (padded slots: nan), one pass over them."""
+  mask = np.asarray(examples.mask)
+  out = np.full(mask.shape, np.nan)
+  if mask.any():
+    out[mask] = score_rows(np.asarray(examples.tokens)[mask], np.asarray(examples.last_index)[mask])
+  return out
+
+
 # ----------------------------------------------------------------------------- the gold probe
 
 def gold_agreement(rm_greedy, rm_sampled, gold_greedy, gold_sampled) -> dict:
@@ -570,6 +609,17 @@ def run(config, workdir: Path, mesh, rules):
       logging.info("rm: gold probe: %s", {k: round(v, 4) for k, v in out.items()})
     return out
 
+  def by_family(params) -> dict:
+    # Which families the RM can judge: the pooled accuracy hides an RM that checks one family well and
+    # the rest not at all (docs/STATUS.md, session 8). Records and examples align through valid.index.
+    scores = example_scores(lambda t, l: row_scores(score_step, params, t, l, cfg.eval_batch_size, mesh, rules),
+                            valid)
+    fams = family_accuracy(valid_train_groups, valid, scores, world)
+    logging.info("rm: validation by family (accuracy / utility ceiling / vs gold):\n%s", "\n".join(
+        f"  {f:14s} {m['accuracy']:.3f} / {m['utility_accuracy']:.3f} / {m['gold_accuracy']:.3f}  "
+        f"({m['pairs']} pairs, {m['gold_pairs']} gold-untied)" for f, m in fams.items()))
+    return {f"valid/by_family/{f}/{k}": v for f, m in fams.items() for k, v in m.items()}
+
   def after_training(params):
     by_id = lambda recs, g: {r["id"]: r for r in recs if r["group"] == g}
     a, b = by_id(valid_all, train_groups[0]), by_id(valid_all, train_groups[1 % len(train_groups)])
@@ -580,6 +630,7 @@ def run(config, workdir: Path, mesh, rules):
             "demo_mean_score": mean_score(score_step, params, demo_ex.tokens, demo_last,
                                           cfg.eval_batch_size, mesh, rules),
             **{f"valid/{k}": v for k, v in validation(params).items()},
+            **by_family(params),
             **gold_probe(lambda t, l: row_scores(score_step, params, t, l, cfg.eval_batch_size, mesh, rules))}
 
   # ------------------------------------------------------------------ members: W/rm, then the ensemble's others

@@ -254,6 +254,47 @@ def test_gold_agreement_on_hand_made_pairs():
 
 # ----------------------------------------------------------------------------- data helpers
 
+def test_family_accuracy_on_hand_made_rankings():
+  from instructrl.data.rankings import RankedExamples
+
+  class World:   # gold = the response's length; utility adds a taste for "!"
+    judge = lambda self, rec, x: type("V", (), {"score": len(x)})()
+    utility = lambda self, rec, x, labeler: len(x) + 10 * x.endswith("!")
+
+  recs = [{"family": "b", "labeler": "L0", "responses": ["a", "bb", "ccc!"]},
+          {"family": "a", "labeler": "L1", "responses": ["xx", "yy"]},
+          {"family": "b", "labeler": "L0", "responses": ["dropped", "q"]}]
+  # record 2 was dropped (over-long): rows 0, 1 are records 0, 1; row 1's second slot is padding
+  ranks = np.array([[1, 0, 2], [0, 3, 3]])         # record 0: "bb" > "a" > "ccc!"
+  ex = RankedExamples(tokens=np.zeros((2, 3, 4), np.int32), last_index=np.zeros((2, 3), np.int32), ranks=ranks,
+                      mask=np.array([[1, 1, 1], [1, 1, 0]], bool), index=np.array([0, 1]))
+  with pytest.raises(IndexError):
+    reward.family_accuracy(recs, RankedExamples(ex.tokens, ex.last_index, ranks, np.ones((2, 3), bool),
+                                                ex.index), np.zeros((2, 3)), World())   # slot past "xx", "yy"
+  ex = RankedExamples(ex.tokens, ex.last_index, ranks, ex.mask, ex.index)
+  scores = np.array([[0.0, 1.0, 2.0], [5.0, 5.0, np.nan]])
+  out = reward.family_accuracy(recs, ex, scores, World())
+  assert list(out) == ["a", "b", "all"]
+  # family b: labeler pairs (bb>a), (bb>ccc!), (a>ccc!); RM scores 0 < 1 < 2 agree on the first only;
+  # utility (1, 2, 14) agrees on the first only; gold (1, 2, 4) never ties, RM agrees with gold on all 3
+  assert out["b"] == {"pairs": 3, "accuracy": 1 / 3, "utility_accuracy": 1 / 3, "gold_pairs": 3, "gold_accuracy": 1.0}
+  # family a: one pair, an RM tie is a miss, a utility tie is a miss, gold ties (no gold pairs)
+  assert out["a"]["pairs"] == 1 and out["a"]["accuracy"] == 0 and out["a"]["utility_accuracy"] == 0
+  assert out["a"]["gold_pairs"] == 0 and math.isnan(out["a"]["gold_accuracy"])
+  assert out["all"]["pairs"] == 4 and out["all"]["accuracy"] == 0.25 and out["all"]["gold_accuracy"] == 1.0
+
+
+def test_example_scores_scores_real_slots_only():
+  from instructrl.data.rankings import RankedExamples
+  tokens = np.arange(2 * 2 * 3).reshape(2, 2, 3)
+  ex = RankedExamples(tokens=tokens, last_index=np.ones((2, 2), np.int32), ranks=np.zeros((2, 2), np.int32),
+                      mask=np.array([[1, 0], [1, 1]], bool), index=np.arange(2))
+  seen = []
+  out = reward.example_scores(lambda t, l: seen.append(t.shape) or t[:, 0].astype(float), ex)
+  assert seen == [(3, 3)]
+  np.testing.assert_array_equal(out, [[0.0, np.nan], [6.0, 9.0]])
+
+
 def test_select_one_ranking_per_prompt_round_robin_over_groups():
   ids = ["p3", "p0", "p4", "p1", "p2"]
   records = [{"id": pid, "group": g, "ranking": [0, 1]} for pid in ids for g in range(5)]
@@ -450,6 +491,15 @@ def test_collection_files_and_metrics(reference_run):
   assert 0 < probe["final/gold_probe/pairs"] <= n_valid, probe
   assert 0 <= probe["final/gold_probe/agreement"] <= 1 and np.isfinite(probe["final/gold_probe/score_gap"])
   assert 0 <= probe["final/gold_probe/gold_sampled"] <= 1 and 0 <= probe["final/gold_probe/gold_greedy"] <= 1
+  # per-family validation accuracy: every validation family has a row, and the pools add up to "all"
+  fam = {k[len("final/valid/by_family/"):].rsplit("/", 1)[0] for k in final[0] if k.startswith("final/valid/by_family/")}
+  valid_recs = load_ranked(w / "comparisons" / "valid.jsonl", allow_empty_response=True)
+  assert fam - {"all"} == {r["family"] for r in valid_recs} and "all" in fam
+  pairs = lambda f: final[0][f"final/valid/by_family/{f}/pairs"]
+  assert sum(pairs(f) for f in fam - {"all"}) == pairs("all") > 0
+  for f in fam:
+    for m in ("accuracy", "utility_accuracy"):
+      assert 0 <= final[0][f"final/valid/by_family/{f}/{m}"] <= 1
   train = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train] == list(range(2, 13, 2))
   assert all(np.isfinite(r["train/loss"]) for r in train)
