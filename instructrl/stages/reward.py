@@ -612,13 +612,20 @@ def run(config, workdir: Path, mesh, rules):
   def by_family(params) -> dict:
     # Which families the RM can judge: the pooled accuracy hides an RM that checks one family well and
     # the rest not at all (docs/STATUS.md, session 8). Records and examples align through valid.index.
-    scores = example_scores(lambda t, l: row_scores(score_step, params, t, l, cfg.eval_batch_size, mesh, rules),
-                            valid)
-    fams = family_accuracy(valid_train_groups, valid, scores, world)
-    logging.info("rm: validation by family (accuracy / utility ceiling / vs gold):\n%s", "\n".join(
-        f"  {f:14s} {m['accuracy']:.3f} / {m['utility_accuracy']:.3f} / {m['gold_accuracy']:.3f}  "
-        f"({m['pairs']} pairs, {m['gold_pairs']} gold-untied)" for f, m in fams.items()))
-    return {f"valid/by_family/{f}/{k}": v for f, m in fams.items() for k, v in m.items()}
+    # With a source mix, the same over the pairs among the policy's own samples: easy policy-vs-pretrain
+    # pairs make the pooled rows look better than what PPO meets.
+    score = lambda t, l: row_scores(score_step, params, t, l, cfg.eval_batch_size, mesh, rules)
+    out = {}
+    for what, recs, examples in (("valid", valid_train_groups, valid),
+                                 ("valid/policy_pairs", policy_only, valid_policy)):
+      if examples is None:
+        continue
+      fams = family_accuracy(recs, examples, example_scores(score, examples), world)
+      logging.info("rm: %s by family (accuracy / utility ceiling / vs gold):\n%s", what, "\n".join(
+          f"  {f:14s} {m['accuracy']:.3f} / {m['utility_accuracy']:.3f} / {m['gold_accuracy']:.3f}  "
+          f"({m['pairs']} pairs, {m['gold_pairs']} gold-untied)" for f, m in fams.items()))
+      out.update({f"{what}/by_family/{f}/{k}": v for f, m in fams.items() for k, v in m.items()})
+    return out
 
   def after_training(params):
     by_id = lambda recs, g: {r["id"]: r for r in recs if r["group"] == g}

@@ -522,6 +522,13 @@ def test_collection_mixes_sources_by_weight(reference_run, tmp_path):
   # few-shot answers are cut at the newline that ends an answer in the Q/A format
   assert not any("\n" in t for r in recs for t, s in zip(r["responses"], r["sources"]) if s == "pretrain_few_shot")
   assert final_params(tmp_path / "rm")[0] > 0
+  # the per-family rows also come over the policy's own pairs only: fewer pairs than all sources give
+  final = [r for r in metric_rows(tmp_path) if "final/valid/by_family/all/pairs" in r][-1]
+  mixed, own = final["final/valid/by_family/all/pairs"], final.get("final/valid/policy_pairs/by_family/all/pairs")
+  valid = [r for r in recs if r["id"] in {v["id"] for v in load_ranked(tmp_path / "comparisons" / "valid.jsonl",
+                                                                         allow_empty_response=True)}]
+  assert any(r["sources"].count("policy") >= 2 for r in valid)     # so policy-only pairs exist
+  assert own is not None and 0 < own < mixed, (own, mixed)
   with pytest.raises(AssertionError, match="source_mix"):
     cli(tmp_path / "bad", "--config.rm.source_mix.policy=0", stages="rm")   # refused before any work
 
