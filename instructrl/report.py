@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _pct(x) -> str:
-  return "-" if x is None else f"{100 * x:.1f}%"
+  return "-" if x is None or x != x else f"{100 * x:.1f}%"   # None or nan: not measured
 
 
 def _num(x, fmt=".3f") -> str:
@@ -59,6 +59,15 @@ def markdown(rep: dict) -> str:
                 f"{rm.get('gold_pairs')} pairs gold does not tie): the RM prefers gold's choice "
                 f"{_pct(rm['gold_agreement'])}" + (f" (ensemble mean {_pct(ens)})" if ens is not None else "") +
                 f"; the greedy answers score {_num(rm.get('gold_score_gap'), '.2f')} std above the samples"]
+    fam = rm.get("by_family")
+    if fam:
+      lines += ["", f"RM validation pairs by task family ({fam['pairs']}, training groups): accuracy on the labelers' "
+                "order; the ceiling an RM that knew each group's noise-free utility would reach; agreement with "
+                "the gold judge on pairs gold does not tie.", "",
+                "| family | pairs | accuracy | utility ceiling | agrees with gold |", "|---|---|---|---|---|"]
+      lines += [f"| {f} | {m.get('pairs')} | {_pct(m.get('accuracy'))} | {_pct(m.get('utility_accuracy'))} | "
+                f"{_pct(m.get('gold_accuracy'))} |"
+                for f, m in sorted(fam["families"].items(), key=lambda kv: (kv[0] == "all", kv[0]))]
   for name, c in (rep.get("ppo_curves") or {}).items():
     if c["step"]:
       lines += ["", f"## {name} over training", "",

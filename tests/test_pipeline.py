@@ -28,8 +28,12 @@ def test_one_command_runs_every_stage_and_writes_a_complete_report(smoke_run):
     assert 0 <= r["win_rate_vs_sft"]["mean"] <= 1 and 1 <= r["likert"]["mean"] <= 7, name
     assert 0 <= r["cloze_accuracy"] <= 1 and r["heldout_lm_loss"] > 0, name
   assert {"accuracy_train_groups", "accuracy_heldout_group"} <= set(rep["rm"])
+  fam = rep["rm"]["by_family"]
+  assert "all" in fam["families"] and len(fam["families"]) >= 2, fam
+  assert sum(m["pairs"] for f, m in fam["families"].items() if f != "all") == fam["families"]["all"]["pairs"]
   assert set(rep["ppo_curves"]) == {"PPO-ptx", "PPO"}
   md = (w / "eval" / "report.md").read_text()
+  assert "| family | pairs | accuracy | utility ceiling | agrees with gold |" in md and md.count("| all |") == 1
   assert all(f"| {name} |" in md for name in rep["models"])
   for f in ("win_rates.png", "alignment_tax.png", "ppo_curves.png"):
     assert (w / "eval" / f).stat().st_size > 1000, f

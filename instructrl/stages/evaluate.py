@@ -290,7 +290,18 @@ def rm_summary(workdir: Path) -> dict:
            "ensemble/valid/heldout_group/accuracy": "ensemble_accuracy_heldout_group",
            "gold_probe/agreement": "gold_agreement", "gold_probe/pairs": "gold_pairs",
            "gold_probe/score_gap": "gold_score_gap", "ensemble/gold_probe/agreement": "ensemble_gold_agreement"}
-  return {new: final[old] for old, new in names.items() if old in final}
+  out = {new: final[old] for old, new in names.items() if old in final}
+  # Per task family (reward.family_accuracy), over the policy's own pairs when the RM ranked several sources
+  for pairs, prefix in (("policy samples", "valid/policy_pairs/by_family/"), ("all sources", "valid/by_family/")):
+    rows = {}
+    for k, v in final.items():
+      if k.startswith(prefix):
+        family, field = k[len(prefix):].rsplit("/", 1)
+        rows.setdefault(family, {})[field] = v
+    if rows:
+      out["by_family"] = {"pairs": pairs, "families": rows}
+      break
+  return out
 
 
 def ppo_curve(path: Path) -> dict:

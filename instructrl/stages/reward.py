@@ -413,6 +413,10 @@ def mean_score(score_step, params, tokens, last, batch_size: int, mesh, rules) -
   return float(np.mean(row_scores(score_step, params, tokens, last, batch_size, mesh, rules)))
 
 
+def _order(better, worse) -> float:
+  return 1.0 if better > worse else 0.5 if better == worse else 0.0
+
+
 def family_accuracy(records: list[dict], examples, scores_nk, world) -> dict:
   """Per task family, over ranked validation records (examples = ranked_examples(records)):
   - accuracy: how often the RM orders a ranked pair as the labeler did;
@@ -420,8 +424,10 @@ def family_accuracy(records: list[dict], examples, scores_nk, world) -> dict:
     accuracy of an RM that knew each group's taste exactly (labels are Plackett-Luce draws, so it is
     below 1 and above the labelers' mutual agreement);
   - gold_accuracy: over the pairs gold does not tie, how often the RM orders them as the gold judge does
-    (can the RM check this family's answers? a tie in RM score counts as a miss);
-  plus the pair counts. Families in sorted order; "all" pools them. A labeler tie in utility is a miss."""
+    (can the RM check this family's answers?);
+  plus the pair counts. Families in sorted order; "all" pools them. A tie in score or utility counts half
+  (a coin's expected accuracy: a labeler whose utilities tie orders that pair at random), so the utility
+  row is the exact expected accuracy of the Bayes-optimal pairwise predictor."""
   ranks, mask, scores = np.asarray(examples.ranks), np.asarray(examples.mask), np.asarray(scores_nk)
   tally = {}
   for n, r in enumerate(np.asarray(examples.index)):
@@ -433,8 +439,8 @@ def family_accuracy(records: list[dict], examples, scores_nk, world) -> dict:
     for i in range(k):
       for j in range(i + 1, k):
         a, b = (i, j) if ranks[n, i] < ranks[n, j] else (j, i)     # a: the labeler's choice
-        t += [1, scores[n, a] > scores[n, b], util[a] > util[b], gold[i] != gold[j],
-              gold[i] != gold[j] and np.sign(scores[n, i] - scores[n, j]) == np.sign(gold[i] - gold[j])]
+        t += [1, _order(scores[n, a], scores[n, b]), _order(util[a], util[b]), gold[i] != gold[j],
+              _order(*(scores[n, [i, j]] if gold[i] > gold[j] else scores[n, [j, i]])) if gold[i] != gold[j] else 0]
   tally = dict(sorted(tally.items()))
   if tally:
     tally["all"] = np.sum(list(tally.values()), axis=0)

@@ -278,10 +278,13 @@ def test_family_accuracy_on_hand_made_rankings():
   # family b: labeler pairs (bb>a), (bb>ccc!), (a>ccc!); RM scores 0 < 1 < 2 agree on the first only;
   # utility (1, 2, 14) agrees on the first only; gold (1, 2, 4) never ties, RM agrees with gold on all 3
   assert out["b"] == {"pairs": 3, "accuracy": 1 / 3, "utility_accuracy": 1 / 3, "gold_pairs": 3, "gold_accuracy": 1.0}
-  # family a: one pair, an RM tie is a miss, a utility tie is a miss, gold ties (no gold pairs)
-  assert out["a"]["pairs"] == 1 and out["a"]["accuracy"] == 0 and out["a"]["utility_accuracy"] == 0
+  # family a: one pair, an RM tie and a utility tie count half, gold ties (no gold pairs)
+  assert out["a"]["pairs"] == 1 and out["a"]["accuracy"] == 0.5 and out["a"]["utility_accuracy"] == 0.5
   assert out["a"]["gold_pairs"] == 0 and math.isnan(out["a"]["gold_accuracy"])
-  assert out["all"]["pairs"] == 4 and out["all"]["accuracy"] == 0.25 and out["all"]["gold_accuracy"] == 1.0
+  assert out["all"]["pairs"] == 4 and out["all"]["accuracy"] == 1.5 / 4 and out["all"]["gold_accuracy"] == 1.0
+  # the RM reversed on record 0: it disagrees with gold everywhere, with the labeler on (a>ccc!) and (bb>ccc!)
+  out = reward.family_accuracy(recs, ex, -scores, World())
+  assert out["b"]["gold_accuracy"] == 0.0 and out["b"]["accuracy"] == 2 / 3
 
 
 def test_example_scores_scores_real_slots_only():
