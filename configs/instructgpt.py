@@ -84,6 +84,9 @@ def _rm_stage():
   c.collect_batch_prompts = 16   # prompts per sampling batch (calls of prompts x (expected draws + 2) rows a source)
   c.seq_len = 64                 # prompt + response tokens per RM sequence
   c.rankings_per_prompt = 1      # training rankings of each prompt, each by another training group (paper: 1)
+  # Weight of a pair of two rm.policy samples in the per-prompt loss, every other pair 1 (paper: all 1). Those
+  # are the pairs PPO has to tell apart; the mixed ones keep the RM anchored on off-policy garbage.
+  c.policy_pair_weight = 1.0
   c.heldout_group = 4            # labeler group never trained on: held-out accuracy (paper: 69.6% vs 72.4%)
   # The gold probe (final metrics): on up to this many RM validation prompts, how often the RM orders
   # (rm.policy greedy, rm.policy at ppo.temperature) answer pairs as the gold judge does; 0: off.

@@ -29,7 +29,7 @@ def token_accuracy(logits_btv, targets_bt, mask_bt):
   return jnp.sum(hit_bt * mask_bt), jnp.sum(mask_bt)
 
 
-def ranking_loss(rewards_bk, ranks_bk, mask_bk):
+def ranking_loss(rewards_bk, ranks_bk, mask_bk, pair_weight_bkk=None):
   """The reward model's K-choose-2 loss, one batch element per prompt: (loss, metrics).
 
   loss = -1/C(K,2) * E_{(x, y_w, y_l)}[log sigmoid(r(x, y_w) - r(x, y_l))]   (paper, eq. 1)
@@ -45,8 +45,11 @@ def ranking_loss(rewards_bk, ranks_bk, mask_bk):
   the batch loss is the mean over prompts with at least one pair, so a prompt weighs the same
   whatever its K, and padded slots (mask False) never matter, whatever their reward or rank.
 
+  pair_weight_bkk (not in the paper; rm.policy_pair_weight): a weight per pair (i, j); each prompt's
+  loss becomes the weighted mean over its counted pairs (None: every pair weighs 1, the paper's loss).
+
   Metrics: accuracy = fraction of all counted pairs with r_w > r_l (strictly; an exact tie in
-  reward counts as wrong), pairs and prompts counted, reward mean / std over real responses.
+  reward counts as wrong; unweighted), pairs and prompts counted, reward mean / std over real responses.
   """
   mask_bk = mask_bk.astype(bool)
   # Zero the padded rewards BEFORE any arithmetic: a NaN or inf in a padded slot would otherwise
@@ -57,7 +60,11 @@ def ranking_loss(rewards_bk, ranks_bk, mask_bk):
   logp_bkk = jnp.where(pair_bkk, jax.nn.log_sigmoid(diff_bkk), 0.0)
   pairs_b = jnp.sum(pair_bkk, axis=(1, 2)).astype(jnp.float32)
   has_pairs_b = pairs_b > 0
-  loss_b = -jnp.sum(logp_bkk, axis=(1, 2)) / jnp.maximum(pairs_b, 1.0)
+  if pair_weight_bkk is None:
+    loss_b = -jnp.sum(logp_bkk, axis=(1, 2)) / jnp.maximum(pairs_b, 1.0)
+  else:
+    w_bkk = jnp.where(pair_bkk, pair_weight_bkk.astype(jnp.float32), 0.0)
+    loss_b = -jnp.sum(w_bkk * logp_bkk, axis=(1, 2)) / jnp.maximum(jnp.sum(w_bkk, axis=(1, 2)), 1e-12)
   prompts = jnp.sum(has_pairs_b).astype(jnp.float32)
   loss = jnp.sum(jnp.where(has_pairs_b, loss_b, 0.0)) / jnp.maximum(prompts, 1.0)
 

@@ -317,3 +317,22 @@ def test_one_forward_per_response_equals_one_per_comparison():
   assert float(jnp.abs(grad_a["score"]).max()) > 1e-3
   # K_max forwards per prompt (K = 4 and 3, padded to 4) against 2 * C(K, 2) = 12 + 6.
   assert rows == {"one": B * K, "naive": 2 * (6 + 3)}
+
+
+def test_pair_weights_make_a_weighted_mean_over_a_prompts_pairs():
+  # K3's pairs (w, l, r_w - r_l): (0, 2, 1), (0, 1, 2), (2, 1, 1). Weight 3 on the pair of slots 0 and 2 only
+  # (either orientation of the matrix): loss = (3 s(1) + s(2) + s(1)) / 5.
+  w = np.ones((1, 3, 3))
+  w[0, 0, 2] = w[0, 2, 0] = 3.0
+  r, ranks = jnp.asarray([K3["r"]], jnp.float32), jnp.asarray([K3["ranks"]])
+  mask = jnp.ones((1, 3), bool)
+  loss, m = ranking_loss(r, ranks, mask, jnp.asarray(w))
+  np.testing.assert_allclose(loss, (4 * S1 + S2) / 5, rtol=1e-6)
+  assert float(m["accuracy"]) == 1.0 and float(m["pairs"]) == 3            # metrics stay unweighted
+  # weights of 1 are the paper's loss, and weights on padded slots or non-pairs change nothing
+  np.testing.assert_allclose(ranking_loss(r, ranks, mask, jnp.ones((1, 3, 3)))[0], K3["loss"], rtol=1e-6)
+  r4, ranks4 = jnp.asarray([K3["r"] + [5.0]], jnp.float32), jnp.asarray([K3["ranks"] + [3]])
+  mask4 = jnp.asarray([[True, True, True, False]])
+  w4 = np.full((1, 4, 4), 7.0)
+  w4[0, :3, :3] = 1.0
+  np.testing.assert_allclose(ranking_loss(r4, ranks4, mask4, jnp.asarray(w4))[0], K3["loss"], rtol=1e-6)

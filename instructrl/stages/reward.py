@@ -340,15 +340,23 @@ def rm_scores(model, params, tokens_nt, last_n, rng=None):
   return jnp.take_along_axis(scores_nt, last_n[:, None], axis=1)[:, 0]
 
 
-def make_steps(model_cfg: ModelConfig, formulation: str, tx, schedule, shardings, mesh, rules):
-  """Jitted (train_step, eval_step). eval_step always uses the per-prompt form (validation is per prompt)."""
+def make_steps(model_cfg: ModelConfig, formulation: str, tx, schedule, shardings, mesh, rules,
+               policy_pair_weight: float = 1.0):
+  """Jitted (train_step, eval_step). eval_step always uses the per-prompt form (validation is per prompt).
+
+  policy_pair_weight (rm.policy_pair_weight): in training batches that carry `own` ([B, K] bool: the
+  response is rm.policy's sample), pairs of two own responses weigh this much, every other pair 1."""
   model = Decoder(model_cfg, head="scalar")
 
   def per_prompt(params, batch, rng):
     B, K, T = batch["tokens"].shape
     r_bk = rm_scores(model, params, batch["tokens"].reshape(B * K, T), batch["last_index"].reshape(B * K),
                      rng).reshape(B, K)
-    return objectives.ranking_loss(r_bk, batch["ranks"], batch["mask"])
+    weight = None
+    if "own" in batch and policy_pair_weight != 1.0:
+      both = batch["own"][:, :, None] & batch["own"][:, None, :]
+      weight = jnp.where(both, policy_pair_weight, 1.0)
+    return objectives.ranking_loss(r_bk, batch["ranks"], batch["mask"], weight)
 
   def shuffled_pairs(params, batch, rng):
     P = batch["chosen"].shape[0]
@@ -549,7 +557,8 @@ def run(config, workdir: Path, mesh, rules):
   k_max = max(cfg.k_choices)
   as_examples = lambda recs, what: ranked_examples(tokenizer, recs, cfg.seq_len, k_max, world.format_prompt,
                                                    what=what)
-  train = as_examples(select(train_all, train_groups, cfg.get("rankings_per_prompt", 1)), "rm train")
+  train_recs = select(train_all, train_groups, cfg.get("rankings_per_prompt", 1))
+  train = as_examples(train_recs, "rm train")
   valid_train_groups = select(valid_all, train_groups)
   valid = as_examples(valid_train_groups, "rm valid")
   heldout_recs = [r for r in valid_all if r["group"] == cfg.heldout_group]
@@ -573,7 +582,18 @@ def run(config, workdir: Path, mesh, rules):
   tx, schedule = make_optimizer(stage_cfg, stage_cfg.steps)
   shardings = state_shardings(model_cfg, tx, mesh, rules, head="scalar")
 
-  train_step, eval_step, score_step = make_steps(model_cfg, cfg.formulation, tx, schedule, shardings, mesh, rules)
+  policy_pair_weight = float(cfg.get("policy_pair_weight", 1.0))
+  if not policy_pair_weight > 0 or (policy_pair_weight != 1.0 and cfg.formulation != "per_prompt"):
+    raise ValueError(f"rm.policy_pair_weight={policy_pair_weight}: expected > 0, and 1 unless "
+                     f"rm.formulation='per_prompt' (got {cfg.formulation!r})")
+  train_step, eval_step, score_step = make_steps(model_cfg, cfg.formulation, tx, schedule, shardings, mesh, rules,
+                                                 policy_pair_weight)
+  # Which training responses are rm.policy's own samples (records without `sources` are all its own).
+  own = np.zeros(train.mask.shape, bool)
+  for n, r in enumerate(train.index):
+    srcs = train_recs[int(r)].get("sources") or ["policy"] * len(train_recs[int(r)]["responses"])
+    own[n, :len(srcs)] = [x == "policy" for x in srcs]
+  read_rows = data.batch if policy_pair_weight == 1.0 else (lambda idx: {**data.batch(idx), "own": own[idx]})
   seed = config.seed + 6
 
   def validation(params):
@@ -677,7 +697,7 @@ def run(config, workdir: Path, mesh, rules):
     params = loop.run(
         stage, mesh, rules, initial_params=initial_params, train_step=train_step,
         batch_at=lambda step, order=order, member_seed=member_seed: process_batch(
-            data.batch, order[batch_indices(len(data), batch_size, step, member_seed)], mesh, rules),
+            read_rows, order[batch_indices(len(data), batch_size, step, member_seed)], mesh, rules),
         evaluate=validation, finalize=normalise, after_training=after_training if i == 0 else None,
         items_per_step=batch_size, item_name="prompts" if cfg.formulation == "per_prompt" else "pairs",
         extra_meta={"seed": member_seed, "formulation": cfg.formulation, "heldout_group": cfg.heldout_group,

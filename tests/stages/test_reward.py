@@ -66,13 +66,13 @@ def ragged_batch(B: int = 8, K: int = 4, T: int = 12, vocab: int = 64, seed: int
   return {"tokens": toks, "last_index": last, "ranks": ranks, "mask": mask}
 
 
-def one_device_setup(cfg: ModelConfig, formulation: str, seed: int = 0):
+def one_device_setup(cfg: ModelConfig, formulation: str, seed: int = 0, policy_pair_weight: float = 1.0):
   mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   rules = parallel.DEFAULT_RULES
   tx, schedule = train_state.make_optimizer(ml_collections.ConfigDict(STAGE), total_steps=10)
   sh = train_state.state_shardings(cfg, tx, mesh, rules, head="scalar")
   params = train_state.init_params(cfg, jax.random.key(seed), sh["params"], mesh, rules, head="scalar")
-  steps = reward.make_steps(cfg, formulation, tx, schedule, sh, mesh, rules)
+  steps = reward.make_steps(cfg, formulation, tx, schedule, sh, mesh, rules, policy_pair_weight)
   return mesh, rules, tx, sh, params, steps
 
 
@@ -194,6 +194,30 @@ def test_shuffled_pairs_step_loss_is_pairwise_loss_of_rm_scores():
     s = score(jax.device_put(host_params, sh["params"]), jnp.asarray(batch["chosen"]),
               jnp.asarray(batch["chosen_last"]))
   np.testing.assert_allclose(np.asarray(s), np.asarray(r_c), atol=1e-6)
+
+
+def test_policy_pair_weight_reweights_the_step_loss_by_own_pairs():
+  from instructrl.models.transformer import Decoder
+  cfg = ModelConfig(**NO_DROPOUT)
+  b = ragged_batch(seed=5)
+  own = np.zeros(b["mask"].shape, bool)
+  own[:, :2] = True                                        # slots 0 and 1 of every prompt: the policy's
+  model = Decoder(cfg, head="scalar")
+  losses = {}
+  for weight in (1.0, 4.0):
+    mesh, rules, tx, sh, params, (train, _, _) = one_device_setup(cfg, "per_prompt", 2, policy_pair_weight=weight)
+    host = jax.tree.map(np.asarray, params)
+    B, K, T = b["tokens"].shape
+    r = np.asarray(jax.jit(lambda p: reward.rm_scores(model, p, b["tokens"].reshape(B * K, T),
+                                                      b["last_index"].reshape(B * K)))(host)).reshape(B, K)
+    w = np.where(own[:, :, None] & own[:, None, :], weight, 1.0)
+    want = objectives.ranking_loss(jnp.asarray(r), jnp.asarray(b["ranks"]), jnp.asarray(b["mask"]), jnp.asarray(w))[0]
+    with parallel.activate(mesh, rules):
+      _, m = train(train_state.new_state(params, tx, sh, mesh),
+                   train_state.device_batch({**b, "own": own}, mesh, rules), jax.random.key(0))
+    np.testing.assert_allclose(float(m["loss"]), float(want), rtol=1e-5)
+    losses[weight] = float(m["loss"])
+  assert abs(losses[4.0] - losses[1.0]) > 1e-4, losses       # the weight reaches the loss
 
 
 def test_rm_scores_reads_the_score_at_last_index():
