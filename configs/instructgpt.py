@@ -59,6 +59,7 @@ def _rm_stage():
   c.base_workdir = ""            # "": the RM starts from this run's rm.policy stage; else from that stage of
                                  # another run on the same world, with that run's model (a larger RM, as the
                                  # paper's 6B RM); PPO's value function follows it
+  c.init_stage = ""              # the stage whose trunk initialises the RM ("": rm.policy; e.g. "pretrain")
   # Where the K ranked responses come from (weights per response slot): "policy" (rm.policy at
   # rm.sample_temperature), "pretrain" (bare prompt) and "pretrain_few_shot" (prompted GPT), both at
   # eval.baseline_temperature, "ppo" (an earlier PPO policy, rm.ppo_source), and "mismatched" (rm.policy's

@@ -206,7 +206,8 @@ CADENCE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "check
 # this value (so older runs still resume and skip under the default, and are refused under any other).
 # A dict value lists keys added inside a nested block (a new rm.source_mix source, at weight 0).
 LATER_FIELDS = {"rm_uncertainty_coef": 0.0, "rm_ensemble_size": 1, "extra_comparisons": "", "reward": "rm",
-                "rm_runs": "", "keep_empty": False, "source_mix": {"mismatched": 0.0}, "policy_pair_weight": 1.0}
+                "rm_runs": "", "keep_empty": False, "source_mix": {"mismatched": 0.0}, "policy_pair_weight": 1.0,
+                "init_stage": ""}
 
 
 def settings_of(cfg) -> dict:

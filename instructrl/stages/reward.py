@@ -94,6 +94,19 @@ def trained_rm_model(config, workdir: Path) -> dict:
   return _finished_model(Path(workdir) / "rm") or rm_model(config)
 
 
+def initial_rm_params(config, workdir: Path, mesh, rules, model_cfg: ModelConfig, shardings, key):
+  """The RM before training: a fresh scalar head on the trunk of a finished LM stage, rm.init_stage
+  ("" = rm.policy, the paper's SFT init; "pretrain": the pretrained GPT's), of this run or of
+  rm.base_workdir's run. The LM's unembedding is dropped."""
+  cfg = config.rm
+  base = Path(cfg.base_workdir) if cfg.get("base_workdir", "") else None
+  trunk = cfg.get("init_stage", "") or cfg.policy
+  rm = init_params(model_cfg, key, shardings["params"], mesh, rules, head="scalar")
+  lm = load_policy(config, workdir, mesh, rules, trunk, model=rm_model(config),
+                   directory=base / trunk if base is not None else None)
+  return {k: lm[k] if k in lm else v for k, v in rm.items()}
+
+
 SOURCES = ("policy", "pretrain", "pretrain_few_shot", "ppo", "mismatched")
 SPARE = 2   # extra samples per prompt and source, for the duplicates and empty answers dropped before ranking
 
@@ -688,11 +701,8 @@ def run(config, workdir: Path, mesh, rules):
                                                                        n_members * steps_per_member))
 
     def initial_params(fold=fold):
-      rm = init_params(model_cfg, fold(jax.random.key(config.seed + 5)), shardings["params"], mesh, rules,
-                       head="scalar")
-      policy = load_policy(config, workdir, mesh, rules, cfg.policy, model=model_dict,
-                           directory=base / cfg.policy if base is not None else None)
-      return {k: policy[k] if k in policy else v for k, v in rm.items()}   # the unembedding is dropped
+      return initial_rm_params(config, workdir, mesh, rules, model_cfg, shardings,
+                               fold(jax.random.key(config.seed + 5)))
 
     params = loop.run(
         stage, mesh, rules, initial_params=initial_params, train_step=train_step,

@@ -696,6 +696,34 @@ def test_rerun_of_complete_rm_stage_changes_nothing(reference_run):
   assert step2 == step and jax.tree.all(jax.tree.map(np.array_equal, params, params2))
 
 
+@pytest.mark.slow
+def test_rm_trunk_comes_from_rm_init_stage(reference_run):
+  """rm.init_stage: the RM's trunk is that stage's (default rm.policy, the SFT model), its head the same
+  fresh init either way."""
+  from configs.instructgpt import get_config
+  w, _ = reference_run
+  config = get_config("smoke")
+  mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  rules = parallel.DEFAULT_RULES
+  model_cfg = ModelConfig.from_dict({**config.model, **config.rm.model_overrides})
+  tx, _ = train_state.make_optimizer(config.rm, 1)
+  sh = train_state.state_shardings(model_cfg, tx, mesh, rules, head="scalar")
+  got = {}
+  for init_stage, lm_stage in (("", "sft"), ("pretrain", "pretrain")):
+    config.rm.init_stage = init_stage
+    rm = jax.tree.map(np.asarray, reward.initial_rm_params(config, w, mesh, rules, model_cfg, sh, jax.random.key(3)))
+    lm = final_params(w / lm_stage)[1]
+    trunk = [k for k in rm if k in lm]
+    assert trunk and set(rm) - set(trunk), sorted(rm)          # a trunk from the LM and a head of its own
+    for k in trunk:
+      assert jax.tree.all(jax.tree.map(np.array_equal, rm[k], lm[k])), (init_stage, k)
+    got[lm_stage] = (rm, trunk)
+  (a, trunk), (b, _) = got["sft"], got["pretrain"]
+  assert not all(jax.tree.all(jax.tree.map(np.array_equal, a[k], b[k])) for k in trunk)  # two different trunks
+  for k in set(a) - set(trunk):
+    assert jax.tree.all(jax.tree.map(np.array_equal, a[k], b[k])), k
+
+
 def test_summarise_cv_folds_mean_and_stderr():
   from instructrl.rm_cv import summarise
   folds = {g: {"valid/accuracy": a, "valid/heldout_group/accuracy": h}
