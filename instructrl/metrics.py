@@ -35,9 +35,12 @@ class MetricWriter:
       # Up to the last newline: a run killed mid-append leaves a partial last line, never a complete row.
       lines = text.split("\n")[:-1]
       kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-      tmp = self.path.with_name(self.path.name + ".tmp")   # replaced atomically: a kill here loses no line
+      # Replaced atomically (a kill here loses no line), and through a symlink: a sweep member's metrics
+      # file is a link into the sweep's shared stage dir, which must stay a link.
+      real = self.path.resolve()
+      tmp = real.with_name(real.name + ".tmp")
       tmp.write_text("".join(l + "\n" for l in kept))
-      tmp.replace(self.path)
+      tmp.replace(real)
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(Path(workdir) / "tensorboard" / stage))
 

@@ -60,3 +60,24 @@ def test_metrics_of_a_run_killed_mid_append_resume_cleanly(tmp_path):
   w.close()
   assert path.read_text() == "\n".join(rows) + "\n"
   assert sorted(p.name for p in path.parent.iterdir()) == ["sft.jsonl"]
+
+
+def test_resumed_metrics_file_behind_a_symlink_stays_a_link(tmp_path):
+  """A sweep member's metrics/<stage>.jsonl links into the sweep's shared stage dir: the resume's
+  rewrite goes to the link's target, so the member stays linked (a killed sweep resumes) and the
+  shared copy holds the rows (a regular file there once stopped the sweep with FileExistsError)."""
+  import json
+  from instructrl.metrics import MetricWriter
+  shared = tmp_path / "_shared" / "ppo-0" / "metrics" / "ppo.jsonl"
+  shared.parent.mkdir(parents=True)
+  rows = [json.dumps({"step": s, "x": s}, sort_keys=True) for s in (1, 2, 3)]
+  shared.write_text("\n".join(rows) + "\n")
+  link = tmp_path / "member" / "metrics" / "ppo.jsonl"
+  link.parent.mkdir(parents=True)
+  link.symlink_to(shared)
+  w = MetricWriter(tmp_path / "member", "ppo", resume_step=2)
+  w.write(3, {"x": 30})
+  w.close()
+  assert link.is_symlink() and link.resolve() == shared.resolve()
+  assert shared.read_text() == "\n".join(rows[:2] + [json.dumps({"step": 3, "x": 30}, sort_keys=True)]) + "\n"
+  assert sorted(p.name for p in shared.parent.iterdir()) == ["ppo.jsonl"]
