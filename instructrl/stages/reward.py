@@ -318,6 +318,12 @@ def select(records: list[dict], groups: list[int], per_prompt: int = 1) -> list[
   return [r for r in records if r["group"] in want[r["id"]]]
 
 
+def response_sources(record: dict, default: str = "policy") -> list[str]:
+  """Each response's source; records without a `sources` field (a user's own data, older
+  collections) are all `default`."""
+  return record.get("sources") or [default] * len(record["responses"])
+
+
 def restrict(records: list[dict], source: str) -> list[dict]:
   """The records cut down to the responses of one source (ranking order kept); < 2 left: dropped.
 
@@ -325,7 +331,7 @@ def restrict(records: list[dict], source: str) -> list[dict]:
   """
   out = []
   for r in records:
-    keep = [i for i, s in enumerate(r.get("sources") or [source] * len(r["responses"])) if s == source]
+    keep = [i for i, s in enumerate(response_sources(r, source)) if s == source]
     if len(keep) < 2:
       continue
     new = {old: j for j, old in enumerate(keep)}
@@ -601,12 +607,13 @@ def run(config, workdir: Path, mesh, rules):
                      f"rm.formulation='per_prompt' (got {cfg.formulation!r})")
   train_step, eval_step, score_step = make_steps(model_cfg, cfg.formulation, tx, schedule, shardings, mesh, rules,
                                                  policy_pair_weight)
-  # Which training responses are rm.policy's own samples (records without `sources` are all its own).
-  own = np.zeros(train.mask.shape, bool)
-  for n, r in enumerate(train.index):
-    srcs = train_recs[int(r)].get("sources") or ["policy"] * len(train_recs[int(r)]["responses"])
-    own[n, :len(srcs)] = [x == "policy" for x in srcs]
-  read_rows = data.batch if policy_pair_weight == 1.0 else (lambda idx: {**data.batch(idx), "own": own[idx]})
+  read_rows = data.batch
+  if policy_pair_weight != 1.0:   # which training responses are rm.policy's own samples
+    own = np.zeros(train.mask.shape, bool)
+    for n, r in enumerate(train.index):
+      srcs = response_sources(train_recs[int(r)])
+      own[n, :len(srcs)] = [x == "policy" for x in srcs]
+    read_rows = lambda idx: {**data.batch(idx), "own": own[idx]}
   seed = config.seed + 6
 
   def validation(params):
