@@ -13,6 +13,8 @@ collection, so the sampler's `lax.while_loop` carries it like any other array.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import flax.linen as nn
@@ -27,6 +29,45 @@ Cache = tuple  # tuple of {"k": [B, S, K, H], "v": [B, S, K, H]} per layer
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: tuple):
   """The one helper that attaches logical axis names to a weight."""
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+@functools.cache
+def _linear(spec: str):
+  xs, rest = spec.split(",")
+  ws, ys = rest.split("->")
+  # dw contracts x and g over their shared letters (batch, length); order the two operands so that
+  # XLA:CPU transposes the smaller one in memory, and transpose the weight-sized result instead.
+  ws_swapped = "".join(c for c in ws if c in ys) + "".join(c for c in ws if c in xs)
+  back = [ws_swapped.index(c) for c in ws]
+
+  @jax.custom_vjp
+  def f(x, w):
+    return jnp.einsum(spec, x, w)
+
+  def bwd(res, g):
+    x, w = res
+    dx = jnp.einsum(f"{ys},{ws}->{xs}", g, w)
+    free = lambda a, letters: math.prod(n for n, c in zip(a.shape, letters) if c in ws)
+    if free(x, xs) <= free(g, ys):
+      dw = jnp.einsum(f"{xs},{ys}->{ws}", x, g)
+    else:
+      dw = jnp.transpose(jnp.einsum(f"{ys},{xs}->{ws_swapped}", g, x), back)
+    return dx, dw
+
+  f.defvjp(lambda x, w: (f(x, w), (x, w)), bwd)
+  return f
+
+
+def linear(spec: str, x, w):
+  """einsum(spec, x, w) of an activation x and a weight w, with the backward written out.
+
+  Same math as autodiff's. Why: for the weight gradient x^T g, autodiff's dot leads XLA:CPU (jax
+  0.10) to copy a transposed operand, often the larger one: the [tokens, vocab] logits gradient of
+  the tied unembedding, the [tokens, d_ff] MLP gradient of every layer. Those strided copies were
+  ~15% of the op time of the tiny and llama8x512 SFT steps; written out, the smaller operand is the
+  one transposed (profile and A/B timings: BENCHMARKS.md, session 11).
+  """
+  return _linear(spec)(x, w)
 
 
 def constrain(x, axes: tuple):
@@ -83,9 +124,9 @@ class Attention(nn.Module):
     wk = param_with_axes(self, "wk", init, (D, K, H), wdt, ("embed", "kv_heads", "kv"))
     wv = param_with_axes(self, "wv", init, (D, K, H), wdt, ("embed", "kv_heads", "kv"))
     wo = param_with_axes(self, "wo", out_init, (N, H, D), wdt, ("heads", "kv", "embed"))
-    q = jnp.einsum("btd,dnh->btnh", x_btd, wq.astype(dt))
-    k = jnp.einsum("btd,dkh->btkh", x_btd, wk.astype(dt))
-    v = jnp.einsum("btd,dkh->btkh", x_btd, wv.astype(dt))
+    q = linear("btd,dnh->btnh", x_btd, wq.astype(dt))
+    k = linear("btd,dkh->btkh", x_btd, wk.astype(dt))
+    v = linear("btd,dkh->btkh", x_btd, wv.astype(dt))
     if cfg.style == "gpt":
       zeros = nn.initializers.zeros
       q = q + param_with_axes(self, "bq", zeros, (N, H), wdt, ("heads", "kv")).astype(dt)
@@ -129,7 +170,7 @@ class Attention(nn.Module):
       probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=deterministic)
       out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
     out = constrain(out, ("batch", "length", "heads", "kv"))
-    y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
+    y = linear("btnh,nhd->btd", out, wo.astype(dt))
     if cfg.style == "gpt":
       y = y + param_with_axes(self, "bo", nn.initializers.zeros, (D,), wdt, ("embed",)).astype(dt)
     return y, new_cache
@@ -147,15 +188,15 @@ class Mlp(nn.Module):
     out_init = nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5)
     w_in = param_with_axes(self, "w_in", init, (D, F), wdt, ("embed", "mlp"))
     w_out = param_with_axes(self, "w_out", out_init, (F, D), wdt, ("mlp", "embed"))
-    h = jnp.einsum("btd,df->btf", x_btd, w_in.astype(dt))
+    h = linear("btd,df->btf", x_btd, w_in.astype(dt))
     if cfg.style == "gpt":
       h = h + param_with_axes(self, "b_in", nn.initializers.zeros, (F,), wdt, ("mlp",)).astype(dt)
       h = jax.nn.gelu(h, approximate=True)   # GPT-2's tanh GELU
     else:
       w_gate = param_with_axes(self, "w_gate", init, (D, F), wdt, ("embed", "mlp"))
-      h = jax.nn.silu(jnp.einsum("btd,df->btf", x_btd, w_gate.astype(dt))) * h
+      h = jax.nn.silu(linear("btd,df->btf", x_btd, w_gate.astype(dt))) * h
     h = constrain(h, ("batch", "length", "mlp"))
-    y = jnp.einsum("btf,fd->btd", h, w_out.astype(dt))
+    y = linear("btf,fd->btd", h, w_out.astype(dt))
     if cfg.style == "gpt":
       y = y + param_with_axes(self, "b_out", nn.initializers.zeros, (D,), wdt, ("embed",)).astype(dt)
     return y
@@ -219,7 +260,7 @@ class Decoder(nn.Module):
       else:
         w_out = param_with_axes(self, "unembed", nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
                                 wdt, ("embed", "vocab"))
-      out = jnp.einsum("btd,dv->btv", h, w_out.astype(dt)).astype(jnp.float32)
+      out = linear("btd,dv->btv", h, w_out.astype(dt)).astype(jnp.float32)
       out = constrain(out, ("batch", "length", "vocab"))
     elif self.head == "scalar":
       w = param_with_axes(self, "score", nn.initializers.normal(0.02 / cfg.d_model ** 0.5), (cfg.d_model,),
