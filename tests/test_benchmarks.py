@@ -84,3 +84,15 @@ def test_run_all_quick_writes_one_json_with_every_benchmark(tmp_path):
     assert c["sft"][0]["ratio"] > 0 and c["ppo"]["ratio"] > 0 and c["generate"]["results"][0]["ratio"] > 0
     assert c["rm"]["results"][0]["ratio_jax_per_prompt_vs_torch"] > 0
     assert c["sft"][0]["compiles_after_warmup"] == 0 and c["ppo"]["compiles_after_warmup"] == 0
+
+
+def test_linear_ab_times_both_backwards_of_the_same_step():
+  p = subprocess.run([sys.executable, str(ROOT / "benchmarks/linear_ab.py"), "--shape=tiny", "--steps=1",
+                      "--repeats=1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.loads(p.stdout)
+  assert ENV_KEYS <= set(r) and set(r["step_s"]) == {"written", "autodiff"}
+  assert r["speedup_median"] > 0 and r["compiles_after_warmup"] == 0
+  a, b = r["first_step"]["written"], r["first_step"]["autodiff"]     # same step, same math
+  np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+  np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
