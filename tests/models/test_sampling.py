@@ -271,3 +271,25 @@ def test_first_token_frequencies_match_softmax():
       assert set(np.flatnonzero(freq)) <= set(np.argsort(-p)[:top_k])
     # the returned log-prob is that of the drawn token
     np.testing.assert_allclose(np.asarray(s.logprobs[:, 0]), np.log(p)[np.asarray(s.tokens[:, 0])], rtol=1e-5)
+
+
+def test_first_argmax_equals_argmax_including_ties_and_masked_entries():
+  from instructrl.models.sampling import first_argmax
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(64, 37)).astype(np.float32)
+  x[:, 5] = x.max(axis=1) + 1.0                     # a tie: the first of two maxima must win
+  x[::2, 20] = x[::2, 5]
+  x[1::3, :10] = np.finfo(np.float32).min           # masked entries (top-k / top-p fill)
+  for axis in (-1, 0):
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(x), axis=axis), np.argmax(x, axis=axis))
+  x[3, 7] = np.nan                                   # a NaN row stays in range
+  assert 0 <= int(first_argmax(jnp.asarray(x))[3]) < x.shape[1]
+
+
+def test_gumbel_max_draws_what_jax_random_categorical_draws():
+  from instructrl.models.sampling import gumbel_max
+  logp = jax.nn.log_softmax(jnp.asarray(np.random.default_rng(6).normal(size=(200, 50)) * 3, jnp.float32))
+  keys = jax.random.split(jax.random.key(7), 200)
+  ours = jax.jit(jax.vmap(gumbel_max))(keys, logp)
+  theirs = jax.jit(jax.vmap(jax.random.categorical))(keys, logp)
+  np.testing.assert_array_equal(ours, theirs)
