@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from instructrl.models.config import ModelConfig
+from instructrl.objectives import first_argmax
 from instructrl.models.transformer import Decoder, init_cache, left_pad_positions
 
 
@@ -51,19 +52,6 @@ def process_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: floa
     cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, neg, logits)
   return jax.nn.log_softmax(logits, axis=-1)
-
-
-def first_argmax(x, axis: int = -1):
-  """jnp.argmax (the first index of the maximum) as a max and a min over the indices attaining it.
-
-  Why: XLA:CPU runs argmax as one variadic (value, index) reduce that is ~4x slower than these two
-  plain reduces at the sampler's [batch, vocab] (44 vs 11 us at [16, 1024]; BENCHMARKS.md, session 11).
-  A row with a NaN has no index equal to its max; it gets the last index rather than an out-of-range one.
-  """
-  n = x.shape[axis]
-  top = jnp.max(x, axis=axis, keepdims=True)
-  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
-  return jnp.minimum(jnp.min(jnp.where(x == top, iota, n), axis=axis), n - 1)
 
 
 def gumbel_max(key, logp_v):

@@ -274,7 +274,7 @@ def test_first_token_frequencies_match_softmax():
 
 
 def test_first_argmax_equals_argmax_including_ties_and_masked_entries():
-  from instructrl.models.sampling import first_argmax
+  from instructrl.objectives import first_argmax
   rng = np.random.default_rng(5)
   x = rng.normal(size=(64, 37)).astype(np.float32)
   x[:, 5] = x.max(axis=1) + 1.0                     # a tie: the first of two maxima must win
