@@ -15,7 +15,8 @@ def first_argmax(x, axis: int = -1):
 
   Why: XLA:CPU runs argmax as one variadic (value, index) reduce, ~4x slower than these two plain
   reduces (44 vs 11 us at [16, 1024]; BENCHMARKS.md, session 11); used by the sampler's draw and the
-  train steps' accuracy. A row with a NaN has no index equal to its max; it gets the last index rather than an out-of-range one.
+  train steps' accuracy. A row with a NaN has no index equal to its max; it gets the last index
+  rather than an out-of-range one.
   """
   n = x.shape[axis]
   top = jnp.max(x, axis=axis, keepdims=True)

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from instructrl.models.config import ModelConfig
-from instructrl.objectives import first_argmax
 from instructrl.models.transformer import Decoder, init_cache, left_pad_positions
+from instructrl.objectives import first_argmax
 
 
 class Samples(NamedTuple):
