@@ -7,8 +7,16 @@
 Both sides get the same model shape (transformers' LlamaForCausalLM / GPT2LMHeadModel built from
 `instructrl.models.hf.config_to_hf`, random init, no downloads), the same dtype (f32 unless --dtype),
 the same batch and the same threads (torch.set_num_threads(--threads); XLA:CPU uses the cores it sees).
-Timings are interleaved (jax, torch, jax, torch, ...) so the shared machine's load hits both alike;
-medians are reported with the load average. ratio = JAX throughput / torch throughput (> 1: JAX faster).
+
+Each side runs in its own process (--isolate, the default): the parent starts a JAX-only and a torch-only
+child per round (--rounds, order alternating) and pools their timings; medians are reported with the
+load average. Why not both in one process: after every parallel region torch's OpenMP workers spin-wait
+for more work, and on 2 cores those spinning threads take the CPU from the XLA step that follows (and
+XLA's pool does the same to torch). Measured on a 2-core Xeon, tiny SFT step: JAX 12.7k tokens/s
+interleaved with torch in one process vs 18.9k alone (torch 25.2k vs 23.4k); OMP_WAIT_POLICY=PASSIVE
+removes the penalty to JAX but costs torch a third (BENCHMARKS.md, session 12). --no-isolate keeps the
+old same-process interleaving (jax, torch, jax, torch, ...), to reproduce earlier numbers.
+ratio = JAX throughput / torch throughput (> 1: JAX faster).
 
 What each torch side does (what a PyTorch user would write):
   sft:      model(input_ids).logits -> cross-entropy -> backward -> clip_grad_norm_ -> AdamW.step.
@@ -27,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,9 +107,31 @@ def _t(fn):
   return time.perf_counter() - t0
 
 
-def ratio_row(times: dict, work: float, unit: str) -> dict:
-  row = {name: {**summary(ts), f"{unit}_per_s": work / statistics.median(ts)} for name, ts in times.items()}
+def timed_entry(ts: list[float], work: float, unit: str) -> dict:
+  """Summary of one contender's timings; the raw times travel with it so rounds can be pooled."""
+  return {**summary(ts), f"{unit}_per_s": work / statistics.median(ts), "times_s": list(ts), "work": work,
+          "unit": unit}
+
+
+def ratio_row(times: dict, work: float, unit: str, ratios: dict) -> dict:
+  """{contender: timed_entry} plus each ratio in `ratios` ({key: (numerator, denominator)}) whose two
+  contenders were timed here (a one-sided child of --isolate has none)."""
+  row = {name: timed_entry(ts, work, unit) for name, ts in times.items()}
+  row["ratio_of"] = {k: list(v) for k, v in ratios.items()}
+  return with_ratios(row)
+
+
+def with_ratios(row: dict) -> dict:
+  for key, (a, b) in row["ratio_of"].items():
+    if a in row and b in row:
+      unit = row[a]["unit"]
+      row[key] = row[a][f"{unit}_per_s"] / row[b][f"{unit}_per_s"]
   return row
+
+
+def for_side(fns: dict, side: str) -> dict:
+  """The contenders this process times: all of them, or only JAX's / torch's (names start with the side)."""
+  return {k: f for k, f in fns.items() if side == "both" or k.startswith(side)}
 
 
 # ----------------------------------------------------------------------------- parts
@@ -107,9 +139,18 @@ def ratio_row(times: dict, work: float, unit: str) -> dict:
 def part_matmul(args, counter):
   out = {}
   for name, jdt, tdt in (("float32", jnp.float32, torch.float32), ("bfloat16", jnp.bfloat16, torch.bfloat16)):
-    out[name] = {"n": args.matmul_n, "jax_flops_per_s": matmul_peak(jdt, n=args.matmul_n, inner=1, repeats=3),
-                 "torch_flops_per_s": torch_matmul_peak(tdt, n=args.matmul_n)}
-    out[name]["ratio"] = out[name]["jax_flops_per_s"] / out[name]["torch_flops_per_s"]
+    out[name] = {"n": args.matmul_n}
+    if args.side in ("both", "jax"):
+      out[name]["jax_flops_per_s"] = matmul_peak(jdt, n=args.matmul_n, inner=1, repeats=3)
+    if args.side in ("both", "torch"):
+      out[name]["torch_flops_per_s"] = torch_matmul_peak(tdt, n=args.matmul_n)
+  return matmul_ratios(out)
+
+
+def matmul_ratios(out: dict) -> dict:
+  for row in out.values():
+    if "jax_flops_per_s" in row and "torch_flops_per_s" in row:
+      row["ratio"] = row["jax_flops_per_s"] / row["torch_flops_per_s"]
   return out
 
 
@@ -137,13 +178,14 @@ def part_sft(args, counter, shape):
       opt.step()
       opt.zero_grad(set_to_none=True)
 
-  jax_steps(), torch_steps()                                    # warm-up (compile; torch's allocator)
+  fns = for_side({"jax": jax_steps, "torch": torch_steps}, args.side)
+  for f in fns.values():                                        # warm-up (compile; torch's allocator)
+    f()
   before = counter.count
-  times = interleaved({"jax": jax_steps, "torch": torch_steps}, args.repeats)
-  row = ratio_row(times, B * T * args.steps, "tokens")
+  times = interleaved(fns, args.repeats)
+  row = ratio_row(times, B * T * args.steps, "tokens", {"ratio": ("jax", "torch")})
   return {"shape": shape, "model": model_summary(cfg), "batch_size": B, "seq_len": T, "steps_per_timing": args.steps,
-          **row, "ratio": row["jax"]["tokens_per_s"] / row["torch"]["tokens_per_s"],
-          "compiles_after_warmup": counter.count - before}
+          **row, "compiles_after_warmup": counter.count - before}
 
 
 def part_generate(args, counter):
@@ -174,12 +216,13 @@ def part_generate(args, counter):
                              pad_token_id=PAD_ID)
       assert out.shape[1] == P + N, out.shape
 
-    jax_gen(), torch_gen()
+    fns = for_side({"jax": jax_gen, "torch": torch_gen}, args.side)
+    for f in fns.values():
+      f()
     before = counter.count
-    times = interleaved({"jax": jax_gen, "torch": torch_gen}, args.repeats)
-    row = ratio_row(times, B * N, "new_tokens")
-    rows.append({"batch": B, **row, "ratio": row["jax"]["new_tokens_per_s"] / row["torch"]["new_tokens_per_s"],
-                 "compiles_after_warmup": counter.count - before})
+    times = interleaved(fns, args.repeats)
+    row = ratio_row(times, B * N, "new_tokens", {"ratio": ("jax", "torch")})
+    rows.append({"batch": B, **row, "compiles_after_warmup": counter.count - before})
   return {"shape": args.gen_shape, "model": model_summary(cfg), "prompt_len": P, "max_new_tokens": N,
           "results": rows}
 
@@ -229,17 +272,16 @@ def part_rm(args, counter):
         topt.step()
         topt.zero_grad(set_to_none=True)
 
-    fns = {"jax_per_prompt": jax_fn("per_prompt"), "jax_per_pair": jax_fn("shuffled_pairs"), "torch_per_pair": torch_fn}
+    fns = for_side({"jax_per_prompt": jax_fn("per_prompt"), "jax_per_pair": jax_fn("shuffled_pairs"),
+                    "torch_per_pair": torch_fn}, args.side)
     for f in fns.values():
       f()
     before = counter.count
     times = interleaved(fns, args.repeats)
-    row = ratio_row(times, B * K * (K - 1) // 2 * args.steps, "comparisons")
-    t = row["torch_per_pair"]["comparisons_per_s"]
-    rows.append({"K": K, "comparisons_per_step": Pn, **row,
-                 "ratio_jax_per_pair_vs_torch": row["jax_per_pair"]["comparisons_per_s"] / t,
-                 "ratio_jax_per_prompt_vs_torch": row["jax_per_prompt"]["comparisons_per_s"] / t,
-                 "compiles_after_warmup": counter.count - before})
+    row = ratio_row(times, B * K * (K - 1) // 2 * args.steps, "comparisons",
+                    {"ratio_jax_per_pair_vs_torch": ("jax_per_pair", "torch_per_pair"),
+                     "ratio_jax_per_prompt_vs_torch": ("jax_per_prompt", "torch_per_pair")})
+    rows.append({"K": K, "comparisons_per_step": Pn, **row, "compiles_after_warmup": counter.count - before})
   return {"preset": args.preset, "model": model_summary(cfg), "prompts": B, "seq_len": T,
           "steps_per_timing": args.steps, "results": rows}
 
@@ -324,14 +366,74 @@ def part_ppo(args, counter):
         vopt.step()
         vopt.zero_grad(set_to_none=True)
 
-  jax_iter(), jax_iter(), torch_iter()
+  fns = for_side({"jax": jax_iter, "torch": torch_iter}, args.side)
+  for name, f in fns.items():
+    for _ in range(2 if name == "jax" else 1):   # JAX's second iteration has a donated state to reuse
+      f()
   before = counter.count
-  times = interleaved({"jax": jax_iter, "torch": torch_iter}, args.repeats)
-  row = ratio_row(times, B, "episodes")
+  times = interleaved(fns, args.repeats)
+  row = ratio_row(times, B, "episodes", {"ratio": ("jax", "torch")})
   return {"preset": args.preset, "model": model_summary(cfg), "batch_size": B, "minibatch_size": mb,
           "ppo_epochs": pc.ppo_epochs, "prompt_len": P, "max_new_tokens": N, "ptx": "off on both sides", **row,
-          "ratio": row["jax"]["episodes_per_s"] / row["torch"]["episodes_per_s"],
           "compiles_after_warmup": counter.count - before}
+
+
+# ----------------------------------------------------------------------------- --isolate: one process per side
+
+def merge(a, b):
+  """Pool two children's outputs: timings concatenated, one-sided keys united, peaks maximised."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    if "times_s" in a and "times_s" in b:
+      ts = a["times_s"] + b["times_s"]
+      return timed_entry(ts, a["work"], a["unit"])
+    out = dict(a)
+    for k, v in b.items():
+      if k not in a:
+        out[k] = v
+      elif k.endswith("_flops_per_s") or k == "compiles_after_warmup":
+        out[k] = max(a[k], v)
+      else:
+        out[k] = merge(a[k], v)
+    return out
+  if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+    return [merge(x, y) for x, y in zip(a, b)]
+  return a
+
+
+def finish(out):
+  """Recompute every ratio of a merged output (rows carry their `ratio_of`; matmul its two peaks)."""
+  if isinstance(out, dict):
+    for v in out.values():
+      finish(v)
+    if "ratio_of" in out:
+      with_ratios(out)
+  elif isinstance(out, list):
+    for v in out:
+      finish(v)
+  return out
+
+
+def run_isolated(argv: list[str], rounds: int) -> dict:
+  """Run this script once per (round, side) in a fresh process and pool the results."""
+  pooled = {}
+  for r in range(rounds):
+    for side in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+      cmd = [sys.executable, str(Path(__file__).resolve()), *argv, f"--side={side}", "--no-isolate"]
+      p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+      if p.returncode:
+        raise RuntimeError(f"compare_torch: the {side} child of round {r} failed (rc {p.returncode}): "
+                           f"{' '.join(cmd)}\n{p.stderr[-3000:]}")
+      child = json.loads(p.stdout)
+      pooled.setdefault(side, []).append(child)
+  out = {}
+  for side, children in pooled.items():
+    merged = children[0]
+    for c in children[1:]:
+      merged = merge(merged, c)
+    out = merge(out, merged) if out else merged
+  if "matmul" in out:
+    matmul_ratios(out["matmul"])
+  return finish(out)
 
 
 def main():
@@ -354,15 +456,32 @@ def main():
   ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians reported")
   ap.add_argument("--threads", type=int, default=2, help="torch threads (XLA:CPU uses the cores it sees)")
   ap.add_argument("--dtype", default=None, help="compute dtype override on the JAX side (float32/bfloat16)")
-  ap.add_argument("--quick", action="store_true", help="small batches, 2 rounds")
+  ap.add_argument("--quick", action="store_true", help="small batches, 2 rounds, one process per side")
+  ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                  help="time each side in its own process (default); --no-isolate: both in this one, interleaved")
+  ap.add_argument("--rounds", type=int, default=2, help="--isolate: processes per side (order alternating)")
+  ap.add_argument("--side", default="both", choices=("both", "jax", "torch"), help="contenders timed here")
   args = ap.parse_args()
+  if args.isolate and args.side == "both":
+    argv = [a for a in sys.argv[1:] if not a.startswith(("--isolate", "--rounds", "--side"))]
+    t0 = time.perf_counter()
+    out = {"benchmark": "compare_torch", "quick": args.quick, "repeats": args.repeats, "isolated": True,
+           "rounds": 1 if args.quick else args.rounds,
+           **run_isolated(argv, 1 if args.quick else args.rounds)}
+    out.update({"benchmark": "compare_torch", "isolated": True, "side": "both"})
+    out["wall_s"] = time.perf_counter() - t0
+    torch.set_num_threads(args.threads)
+    out.update(environment())
+    print(json.dumps(out, indent=1))
+    return
   if args.quick:
     args.repeats, args.steps, args.matmul_n = 2, 1, 512
     args.sft_shapes, args.gen_batches, args.rm_prompts, args.rm_ks = "tiny", "1,16", 2, "4"
     args.ppo_batch, args.ppo_minibatch = 16, 8
   torch.set_num_threads(args.threads)
   counter = CompileCounter()
-  out = {"benchmark": "compare_torch", "quick": args.quick, "repeats": args.repeats}
+  out = {"benchmark": "compare_torch", "quick": args.quick, "repeats": args.repeats, "isolated": False,
+         "side": args.side}
   parts = args.parts.split(",")
   t0 = time.perf_counter()
   if "matmul" in parts:

@@ -66,7 +66,7 @@ def main():
     (Path(args.hlo_dir) / f"train_step_{args.shape}.txt").write_text(hlo)
   if args.trace_dir:
     state = s.state
-    with parallel.activate(s.mesh, s.rules), jax.profiler.trace(args.trace_dir):
+    with parallel.activate(s.mesh, s.rules), jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
       for _ in range(args.steps):
         state, m = s.train_step(state, s.batch, s.key)
       jax.block_until_ready(m)

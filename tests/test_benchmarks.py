@@ -96,3 +96,26 @@ def test_linear_ab_times_both_backwards_of_the_same_step():
   a, b = r["first_step"]["written"], r["first_step"]["autodiff"]     # same step, same math
   np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
   np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+
+
+def test_compare_torch_pools_one_sided_children_into_ratios():
+  """--isolate runs a JAX-only and a torch-only child per round; the parent pools their raw timings."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from benchmarks import compare_torch as ct
+  spec = {"ratio": ("jax", "torch")}
+  jax1 = {"sft": [ct.ratio_row({"jax": [1.0, 3.0]}, 100, "tokens", spec) | {"compiles_after_warmup": 0}],
+          "matmul": {"float32": {"n": 8, "jax_flops_per_s": 5.0}}}
+  jax2 = {"sft": [ct.ratio_row({"jax": [2.0]}, 100, "tokens", spec) | {"compiles_after_warmup": 1}],
+          "matmul": {"float32": {"n": 8, "jax_flops_per_s": 6.0}}}
+  torch1 = {"sft": [ct.ratio_row({"torch": [4.0]}, 100, "tokens", spec) | {"compiles_after_warmup": 0}],
+            "matmul": {"float32": {"n": 8, "torch_flops_per_s": 12.0}}}
+  assert "ratio" not in jax1["sft"][0]                          # one side alone has no ratio
+  out = ct.merge(ct.merge(jax1, jax2), torch1)
+  ct.finish(out)
+  ct.matmul_ratios(out["matmul"])
+  row = out["sft"][0]
+  assert row["jax"]["times_s"] == [1.0, 3.0, 2.0] and row["jax"]["median_s"] == 2.0
+  assert row["jax"]["tokens_per_s"] == 50.0 and row["torch"]["tokens_per_s"] == 25.0
+  assert row["ratio"] == 2.0 and row["compiles_after_warmup"] == 1   # a recompile in any child shows
+  assert out["matmul"]["float32"]["jax_flops_per_s"] == 6.0 and out["matmul"]["float32"]["ratio"] == 0.5
