@@ -31,6 +31,11 @@ FLAG_SETS = {
     "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",
     "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
     "xnnpack": "--xla_cpu_use_xnnpack=true",
+    # Without YNNPACK's dot fusion the dots fall back to XLA's own (Eigen) kernels, or to XNNPACK / oneDNN.
+    "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
+    "no_ynn_xnn_dot": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type=dot",
+    "no_ynn_onednn_dot": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_onednn_fusion_type=dot",
+    "vector_512": "--xla_cpu_prefer_vector_width=512",   # LLVM-emitted fusions in 512-bit vectors (AVX-512)
     "fast_math": "--xla_cpu_enable_fast_math=true",
     "one_thread": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
 }

@@ -59,11 +59,17 @@ def answer(params, model_cfg: ModelConfig, tokenizer, world, records: list[dict]
 
 
 def gold_summary(world, records: list[dict], answers: list) -> dict:
-  """Mean gold score, acceptable and correct rates over the answered prompts."""
-  verdicts = [world.judge(r, a) for r, a in zip(records, answers) if a is not None]
+  """Mean gold score, acceptable and correct rates over the answered prompts, and the gold score per task family."""
+  judged = [(r.get("family", "?"), world.judge(r, a)) for r, a in zip(records, answers) if a is not None]
+  verdicts = [v for _, v in judged]
   if not verdicts:
     raise ValueError("gold_eval: every prompt was longer than eval.prompt_len")
+  by_family = {}
+  for fam, v in judged:
+    by_family.setdefault(fam, []).append(v.score)
   return {"gold_score": float(np.mean([v.score for v in verdicts])),
+          # Where a model wins or loses: the mean gold score of each task family's answers, and their count.
+          "by_family": {f: {"gold_score": float(np.mean(xs)), "n": len(xs)} for f, xs in sorted(by_family.items())},
           "acceptable_rate": float(np.mean([v.acceptable for v in verdicts])),
           "correct_rate": float(np.mean([v.correct for v in verdicts])), "n": len(verdicts),
           "skipped_too_long": len(records) - len(verdicts),

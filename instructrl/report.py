@@ -42,6 +42,16 @@ def markdown(rep: dict) -> str:
         f"{_pct(tr['truthful'])} | {_pct(tr['truthful_and_informative'])} | {_pct(tr['false_premise_rejected'])} | "
         f"{_pct(tx['rude_rate/plain'])} / {_pct(tx['rude_rate/respectful'])} | {r['heldout_lm_loss']:.3f} | "
         f"{_pct(r['cloze_accuracy'])} |")
+  fams = sorted({f for name in rep["models"] for f in (res[name]["gold"].get("by_family") or {})})
+  if fams:
+    lines += ["", "## Gold score by task family", "",
+              "Mean gold score of each model's answers to the held-out prompts of each family (where a model's "
+              "win rate comes from).", "",
+              "| model | T | " + " | ".join(fams) + " |", "|---|---|" + "---|" * len(fams)]
+    for name in rep["models"]:
+      by = res[name]["gold"].get("by_family") or {}
+      lines.append(f"| {name} | {res[name]['temperature']:g} | " +
+                   " | ".join(_num(by[f]["gold_score"], ".2f") if f in by else "-" for f in fams) + " |")
   rm = rep.get("rm") or {}
   if rm:
     lines += ["", "## Reward model", "",

@@ -5,6 +5,7 @@ rerun that skips every stage."""
 import json
 import subprocess
 
+import numpy as np
 import pytest
 from tests.smoke_pipeline import ROOT, cli_env, command, smoke_run  # noqa: F401 -- smoke_run is a fixture
 
@@ -27,6 +28,11 @@ def test_one_command_runs_every_stage_and_writes_a_complete_report(smoke_run):
     r = rep["results"][name]
     assert 0 <= r["win_rate_vs_sft"]["mean"] <= 1 and 1 <= r["likert"]["mean"] <= 7, name
     assert 0 <= r["cloze_accuracy"] <= 1 and r["heldout_lm_loss"] > 0, name
+  for name in rep["models"]:   # per-family gold: counts add up to the answered prompts, the means to the mean
+    g = rep["results"][name]["gold"]
+    assert sum(f["n"] for f in g["by_family"].values()) == g["n"], name
+    np.testing.assert_allclose(sum(f["gold_score"] * f["n"] for f in g["by_family"].values()) / g["n"],
+                               g["gold_score"], rtol=1e-6)
   assert {"accuracy_train_groups", "accuracy_heldout_group"} <= set(rep["rm"])
   fam = rep["rm"]["by_family"]
   assert "all" in fam["families"] and len(fam["families"]) >= 2, fam
@@ -35,6 +41,7 @@ def test_one_command_runs_every_stage_and_writes_a_complete_report(smoke_run):
   md = (w / "eval" / "report.md").read_text()
   assert "| family | pairs | accuracy | utility ceiling | agrees with gold |" in md and md.count("| all |") == 1
   assert all(f"| {name} |" in md for name in rep["models"])
+  assert "## Gold score by task family" in md and md.count("| SFT | 1 |") == 2   # main table and family table
   for f in ("win_rates.png", "alignment_tax.png", "ppo_curves.png"):
     assert (w / "eval" / f).stat().st_size > 1000, f
   for stage in STAGES[1:-1]:
