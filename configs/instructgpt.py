@@ -213,6 +213,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.eval.baseline_temperature = 0.7  # GPT-3 baselines at 0.7 (paper)
   c.eval.prompted_at_policy_temperature = True  # also judge prompted GPT at eval.temperature: one temperature
                                  # for all (tiny's SFT is much worse at 1 than at 0.7, docs/STATUS.md session 5)
+  c.eval.sft_at_baseline_temperature = True  # and SFT at eval.baseline_temperature: both single-temperature
+                                 # orderings in the report, beside the paper's mixed one (docs/STATUS.md session 12)
   c.eval.few_shot = 2            # solved examples in the prompted-GPT prefix
   c.eval.report_prompts = 500    # eval stage: held-out prompts per set (eval/truthful/toxicity), <= world sizes
   c.eval.cloze_seq_len = 32      # eval stage: tokens per cloze context + choice

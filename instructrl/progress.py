@@ -104,10 +104,12 @@ def stage_cost(stage: str, config, n_models: int = 0) -> tuple[float, float, flo
 
 def eval_models(stages: list[str], workdir: Path, config) -> int:
   """Answer sets the eval stage will sample: GPT, GPT prompted (twice with
-  eval.prompted_at_policy_temperature), SFT, its resample, each PPO stage."""
+  eval.prompted_at_policy_temperature), SFT, its resample (and SFT at the baselines' temperature with
+  eval.sft_at_baseline_temperature), each PPO stage."""
   from instructrl.stages import evaluate
   have = lambda s: s in stages or (Path(workdir) / s).is_dir()
-  return (2 + evaluate.prompted_twice(config.eval)) * have("pretrain") + 2 + sum(have(s) for s in ("ppo", "ppo_noptx"))
+  return ((2 + evaluate.prompted_twice(config.eval)) * have("pretrain") + 2 + evaluate.sft_twice(config.eval)
+          + sum(have(s) for s in ("ppo", "ppo_noptx")))
 
 
 # ----------------------------------------------------------------------------- what is on disk

@@ -83,22 +83,33 @@ def prompted_twice(ecfg) -> bool:
   return bool(ecfg.get("prompted_at_policy_temperature", False)) and ecfg.baseline_temperature != ecfg.temperature
 
 
+def sft_twice(ecfg) -> bool:
+  """Whether SFT is also judged at the baselines' temperature (eval.sft_at_baseline_temperature)."""
+  return bool(ecfg.get("sft_at_baseline_temperature", False)) and ecfg.baseline_temperature != ecfg.temperature
+
+
 def eval_models(config, workdir: Path) -> list[dict]:
   """The models the eval stage judges: every finished stage (available_models), and with
-  eval.prompted_at_policy_temperature the few-shot GPT once more at eval.temperature, so the report
-  also compares the baselines with SFT at one temperature (the paper's 0.7 vs 1 mixes prompting with
-  sharpening). Each model carries the `index` its sampling and rater draws are keyed on: the extra row
-  comes after the SFT resample, so adding it changes no other model's answers."""
+  eval.prompted_at_policy_temperature the few-shot GPT once more at eval.temperature, with
+  eval.sft_at_baseline_temperature SFT once more at eval.baseline_temperature, so the report also
+  compares the baselines with SFT at each single temperature (the paper's 0.7 vs 1 mixes prompting
+  with sharpening). Each model carries the `index` its sampling and rater draws are keyed on: the
+  extra rows come after the SFT resample, so adding them changes no other model's answers."""
   models = available_models(workdir)
   for i, m in enumerate(models):
     m["index"] = i
-  ecfg = config.eval
+  n, ecfg = len(models), config.eval
   if prompted_twice(ecfg):
     at = [i for i, m in enumerate(models) if m["name"] == "GPT prompted"]
     if at:
       extra = {**models[at[0]], "name": f"GPT prompted (T={ecfg.temperature:g})", "temperature": ecfg.temperature,
-               "index": len(models) + 1}
+               "index": n + 1}
       models.insert(at[0] + 1, extra)
+  if sft_twice(ecfg):
+    at = [i for i, m in enumerate(models) if m["name"] == "SFT"]
+    if at:
+      t = ecfg.baseline_temperature
+      models.insert(at[0] + 1, {**models[at[0]], "name": f"SFT (T={t:g})", "temperature": t, "index": n + 2})
   return models
 
 

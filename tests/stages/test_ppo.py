@@ -540,7 +540,7 @@ def test_eval_stage_compares_every_model_and_resumes_exactly(ppo_run, reference_
   shutil.copy(reference_run / "metrics" / "rm.jsonl", w / "metrics" / "rm.jsonl")   # the RM's accuracies
   cli(w, "ppo_noptx,eval", *PPO_FLAGS)
   rep = json.loads((w / "eval" / "report.json").read_text())
-  assert rep["models"] == ["GPT", "GPT prompted", "GPT prompted (T=1)", "SFT", "PPO-ptx", "PPO"]
+  assert rep["models"] == ["GPT", "GPT prompted", "GPT prompted (T=1)", "SFT", "SFT (T=0.7)", "PPO-ptx", "PPO"]
   assert rep["results"]["PPO-ptx"]["ptx_coef"] == 1.0 and rep["results"]["PPO"]["ptx_coef"] == 0.0
   assert rep["judged_by"]["group"] == 4 and rep["n_prompts"]["eval"] == 32
   for name, r in rep["results"].items():
