@@ -462,22 +462,21 @@ def main():
   ap.add_argument("--rounds", type=int, default=2, help="--isolate: processes per side (order alternating)")
   ap.add_argument("--side", default="both", choices=("both", "jax", "torch"), help="contenders timed here")
   args = ap.parse_args()
+  if args.quick:
+    args.repeats, args.steps, args.matmul_n, args.rounds = 2, 1, 512, 1
+    args.sft_shapes, args.gen_batches, args.rm_prompts, args.rm_ks = "tiny", "1,16", 2, "4"
+    args.ppo_batch, args.ppo_minibatch = 16, 8
   if args.isolate and args.side == "both":
     argv = [a for a in sys.argv[1:] if not a.startswith(("--isolate", "--rounds", "--side"))]
     t0 = time.perf_counter()
     out = {"benchmark": "compare_torch", "quick": args.quick, "repeats": args.repeats, "isolated": True,
-           "rounds": 1 if args.quick else args.rounds,
-           **run_isolated(argv, 1 if args.quick else args.rounds)}
+           "rounds": args.rounds, **run_isolated(argv, args.rounds)}
     out.update({"benchmark": "compare_torch", "isolated": True, "side": "both"})
     out["wall_s"] = time.perf_counter() - t0
     torch.set_num_threads(args.threads)
     out.update(environment())
     print(json.dumps(out, indent=1))
     return
-  if args.quick:
-    args.repeats, args.steps, args.matmul_n = 2, 1, 512
-    args.sft_shapes, args.gen_batches, args.rm_prompts, args.rm_ks = "tiny", "1,16", 2, "4"
-    args.ppo_batch, args.ppo_minibatch = 16, 8
   torch.set_num_threads(args.threads)
   counter = CompileCounter()
   out = {"benchmark": "compare_torch", "quick": args.quick, "repeats": args.repeats, "isolated": False,
