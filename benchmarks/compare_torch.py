@@ -467,7 +467,12 @@ def main():
     args.sft_shapes, args.gen_batches, args.rm_prompts, args.rm_ks = "tiny", "1,16", 2, "4"
     args.ppo_batch, args.ppo_minibatch = 16, 8
   if args.isolate and args.side == "both":
-    argv = [a for a in sys.argv[1:] if not a.startswith(("--isolate", "--rounds", "--side"))]
+    argv, skip = [], False   # the children get this command line minus the parent's own flags
+    for a in sys.argv[1:]:
+      if skip or a.startswith(("--isolate", "--rounds", "--side")):
+        skip = not skip and a in ("--rounds", "--side")   # "--rounds 3": drop the value too
+        continue
+      argv.append(a)
     t0 = time.perf_counter()
     out = {"benchmark": "compare_torch", "quick": args.quick, "repeats": args.repeats, "isolated": True,
            "rounds": args.rounds, **run_isolated(argv, args.rounds)}
