@@ -474,9 +474,9 @@ def main():
         continue
       argv.append(a)
     t0 = time.perf_counter()
-    out = {"benchmark": "compare_torch", "quick": args.quick, "repeats": args.repeats, "isolated": True,
-           "rounds": args.rounds, **run_isolated(argv, args.rounds)}
-    out.update({"benchmark": "compare_torch", "isolated": True, "side": "both"})
+    # The children's own "isolated"/"side" keys are overridden: this is the pooled, two-sided result.
+    out = {**run_isolated(argv, args.rounds), "benchmark": "compare_torch", "quick": args.quick,
+           "repeats": args.repeats, "isolated": True, "rounds": args.rounds, "side": "both"}
     out["wall_s"] = time.perf_counter() - t0
     torch.set_num_threads(args.threads)
     out.update(environment())
