@@ -1,7 +1,7 @@
 """SFT on alpaca-style demonstrations (instruction/input/output; dolly and prompt/response read too)
-from an imported GPT-2 / LLaMA checkpoint. Run with `instructrl.finetune`:
+from an imported GPT-2 / LLaMA checkpoint. Run with `instructrl.tools.finetune`:
 
-  python -m instructrl.finetune --config=configs/alpaca_sft.py --workdir=runs/alpaca \
+  python -m instructrl.tools.finetune --config=configs/alpaca_sft.py --workdir=runs/alpaca \
       --config.init.hf_dir=checkpoints/gpt2 --config.data.train=data/alpaca_data.json
 
 Hyper-parameters follow the paper's SFT (appendix C.1: cosine decay to 10%, no warm-up, residual

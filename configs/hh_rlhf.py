@@ -1,7 +1,7 @@
 """Reward model on Anthropic HH-RLHF pairs (chosen/rejected transcripts, split into the shared
-conversation and the two final answers) from an imported GPT-2-shaped model. Run with `instructrl.finetune`:
+conversation and the two final answers) from an imported GPT-2-shaped model. Run with `instructrl.tools.finetune`:
 
-  python -m instructrl.finetune --config=configs/hh_rlhf.py --workdir=runs/hh \
+  python -m instructrl.tools.finetune --config=configs/hh_rlhf.py --workdir=runs/hh \
       --config.init.hf_dir=checkpoints/gpt2 \
       --config.data.train=hh-rlhf/helpful-base/train.jsonl.gz --config.data.valid=hh-rlhf/helpful-base/test.jsonl.gz
 

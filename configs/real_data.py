@@ -1,4 +1,4 @@
-"""Shared fields of the public-data configs (alpaca_sft.py, hh_rlhf.py) run by `instructrl.finetune`.
+"""Shared fields of the public-data configs (alpaca_sft.py, hh_rlhf.py) run by `instructrl.tools.finetune`.
 
 The model config is not here: it is read from the imported Hugging Face checkpoint.
 """

@@ -242,12 +242,12 @@ def by_family(side_by_side: list[dict], models: list[str]) -> list[dict]:
 # ----------------------------------------------------------------------------- sweeps
 
 def load_sweep(path: str | Path) -> dict:
-  """W/sweep.json (instructrl.sweep): {"sweep", "members": {name: {overrides, seeds_done, <metric>: {...}}}}."""
+  """W/sweep.json (instructrl.tools.sweep): {"sweep", "members": {name: {overrides, seeds_done, <metric>: {...}}}}."""
   path = Path(path)
   if path.is_dir():
     path = path / "sweep.json"
   if not path.exists():
-    raise FileNotFoundError(f"{path}: no sweep summary (run `python -m instructrl.sweep --sweep=... --workdir=...`)")
+    raise FileNotFoundError(f"{path}: no sweep summary (run `python -m instructrl.tools.sweep --sweep=... --workdir=...`)")
   return json.loads(path.read_text())
 
 
@@ -280,7 +280,7 @@ def cloze_by_kind(workdir: str | Path, items_path: str | Path | None = None) -> 
   scored by an older run's models: only the world's facts must agree). Loads the models: seconds on
   smoke, about a minute on tiny (CPU)."""
   import ml_collections
-  from instructrl import checkpoints, evaluation, parallel
+  from instructrl import checkpoints, measures, parallel
   from instructrl.models.config import ModelConfig
   from instructrl.stages import evaluate
   from instructrl.stages.train_state import abstract_state, make_optimizer, state_shardings
@@ -293,7 +293,7 @@ def cloze_by_kind(workdir: str | Path, items_path: str | Path | None = None) -> 
   tx, _ = make_optimizer(config.sft, 1)
   abstract = abstract_state(model_cfg, tx, state_shardings(model_cfg, tx, mesh, rules))["params"]
   tokenizer, world_id = load_tokenizer(workdir), world_fingerprint(workdir)
-  ex, owner = evaluation.cloze_examples(tokenizer, items, config.eval.cloze_seq_len)
+  ex, owner = measures.cloze_examples(tokenizer, items, config.eval.cloze_seq_len)
   kinds = np.array([it.get("kind", "all") for it in items])
   out = {}
   with parallel.activate(mesh, rules):
@@ -302,7 +302,7 @@ def cloze_by_kind(workdir: str | Path, items_path: str | Path | None = None) -> 
         continue   # the same params as GPT: the cloze prompt has no few-shot prefix
       params = checkpoints.load_params(workdir / m["stage"], abstract, model_cfg.to_dict(), world_id,
                                        entry=m["entry"], step=m["step"])[0]
-      nll, _ = evaluation.sequence_nll(params, model_cfg, ex, config.eval.batch_size)
+      nll, _ = measures.sequence_nll(params, model_cfg, ex, config.eval.batch_size)
       hit = np.array([int(np.argmin(nll[owner == i])) == it["answer"] for i, it in enumerate(items)])
       out[m["name"]] = {"all": float(hit.mean()), **{k: float(hit[kinds == k].mean()) for k in sorted(set(kinds))}}
   return out

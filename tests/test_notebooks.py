@@ -54,9 +54,9 @@ def test_run_notebooks_execute_on_the_smoke_run(name, smoke_run, monkeypatch, tm
 
 @pytest.mark.slow
 def test_sweep_notebook_executes_on_a_sweep_of_smoke_reports(smoke_run, monkeypatch, tmp_path):
-  """sweep.json made by instructrl.sweep.aggregate from member reports (copies of the smoke run's real
+  """sweep.json made by instructrl.tools.sweep.aggregate from member reports (copies of the smoke run's real
   report, one number moved per seed), as tests/test_sweep.py does without training."""
-  from instructrl import sweep
+  from instructrl.tools import sweep
   monkeypatch.chdir(ROOT)
   s = sweep.load_sweep(str(ROOT / "configs" / "sweeps" / "kl_coef.py") + ":smoke")
   runs = sweep.plan(s, tmp_path / "sweep")

@@ -1,4 +1,4 @@
-"""`python -m instructrl.plan` on the small preset and 8 simulated devices: it reports per-device memory
+"""`python -m instructrl.tools.plan` on the small preset and 8 simulated devices: it reports per-device memory
 from the compiled executables, the argument bytes are the sharded train state's (checked against the
 closed-form parameter count), and the fsdp mesh needs less memory per device than pure data parallel.
 The table logic (mesh parsing, fewest chips that fit) is checked without compiling.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from instructrl import plan
+from instructrl.tools import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024 ** 3
@@ -25,7 +25,7 @@ def small_plan(tmp_path_factory):
   out = tmp_path_factory.mktemp("plan") / "rows.json"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-m", "instructrl.plan", "--config=configs/instructgpt.py:small",
+  proc = subprocess.run([sys.executable, "-m", "instructrl.tools.plan", "--config=configs/instructgpt.py:small",
                          "--mesh=8,1,1;1,8,1", "--stages=sft", "--target=v5e", f"--json={out}"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from instructrl import sweep
+from instructrl.tools import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_aggregate_means_and_stds_over_seeds(tmp_path, monkeypatch):
 
 
 def test_dry_run_prints_one_command_per_member_and_seed(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "instructrl.sweep", "--sweep=configs/sweeps/ptx_coef.py:tiny",
+  out = subprocess.run([sys.executable, "-m", "instructrl.tools.sweep", "--sweep=configs/sweeps/ptx_coef.py:tiny",
                         f"--workdir={tmp_path}", "--dry_run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   cmds = [l for l in out.stdout.splitlines() if "instructrl.main" in l]
@@ -121,7 +121,7 @@ def test_dry_run_with_adopt_says_what_would_be_adopted_and_copies_nothing(tmp_pa
   monkeypatch.chdir(ROOT)
   base = sweep.member_config("configs/instructgpt.py:tiny", {}, 0)     # gamma 1 = the tiny default
   _fake_run(tmp_path / "seed0", base, sweep.STAGE_OUTPUTS)
-  out = subprocess.run([sys.executable, "-m", "instructrl.sweep", "--sweep=configs/sweeps/ptx_coef.py:tiny",
+  out = subprocess.run([sys.executable, "-m", "instructrl.tools.sweep", "--sweep=configs/sweeps/ptx_coef.py:tiny",
                         f"--workdir={tmp_path / 'sweep'}", "--seeds=0", f"--adopt={tmp_path / 'seed0'}", "--dry_run"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -173,7 +173,7 @@ def test_numeric_sweeps_plot_against_the_swept_value():
 
 
 def test_only_names_unknown_members_and_aggregate_only_runs_nothing(tmp_path):
-  base = [sys.executable, "-m", "instructrl.sweep", "--sweep=configs/sweeps/kl_coef.py:smoke", f"--workdir={tmp_path}"]
+  base = [sys.executable, "-m", "instructrl.tools.sweep", "--sweep=configs/sweeps/kl_coef.py:smoke", f"--workdir={tmp_path}"]
   out = subprocess.run(base + ["--only=beta0.1,beta9"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0 and "--only: no member named ['beta9']" in out.stderr, out.stderr[-2000:]
   assert not any(tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""KL reward coefficient beta (paper C.4: 0.02). `python -m instructrl.sweep --sweep=configs/sweeps/kl_coef.py`."""
+"""KL reward coefficient beta (paper C.4: 0.02). `python -m instructrl.tools.sweep --sweep=configs/sweeps/kl_coef.py`."""
 
 from configs.sweeps import common
 

@@ -9,7 +9,7 @@ read (the role Grain's index sampler plays elsewhere; no iterator state to check
 
   python -m instructrl.data.tfds_io --kind=demo --name=alpaca --data_dir=tfds \
       --split=train=alpaca_data.json
-  python -m instructrl.finetune --config=configs/alpaca_sft.py --workdir=runs/a \
+  python -m instructrl.tools.finetune --config=configs/alpaca_sft.py --workdir=runs/a \
       --config.data.train=tfds/alpaca/1.0.0 ...
 
 Features by kind (fields outside these are not stored):

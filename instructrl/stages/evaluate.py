@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from instructrl import checkpoints, evaluation, parallel, report
+from instructrl import checkpoints, measures, parallel, report
 from instructrl.data import world as world_lib
 from instructrl.data.batching import pack_texts
 from instructrl.data.records import load_jsonl
@@ -196,8 +196,8 @@ def run(config, workdir: Path, mesh, rules) -> dict:
       ckpt = (m["stage"], m["step"], m["entry"])    # GPT and GPT prompted share params: score them once
       if ckpt not in lm_scores:
         lm_scores[ckpt] = {
-            "heldout_lm_loss": evaluation.heldout_lm_loss(params, model_cfg, valid_lm, ecfg.batch_size),
-            "cloze_accuracy": evaluation.cloze_accuracy(params, model_cfg, tokenizer, cloze,
+            "heldout_lm_loss": measures.heldout_lm_loss(params, model_cfg, valid_lm, ecfg.batch_size),
+            "cloze_accuracy": measures.cloze_accuracy(params, model_cfg, tokenizer, cloze,
                                                         seq_len=ecfg.cloze_seq_len, batch_size=ecfg.batch_size)}
       answers[m["name"]] = _answers(out_dir, m, params, model_cfg, tokenizer, world, sets, config, prefix, m["index"])
       if m["name"] == "SFT":   # a second, independent SFT sample: the noise floor of the win rate
@@ -213,9 +213,9 @@ def run(config, workdir: Path, mesh, rules) -> dict:
     a = answers["SFT resample" if m["name"] == "SFT" else m["name"]]
     rng = np.random.default_rng([config.seed, 110, m["index"]])
     rows[m["name"]].update(
-        win_rate_vs_sft=evaluation.win_rate(world, sets["eval"], a["eval"], sft["eval"], raters, rng),
-        likert=evaluation.likert(world, sets["eval"], a["eval"], raters, rng),
-        gold=_strip(evaluation.gold_summary(world, sets["eval"], a["eval"])),
+        win_rate_vs_sft=measures.win_rate(world, sets["eval"], a["eval"], sft["eval"], raters, rng),
+        likert=measures.likert(world, sets["eval"], a["eval"], raters, rng),
+        gold=_strip(measures.gold_summary(world, sets["eval"], a["eval"])),
         truthfulness=truthfulness(world, sets["truthful"], a["truthful"]),
         toxicity=toxicity(world, sets["toxicity"], a["toxicity"]))
   out = {"models": [m["name"] for m in models], "results": rows,
@@ -249,7 +249,7 @@ def _answers(out_dir: Path, m: dict, params, model_cfg, tokenizer, world, sets, 
     if cached.get("key") == key:
       return cached["answers"]
   rng = jax.random.fold_in(jax.random.key(config.seed + 110), index)
-  got = {k: evaluation.answer(params, model_cfg, tokenizer, world, recs, rng=jax.random.fold_in(rng, j),
+  got = {k: measures.answer(params, model_cfg, tokenizer, world, recs, rng=jax.random.fold_in(rng, j),
                               eval_cfg=config.eval, prefix=prefix if m["few_shot"] else "",
                               stop_at_newline=m["few_shot"], temperature=_temperature(m, config.eval))
          for j, (k, recs) in enumerate(sets.items())}

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from instructrl import checkpoints, distributed, evaluation, objectives, parallel
+from instructrl import checkpoints, distributed, measures, objectives, parallel
 from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, left_pad_prompts, pack_texts
 from instructrl.data.records import load_jsonl
@@ -353,7 +353,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   # ------------------------------------------------------------------ end-of-stage eval (the EMA policy)
   def after_training(ema_params):
     eval_records = load_jsonl(world_dir / "prompts_eval.jsonl", "eval")[:config.eval.n_prompts]
-    out = evaluation.gold_eval(ema_params, model_cfg, tokenizer, world, eval_records,
+    out = measures.gold_eval(ema_params, model_cfg, tokenizer, world, eval_records,
                                rng=jax.random.key(config.seed + 102), eval_cfg=config.eval)
     logging.info("ppo: gold %.3f (acceptable %.1f%%, correct %.1f%%)", out["gold_score"],
                  100 * out["acceptable_rate"], 100 * out["correct_rate"])

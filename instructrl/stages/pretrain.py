@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from instructrl import evaluation
+from instructrl import measures
 from instructrl.data import world as world_lib
 from instructrl.data.batching import pack_texts
 from instructrl.data.records import load_jsonl
@@ -45,10 +45,10 @@ def run(config, workdir: Path, mesh, rules):
     world = world_lib.World.load(world_dir)
     records = load_jsonl(world_dir / "prompts_eval.jsonl", "eval")[:config.eval.n_prompts]
     rng = jax.random.key(config.seed + 101)
-    bare = evaluation.gold_eval(params, model_cfg, tokenizer, world, records, rng=rng, eval_cfg=config.eval,
+    bare = measures.gold_eval(params, model_cfg, tokenizer, world, records, rng=rng, eval_cfg=config.eval,
                                 temperature=config.eval.baseline_temperature)
     prefix = world.few_shot_prefix(np.random.default_rng(config.seed), k=config.eval.few_shot)
-    shots = evaluation.gold_eval(params, model_cfg, tokenizer, world, records, rng=rng, eval_cfg=config.eval,
+    shots = measures.gold_eval(params, model_cfg, tokenizer, world, records, rng=rng, eval_cfg=config.eval,
                                  prefix=prefix, stop_at_newline=True,
                                  temperature=config.eval.baseline_temperature)
     logging.info("pretrain: bare-prompt gold %.3f (acceptable %.1f%%), few-shot gold %.3f (acceptable %.1f%%)",

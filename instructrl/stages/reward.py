@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from instructrl import checkpoints, distributed, evaluation, objectives, parallel, progress
+from instructrl import checkpoints, distributed, measures, objectives, parallel, progress
 from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, prompt_response_examples
 from instructrl.data.rankings import load_ranked, pairs_from_ranked, ranked_examples
@@ -155,7 +155,7 @@ def _source_sampler(config, params, world, tokenizer, model_cfg, source: str, po
     if source == "mismatched":
       prompts = mismatched_prompts(prompts, pool, jax.random.fold_in(key, 7))
     full = [prefix + f"Q: {p}\nA:" for p in prompts] if few_shot else [world.format_prompt(p) for p in prompts]
-    out = evaluation.generate(params, model_cfg, tokenizer, full, rng=key, batch_size=len(full),
+    out = measures.generate(params, model_cfg, tokenizer, full, rng=key, batch_size=len(full),
                               prompt_len=cfg.prompt_len + (config.eval.prefix_len if few_shot else 0),
                               max_new_tokens=cfg.max_new_tokens, temperature=temperature)
     if any(o is None for o in out):
@@ -518,7 +518,7 @@ def gold_probe_pairs(config, workdir: Path, mesh, rules, world, tokenizer) -> di
   model_cfg = ModelConfig.from_dict(config.model)
   policy = load_policy(config, workdir, mesh, rules, cfg.policy)
   with parallel.activate(mesh, rules):
-    greedy, sampled = (evaluation.answer(policy, model_cfg, tokenizer, world, records, rng=jax.random.key(config.seed + 408),
+    greedy, sampled = (measures.answer(policy, model_cfg, tokenizer, world, records, rng=jax.random.key(config.seed + 408),
                                          eval_cfg=config.eval, temperature=t) for t in (0.0, config.ppo.temperature))
   prompts = [world.format_prompt(r["prompt"]) for r in records]
   fits = lambda i, a: a is not None and len(tokenizer.encode(prompts[i])) + len(tokenizer.encode(a)) + 2 <= cfg.seq_len

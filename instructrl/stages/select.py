@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from instructrl import checkpoints, evaluation, parallel
+from instructrl import checkpoints, measures, parallel
 from instructrl.data import world as world_lib
 from instructrl.data.batching import prompt_response_examples
 from instructrl.data.records import load_jsonl
@@ -61,7 +61,7 @@ def select_sft(config, workdir: Path, mesh, rules, lm_abstract, rm_abstract) -> 
   with parallel.activate(mesh, rules):
     for step in steps:
       params, _ = checkpoints.load_params(workdir / "sft", lm_abstract, model_dict, world_id, step=step)
-      answers = evaluation.answer(params, model_cfg, tokenizer, world, records, rng=jax.random.key(config.seed + 120),
+      answers = measures.answer(params, model_cfg, tokenizer, world, records, rng=jax.random.key(config.seed + 120),
                                   eval_cfg=config.eval, temperature=cfg.temperature)
       kept = [(r, a) for r, a in zip(records, answers) if a is not None]
       ex = prompt_response_examples(tokenizer, [world.format_prompt(r["prompt"]) for r, _ in kept],

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jax
 
-from instructrl import checkpoints, evaluation
+from instructrl import checkpoints, measures
 from instructrl.data import world as world_lib
 import numpy as np
 
@@ -52,7 +52,7 @@ def run(config, workdir: Path, mesh, rules):
   # ------------------------------------------------------------------ end-of-stage eval
   def after_training(params):
     records = load_jsonl(world_dir / "prompts_eval.jsonl", "eval")[:config.eval.n_prompts]
-    out = evaluation.gold_eval(params, model_cfg, tokenizer, world, records, rng=jax.random.key(config.seed + 102),
+    out = measures.gold_eval(params, model_cfg, tokenizer, world, records, rng=jax.random.key(config.seed + 102),
                                eval_cfg=config.eval)
     logging.info("sft: gold %.3f (acceptable %.1f%%, correct %.1f%%)", out["gold_score"],
                  100 * out["acceptable_rate"], 100 * out["correct_rate"])

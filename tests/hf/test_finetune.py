@@ -1,5 +1,5 @@
 """A few SFT steps on the public demonstration sample and RM steps on the HH sample, through
-`instructrl.finetune` with configs/alpaca_sft.py and configs/hh_rlhf.py, from a GPT-2 imported
+`instructrl.tools.finetune` with configs/alpaca_sft.py and configs/hh_rlhf.py, from a GPT-2 imported
 from a local save_pretrained directory with its own tokenizer.json."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import hf_fixtures as helpers  # noqa: E402
 from configs import alpaca_sft, hh_rlhf  # noqa: E402
-from instructrl import finetune  # noqa: E402
+from instructrl.tools import finetune  # noqa: E402
 
 PUB = helpers.FIX / "public"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"

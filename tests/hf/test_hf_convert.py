@@ -187,12 +187,12 @@ def test_llama3_rope_scaling_is_refused():
 
 @pytest.mark.slow
 def test_cli_import_then_export_round_trip(tmp_path):
-  """`python -m instructrl.convert import` writes a stage the SFT/RM hand-off reads; `export` gives it back."""
+  """`python -m instructrl.tools.convert import` writes a stage the SFT/RM hand-off reads; `export` gives it back."""
   import subprocess
   import sys
-  from instructrl.convert import export_hf, import_hf, load_stage_params
+  from instructrl.tools.convert import export_hf, import_hf, load_stage_params
   model = make_hf("gpt2", tmp_path / "hf")
-  run = lambda *a: subprocess.run([sys.executable, "-m", "instructrl.convert", *a], capture_output=True, text=True,
+  run = lambda *a: subprocess.run([sys.executable, "-m", "instructrl.tools.convert", *a], capture_output=True, text=True,
                                   cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
   r = run("import", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={tmp_path / 'w'}")
   assert r.returncode == 0, r.stderr

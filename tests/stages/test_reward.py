@@ -378,7 +378,7 @@ def test_settings_saved_before_a_nested_field_was_added_still_match():
 
 
 def test_best_of_n_curve_on_hand_made_scores():
-  from instructrl.best_of_n import curve
+  from instructrl.tools.best_of_n import curve
   # 2 prompts x 4 samples. Prompt 0: the RM's favourite is the worst answer; prompt 1: the RM is right.
   rm = [[0.1, 0.9, 0.2, 0.3], [0.5, 0.1, 0.4, 0.0]]
   gold = [[1.0, 0.0, 0.5, 0.2], [1.0, 0.2, 0.2, 0.0]]
@@ -395,7 +395,7 @@ def test_best_of_n_curve_on_hand_made_scores():
 
 
 def test_best_of_n_by_family_splits_the_prompts():
-  from instructrl.best_of_n import by_family
+  from instructrl.tools.best_of_n import by_family
   rm = np.array([[0.1, 0.9, 0.2, 0.3], [0.5, 0.1, 0.4, 0.0], [0.0, 1.0, 0.0, 0.0]])
   gold = np.array([[1.0, 0.0, 0.5, 0.2], [1.0, 0.2, 0.2, 0.0], [0.0, 1.0, 0.0, 0.0]])
   win = gold / 2
@@ -615,7 +615,7 @@ def test_extra_comparisons_add_an_earlier_round_to_this_one(reference_run, tmp_p
 @pytest.mark.slow
 def test_best_of_n_cli_writes_the_curve(reference_run):
   w, _ = reference_run
-  out = subprocess.run([sys.executable, "-m", "instructrl.best_of_n", "--config=configs/instructgpt.py:smoke",
+  out = subprocess.run([sys.executable, "-m", "instructrl.tools.best_of_n", "--config=configs/instructgpt.py:smoke",
                         f"--workdir={w}", "--n=4", "--config.eval.report_prompts=16"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -725,7 +725,7 @@ def test_rm_trunk_comes_from_rm_init_stage(reference_run):
 
 
 def test_summarise_cv_folds_mean_and_stderr():
-  from instructrl.rm_cv import summarise
+  from instructrl.tools.rm_cv import summarise
   folds = {g: {"valid/accuracy": a, "valid/heldout_group/accuracy": h}
            for g, (a, h) in enumerate([(0.70, 0.60), (0.74, 0.64), (0.72, 0.68)])}
   s = summarise(folds)
@@ -741,7 +741,7 @@ def test_labeler_group_cross_validation_runs_every_fold(reference_run, tmp_path)
   w = tmp_path / "cv"
   for d in ("world", "sft", "comparisons"):
     shutil.copytree(ref / d, w / d, symlinks=True)
-  cmd = [sys.executable, "-m", "instructrl.rm_cv", "--config=configs/instructgpt.py:smoke", f"--workdir={w}",
+  cmd = [sys.executable, "-m", "instructrl.tools.rm_cv", "--config=configs/instructgpt.py:smoke", f"--workdir={w}",
          *[f for f in FAST if f.startswith("--config.rm")]]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Best-of-n against the gold judge: how far the RM can be trusted before RL touches it.
 
-  python -m instructrl.best_of_n --config=configs/instructgpt.py:tiny --workdir=W [--n=32] [--policy=sft]
+  python -m instructrl.tools.best_of_n --config=configs/instructgpt.py:tiny --workdir=W [--n=32] [--policy=sft]
 
 Samples n answers per held-out eval prompt from a finished policy stage (default SFT, at ppo.temperature),
 scores them with the trained RM (as PPO does: the ensemble's mean minus ppo.rm_uncertainty_coef x its
@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from instructrl import cli_flags, evaluation, parallel
+from instructrl import cli_flags, measures, parallel
 from instructrl.data import world as world_lib
 from instructrl.data.batching import prompt_response_examples
 from instructrl.data.records import load_jsonl
@@ -81,7 +81,7 @@ def run(config, workdir: Path, n: int, policy: str = "sft", temperature: float |
     raise ValueError("best_of_n: the world has no held-out labeler group")
   key = jax.random.key(config.seed + 777)
   with parallel.activate(mesh, rules):
-    draws = [evaluation.answer(params, model_cfg, tokenizer, world, records, rng=jax.random.fold_in(key, j),
+    draws = [measures.answer(params, model_cfg, tokenizer, world, records, rng=jax.random.fold_in(key, j),
                                eval_cfg=config.eval, temperature=temperature) for j in range(n + 1)]
   baseline, samples = draws[0], draws[1:]
   prompts = [world.format_prompt(r["prompt"]) for r in records]

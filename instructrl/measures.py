@@ -1,4 +1,5 @@
-"""Evaluation with the task world's gold judge: sample answers to held-out prompts and score them.
+"""The eval measures: answers to held-out prompts, the gold judge's score, win rate with its interval,
+Likert, cloze accuracy and held-out LM loss.
 
 Used at the end of pretrain (does GPT follow a bare instruction? with a few-shot prefix?) and
 SFT (does it now?), and later by the eval stage (win rates, alignment tax).

@@ -1,14 +1,14 @@
 r"""SFT or reward-model training on public data, from an imported Hugging Face checkpoint.
 
-  python -m instructrl.finetune --config=configs/alpaca_sft.py --workdir=runs/alpaca \
+  python -m instructrl.tools.finetune --config=configs/alpaca_sft.py --workdir=runs/alpaca \
       --config.init.hf_dir=path/to/gpt2 --config.data.train=path/to/alpaca_data.json
-  python -m instructrl.finetune --config=configs/hh_rlhf.py --workdir=runs/hh \
+  python -m instructrl.tools.finetune --config=configs/hh_rlhf.py --workdir=runs/hh \
       --config.init.hf_dir=path/to/gpt2 --config.data.train=path/to/harmless-base/train.jsonl.gz
 
 The task world's stages (`instructrl.main`) train on generated data; this runs the same train
 steps, loop, checkpoints and resume on files read by `data/readers.py`, tokenised by the
 checkpoint's own tokenizer (tokenizer.json or a sentencepiece .model). The HF checkpoint is
-imported once into `workdir/pretrain` (`instructrl.convert`), and the model config is taken from
+imported once into `workdir/pretrain` (`instructrl.tools.convert`), and the model config is taken from
 it, so --config.model is never typed by hand. `config.task` is "sft" (writes `workdir/sft`) or
 "rm" (writes `workdir/rm`, from `config.rm.init_stage`: "pretrain" or a finished "sft").
 """
@@ -60,7 +60,7 @@ def load_data(config, kind: str):
 
 def prepare(config, workdir: Path):
   """Import the HF checkpoint (once), fill config.model from it, load the tokenizer."""
-  from instructrl import convert
+  from instructrl.tools import convert
   from instructrl.data import pretrained_tokenizer
   imported = workdir / config.init.stage / convert.MODEL_JSON
   if not imported.is_file():

@@ -1,8 +1,8 @@
 r"""Will a config fit, and on how many chips? Compile the train steps ahead of time and ask XLA.
 
-  python -m instructrl.plan --config=configs/instructgpt.py:6b --mesh=1,64,1 --target=v5p
-  python -m instructrl.plan --config=configs/instructgpt.py:1.3b --mesh=1,-1,1 --chips=8,16,32 --target=v4
-  python -m instructrl.plan --config=configs/instructgpt.py:small --mesh="8,1,1;1,8,1" --stages=sft
+  python -m instructrl.tools.plan --config=configs/instructgpt.py:6b --mesh=1,64,1 --target=v5p
+  python -m instructrl.tools.plan --config=configs/instructgpt.py:1.3b --mesh=1,-1,1 --chips=8,16,32 --target=v4
+  python -m instructrl.tools.plan --config=configs/instructgpt.py:small --mesh="8,1,1;1,8,1" --stages=sft
 
 Every stage's step (pretrain, SFT, RM, PPO rollout, PPO update) is jitted exactly as the stage
 jits it, lowered on abstract inputs (`jax.ShapeDtypeStruct` carrying the mesh's shardings: no

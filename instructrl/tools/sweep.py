@@ -1,8 +1,8 @@
 r"""Ablation sweeps: run the members of a sweep, sharing every stage they have in common, and
 aggregate their eval reports into one table and plot.
 
-  python -m instructrl.sweep --sweep=configs/sweeps/kl_coef.py --workdir=runs/sweep_kl
-  python -m instructrl.sweep --sweep=configs/sweeps/kl_coef.py:smoke --workdir=W --dry_run   # commands only
+  python -m instructrl.tools.sweep --sweep=configs/sweeps/kl_coef.py --workdir=runs/sweep_kl
+  python -m instructrl.tools.sweep --sweep=configs/sweeps/kl_coef.py:smoke --workdir=W --dry_run   # commands only
 
 A sweep file has `get_sweep(arg) -> ConfigDict` with `base` (a config spec such as
 "configs/instructgpt.py:tiny"), `stages`, `seeds`, `members` (each a `name` and `overrides`, a

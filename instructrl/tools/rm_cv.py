@@ -4,7 +4,7 @@ Trains one RM per labeler group held out, on the same collected comparisons, and
 validation accuracy against training-group labelers and against the held-out group, fold by fold
 and as mean +- standard error:
 
-  python -m instructrl.rm_cv --config=configs/instructgpt.py:tiny --workdir=runs/tiny
+  python -m instructrl.tools.rm_cv --config=configs/instructgpt.py:tiny --workdir=runs/tiny
 
 Needs a workdir whose world, pretrain, sft (and comparisons, else they are collected) stages are
 done. Folds live in workdir/rm_cv/fold<g>/ (world, sft and comparisons are linked, not copied);

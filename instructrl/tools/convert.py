@@ -2,9 +2,9 @@
 
   # a GPT-2 / LLaMA save_pretrained directory -> workdir/pretrain, a completed stage that the
   # sft / rm stages start from (their --config.model must equal the printed model config)
-  python -m instructrl.convert import --hf_dir=path/to/gpt2 --workdir=runs/hh --stage=pretrain
+  python -m instructrl.tools.convert import --hf_dir=path/to/gpt2 --workdir=runs/hh --stage=pretrain
   # a finished instructrl stage (LM head: pretrain, sft) -> a directory transformers loads
-  python -m instructrl.convert export --workdir=runs/hh --stage=sft --out=exported/sft
+  python -m instructrl.tools.convert export --workdir=runs/hh --stage=sft --out=exported/sft
 
 The same from Python: `import_hf(hf_dir, workdir, stage)` and `export_hf(workdir, stage, out)`;
 `instructrl.models.hf.load / save` work on params directly. Neither needs torch or transformers.
@@ -79,7 +79,7 @@ def export_hf(workdir: str | Path, stage: str, out: str | Path, *, bos_id: int |
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m instructrl.convert", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m instructrl.tools.convert", description=__doc__.split("\n\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
   imp = sub.add_parser("import", help="HF save_pretrained directory -> instructrl stage checkpoint")
   imp.add_argument("--hf_dir", required=True)
