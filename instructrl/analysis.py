@@ -226,7 +226,7 @@ def win_loss(side_by_side: list[dict], a: str, b: str) -> dict:
 def by_family(side_by_side: list[dict], models: list[str]) -> list[dict]:
   """Mean gold score per task family and model, from `samples` (one row per family, then "all"): where
   an RL model gains on its SFT baseline and where it gives ground (e.g. tiny's PPO rejects false premises
-  far more often than SFT and loses on sort, docs/STATUS.md session 7)."""
+  far more often than SFT, gold 0.15 -> 0.72 on seed 0, and loses on sort, 0.61 -> 0.40)."""
   fams = sorted({s["family"] for s in side_by_side})
   rows = []
   for f in fams + ["all"]:

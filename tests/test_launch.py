@@ -56,7 +56,7 @@ def test_tpu_vm_single_host_direct_create_and_bad_input():
   assert cmds[0] == "gcloud compute tpus tpu-vm create t --zone=z --accelerator-type=v4-8 --version=tpu-ubuntu2204-base"
   assert sum("instructrl.log' logs/" in c for c in cmds) == 1 and not any("delete" in c for c in cmds)
   assert "v5p-64" in dry("tpu_vm.py", "--name=t", "--zone=z", "--accelerator=v9-8", "--workdir=/w", ok=False)
-  err = dry("tpu_vm.py", "--name=t", "--zone=z", "--accelerator=v4-32", "--bucket=gs://b", "--workdir=/tmp/x", ok=False)
+  err = dry("tpu_vm.py", "--name=t", "--zone=z", "--accelerator=v4-32", "--bucket=gs://b", "--workdir=/home/u/run", ok=False)
   assert "not under the bucket mount" in err
 
 

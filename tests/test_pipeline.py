@@ -1,4 +1,4 @@
-"""The whole pipeline in one command on the smoke preset (issue #6): world -> pretrain -> sft -> rm ->
+"""The whole pipeline in one command on the smoke preset: world -> pretrain -> sft -> rm ->
 ppo -> ppo_noptx -> eval with no --stages flag, a complete report, progress lines per stage, and a
 rerun that skips every stage."""
 
@@ -53,7 +53,7 @@ def test_one_command_runs_every_stage_and_writes_a_complete_report(smoke_run):
   at = [err.find(l) for l in lines]
   assert all(a >= 0 for a in at) and at == sorted(at), [l for l, a in zip(lines, at) if a < 0]
   assert "pipeline: done in" in err
-  # Issue #6: "well under 2 minutes". Bounded in CPU seconds, which other jobs on the cores do not inflate
+  # The smoke preset's promise: "well under 2 minutes". Bounded in CPU seconds, which other jobs on the cores do not inflate
   # as they do wall time (measured figures: README, "One command").
   assert smoke_run["cpu_seconds"] < 120, (f"the smoke pipeline took {smoke_run['cpu_seconds']:.0f} CPU s "
                                           f"({smoke_run['seconds']:.0f} s wall)")

@@ -65,7 +65,8 @@ def linear(spec: str, x, w):
   0.10) to copy a transposed operand, often the larger one: the [tokens, vocab] logits gradient of
   the tied unembedding, the [tokens, d_ff] MLP gradient of every layer. Those strided copies were
   ~15% of the op time of the tiny and llama8x512 SFT steps; written out, the smaller operand is the
-  one transposed (profile and A/B timings: BENCHMARKS.md, session 11).
+  one transposed, 1.23x (tiny) and 1.17x (llama8x512) faster a step (profile and A/B timings:
+  benchmarks/linear_ab.py, BENCHMARKS.md).
   """
   return _linear(spec)(x, w)
 

@@ -43,7 +43,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.n_eval_prompts = 500             # held-out test prompts (win rate, Likert)
     c.test_entity_fraction = 0.0       # entities asked about only in eval sets (0: none reserved; eval prompts
                                        # are still new texts). >0 needs knowledge extraction from encyclopedia
-                                       # text alone, measured beyond the ~1M-param CPU models (docs/STATUS.md)
+                                       # text alone, beyond the ~1M-param CPU models: at 0.25 tiny scored ~0%
+                                       # on capital/list/lives
     c.n_truthful = 200                 # fact and false-premise questions
     c.n_toxicity = 200                 # toxicity prompts; half carry "Be respectful."
     c.n_cloze = 300                    # multiple-choice cloze items from the facts
@@ -52,7 +53,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.n_labelers = 20                  # labeler pool, assigned round-robin to groups
     c.n_groups = 5                     # labeler groups (5-fold like the paper)
     c.heldout_group = 4                # held-out evaluator group: no demos, no training rankings
-    c.labeler_temperature = 0.13       # Plackett-Luce temperature on utility: ~72% agreement on tiny SFT samples (docs/STATUS.md)
+    c.labeler_temperature = 0.13       # Plackett-Luce temperature on utility: 70.9% (training groups) / 73.8%
+                                       # (held-out) agreement on tiny SFT samples; 0.39 gave 62-65% there
     c.labeler_temperature_jitter = 0.1 # per-labeler log-normal spread of the temperature
     c.heldout_temperature_scale = 0.9  # held-out evaluators are a bit more consistent (paper: 77.3%)
     c.taste_scale = 0.05               # size of group taste weights (brevity, friendliness, sentences)

@@ -78,7 +78,7 @@ def _toxicity(w: World, n: int, rng) -> list:
 # - count: the Q/A documents' word counting, the distractors within 2 of the answer;
 # - capital / lives: which city of a country is its capital, or where a person lives, the distractors
 #   being the same country's other cities (every model knows these: they anchor the scale).
-# Tried and dropped on tiny (/tmp/f1 models): Q/A addition with near sums (19-24% for every model, below
+# Tried and dropped on tiny's models: Q/A addition with near sums (19-24% for every model, below
 # chance: not learned), Q/A sorting against reorderings (100% for every model). Measured: README,
 # "Alignment tax".
 CLOZE_KINDS = (("larger", 0.5), ("count", 0.3), ("capital", 0.1), ("lives", 0.1))
