@@ -1,14 +1,14 @@
 """Turn the eval stage's report dict into report.md and PNG plots (also usable from a notebook:
-`report.write(json.load(open("W/eval/report.json")), "somewhere")`)."""
+`report.write(json.load(open("W/eval/report.json")), "somewhere")`, or `report.win_rates_figure(rep)` and its
+siblings for one Figure)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")   # files only: no display on CI machines or pod workers
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 
 def _pct(x) -> str:
@@ -88,41 +88,86 @@ def markdown(rep: dict) -> str:
   return "\n".join(lines)
 
 
-def plot_win_rates(rep: dict, path: Path) -> None:
+def _figure(width: float, height: float) -> Figure:
+  """A Figure outside pyplot, drawn by Agg: no global backend is chosen (a notebook importing this keeps
+  its inline one), nothing is left open, and canvas.draw() lays it out for a test."""
+  fig = Figure(figsize=(width, height))
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _height(n: int) -> float:
+  return 1.3 + 0.38 * max(n, 1)   # one bar row per model, room for the title and the x axis
+
+
+def _width(plot: float, names) -> float:
+  return plot + 0.08 * max(map(len, names), default=0)   # the plot keeps its width beside long names
+
+
+def _nan(x) -> float:
+  return float("nan") if x is None else x   # not measured: no bar
+
+
+def win_rates_figure(rep: dict) -> Figure:
+  """Win rate against SFT by model (the paper's Fig. 1), horizontal bars in the report's order from the
+  top, the 95% interval as error bars, the SFT baseline (50%) dashed. Names on the y axis stay readable
+  however long they are."""
   names = rep["models"]
   w = [rep["results"][n]["win_rate_vs_sft"] for n in names]
-  mean = [x["mean"] for x in w]
-  err = [[x["mean"] - x["ci_low"] for x in w], [x["ci_high"] - x["mean"] for x in w]]
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.bar(names, mean, yerr=err, capsize=4, color="#4c72b0")
-  ax.axhline(0.5, color="grey", lw=1, ls="--")
-  ax.set_ylabel("win rate vs SFT (95% CI)")
-  ax.set_ylim(0, 1)
+  mean = [_nan(x["mean"]) for x in w]
+  err = [[m - _nan(x["ci_low"]) for m, x in zip(mean, w)], [_nan(x["ci_high"]) - m for m, x in zip(mean, w)]]
+  fig = _figure(_width(5, names), _height(len(names)))
+  ax = fig.add_subplot()
+  y = range(len(names))
+  ax.barh(y, mean, xerr=err, capsize=3, height=0.6, color="#4c72b0", error_kw={"lw": 1})
+  for i, (m, x) in enumerate(zip(mean, w)):
+    if m == m:   # the mean beside the interval's right end; 1.12 below leaves room for it
+      right = _nan(x["ci_high"])
+      ax.text((right if right == right else m) + 0.015, i, f"{100 * m:.1f}%", va="center", fontsize="small",
+              bbox={"fc": "white", "ec": "none", "pad": 1})   # legible over the dashed line
+  ax.axvline(0.5, color="grey", lw=1, ls="--")
+  ax.set_yticks(y, names)
+  ax.invert_yaxis()
+  ax.set_xlim(0, 1.12)
+  ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
+  ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+  ax.set_xlabel("win rate against SFT (95% interval); dashed: SFT, 50%")
   ax.set_title("Preference of held-out labelers")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
+
+
+def plot_win_rates(rep: dict, path: Path) -> None:
+  win_rates_figure(rep).savefig(path, dpi=120)
+
+
+def alignment_tax_figure(rep: dict) -> Figure:
+  """Held-out pretraining loss and cloze accuracy by model, side by side with the names once on the left."""
+  names = rep["models"]
+  fig = _figure(_width(7, names), _height(len(names)))
+  axes = fig.subplots(1, 2, sharey=True)
+  y = range(len(names))
+  axes[0].barh(y, [_nan(rep["results"][n]["heldout_lm_loss"]) for n in names], height=0.6, color="#dd8452")
+  axes[0].set_xlabel("held-out pretraining loss (nats/token)")
+  axes[1].barh(y, [_nan(rep["results"][n]["cloze_accuracy"]) for n in names], height=0.6, color="#55a868")
+  axes[1].set_xlabel("cloze accuracy")
+  axes[1].set_xlim(0, 1)
+  axes[1].xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+  axes[0].set_yticks(y, names)
+  axes[0].invert_yaxis()   # shared: both panels list the report's order from the top
+  fig.suptitle("Alignment tax")
+  fig.tight_layout()
+  return fig
 
 
 def plot_alignment_tax(rep: dict, path: Path) -> None:
-  names = rep["models"]
-  fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
-  axes[0].bar(names, [rep["results"][n]["heldout_lm_loss"] for n in names], color="#dd8452")
-  axes[0].set_ylabel("held-out pretraining loss (nats/token)")
-  axes[1].bar(names, [rep["results"][n]["cloze_accuracy"] for n in names], color="#55a868")
-  axes[1].set_ylabel("cloze accuracy")
-  axes[1].set_ylim(0, 1)
-  for ax in axes:
-    ax.tick_params(axis="x", rotation=30)
-  fig.suptitle("Alignment tax")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  alignment_tax_figure(rep).savefig(path, dpi=120)
 
 
-def plot_ppo_curves(rep: dict, path: Path) -> None:
+def ppo_curves_figure(rep: dict) -> Figure:
   curves = {k: v for k, v in (rep.get("ppo_curves") or {}).items() if v["step"]}
-  fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+  fig = _figure(11, 3.2)
+  axes = fig.subplots(1, 3)
   for name, c in curves.items():
     for ax, key in zip(axes, ("rm_score", "gold_score", "kl")):
       ax.plot(c["step"], c[key], label=name)
@@ -132,8 +177,11 @@ def plot_ppo_curves(rep: dict, path: Path) -> None:
   if curves:
     axes[0].legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
+
+
+def plot_ppo_curves(rep: dict, path: Path) -> None:
+  ppo_curves_figure(rep).savefig(path, dpi=120)
 
 
 def write(rep: dict, out_dir: str | Path) -> None:
