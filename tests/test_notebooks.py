@@ -46,7 +46,7 @@ def test_run_notebooks_execute_on_the_smoke_run(name, smoke_run, monkeypatch, tm
   out = outputs(nb)
   assert "preset smoke" in out and "eval report: yes" in out
   if name == "run_overview":
-    assert out.count("image/png") >= 4          # curves, RM, PPO, alignment tax
+    assert out.count("image/png") >= 5          # curves, win rates, RM, PPO, alignment tax
     assert "| PPO-ptx |" in out
   else:
     assert "models: ['SFT', 'PPO-ptx', 'PPO']" in out and "PPO-ptx vs SFT by gold score" in out
