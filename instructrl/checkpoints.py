@@ -8,7 +8,9 @@ SIGKILL mid-save leaves a tmp folder that `latest_step()` ignores.
 Beyond Orbax's atomic commit, each save gets a manifest (size and sha256 of every file, written
 by process 0 once the step is committed); the newest step whose files no longer match it, or
 whose restore fails, is moved to `<stage>/corrupt/` with a warning naming it, and the previous
-complete step is used instead. A step without a manifest (killed between Orbax's commit and the
+complete step is used instead. A restore reads the step's meta first and hands it to a `check`
+(model, world, settings): a checkpoint of another config is refused with CheckpointMismatch before
+its arrays are read, so a shape change never looks like damage. A step without a manifest (killed between Orbax's commit and the
 manifest, or written before manifests existed) is committed and so accepted; its restore is the check.
 A save that fails (disk full) raises CheckpointSaveError and leaves earlier steps untouched.
 
@@ -25,16 +27,22 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
+from instructrl.errors import UserError
 from instructrl.models.config import mismatched_fields
 
 
-class CheckpointMismatch(ValueError):
-  pass
+class CheckpointMismatch(UserError, ValueError):
+  """A checkpoint recorded under another model, world or settings than the config asks for: refused
+  (never quarantined: its files are good, they belong to another run)."""
+
+
+class StageMissing(UserError, FileNotFoundError):
+  """A stage this one reads has no finished checkpoint: run it first."""
 
 
 class CheckpointSaveError(OSError):
@@ -158,11 +166,16 @@ class StageCheckpoints:
           raise
         self.quarantine(step, f"meta unreadable: {type(e).__name__}: {str(e)[:300]}")
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
+  def restore(self, abstract_state: Any, step: int | None = None,
+              check: Callable[[dict], None] | None = None) -> tuple[Any, dict] | None:
     """Restore into `abstract_state` (a tree of jax.ShapeDtypeStruct with shardings).
 
     Without `step`: the newest step that restores (one that fails is quarantined, the next older
     tried), or None when no usable step is left.
+    check(meta) runs on each step's meta before its arrays are read and raises CheckpointMismatch
+    for a checkpoint of another config: that is passed on, the step left where it is. Only a step
+    whose files fail their manifest, whose meta is unreadable, or whose restore fails although its
+    meta matches is quarantined.
     """
     latest = step is None
     while True:
@@ -171,6 +184,11 @@ class StageCheckpoints:
         if latest:
           return None
         raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      if check is not None:
+        meta = self.meta(step) if not latest else self._meta_or_quarantine(step)
+        if meta is None:
+          continue
+        check(meta)
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                  meta=ocp.args.JsonRestore()))
@@ -179,6 +197,13 @@ class StageCheckpoints:
         if not latest or isinstance(e, CheckpointMismatch):
           raise
         self.quarantine(step, f"restore failed: {type(e).__name__}: {str(e)[:300]}")
+
+  def _meta_or_quarantine(self, step: int) -> dict | None:
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:   # noqa: BLE001 -- see restore()
+      self.quarantine(step, f"meta unreadable: {type(e).__name__}: {str(e)[:300]}")
+      return None
 
   def is_complete(self) -> bool:
     meta = self.meta()
@@ -191,8 +216,10 @@ class StageCheckpoints:
 def check_model(saved: dict, expected: dict, where: str) -> None:
   bad = mismatched_fields(saved, expected)
   if bad:
-    details = ", ".join(f"{k}: checkpoint has {saved.get(k)!r}, config has {expected.get(k)!r}" for k in bad)
-    raise CheckpointMismatch(f"{where}: model config does not match ({details})")
+    details = ", ".join(f"model.{k}: checkpoint has {saved.get(k)!r}, config has {expected.get(k)!r}" for k in bad)
+    original = " ".join(f"--config.model.{k}={saved.get(k)!r}" for k in bad if k in saved)
+    raise CheckpointMismatch(f"{where}: model config does not match ({details}); use a new --workdir for the new "
+                             f"model, or the checkpoint's values{f' ({original})' if original else ''}")
 
 
 # Stage settings that change how a run is logged, evaluated or saved, not what it computes: these may
@@ -244,6 +271,23 @@ def check_world(meta: dict, world_id: str | None, where: str) -> None:
                              f"{world_id}; the world was regenerated — rerun this stage in a new workdir")
 
 
+def recorded_meta(directory: str | Path) -> dict | None:
+  """The meta of a stage's newest step whose meta reads, straight from its JSON file: no Orbax manager,
+  so nothing is created, checked by hash or moved (the pre-flight of main.py reads a workdir without
+  changing it). None: no step. A damaged step is left for the stage's own restore to set aside."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    return None
+  for step in sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True):
+    try:
+      meta = json.loads((directory / str(step) / "meta" / "metadata").read_text())
+    except (OSError, ValueError):
+      continue
+    if isinstance(meta, dict):
+      return {"step": step, **meta}
+  return None
+
+
 def kept_steps(directory: str | Path) -> list[int]:
   """The steps on disk of a stage (committed ones; the candidates SFT kept with keep_period)."""
   ckpt = StageCheckpoints(directory)
@@ -265,13 +309,13 @@ def load_params(directory: str | Path, abstract_params: Any, model_dict: dict,
     while True:
       meta = ckpt.meta()
       if meta is None:
-        raise FileNotFoundError(f"{ckpt.directory}: no checkpoint; run that stage first")
+        raise StageMissing(f"{ckpt.directory}: no checkpoint; run that stage first")
       if not meta.get("complete"):
-        raise FileNotFoundError(f"{ckpt.directory}: stage did not finish (latest step {meta['step']}); rerun it")
+        raise StageMissing(f"{ckpt.directory}: stage did not finish (latest step {meta['step']}); rerun it")
       if step is not None and step != meta["step"]:
         kept = sorted(s for s in ckpt.manager.all_steps() if s not in ckpt._bad)
         if step not in kept:
-          raise FileNotFoundError(f"{ckpt.directory}: no usable kept checkpoint at step {step} (kept: {kept})")
+          raise StageMissing(f"{ckpt.directory}: no usable kept checkpoint at step {step} (kept: {kept})")
         problem = manifest_problem(ckpt.directory / str(step))   # latest_step() checked only the final one
         if problem:
           ckpt.quarantine(step, problem)

@@ -13,9 +13,12 @@ import sys
 from pathlib import Path
 
 import ml_collections
-from instructrl import cli_flags
 from absl import app, flags
 from ml_collections import config_flags
+
+from instructrl import cli_flags, config_check
+from instructrl.config_check import check_config  # noqa: F401 -- also imported from here by tests and tools
+from instructrl.errors import ConfigError, UserError
 
 _CONFIG = cli_flags.define(config_flags.DEFINE_config_file, "config", None, "Config file, e.g. configs/instructgpt.py:tiny.",
                                           lock_config=True)
@@ -28,16 +31,23 @@ _COORDINATOR = cli_flags.define(flags.DEFINE_string, "coordinator_address", None
                                    "cluster (GPU nodes without SLURM); or env JAX_COORDINATOR_ADDRESS.")
 _NUM_PROCESSES = cli_flags.define(flags.DEFINE_integer, "num_processes", None, "Processes in the job (with --coordinator_address).")
 _PROCESS_ID = cli_flags.define(flags.DEFINE_integer, "process_id", None, "This process's index, 0..num_processes-1.")
+_VERBOSE = cli_flags.define(flags.DEFINE_bool, "verbose", False, "Show the traceback of an expected error (a bad "
+                            "config value, a mismatched checkpoint, ...) instead of one `error:` line; or env "
+                            "INSTRUCTRL_VERBOSE=1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-STAGES = ("world", "pretrain", "sft", "rm", "ppo", "ppo_noptx", "eval")
+STAGES = config_check.STAGES
+# Where the pipeline's stages write, and what each one reads of the stages before it (checked by the pre-flight).
+_READS = {"pretrain": (), "sft": ("pretrain",), "ppo": ("rm",), "ppo_noptx": ("rm",),
+          "eval": ("pretrain", "sft", "ppo", "ppo_noptx")}
 
 
 def parse_stages(text: str) -> list[str]:
   stages = [s.strip() for s in text.split(",") if s.strip()]
   unknown = [s for s in stages if s not in STAGES]
   if unknown or not stages:
-    raise app.UsageError(f"--stages: unknown stage(s) {unknown}; available, in order: {','.join(STAGES)}")
+    raise ConfigError(f"--stages={text}: unknown stage(s) {unknown}; expected names among {','.join(STAGES)} "
+                      f"(run in that order)")
   return sorted(stages, key=STAGES.index)
 
 
@@ -48,60 +58,63 @@ class _QuietLibraries(logging.Filter):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
-def check_config(config) -> None:
-  """Fail before any work on values that would fail (or silently misbehave) later."""
-  from instructrl.data import world as world_lib
+def preflight(config, workdir: Path, stages: list[str]) -> None:
+  """Refuse, before anything under `workdir` changes, a run whose config differs from what the workdir
+  records: the world's marker, and the checkpoints' metas (model, world, training settings) of every
+  stage to run and of every finished stage they read. Reads files only; the stages check again."""
+  from instructrl import checkpoints
   from instructrl.models.config import ModelConfig
-  from instructrl.stages import train_state
-  model = ModelConfig.from_dict(config.model)
-  world_lib.validate(config.world)
-  if config.tokenizer.vocab_size > model.vocab_size:
-    raise ValueError(f"tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds model.vocab_size={model.vocab_size}")
-  for name in ("pretrain", "sft"):
-    stage = config[name]
-    for field in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
-      if stage[field] <= 0:
-        raise ValueError(f"{name}.{field}={stage[field]}: expected a positive integer")
-    if stage.seq_len > model.max_len:
-      raise ValueError(f"{name}.seq_len={stage.seq_len} exceeds model.max_len={model.max_len}")
-    train_state.make_schedule(stage.learning_rate, stage.steps, stage.warmup_steps, stage.final_lr_fraction)
-  rm = config.rm
-  for field in ("batch_size", "pair_batch_size", "eval_batch_size", "n_prompts", "seq_len", "log_every",
-                "eval_every", "checkpoint_every", "collect_batch_prompts"):
-    if rm[field] <= 0:
-      raise ValueError(f"rm.{field}={rm[field]}: expected a positive integer")
-  if not rm.k_choices or min(rm.k_choices) < 2:
-    raise ValueError(f"rm.k_choices={tuple(rm.k_choices)}: every K must be >= 2 (the paper uses 4..9)")
-  mix = dict(rm.source_mix)
-  if any(float(v) < 0 for v in mix.values()) or not any(float(v) > 0 for v in mix.values()):
-    raise ValueError(f"rm.source_mix={mix}: expected non-negative weights, at least one positive "
-                     f"(sources: policy, pretrain, pretrain_few_shot, ppo, mismatched)")
-  if float(mix.get("ppo", 0.0)) > 0 and not rm.ppo_source:
-    raise ValueError("rm.source_mix.ppo > 0 needs rm.ppo_source: an earlier run's finished ppo stage dir")
-  if not 0 < rm.valid_fraction < 1:
-    raise ValueError(f"rm.valid_fraction={rm.valid_fraction}: expected a fraction in (0, 1)")
-  if rm.epochs <= 0:
-    raise ValueError(f"rm.epochs={rm.epochs}: expected > 0")
-  if rm.ensemble_size < 1:
-    raise ValueError(f"rm.ensemble_size={rm.ensemble_size}: expected >= 1 (1: a single RM, the paper's setting)")
-  if config.ppo.rm_uncertainty_coef < 0:
-    raise ValueError(f"ppo.rm_uncertainty_coef={config.ppo.rm_uncertainty_coef}: expected >= 0 (a penalty on the "
-                     f"RM ensemble's disagreement)")
-  from instructrl.stages.reward import rm_run_names
-  if config.ppo.rm_uncertainty_coef > 0 and rm.ensemble_size + len(rm_run_names(config)) < 2:
-    raise ValueError(f"ppo.rm_uncertainty_coef={config.ppo.rm_uncertainty_coef} needs rm.ensemble_size >= 2 or "
-                     f"ppo.rm_runs: one RM has no disagreement to penalise")
-  if rm.seq_len > model.max_len or rm.prompt_len + rm.max_new_tokens > model.max_len:
-    raise ValueError(f"rm.seq_len / rm.prompt_len + rm.max_new_tokens exceed model.max_len={model.max_len}")
-  for name in ("pretrain", "sft", "rm", "ppo"):
-    if config[name].on_nonfinite not in ("stop", "skip"):
-      raise ValueError(f"{name}.on_nonfinite={config[name].on_nonfinite!r}: expected 'stop' or 'skip'")
-    if config[name].max_nonfinite_skips < 0:
-      raise ValueError(f"{name}.max_nonfinite_skips={config[name].max_nonfinite_skips}: expected >= 0")
-  need = config.eval.prompt_len + config.eval.prefix_len + config.eval.max_new_tokens
-  if model.style == "gpt" and need > model.max_len:
-    raise ValueError(f"eval.prompt_len + eval.prefix_len + eval.max_new_tokens = {need} exceeds "
-                     f"model.max_len={model.max_len}")
+  from instructrl.stages import world
+  if not workdir.is_dir():
+    return
+  if "world" in stages and (workdir / "world" / "COMPLETE").exists():
+    world.check_marker(config, workdir / "world")
+  world_id = world.world_fingerprint(workdir)
+  policy = ModelConfig.from_dict(config.model).to_dict()
+  rm, ppo = config.rm, config.ppo
+  rm_model = policy
+  if rm.get("base_workdir", ""):
+    # A larger RM: the model of rm.base_workdir's finished policy stage (absent: the RM stage says so).
+    base = checkpoints.recorded_meta(Path(rm.base_workdir) / rm.policy)
+    rm_model = ModelConfig.from_dict(base["model"]).to_dict() if base and base.get("complete") else None
+
+  def check(where: Path, model: dict | None, settings: dict | None = None, section: str = "",
+            finished_only: bool = False):
+    meta = checkpoints.recorded_meta(where)
+    if meta is None or (finished_only and not meta.get("complete")):
+      return
+    where = str(where.absolute())
+    if model is not None and "model" in meta:
+      checkpoints.check_model(meta["model"], model, where)
+    checkpoints.check_world(meta, world_id, where)
+    if settings is not None and meta.get("settings") is not None:
+      # Only the fields of the config block: what a stage derives (rm/ppo steps, the ensemble's size) is
+      # checked by the stage itself.
+      saved = {k: v for k, v in meta["settings"].items() if k in settings}
+      checkpoints.check_settings({**meta, "settings": saved}, settings, where, section)
+
+  block = lambda cfg, *drop: {k: v for k, v in cfg.to_dict().items() if k not in drop}
+  reads = set()
+  for stage in stages:
+    if stage in ("pretrain", "sft"):
+      check(workdir / stage, policy, block(config[stage]), stage)
+    elif stage == "rm":
+      # W/rm, then the ensemble's other members (W/rm_ensemble/member{i}, as the RM stage names them).
+      members = [workdir / "rm"] + [workdir / "rm_ensemble" / f"member{i}" for i in range(1, rm.ensemble_size)]
+      for i, where in enumerate(members):
+        check(where, rm_model, block(rm, "steps", "ensemble_size", *(() if i else ("ensemble_bootstrap",))), "rm")
+      if not rm.get("base_workdir", ""):
+        reads |= {rm.get("init_stage", "") or rm.policy, rm.policy}
+    elif stage in ("ppo", "ppo_noptx"):
+      cfg = block(ppo, "steps", "rm_ensemble_size")
+      if stage == "ppo_noptx":
+        cfg["ptx_coef"] = 0.0
+      check(workdir / stage, policy, cfg, "ppo")
+      reads.add(ppo.policy_init)
+    reads |= set(_READS.get(stage, ()))
+  for stage in sorted(reads - set(stages)):
+    # The RM's (and value's) model is read from its own checkpoint by the stages after it: world only.
+    check(workdir / stage, None if stage == "rm" else policy, finished_only=True)
 
 
 def main(argv):
@@ -119,14 +132,21 @@ def main(argv):
   workdir = Path(_WORKDIR.value)
   stages = parse_stages(_STAGES.value or config.stages)
   check_config(config)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lock.check_workdir(workdir)
   # One writer per workdir (process 0 speaks for a multi-host run); released at exit, even on SIGKILL.
   lock = workdir_lock.WorkdirLock(workdir)
+  existed = workdir.is_dir()
   if jax.process_index() == 0:
-    try:
-      lock.acquire()
-    except workdir_lock.WorkdirLocked as e:
-      sys.exit(f"error: {e}")
+    lock.acquire()
+  try:
+    preflight(config, workdir, stages)
+  except BaseException:
+    # A refused run leaves the workdir as it found it: no LOCK it did not have, no folder it made.
+    lock.abandon()
+    if not existed and workdir.is_dir() and not any(workdir.iterdir()):
+      workdir.rmdir()
+    raise
+  if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
   mesh = parallel.make_mesh(config.mesh.shape)
   rules = parallel.rules_from_config(config.mesh.rules)
@@ -156,9 +176,45 @@ def _without_ptx(config):
   return config
 
 
+def _one_line(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  return f"error: {text or type(error).__name__}"
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with its errors (an unknown preset, a bad --config.x value) as one `error:` line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if _verbose(argv):
+      raise
+    message = str(e)
+    if "Traceback (most recent call last)" in message:
+      # config_flags wraps the config file's exception in its traceback: keep the flag and the last line.
+      lines = [l.strip() for l in message.splitlines() if l.strip()]
+      message = f"{lines[0].split(': Error whilst')[0]}: {lines[-1].split(': ', 1)[-1]}"
+    sys.stderr.write(_one_line(message) + " (flags: --helpfull)\n")
+    sys.exit(2)
+
+
+def _verbose(argv=None) -> bool:
+  import os
+  argv = sys.argv if argv is None else argv
+  return os.environ.get("INSTRUCTRL_VERBOSE", "") not in ("", "0") or any(
+      a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv)
+
+
 def run():
-  """Console-script entry point (`instructrl --config=... --workdir=...`)."""
-  app.run(main)
+  """Console-script entry point (`instructrl --config=... --workdir=...`): an expected error (UserError:
+  config, files, checkpoints, the workdir) is one `error:` line and exit status 2; --verbose shows its
+  traceback. Any other exception keeps its traceback."""
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except UserError as e:
+    if _verbose():
+      raise
+    sys.stderr.write(_one_line(e) + "\n")
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,33 @@ import socket
 import sys
 from pathlib import Path
 
+from instructrl.errors import UserError
+
 LOCK_FILE = "LOCK"
 
 
-class WorkdirLocked(RuntimeError):
+class WorkdirLocked(UserError, RuntimeError):
   pass
+
+
+class BadWorkdir(UserError, OSError):
+  """--workdir (or its LOCK) is not what a run directory holds: a file where a folder belongs, or the reverse."""
+
+
+def check_workdir(workdir: str | Path) -> None:
+  """Refuse a --workdir that is a regular file, or whose LOCK is a folder, before anything is written."""
+  workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise BadWorkdir(f"--workdir={workdir} is a file; expected a run directory (or a path that does not exist yet)")
+  for parent in workdir.absolute().parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise BadWorkdir(f"--workdir={workdir}: {parent} is a file; expected a directory there")
+      break
+  lock = workdir / LOCK_FILE
+  if lock.exists() and not lock.is_file():
+    raise BadWorkdir(f"{lock} is a directory; expected the workdir's lock file (remove {lock}, or use another "
+                     f"--workdir)")
 
 
 class WorkdirLock:
@@ -34,6 +56,7 @@ class WorkdirLock:
   def __init__(self, workdir: str | Path):
     self.path = Path(workdir) / LOCK_FILE
     self._fd: int | None = None
+    self._before: bytes | None = None   # the file's bytes before acquire() (None: there was none)
 
   def holder(self) -> dict:
     try:
@@ -42,7 +65,12 @@ class WorkdirLock:
       return {}
 
   def acquire(self) -> "WorkdirLock":
+    check_workdir(self.path.parent)
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      self._before = self.path.read_bytes()
+    except FileNotFoundError:
+      self._before = None
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -73,6 +101,20 @@ class WorkdirLock:
       return
     # Empty the file before unlocking: a later run then sees no stale holder.
     os.ftruncate(self._fd, 0)
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
+
+  def abandon(self) -> None:
+    """Release, leaving LOCK as it was before acquire() (absent, or its old bytes): for a run refused
+    after taking the lock, which must leave the workdir unchanged."""
+    if self._fd is None:
+      return
+    if self._before is None:
+      self.path.unlink(missing_ok=True)   # still under the flock: no other run can have taken it
+    else:
+      os.ftruncate(self._fd, 0)
+      os.pwrite(self._fd, self._before, 0)
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None

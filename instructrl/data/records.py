@@ -18,6 +18,8 @@ import lzma
 from pathlib import Path
 from typing import Any, Iterator
 
+from instructrl.errors import UserError
+
 SCHEMAS: dict[str, dict[str, type]] = {
     "text": {"text": str},
     "demo": {"prompt": str, "response": str},
@@ -30,7 +32,7 @@ NONEMPTY = {"text": ("text",), "demo": ("prompt", "response"), "pair": ("prompt"
             "eval": ("prompt",), "ranked": ("prompt",)}
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
   """A bad record: the message starts with `file:line:`."""
 
 

@@ -37,6 +37,14 @@ class Stage:
   progress: Callable[[int, int], None] | None = None   # (done, total) -> the pipeline bar (default: by name)
 
 
+def check_meta(stage: Stage, meta: dict, where: str) -> None:
+  """Refuse (CheckpointMismatch) a checkpoint of `stage` saved under another model, world or settings."""
+  if "model" in meta:
+    checkpoints.check_model(meta["model"], stage.model_dict, where)
+  checkpoints.check_world(meta, stage.world_id, where)
+  checkpoints.check_settings(meta, stage.cfg, where, stage.settings_section or stage.name)
+
+
 def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None = None,
         initial_state: Callable[[], dict] | None = None, train_step, batch_at: Callable[[int], dict],
         evaluate: Callable[[Any], dict] | None = None, finalize: Callable[[Any], Any] | None = None,
@@ -58,12 +66,12 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
   ckpt = checkpoints.StageCheckpoints(Path(stage.workdir) / name, max_to_keep=cfg.get("keep_checkpoints", 2),
                                       keep_period=cfg.get("keep_period", 0))
   try:
-    restored = ckpt.restore(stage.abstract) if ckpt.latest_step() is not None else None
+    # The recorded config is compared before any array is read: a checkpoint of another model fails
+    # Orbax's restore with a shape error, which must be refused, not taken for damage and set aside.
+    restored = ckpt.restore(stage.abstract, check=lambda meta: check_meta(stage, meta, str(ckpt.directory))) \
+        if ckpt.latest_step() is not None else None
     if restored is not None:
       state, meta = restored
-      checkpoints.check_model(meta["model"], stage.model_dict, str(ckpt.directory))
-      checkpoints.check_world(meta, stage.world_id, str(ckpt.directory))
-      checkpoints.check_settings(meta, cfg, str(ckpt.directory), stage.settings_section or name)
       if meta.get("complete"):
         logging.info("%s: complete checkpoint at step %d, skipping", name, meta["step"])
         if after_training and not logged_final(stage.workdir, name, total):

@@ -17,8 +17,25 @@ from pathlib import Path
 from instructrl.data import tokenizer as tokenizer_lib
 from instructrl.data import world as world_lib
 from instructrl.data.records import read_jsonl
+from instructrl.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
+
+
+class WorldMismatch(UserError, ValueError):
+  """workdir/world was generated under another config, or its files changed since."""
+
+
+def check_marker(config, out: Path) -> None:
+  """Refuse a finished world generated under another world/tokenizer config (reads the marker only)."""
+  wanted = json.loads(json.dumps({"world": config.world.to_dict(), "tokenizer": config.tokenizer.to_dict()}))
+  have = json.loads((out / "COMPLETE").read_text())
+  if {k: have.get(k) for k in wanted} != wanted:
+    diff = [f"{part}.{k}: world has {have.get(part, {}).get(k)!r}, config has {wanted[part].get(k)!r}"
+            for part in wanted for k in sorted(set(wanted[part]) | set(have.get(part, {})))
+            if wanted[part].get(k) != have.get(part, {}).get(k)]
+    raise WorldMismatch(f"{out} was generated with a different world/tokenizer config ({'; '.join(diff)}); "
+                        f"use a new --workdir, or the original values, or delete {out}")
 
 
 def run(config, workdir: Path) -> Path:
@@ -26,12 +43,7 @@ def run(config, workdir: Path) -> Path:
   marker = out / "COMPLETE"
   wanted = {"world": config.world.to_dict(), "tokenizer": config.tokenizer.to_dict()}
   if marker.exists():
-    have = json.loads(marker.read_text())
-    if {k: have.get(k) for k in wanted} != json.loads(json.dumps(wanted)):
-      diff = sorted(k for part in wanted for k in set(wanted[part]) | set(have.get(part, {}))
-                    if wanted[part].get(k) != have.get(part, {}).get(k))
-      raise ValueError(f"{out} was generated with a different world/tokenizer config (fields {diff}); "
-                       f"use a new --workdir or delete {out}")
+    check_marker(config, out)
     verify(out)
     logging.info("world: complete in %s, skipping", out)
     return out
@@ -63,7 +75,7 @@ def verify(out: Path) -> None:
   for name, (size, digest) in (files or {}).items():
     if have.get(name) != [size, digest]:
       now = f"{have[name][0]} bytes" if name in have else "missing"
-      raise ValueError(f"{out / name}: changed since the world was generated ({now}; it had {size} bytes and "
+      raise WorldMismatch(f"{out / name}: changed since the world was generated ({now}; it had {size} bytes and "
                        f"sha256 {digest[:12]}...): truncated or edited; delete {out} and rerun the world stage "
                        f"(it regenerates the same files from the config)")
 

@@ -1,0 +1,320 @@
+"""Every user-settable config field checked before any work: type, sign, range, and the relations
+between fields (divisibility, lengths within the model's context, the mesh's device count).
+
+`check_config` is the check of the task-world pipeline (`instructrl.main`, configs/instructgpt.py);
+`check_finetune_config` the one of the public-data runs (`instructrl.tools.finetune`,
+configs/alpaca_sft.py, configs/hh_rlhf.py). Both raise ConfigError naming the field, its value and
+what was expected. Per-field rules live in tables (field -> rule); what relates two fields follows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+from instructrl.errors import ConfigError
+
+STAGES = ("world", "pretrain", "sft", "rm", "ppo", "ppo_noptx", "eval")
+
+
+class Rule(NamedTuple):
+  ok: Callable[[Any], bool]
+  expected: str
+
+
+def _real(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def number(lo=None, hi=None, *, lo_open=False, hi_open=False, what="a number") -> Rule:
+  """A finite number within [lo, hi] (either end open, or absent)."""
+  def ok(v):
+    return (_real(v) and (lo is None or (v > lo if lo_open else v >= lo))
+            and (hi is None or (v < hi if hi_open else v <= hi)))
+  if lo is not None and hi is not None:
+    text = f"{what} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+  elif lo is not None:
+    text = f"{what} {'>' if lo_open else '>='} {lo}"
+  else:
+    text = what
+  return Rule(ok, text)
+
+
+def integer(lo: int = 0) -> Rule:
+  return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+              "a positive integer" if lo == 1 else f"an integer >= {lo}")
+
+
+def choice(*options) -> Rule:
+  return Rule(lambda v: v in options, " or ".join(map(repr, options)) if len(options) == 2 else f"one of {options}")
+
+
+BOOL = Rule(lambda v: isinstance(v, bool), "True or False")
+TEXT = Rule(lambda v: isinstance(v, str), "a string")
+POSITIVE = number(0, lo_open=True)              # learning rates, temperatures, clip norms
+NONNEG = number(0)                              # penalty coefficients
+PROB = number(0, 1, hi_open=True, what="a probability")   # dropout, EMA decay, Adam betas
+FRACTION = number(0, 1)                         # inclusive: GAE lambda, discount, final lr fraction
+OPEN_UNIT = number(0, 1, lo_open=True, hi_open=True)      # PPO's ratio clip, a validation split
+COUNT = integer(1)
+NONNEG_INT = integer(0)
+
+# Fields of the pretrain and sft blocks (configs/instructgpt.py:_lm_stage); the RM block has them too.
+LM_STAGE = {
+    "steps": COUNT, "batch_size": COUNT, "seq_len": COUNT, "learning_rate": POSITIVE, "warmup_steps": NONNEG_INT,
+    "final_lr_fraction": FRACTION, "b1": PROB, "b2": PROB, "weight_decay": NONNEG, "grad_clip": POSITIVE,
+    "log_every": COUNT, "eval_every": COUNT, "eval_batch_size": COUNT, "checkpoint_every": COUNT,
+    "keep_checkpoints": COUNT, "keep_period": NONNEG_INT, "on_nonfinite": choice("stop", "skip"),
+    "max_nonfinite_skips": NONNEG_INT,
+}
+
+RM_STAGE = {
+    **{k: v for k, v in LM_STAGE.items() if k != "steps"},   # steps: derived from rm.epochs
+    "epochs": POSITIVE, "formulation": choice("per_prompt", "shuffled_pairs"), "pair_batch_size": COUNT,
+    "policy": choice("pretrain", "sft"), "base_workdir": TEXT, "init_stage": choice("", "pretrain", "sft"),
+    "ppo_source": TEXT, "keep_empty": BOOL, "extra_comparisons": TEXT, "n_prompts": COUNT,
+    "valid_fraction": OPEN_UNIT, "sample_temperature": POSITIVE, "prompt_len": COUNT, "max_new_tokens": COUNT,
+    "collect_batch_prompts": COUNT, "rankings_per_prompt": COUNT, "policy_pair_weight": POSITIVE,
+    "heldout_group": NONNEG_INT, "gold_probe_prompts": NONNEG_INT, "ensemble_size": COUNT,
+    "ensemble_bootstrap": BOOL,
+}
+
+PPO_STAGE = {
+    "policy_init": choice("pretrain", "sft"), "select_sft_by_rm": BOOL, "select_prompts": COUNT, "n_prompts": COUNT,
+    "total_episodes": COUNT, "batch_size": COUNT, "minibatch_size": COUNT, "ppo_epochs": COUNT,
+    "learning_rate": POSITIVE, "value_learning_rate": POSITIVE, "warmup_iterations": NONNEG_INT,
+    "kl_coef": NONNEG, "adaptive_kl": BOOL, "target_kl": POSITIVE, "kl_horizon": POSITIVE, "ptx_coef": NONNEG,
+    "ptx_batch_size": COUNT, "ptx_seq_len": COUNT, "ema_decay": PROB,
+    "gamma": FRACTION, "discount": FRACTION,      # the GAE discount (renamed gamma -> discount)
+    "gae_lambda": FRACTION, "clip": OPEN_UNIT,
+    "value_clip": POSITIVE,                       # in return units, not a ratio: any positive width
+    "whiten_advantages": BOOL, "normalize_score": BOOL, "normalize_batches": COUNT, "temperature": POSITIVE,
+    "prompt_len": COUNT, "max_new_tokens": COUNT, "missing_eos_penalty": number(), "reward": choice("rm", "gold"),
+    "rm_uncertainty_coef": NONNEG, "rm_runs": TEXT, "grad_clip": POSITIVE, "b1": PROB, "b2": PROB,
+    "log_every": COUNT, "sample_every": NONNEG_INT, "eval_every": COUNT, "checkpoint_every": COUNT,
+    "keep_checkpoints": COUNT, "on_nonfinite": choice("stop", "skip"), "max_nonfinite_skips": NONNEG_INT,
+}
+
+EVAL = {
+    "n_prompts": NONNEG_INT, "batch_size": COUNT, "prompt_len": COUNT, "prefix_len": NONNEG_INT,
+    "max_new_tokens": COUNT, "temperature": POSITIVE, "baseline_temperature": POSITIVE,
+    "prompted_at_policy_temperature": BOOL, "sft_at_baseline_temperature": BOOL, "few_shot": NONNEG_INT,
+    "report_prompts": NONNEG_INT, "cloze_seq_len": COUNT,
+}
+
+MODEL = {
+    "style": choice("gpt", "llama"), "vocab_size": COUNT, "max_len": COUNT, "d_model": COUNT, "n_layers": COUNT,
+    "n_heads": COUNT, "n_kv_heads": COUNT, "head_dim": COUNT, "d_ff": COUNT, "norm_eps": POSITIVE,
+    "rope_theta": POSITIVE, "tie_embeddings": BOOL, "embed_dropout": PROB, "attn_dropout": PROB,
+    "resid_dropout": PROB, "dtype": choice("float32", "bfloat16", "float16"),
+    "param_dtype": choice("float32", "bfloat16", "float16"), "remat": BOOL,
+    "attention": choice("einsum", "dot_product"),
+}
+
+# configs/instructgpt.py: block -> {field: rule}. Blocks with their own checks (world, mesh, the
+# model_overrides and rm.source_mix sub-blocks, rm.k_choices) are handled below the table.
+PIPELINE = {
+    "": {"preset": TEXT, "seed": NONNEG_INT, "stages": TEXT},
+    "tokenizer": {"vocab_size": COUNT, "byte_fallback": BOOL},
+    "model": MODEL,
+    "pretrain": LM_STAGE,
+    "sft": {**LM_STAGE, "pretrain_mix": PROB, "demos_dir": TEXT},
+    "rm": RM_STAGE,
+    "ppo": PPO_STAGE,
+    "eval": EVAL,
+}
+CHECKED_APART = {"mesh.shape", "mesh.rules", "world", "pretrain.model_overrides", "sft.model_overrides",
+                 "rm.model_overrides", "rm.source_mix", "rm.k_choices"}
+
+
+def rm_run_names(config) -> list[str]:
+  """ppo.rm_runs as a list of run directories (other runs' RMs joining the ensemble)."""
+  return [r.strip() for r in str(config.ppo.get("rm_runs", "") or "").split(",") if r.strip()]
+
+
+def fail(field: str, value, expected: str) -> None:
+  raise ConfigError(f"{field}={value!r}: expected {expected}")
+
+
+def check_table(config, table: dict) -> None:
+  """Apply {block: {field: rule}}; a field the config does not have is not checked (older configs)."""
+  for block, rules in table.items():
+    if block and block not in config:
+      continue
+    section = config[block] if block else config
+    for field, rule in rules.items():
+      if field in section and not rule.ok(section[field]):
+        fail(f"{block}.{field}" if block else field, _plain(section[field]), rule.expected)
+
+
+def _plain(v):
+  return tuple(v) if isinstance(v, list) else v
+
+
+def mesh_shape(shape, n_devices: int) -> tuple[int, ...]:
+  """config.mesh.shape with its -1 resolved against `n_devices`, checked to use exactly those devices."""
+  from instructrl.parallel import MESH_AXES
+  shape = tuple(shape)
+  where = f"mesh.shape={shape}"
+  if len(shape) != len(MESH_AXES) or not all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape):
+    raise ConfigError(f"{where}: expected {len(MESH_AXES)} positive integers for axes {MESH_AXES} (one may be -1)")
+  if shape.count(-1) > 1:
+    raise ConfigError(f"{where}: expected at most one -1 entry")
+  rest = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if n_devices % rest:
+      raise ConfigError(f"{where}: the other entries' product {rest} does not divide the {n_devices} devices")
+    shape = tuple(n_devices // rest if s == -1 else s for s in shape)
+  if math.prod(shape) != n_devices:
+    raise ConfigError(f"{where} needs {math.prod(shape)} devices, {n_devices} available; expected a shape whose "
+                      f"product is {n_devices} (or -1 on one axis)")
+  return shape
+
+
+def data_parallel_size(config, shape: tuple[int, ...]) -> int:
+  """How many ways a batch's rows are split: the product of the mesh axes the 'batch' rule maps to."""
+  from instructrl.parallel import MESH_AXES, rules_from_config
+  try:
+    rules = dict(rules_from_config(config.mesh.rules))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"mesh.rules: expected (logical axis, mesh axes) pairs ({e})") from None
+  axes = rules.get("batch")
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  unknown = [a for a in axes if a not in MESH_AXES]
+  if unknown:
+    raise ConfigError(f"mesh.rules: 'batch' maps to {unknown}; expected mesh axes among {MESH_AXES}")
+  return math.prod(shape[MESH_AXES.index(a)] for a in axes)
+
+
+def _model(config, overrides=None, where="model"):
+  from instructrl.models.config import ModelConfig
+  try:
+    return ModelConfig.from_dict({**config.model, **(overrides or {})})
+  except ValueError as e:
+    raise ConfigError(str(e).replace("model.", f"{where}.", 1) if where != "model" else str(e)) from None
+  except TypeError as e:
+    raise ConfigError(f"{where}: {e}") from None
+
+
+def check_config(config, n_devices: int | None = None) -> None:
+  """The task-world pipeline's config (configs/instructgpt.py), before the lock and before any work.
+
+  n_devices: the devices the mesh spans (default jax.device_count(); no mesh is built).
+  """
+  check_table(config, PIPELINE)
+  unknown = [s for s in str(config.stages).split(",") if s.strip() and s.strip() not in STAGES]
+  if unknown or not str(config.stages).strip():
+    fail("stages", config.stages, f"comma-separated stage names among {','.join(STAGES)}")
+
+  from instructrl.data import world as world_lib
+  try:
+    world_lib.validate(config.world)
+  except ValueError as e:
+    raise ConfigError(f"world.{e}") from None
+  model = _model(config)
+  for name in ("pretrain", "sft", "rm"):
+    _model(config, config[name].get("model_overrides", {}), f"{name}.model_overrides")
+  if config.tokenizer.vocab_size > model.vocab_size:
+    raise ConfigError(f"tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds model.vocab_size="
+                      f"{model.vocab_size}; expected at most the model's vocabulary")
+
+  # Lengths: every sequence a stage builds must fit the model's context (learned positions for "gpt").
+  for name in ("pretrain", "sft"):
+    stage = config[name]
+    if stage.seq_len > model.max_len:
+      raise ConfigError(f"{name}.seq_len={stage.seq_len} exceeds model.max_len={model.max_len}")
+    if not stage.warmup_steps < stage.steps:
+      fail(f"{name}.warmup_steps", stage.warmup_steps, f"0 <= warmup_steps < {name}.steps={stage.steps}")
+  rm, ppo = config.rm, config.ppo
+  if rm.seq_len > model.max_len or rm.prompt_len + rm.max_new_tokens > model.max_len:
+    raise ConfigError(f"rm.seq_len={rm.seq_len} / rm.prompt_len + rm.max_new_tokens = "
+                      f"{rm.prompt_len + rm.max_new_tokens} exceed model.max_len={model.max_len}")
+  if ppo.prompt_len + ppo.max_new_tokens > model.max_len:
+    raise ConfigError(f"ppo.prompt_len + ppo.max_new_tokens = {ppo.prompt_len + ppo.max_new_tokens} exceeds "
+                      f"model.max_len={model.max_len}")
+  if ppo.ptx_coef > 0 and ppo.ptx_seq_len > model.max_len:
+    raise ConfigError(f"ppo.ptx_seq_len={ppo.ptx_seq_len} exceeds model.max_len={model.max_len}")
+  ev = config.eval
+  need = ev.prompt_len + ev.prefix_len + ev.max_new_tokens
+  if model.style == "gpt" and need > model.max_len:
+    raise ConfigError(f"eval.prompt_len + eval.prefix_len + eval.max_new_tokens = {need} exceeds "
+                      f"model.max_len={model.max_len}")
+  if ev.cloze_seq_len > model.max_len:
+    raise ConfigError(f"eval.cloze_seq_len={ev.cloze_seq_len} exceeds model.max_len={model.max_len}")
+
+  # The reward model's comparisons.
+  k = rm.k_choices
+  if (not isinstance(k, (tuple, list)) or not k
+      or not all(isinstance(x, int) and not isinstance(x, bool) for x in k) or min(k) < 2):
+    raise ConfigError(f"rm.k_choices={_plain(k)}: every K must be >= 2 (responses ranked per prompt; the paper "
+                      f"uses 4..9)")
+  mix = dict(rm.source_mix)
+  if not all(_real(v) and v >= 0 for v in mix.values()) or not any(v > 0 for v in mix.values()):
+    raise ConfigError(f"rm.source_mix={mix}: expected non-negative weights, at least one positive "
+                      f"(sources: policy, pretrain, pretrain_few_shot, ppo, mismatched)")
+  if float(mix.get("ppo", 0.0)) > 0 and not rm.ppo_source:
+    raise ConfigError("rm.source_mix.ppo > 0 needs rm.ppo_source: an earlier run's finished ppo stage dir")
+  if rm.heldout_group >= config.world.n_groups:
+    fail("rm.heldout_group", rm.heldout_group, f"a labeler group in [0, world.n_groups={config.world.n_groups})")
+  if ppo.rm_uncertainty_coef > 0 and rm.ensemble_size + len(rm_run_names(config)) < 2:
+    raise ConfigError(f"ppo.rm_uncertainty_coef={ppo.rm_uncertainty_coef} needs rm.ensemble_size >= 2 or "
+                      f"ppo.rm_runs: one RM has no disagreement to penalise")
+
+  # PPO's shapes.
+  if ppo.batch_size % ppo.minibatch_size:
+    raise ConfigError(f"ppo.minibatch_size={ppo.minibatch_size} does not divide ppo.batch_size={ppo.batch_size}; "
+                      f"expected a divisor (each iteration's episodes split into whole minibatches)")
+  if ppo.adaptive_kl and not ppo.kl_coef > 0:
+    fail("ppo.kl_coef", ppo.kl_coef, "> 0 with ppo.adaptive_kl (the controller scales beta; from 0 it stays 0)")
+
+  # The mesh: exactly the devices there are, and batches whose rows split evenly over its data axes.
+  if n_devices is None:
+    import jax
+    n_devices = jax.device_count()
+  shape = mesh_shape(config.mesh.shape, n_devices)
+  dp = data_parallel_size(config, shape)
+  batches = [f"{s}.{f}" for s in ("pretrain", "sft") for f in ("batch_size", "eval_batch_size")]
+  batches += ["rm.batch_size" if rm.formulation == "per_prompt" else "rm.pair_batch_size", "rm.eval_batch_size",
+              "ppo.batch_size"] + (["ppo.ptx_batch_size"] if ppo.ptx_coef > 0 else [])
+  for path in batches:
+    block, field = path.split(".")
+    if config[block][field] % dp:
+      raise ConfigError(f"{path}={config[block][field]} is not divisible by the {dp} data-parallel shards of "
+                        f"mesh.shape={shape}; expected a multiple of {dp}")
+
+
+# ----------------------------------------------------------------------------- public-data runs
+
+FINETUNE = {
+    "": {"task": choice("sft", "rm"), "seed": NONNEG_INT, "prompt_template": TEXT},
+    "init": {"hf_dir": TEXT, "stage": TEXT},
+    "tokenizer": {"path": TEXT, "bos_id": integer(-1), "eos_id": integer(-1), "pad_id": integer(-1)},
+    "data": {"train": TEXT, "valid": TEXT, "schema": TEXT, "valid_fraction": OPEN_UNIT,
+             "on_invalid": choice("raise", "skip")},
+    "sft": LM_STAGE,
+    "rm": {**LM_STAGE, "steps": NONNEG_INT,   # 0: derived from rm.epochs
+           "epochs": POSITIVE, "init_stage": choice("pretrain", "sft"), "format_prompts": BOOL},
+}
+
+
+def check_finetune_config(config, n_devices: int | None = None) -> None:
+  """configs/alpaca_sft.py / configs/hh_rlhf.py, before any file is written. The model comes from the
+  imported checkpoint later, so lengths are checked against it there."""
+  check_table(config, FINETUNE)
+  stage = config[config.task]
+  if stage.steps and not stage.warmup_steps < stage.steps:
+    fail(f"{config.task}.warmup_steps", stage.warmup_steps, f"0 <= warmup_steps < {config.task}.steps={stage.steps}")
+  if "{prompt}" not in config.prompt_template:
+    fail("prompt_template", config.prompt_template, "a template containing {prompt}")
+  from instructrl.data import readers
+  if config.data.schema != "auto" and config.data.schema not in readers.SCHEMAS:
+    fail("data.schema", config.data.schema, f"'auto' or one of {tuple(readers.SCHEMAS)}")
+  if n_devices is None:
+    import jax
+    n_devices = jax.device_count()
+  shape = mesh_shape(config.mesh.shape, n_devices)
+  dp = data_parallel_size(config, shape)
+  for field in ("batch_size", "eval_batch_size"):
+    if stage[field] % dp:
+      raise ConfigError(f"{config.task}.{field}={stage[field]} is not divisible by the {dp} data-parallel shards "
+                        f"of mesh.shape={shape}; expected a multiple of {dp}")
