@@ -160,6 +160,13 @@ def _masked_var(x_bt, mask_bt):
   return _masked_mean(jnp.square(jnp.where(mask_bt, x_bt, mean) - mean), mask_bt)
 
 
+def ensemble_score(scores_nb, uncertainty_coef):
+  """The members' scores [N, B] -> mean - coef * std over members (Coste et al. 2023's uncertainty-weighted
+  objective; coef 0: the plain mean) and the std. With one member the std is 0 and this is its score."""
+  mean, std = scores_nb.mean(0), scores_nb.std(0)
+  return mean - uncertainty_coef * std, std
+
+
 def kl_penalty_rewards(logp_bt, ref_logp_bt, score_b, mask_bt, kl_coef):
   """Per-token rewards of the bandit episode: (rewards_bt, kl_bt).
 

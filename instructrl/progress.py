@@ -75,14 +75,14 @@ def stage_cost(stage: str, config, n_models: int = 0) -> tuple[float, float, flo
   if stage == "rm":
     rm = config.rm
     k = sum(rm.k_choices) / len(rm.k_choices)
-    # each source samples its share of the K responses plus reward.SPARE spares per prompt
-    from instructrl.stages import reward
+    # each source samples its share of the K responses plus rm_collect.SPARE spares per prompt
+    from instructrl.stages import rm_collect
     sources = sum(1 for w in dict(rm.get("source_mix", {"policy": 1.0})).values() if w > 0)
-    sampling = rm.n_prompts * (k + reward.SPARE * sources) * rm.max_new_tokens * SAMPLE_COST
+    sampling = rm.n_prompts * (k + rm_collect.SPARE * sources) * rm.max_new_tokens * SAMPLE_COST
     members = int(rm.get("ensemble_size", 1))
     return sampling, 3.0 * members * rm.epochs * rm.n_prompts * (1 - rm.valid_fraction) * k * rm.seq_len, 0.0
   if stage in ("ppo", "ppo_noptx"):
-    from instructrl.stages.reward import rm_run_names
+    from instructrl.stages.rm_ensemble import rm_run_names
     p = config.ppo
     seq = p.prompt_len + p.max_new_tokens
     rms = int(config.rm.get("ensemble_size", 1)) + len(rm_run_names(config))
@@ -137,8 +137,8 @@ def stage_state(stage: str, workdir: Path, upstream_runs: bool, config) -> tuple
   if stage == "world":
     return ("complete" if (workdir / "world" / "COMPLETE").exists() else "new"), 0
   if stage == "rm":   # the RM ensemble's members train in turn: its step is theirs summed
-    from instructrl.stages import reward
-    states = [checkpoint_state(d) for d in reward.trained_member_dirs(config, workdir)]
+    from instructrl.stages import rm_ensemble
+    states = [checkpoint_state(d) for d in rm_ensemble.trained_member_dirs(config, workdir)]
     if all(st == "complete" for st, _ in states):
       return "complete", sum(step for _, step in states)
     return ("new", 0) if all(st == "new" for st, _ in states) else ("resume", sum(step for _, step in states))

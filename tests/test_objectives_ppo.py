@@ -1,7 +1,7 @@
 """PPO / PPO-ptx loss math: GAE against a plain double loop, the KL-penalised rewards, the
 clipped policy and value losses on hand-computed numbers (and their zero gradients where
 clipped), masked whitening, the k1 KL estimator against the exact KL, linearity of the ptx
-gradient, the adaptive KL controller and the weight EMA."""
+gradient, the adaptive KL controller, the weight EMA and the RM ensemble's score."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructrl.objectives import (adaptive_kl_coef, ema_update, entropy_from_logits, gae, kl_penalty_rewards,
-                                   ppo_policy_loss, ptx_loss, token_nll, value_loss, whiten)
+from instructrl.objectives import (adaptive_kl_coef, ema_update, ensemble_score, entropy_from_logits, gae,
+                                   kl_penalty_rewards, ppo_policy_loss, ptx_loss, token_nll, value_loss, whiten)
 
 # Jitted once per shape: eager op-by-op dispatch is what makes CPU tests slow.
 _gae = jax.jit(gae)
@@ -277,3 +277,16 @@ def test_ema_closed_form():
   np.testing.assert_allclose(ema["a"], np.full(3, 2.0 * decay**n), rtol=1e-5)
   assert ema["b"]["c"].dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(ema["b"]["c"], np.float32), 1.0 - decay**n, atol=2e-2)
+
+
+def test_ensemble_score_closed_form():
+  # 3 members x 3 episodes. Episode 0 scores 1, 3, 2: mean 2, population std sqrt((1 + 1 + 0) / 3) = sqrt(2/3);
+  # episodes 1 and 2: the members agree, so no penalty.
+  s = jnp.array([[1.0, 0.0, 2.0], [3.0, 0.0, 2.0], [2.0, 0.0, 2.0]])
+  score, std = ensemble_score(s, 1.5)
+  np.testing.assert_allclose(std, [np.sqrt(2 / 3), 0.0, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(score, [2.0 - 1.5 * np.sqrt(2 / 3), 0.0, 2.0], rtol=1e-6)
+  np.testing.assert_allclose(ensemble_score(s, 0.0)[0], [2.0, 0.0, 2.0], rtol=1e-6)     # coef 0: the plain mean
+  one, std1 = ensemble_score(s[:1], 3.0)                                                 # one member: its score
+  np.testing.assert_array_equal(one, s[0])
+  np.testing.assert_array_equal(std1, 0.0)

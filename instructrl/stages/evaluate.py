@@ -302,7 +302,7 @@ def rm_summary(workdir: Path) -> dict:
            "gold_probe/agreement": "gold_agreement", "gold_probe/pairs": "gold_pairs",
            "gold_probe/score_gap": "gold_score_gap", "ensemble/gold_probe/agreement": "ensemble_gold_agreement"}
   out = {new: final[old] for old, new in names.items() if old in final}
-  # Per task family (reward.family_accuracy), over the policy's own pairs when the RM ranked several sources
+  # Per task family (rm_probes.family_accuracy), over the policy's own pairs when the RM ranked several sources
   for pairs, prefix in (("policy samples", "valid/policy_pairs/by_family/"), ("all sources", "valid/by_family/")):
     rows = {}
     for k, v in final.items():

@@ -22,7 +22,7 @@ from instructrl.data.batching import prompt_response_examples
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
-from instructrl.stages import reward
+from instructrl.stages import reward, rm_models
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
 SELECTION = "sft_selection.json"
@@ -53,10 +53,10 @@ def select_sft(config, workdir: Path, mesh, rules, lm_abstract, rm_abstract) -> 
   # The RM's validation prompts: the first rm.valid_fraction of the ranked prompts, never trained on.
   records = load_jsonl(workdir / "world" / "prompts_rm.jsonl", "eval")[:config.rm.n_prompts]
   records = records[:min(cfg.select_prompts, int(round(config.rm.valid_fraction * len(records))))]
-  rm_dict = reward.trained_rm_model(config, workdir)
+  rm_dict = rm_models.trained_rm_model(config, workdir)
   rm_params, _ = checkpoints.load_params(workdir / "rm", rm_abstract, rm_dict, world_id)
   rm_cfg = ModelConfig.from_dict({**rm_dict, **config.rm.get("model_overrides", {})})
-  score = jax.jit(lambda p, t, l: reward.rm_scores(Decoder(rm_cfg, head="scalar"), p, t, l))
+  score = jax.jit(lambda p, t, l: rm_models.rm_scores(Decoder(rm_cfg, head="scalar"), p, t, l))
   scores = {}
   with parallel.activate(mesh, rules):
     for step in steps:

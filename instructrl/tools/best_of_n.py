@@ -23,13 +23,13 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from instructrl import cli_flags, measures, parallel
+from instructrl import cli_flags, measures, objectives, parallel
 from instructrl.data import world as world_lib
 from instructrl.data.batching import prompt_response_examples
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
-from instructrl.stages import reward
+from instructrl.stages import reward, rm_ensemble, rm_models
 from instructrl.stages.world import load_tokenizer
 
 
@@ -72,9 +72,9 @@ def run(config, workdir: Path, n: int, policy: str = "sft", temperature: float |
   world = world_lib.World.load(workdir / "world")
   tokenizer = load_tokenizer(workdir)
   model_cfg = ModelConfig.from_dict(config.model)
-  rm_cfg = ModelConfig.from_dict(reward.trained_rm_model(config, workdir))
-  members = reward.load_members(config, workdir, mesh, rules)
-  params = reward.load_policy(config, workdir, mesh, rules, policy, entry="ema" if policy.startswith("ppo") else "params")
+  rm_cfg = ModelConfig.from_dict(rm_models.trained_rm_model(config, workdir))
+  members = rm_ensemble.load_members(config, workdir, mesh, rules)
+  params = rm_models.load_policy(config, workdir, mesh, rules, policy, entry="ema" if policy.startswith("ppo") else "params")
   records = load_jsonl(workdir / "world" / "prompts_eval.jsonl", "eval")[:config.eval.report_prompts]
   raters = world.heldout_labelers
   if not raters:
@@ -91,8 +91,8 @@ def run(config, workdir: Path, n: int, policy: str = "sft", temperature: float |
     raise ValueError(f"best_of_n: no eval prompt whose answers all fit rm.seq_len={config.rm.seq_len}")
 
   model = Decoder(rm_cfg, head="scalar")
-  score = jax.jit(lambda ps, t, l: reward.ensemble_score(
-      jnp.stack([reward.rm_scores(model, p, t, l) for p in ps]), config.ppo.rm_uncertainty_coef)[0])
+  score = jax.jit(lambda ps, t, l: objectives.ensemble_score(
+      jnp.stack([rm_models.rm_scores(model, p, t, l) for p in ps]), config.ppo.rm_uncertainty_coef)[0])
   bs = config.rm.eval_batch_size
   scores = np.zeros((len(keep), n))
   gold = np.zeros((len(keep), n))
@@ -101,7 +101,7 @@ def run(config, workdir: Path, n: int, policy: str = "sft", temperature: float |
     ex = prompt_response_examples(tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep],
                                   config.rm.seq_len - 1, what="best-of-n samples")
     with parallel.activate(mesh, rules):
-      scores[:, j] = reward.row_scores(score, members, ex.tokens, reward.eos_index(ex), bs, mesh, rules)
+      scores[:, j] = reward.row_scores(score, members, ex.tokens, rm_models.eos_index(ex), bs, mesh, rules)
     for row, i in enumerate(keep):
       gold[row, j] = world.judge(records[i], answers[i]).score
       win[row, j] = preference(world, records[i], answers[i], baseline[i], raters[i % len(raters)])

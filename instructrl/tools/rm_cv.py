@@ -43,19 +43,19 @@ def main(argv):
   del argv
   from instructrl import parallel
   from instructrl.data import world as world_lib
-  from instructrl.stages import reward
+  from instructrl.stages import reward, rm_collect
 
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value)
   mesh = parallel.make_mesh(config.mesh.shape)
   rules = parallel.rules_from_config(config.mesh.rules)
-  reward.collect(config, workdir, mesh, rules)           # shared by every fold
+  rm_collect.collect(config, workdir, mesh, rules)       # shared by every fold
   groups = sorted({l.group for l in world_lib.World.load(workdir / "world").labelers})
   folds = {}
   for g in groups:
     fold = workdir / "rm_cv" / f"fold{g}"
     fold.mkdir(parents=True, exist_ok=True)
-    for shared in ("world", config.rm.policy, reward.COMPARISONS):
+    for shared in ("world", config.rm.policy, rm_collect.COMPARISONS):
       if not (fold / shared).exists():
         os.symlink((workdir / shared).absolute(), fold / shared)
     with config.unlocked():

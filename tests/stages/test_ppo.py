@@ -235,14 +235,6 @@ def test_rm_ensemble_score_is_the_members_mean_minus_coef_times_their_std():
   assert stds["aa"] == 0.0 and stds["a"] == 0.0
 
 
-def test_ensemble_score_closed_form():
-  from instructrl.stages import reward
-  s = jnp.array([[1.0, 0.0, 2.0], [3.0, 0.0, 2.0], [2.0, 0.0, 2.0]])   # 3 members x 3 episodes
-  score, std = reward.ensemble_score(s, 1.5)
-  np.testing.assert_allclose(std, [np.sqrt(2 / 3), 0.0, 0.0], rtol=1e-6)
-  np.testing.assert_allclose(score, [2.0 - 1.5 * np.sqrt(2 / 3), 0.0, 2.0], rtol=1e-6)
-
-
 def test_first_update_has_ratio_one_and_moves_policy_value_and_ema():
   cfg = ModelConfig(**TINY)
   B, P = 16, 6
@@ -718,10 +710,10 @@ def test_rm_uncertainty_penalty_without_an_ensemble_is_a_clear_error(tmp_path):
 
 def test_rm_base_workdir_without_a_finished_sft_is_a_clear_error(tmp_path):
   from configs import instructgpt
-  from instructrl.stages import reward
+  from instructrl.stages import rm_models
   config = instructgpt.get_config("smoke")
   config.rm.base_workdir = str(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="rm.base_workdir=.*nothing: no finished 'sft' stage"):
-    reward.rm_model(config)
+    rm_models.rm_model(config)
   config.rm.base_workdir = ""
-  assert reward.rm_model(config)["d_model"] == config.model.d_model
+  assert rm_models.rm_model(config)["d_model"] == config.model.d_model

@@ -23,7 +23,7 @@ import pytest
 
 from instructrl import objectives, parallel
 from instructrl.models.config import ModelConfig
-from instructrl.stages import reward, train_state
+from instructrl.stages import reward, rm_collect, rm_models, rm_probes, train_state
 from tests.cli_helpers import final_params, run_worker_on_8_devices, sigkill_when_exists
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,7 +173,7 @@ def test_shuffled_pairs_step_loss_is_pairwise_loss_of_rm_scores():
   batch = pairs.batch(np.arange(16))
   model = Decoder(cfg, head="scalar")
   host_params = jax.tree.map(np.asarray, params)          # the step donates its state
-  scores = jax.jit(lambda p, t, l: reward.rm_scores(model, p, t, l))
+  scores = jax.jit(lambda p, t, l: rm_models.rm_scores(model, p, t, l))
   r_c = scores(host_params, batch["chosen"], batch["chosen_last"])
   r_r = scores(host_params, batch["rejected"], batch["rejected_last"])
   want, want_m = objectives.pairwise_loss(r_c, r_r)
@@ -208,7 +208,7 @@ def test_policy_pair_weight_reweights_the_step_loss_by_own_pairs():
     mesh, rules, tx, sh, params, (train, _, _) = one_device_setup(cfg, "per_prompt", 2, policy_pair_weight=weight)
     host = jax.tree.map(np.asarray, params)
     B, K, T = b["tokens"].shape
-    r = np.asarray(jax.jit(lambda p: reward.rm_scores(model, p, b["tokens"].reshape(B * K, T),
+    r = np.asarray(jax.jit(lambda p: rm_models.rm_scores(model, p, b["tokens"].reshape(B * K, T),
                                                       b["last_index"].reshape(B * K)))(host)).reshape(B, K)
     w = np.where(own[:, :, None] & own[:, None, :], weight, 1.0)
     want = objectives.ranking_loss(jnp.asarray(r), jnp.asarray(b["ranks"]), jnp.asarray(b["mask"]), jnp.asarray(w))[0]
@@ -227,7 +227,7 @@ def test_rm_scores_reads_the_score_at_last_index():
   params = jax.tree.map(np.asarray, params)
   params["score_bias"] = np.float32(0.25)             # a non-zero bias is part of the score
   model = Decoder(cfg, head="scalar")
-  f = jax.jit(lambda t, l: reward.rm_scores(model, params, t, l))
+  f = jax.jit(lambda t, l: rm_models.rm_scores(model, params, t, l))
   full = jax.jit(lambda t: model.apply({"params": params}, t)[0])
   rng = np.random.default_rng(0)
   T = 12
@@ -267,13 +267,13 @@ def test_gold_agreement_on_hand_made_pairs():
   # prompts: gold prefers greedy / sampled / ties / greedy / sampled; the RM gets 1, 2 and 4 right, ties 5
   rm_g, rm_s = [0.9, 0.1, 0.5, 0.2, 0.3], [0.1, 0.8, 0.0, 0.6, 0.3]
   gold_g, gold_s = [1.0, 0.2, 0.5, 1.0, 0.1], [0.0, 0.9, 0.5, 0.3, 0.7]
-  out = reward.gold_agreement(rm_g, rm_s, gold_g, gold_s)
+  out = rm_probes.gold_agreement(rm_g, rm_s, gold_g, gold_s)
   assert out["pairs"] == 4                                  # the gold tie is not a pair
   assert out["agreement"] == pytest.approx(2 / 4)          # prompts 1, 2 right; 4 wrong; the RM tie is a miss
   assert out["score_gap"] == pytest.approx((np.mean(rm_g) - np.mean(rm_s)) / np.std(rm_s))
   assert out["gold_greedy"] == pytest.approx(0.56) and out["gold_sampled"] == pytest.approx(0.48)
   # no pair where gold differs: no agreement to report (run_gold_probe then drops it, keeping the count)
-  assert np.isnan(reward.gold_agreement([1.0], [0.0], [0.5], [0.5])["agreement"])
+  assert np.isnan(rm_probes.gold_agreement([1.0], [0.0], [0.5], [0.5])["agreement"])
 
 
 # ----------------------------------------------------------------------------- data helpers
@@ -293,11 +293,11 @@ def test_family_accuracy_on_hand_made_rankings():
   ex = RankedExamples(tokens=np.zeros((2, 3, 4), np.int32), last_index=np.zeros((2, 3), np.int32), ranks=ranks,
                       mask=np.array([[1, 1, 1], [1, 1, 0]], bool), index=np.array([0, 1]))
   with pytest.raises(IndexError):
-    reward.family_accuracy(recs, RankedExamples(ex.tokens, ex.last_index, ranks, np.ones((2, 3), bool),
+    rm_probes.family_accuracy(recs, RankedExamples(ex.tokens, ex.last_index, ranks, np.ones((2, 3), bool),
                                                 ex.index), np.zeros((2, 3)), World())   # slot past "xx", "yy"
   ex = RankedExamples(ex.tokens, ex.last_index, ranks, ex.mask, ex.index)
   scores = np.array([[0.0, 1.0, 2.0], [5.0, 5.0, np.nan]])
-  out = reward.family_accuracy(recs, ex, scores, World())
+  out = rm_probes.family_accuracy(recs, ex, scores, World())
   assert list(out) == ["a", "b", "all"]
   # family b: labeler pairs (bb>a), (bb>ccc!), (a>ccc!); RM scores 0 < 1 < 2 agree on the first only;
   # utility (1, 2, 14) agrees on the first only; gold (1, 2, 4) never ties, RM agrees with gold on all 3
@@ -307,7 +307,7 @@ def test_family_accuracy_on_hand_made_rankings():
   assert out["a"]["gold_pairs"] == 0 and math.isnan(out["a"]["gold_accuracy"])
   assert out["all"]["pairs"] == 4 and out["all"]["accuracy"] == 1.5 / 4 and out["all"]["gold_accuracy"] == 1.0
   # the RM reversed on record 0: it disagrees with gold everywhere, with the labeler on (a>ccc!) and (bb>ccc!)
-  out = reward.family_accuracy(recs, ex, -scores, World())
+  out = rm_probes.family_accuracy(recs, ex, -scores, World())
   assert out["b"]["gold_accuracy"] == 0.0 and out["b"]["accuracy"] == 2 / 3
 
 
@@ -317,7 +317,7 @@ def test_example_scores_scores_real_slots_only():
   ex = RankedExamples(tokens=tokens, last_index=np.ones((2, 2), np.int32), ranks=np.zeros((2, 2), np.int32),
                       mask=np.array([[1, 0], [1, 1]], bool), index=np.arange(2))
   seen = []
-  out = reward.example_scores(lambda t, l: seen.append(t.shape) or t[:, 0].astype(float), ex)
+  out = rm_probes.example_scores(lambda t, l: seen.append(t.shape) or t[:, 0].astype(float), ex)
   assert seen == [(3, 3)]
   np.testing.assert_array_equal(out, [[0.0, np.nan], [6.0, 9.0]])
 
@@ -347,25 +347,25 @@ def test_select_several_rankings_per_prompt_from_distinct_groups():
 def test_mismatched_prompts_are_other_prompts_half_of_the_same_family():
   pool = [{"prompt": f"{f} {i}", "family": f} for f in ("count", "add", "sort") for i in range(20)]
   prompts = [r["prompt"] for r in pool] * 10
-  got = reward.mismatched_prompts(prompts, pool, jax.random.key(0))
-  assert got == reward.mismatched_prompts(prompts, pool, jax.random.key(0))      # deterministic in the key
-  assert got != reward.mismatched_prompts(prompts, pool, jax.random.key(1))
+  got = rm_collect.mismatched_prompts(prompts, pool, jax.random.key(0))
+  assert got == rm_collect.mismatched_prompts(prompts, pool, jax.random.key(0))      # deterministic in the key
+  assert got != rm_collect.mismatched_prompts(prompts, pool, jax.random.key(1))
   assert all(q != p for p, q in zip(prompts, got))                                # never the prompt itself
   family = {r["prompt"]: r["family"] for r in pool}
   same = np.mean([family[p] == family[q] for p, q in zip(prompts, got)])
   # half drawn from the family, half from all three families (a third of which is the same family again)
   assert abs(same - (0.5 + 0.5 * 19 / 59)) < 0.05, same
   with pytest.raises(ValueError, match="2 distinct"):
-    reward.mismatched_prompts(["a"], [{"prompt": "a", "family": "add"}], jax.random.key(0))
+    rm_collect.mismatched_prompts(["a"], [{"prompt": "a", "family": "add"}], jax.random.key(0))
 
 
 def test_zero_weight_sources_do_not_change_the_collection_key():
   from configs.instructgpt import get_config
   config = get_config("smoke")
-  key = reward.collection_key(config)
+  key = rm_collect.collection_key(config)
   assert "mismatched" not in key["source_mix"] and "ppo" not in key["source_mix"]
   config.rm.source_mix.mismatched = 0.25
-  assert reward.collection_key(config)["source_mix"]["mismatched"] == 0.25
+  assert rm_collect.collection_key(config)["source_mix"]["mismatched"] == 0.25
 
 
 def test_settings_saved_before_a_nested_field_was_added_still_match():
@@ -409,7 +409,7 @@ def test_best_of_n_by_family_splits_the_prompts():
 
 
 def test_pick_responses_drops_duplicates_and_keeps_one_empty_answer_only_when_asked():
-  from instructrl.stages.reward import pick_responses
+  from instructrl.stages.rm_collect import pick_responses
   plan = ["policy", "policy", "pretrain", "policy"]
   pools = {"policy": ["3 7 9", "", "3 7 9", "", "9 7 3"], "pretrain": ["3 7 9", "Sort these too."]}
   assert pick_responses(plan, pools, keep_empty=False) == (["3 7 9", "9 7 3", "Sort these too."],
@@ -439,13 +439,13 @@ def test_restrict_keeps_one_sources_responses_in_ranked_order():
 
 def test_pairwise_agreement_on_hand_made_rankings():
   a = [{"ranking": [2, 0, 3, 1]}, {"ranking": [0, 1, 2]}]
-  assert reward.pairwise_agreement(a, a) == 1.0
+  assert rm_probes.pairwise_agreement(a, a) == 1.0
   rev = [{"ranking": r["ranking"][::-1]} for r in a]
-  assert reward.pairwise_agreement(a, rev) == 0.0
+  assert rm_probes.pairwise_agreement(a, rev) == 0.0
   # [0, 1, 2] vs [1, 0, 2]: pairs (1>0) disagrees, (1>2) and (0>2) agree -> 2 of 3
-  assert reward.pairwise_agreement([{"ranking": [0, 1, 2]}], [{"ranking": [1, 0, 2]}]) == pytest.approx(2 / 3)
+  assert rm_probes.pairwise_agreement([{"ranking": [0, 1, 2]}], [{"ranking": [1, 0, 2]}]) == pytest.approx(2 / 3)
   # pooled over prompts: 2 of 3 plus 1 of 1 (K = 2, identical) -> 3 of 4
-  assert reward.pairwise_agreement([{"ranking": [0, 1, 2]}, {"ranking": [1, 0]}],
+  assert rm_probes.pairwise_agreement([{"ranking": [0, 1, 2]}, {"ranking": [1, 0]}],
                                    [{"ranking": [1, 0, 2]}, {"ranking": [1, 0]}]) == pytest.approx(3 / 4)
 
 
@@ -600,16 +600,16 @@ def test_extra_comparisons_add_an_earlier_round_to_this_one(reference_run, tmp_p
   cfg = get_config("smoke")
   cfg.rm.extra_comparisons = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="nowhere.*COMPLETE"):
-    reward.earlier_rounds(cfg, tmp_path)
+    rm_collect.earlier_rounds(cfg, tmp_path)
   cfg.rm.extra_comparisons = f"{w / 'comparisons'}, {tmp_path / 'comparisons'}"
   with pytest.raises(ValueError, match="this run's own"):
-    reward.earlier_rounds(cfg, tmp_path)
+    rm_collect.earlier_rounds(cfg, tmp_path)
   other = tmp_path / "other_world" / "comparisons"
   other.mkdir(parents=True)
   (other / "COMPLETE").write_text("{}")
   cfg.rm.extra_comparisons = str(other)
   with pytest.raises(ValueError, match="collected on world None"):
-    reward.earlier_rounds(cfg, tmp_path)
+    rm_collect.earlier_rounds(cfg, tmp_path)
 
 
 @pytest.mark.slow
@@ -711,7 +711,7 @@ def test_rm_trunk_comes_from_rm_init_stage(reference_run):
   got = {}
   for init_stage, lm_stage in (("", "sft"), ("pretrain", "pretrain")):
     config.rm.init_stage = init_stage
-    rm = jax.tree.map(np.asarray, reward.initial_rm_params(config, w, mesh, rules, model_cfg, sh, jax.random.key(3)))
+    rm = jax.tree.map(np.asarray, rm_models.initial_rm_params(config, w, mesh, rules, model_cfg, sh, jax.random.key(3)))
     lm = final_params(w / lm_stage)[1]
     trunk = [k for k in rm if k in lm]
     assert trunk and set(rm) - set(trunk), sorted(rm)          # a trunk from the LM and a head of its own
@@ -760,20 +760,20 @@ def test_collected_comparisons_are_reused_only_with_the_same_collection_settings
   config = get_config("smoke")
   out = tmp_path / "comparisons"
   out.mkdir()
-  (out / "COMPLETE").write_text(json.dumps({"prompts": 40, "skipped": 0, "key": reward.collection_key(config)}))
-  assert reward.collect(config, tmp_path, None, None) == out          # same settings: reused, nothing sampled
+  (out / "COMPLETE").write_text(json.dumps({"prompts": 40, "skipped": 0, "key": rm_collect.collection_key(config)}))
+  assert rm_collect.collect(config, tmp_path, None, None) == out          # same settings: reused, nothing sampled
   config.rm.learning_rate = 1e-3                                     # training settings do not matter
-  assert reward.collect(config, tmp_path, None, None) == out
+  assert rm_collect.collect(config, tmp_path, None, None) == out
   config.rm.n_prompts = 41
   with pytest.raises(ValueError, match=r"n_prompts.*40.*41.*delete"):
-    reward.collect(config, tmp_path, None, None)
+    rm_collect.collect(config, tmp_path, None, None)
   (out / "COMPLETE").write_text(json.dumps({"prompts": 40, "skipped": 0}))   # collected before the check: kept
-  assert reward.collect(config, tmp_path, None, None) == out
+  assert rm_collect.collect(config, tmp_path, None, None) == out
   # a set collected before rm.keep_empty dropped empty samples: reused as keep_empty=False only
   config.rm.n_prompts = 40
-  old = {k: v for k, v in reward.collection_key(config).items() if k != "keep_empty"}
+  old = {k: v for k, v in rm_collect.collection_key(config).items() if k != "keep_empty"}
   (out / "COMPLETE").write_text(json.dumps({"prompts": 40, "skipped": 0, "key": old}))
   with pytest.raises(ValueError, match=r"keep_empty.*False.*True"):
-    reward.collect(config, tmp_path, None, None)
+    rm_collect.collect(config, tmp_path, None, None)
   config.rm.keep_empty = False
-  assert reward.collect(config, tmp_path, None, None) == out
+  assert rm_collect.collect(config, tmp_path, None, None) == out

@@ -1,0 +1,91 @@
+"""The models the RM stages read: a finished LM stage's params (the policies sampled for comparisons, the
+RM's trunk), the model fields an RM is trained or was trained with, and the RM's score of a sequence.
+
+The RM is an LM stage's model with the unembedding replaced by a scalar head (paper, section 3.5), read at
+each sequence's last real token, its EOS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from instructrl import checkpoints
+from instructrl.models.config import ModelConfig
+from instructrl.stages.train_state import abstract_state, init_params, make_optimizer, state_shardings
+from instructrl.stages.world import world_fingerprint
+
+
+def load_policy(config, workdir: Path, mesh, rules, stage: str = "sft", directory: Path | None = None,
+                entry: str = "params", model: dict | None = None):
+  """A finished LM stage's params (directory: another run's stage, checked against this run's world;
+  model: its model fields when they are not config.model's)."""
+  model_cfg = ModelConfig.from_dict(model or config.model)
+  tx, _ = make_optimizer(config.sft, 1)
+  abstract = abstract_state(model_cfg, tx, state_shardings(model_cfg, tx, mesh, rules))
+  params, _ = checkpoints.load_params(directory or Path(workdir) / stage, abstract["params"], model_cfg.to_dict(),
+                                      world_fingerprint(workdir), entry=entry)
+  return params
+
+
+def finished_model(where: Path) -> dict | None:
+  """The model fields a finished stage was trained with, or None if it has not finished."""
+  ckpt = checkpoints.StageCheckpoints(where)
+  try:
+    meta = ckpt.meta() if ckpt.latest_step() is not None else None
+  finally:
+    ckpt.close()
+  if not meta or not meta.get("complete"):
+    return None
+  return ModelConfig.from_dict(meta["model"]).to_dict()
+
+
+def rm_model(config) -> dict:
+  """The model fields the RM stage trains: the policy's (config.model), or with rm.base_workdir set,
+  those of the model the RM starts from there — an RM larger than the policy, as the paper's 6B RM for
+  its 1.3B-175B policies."""
+  base = config.rm.get("base_workdir", "")
+  if not base:
+    return ModelConfig.from_dict(config.model).to_dict()
+  where = Path(base) / config.rm.policy
+  model = finished_model(where)
+  if model is None:
+    raise FileNotFoundError(
+        f"rm.base_workdir={base}: no finished {config.rm.policy!r} stage at {where}. Train the RM's base model there "
+        f"on this run's world first: copy W/world to {base}/world, then `python -m instructrl.main "
+        f"--config=... --config.model.d_model=... --workdir={base} --stages=pretrain,{config.rm.policy}`")
+  return model
+
+
+def trained_rm_model(config, workdir: Path) -> dict:
+  """The model fields of the RM in workdir/rm (PPO's value function has them too): read from its
+  checkpoint, so the stages after the RM need neither rm.base_workdir nor the base run any more.
+  Before the RM has finished, what the RM stage would train."""
+  return finished_model(Path(workdir) / "rm") or rm_model(config)
+
+
+def initial_rm_params(config, workdir: Path, mesh, rules, model_cfg: ModelConfig, shardings, key):
+  """The RM before training: a fresh scalar head on the trunk of a finished LM stage, rm.init_stage
+  ("" = rm.policy, the paper's SFT init; "pretrain": the pretrained GPT's), of this run or of
+  rm.base_workdir's run. The LM's unembedding is dropped."""
+  cfg = config.rm
+  base = Path(cfg.base_workdir) if cfg.get("base_workdir", "") else None
+  trunk = cfg.get("init_stage", "") or cfg.policy
+  rm = init_params(model_cfg, key, shardings["params"], mesh, rules, head="scalar")
+  lm = load_policy(config, workdir, mesh, rules, trunk, model=rm_model(config),
+                   directory=base / trunk if base is not None else None)
+  return {k: lm[k] if k in lm else v for k, v in rm.items()}
+
+
+def rm_scores(model, params, tokens_nt, last_n, rng=None):
+  """Scalar reward of each sequence, read at its last real token (the EOS)."""
+  scores_nt, _ = model.apply({"params": params}, tokens_nt, deterministic=rng is None,
+                             rngs=None if rng is None else {"dropout": rng})
+  return jnp.take_along_axis(scores_nt, last_n[:, None], axis=1)[:, 0]
+
+
+def eos_index(examples) -> np.ndarray:
+  """Each prompt + response example's last trained position, its EOS: where the RM reads the score."""
+  return (examples.loss_mask.shape[1] - 1 - np.argmax(examples.loss_mask[:, ::-1], axis=1)).astype(np.int32)
