@@ -8,8 +8,9 @@ Every source schema becomes one of the project's record kinds (records.py):
   ranked  {"prompt", "responses", "ranking"}   pair (prompt/chosen/rejected), HH-RLHF transcripts,
                                          ranked, OpenAssistant message trees (K-way sibling ranks)
   eval    {"prompt", "family", ...}      TruthfulQA (Question/Best Answer/...)
-Files: .jsonl, .jsonl.gz / .bz2 / .xz, .json (one array), .txt. TFDS-prepared datasets are read by
-`instructrl.data.tfds_io`.
+Files: JSONL, one JSON array (alpaca_data.json's form; told from JSONL by its first byte '['), .txt;
+each plain or gzip/bzip2/xz-compressed, detected from the content, not the name (records.byte_lines).
+A directory is a TFDS-prepared dataset, read by `instructrl.data.tfds_io`.
 
 Errors are RecordErrors starting "file:line:" and naming the field and what was expected. A file
 holds one schema (detected from its first record unless given); a record of another shape later
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from instructrl.data.rankings import HH_ASSISTANT, hh_to_ranked, pair_to_ranked, validate_ranked
-from instructrl.data.records import RecordError, json_lines, validate
+from instructrl.data.records import RecordError, first_char, json_lines, read_text, text_suffix, validate
 
 HH_HUMAN = "\n\nHuman:"
 
@@ -195,17 +196,22 @@ def detect_schema(record: Any, where: str) -> str:
 def json_array_items(path: str | Path) -> Iterator[tuple[Any, str]]:
   """(item, "file:line") for each element of a file holding one JSON array (alpaca_data.json's form)."""
   path = Path(path)
-  text = path.read_text(encoding="utf-8")
+  text = read_text(path)
   dec = json.JSONDecoder()
   line_at = lambda pos: text.count("\n", 0, pos) + 1
   i = len(text) - len(text.lstrip())
   if not text[i:i + 1] == "[":
-    raise RecordError(f"{path}:{line_at(i)}: expected a JSON array ('[') in a .json file, got {text[i:i + 1]!r}")
+    raise RecordError(f"{path}:{line_at(i)}: expected a JSON array ('['), got {text[i:i + 1]!r}")
   i += 1
   while True:
     while i < len(text) and text[i] in " \t\r\n":
       i += 1
     if text[i:i + 1] == "]":
+      rest = text[i + 1:].strip()
+      if rest:   # e.g. a JSONL file whose first record is a list: never drop the lines after it silently
+        at = line_at(i + 1 + text[i + 1:].index(rest[0]))
+        raise RecordError(f"{path}:{at}: text after the JSON array's closing ']' (a file holds one JSON array, "
+                          f"or one JSON value a line)")
       return
     try:
       item, end = dec.raw_decode(text, i)
@@ -222,10 +228,12 @@ def json_array_items(path: str | Path) -> Iterator[tuple[Any, str]]:
 
 
 def raw_records(path: str | Path) -> Iterator[tuple[Any, str]]:
+  """A file holding one JSON array (its first non-space byte after decompression is '['), else JSONL:
+  told apart by content, whatever the name (.json files are often JSONL, .json.gz ones arrays)."""
   path = Path(path)
-  if path.suffix == ".json":
-    if not path.is_file():
-      raise FileNotFoundError(f"{path}: no such file (expected a JSON array of records)")
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such file (expected JSONL records or a JSON array of records)")
+  if first_char(path) == b"[":
     return json_array_items(path)
   return json_lines(path, "records")
 
@@ -235,11 +243,7 @@ def read_text_file(path: str | Path, split: str = "paragraph") -> list[dict]:
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such file (expected plain UTF-8 text)")
-  try:
-    text = path.read_text(encoding="utf-8")
-  except UnicodeDecodeError as e:
-    line = path.read_bytes()[:e.start].count(b"\n") + 1
-    raise RecordError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  text = read_text(path)
   parts = {"paragraph": text.split("\n\n"), "line": text.split("\n"), "file": [text]}.get(split)
   if parts is None:
     raise ValueError(f"split={split!r}: expected 'paragraph', 'line' or 'file'")
@@ -266,7 +270,7 @@ def read(path: str | Path, schema: str = "auto", *, kind: str | None = None, on_
     if kind not in (None, recs.kind):
       raise ValueError(f"{path}: a TFDS dataset of {recs.kind} records, expected {kind} records")
     return [recs[i] for i in range(len(recs))]
-  if schema == "txt" or (schema == "auto" and path.suffix == ".txt"):
+  if schema == "txt" or (schema == "auto" and text_suffix(path) == ".txt"):
     if kind not in (None, "text"):
       raise ValueError(f"{path}: a plain text file holds text records, not {kind!r}")
     return read_text_file(path, text_split)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
+import logging
 import lzma
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,11 +38,76 @@ class RecordError(UserError, ValueError):
   """A bad record: the message starts with `file:line:`."""
 
 
-def _open(path: Path):
-  """Plain or compressed (.gz, .bz2, .xz) bytes, chosen by the suffix; json_lines decodes each line
-  itself, so bad UTF-8 is reported with its line number."""
-  opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix)
-  return opener(path, "rb") if opener else open(path, "rb")
+# Compressed formats by their first bytes: a file is decompressed by what it holds, not by its name.
+MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+OPENERS = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
+SUFFIXES = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
+# What a damaged or truncated stream raises while it is read (BadGzipFile and bz2's "Invalid data stream"
+# are OSErrors).
+_STREAM_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+def compression(path: Path, warn: bool = True) -> str:
+  """"gzip", "bzip2", "xz", "zstd" or "plain", from the file's first bytes.
+
+  A file whose name says compressed but whose bytes do not is read as plain text, with a warning: the
+  usual cause is a download that was decompressed on the way (HTTP Content-Encoding: gzip) and kept
+  its .gz name, and its content is then exactly what the user meant to give. Damaged compressed data
+  is still an error, reported while the file is read."""
+  with open(path, "rb") as f:
+    head = f.read(6)
+  fmt = next((name for magic, name in MAGIC if head.startswith(magic)), "plain")
+  named = SUFFIXES.get(Path(path).suffix)
+  if named and fmt == "plain" and warn:
+    logging.warning("%s: named %s but not %s-compressed (first bytes %r): read as plain text", path,
+                    Path(path).suffix, named, head)
+  return fmt
+
+
+def text_suffix(path: Path) -> str:
+  """The suffix that names the content: "data.jsonl.gz" -> ".jsonl"."""
+  path = Path(path)
+  return path.with_suffix("").suffix if path.suffix in SUFFIXES else path.suffix
+
+
+def byte_lines(path: str | Path, warn: bool = True) -> Iterator[bytes]:
+  """The file's lines as bytes, decompressed by content (compression()). A truncated or damaged stream
+  is a RecordError naming the file and the first line not read whole (the last good line + 1)."""
+  path = Path(path)
+  fmt = compression(path, warn)
+  if fmt == "zstd":
+    raise RecordError(f"{path}:1: zstd-compressed data, which the readers do not decompress (Python's "
+                      f"standard library has no zstd): decompress it first (zstd -d) or recompress it with gzip")
+  if fmt == "plain":
+    with open(path, "rb") as f:
+      yield from f
+    return
+  n = 0
+  try:
+    with OPENERS[fmt](path, "rb") as f:
+      for n, line in enumerate(f, 1):
+        yield line
+  except _STREAM_ERRORS as e:
+    what = "ends early (truncated file)" if isinstance(e, EOFError) else f"is damaged ({type(e).__name__}: {e})"
+    raise RecordError(f"{path}:{n + 1}: the {fmt} stream {what}; {n} whole line(s) read before it") from None
+
+
+def read_text(path: str | Path) -> str:
+  """A whole (possibly compressed) UTF-8 file; bad UTF-8 is a RecordError naming the line."""
+  data = b"".join(byte_lines(path))
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise RecordError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def first_char(path: str | Path) -> bytes:
+  """The first non-whitespace byte after decompression (b"" for an empty file): b"[" marks a JSON array."""
+  for line in byte_lines(path, warn=False):   # the reading that follows warns
+    if line.strip():
+      return line.lstrip()[:1]
+  return b""
 
 
 def _unpaired_surrogate(value: Any) -> int | None:
@@ -81,20 +148,19 @@ def json_lines(path: str | Path, what: str) -> Iterator[tuple[Any, str]]:
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such file (expected {what}, JSONL)")
-  with _open(path) as f:
-    for lineno, raw in enumerate(f, 1):
-      where = f"{path}:{lineno}"
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise RecordError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line)") \
-            from None
-      if not line.strip():
-        continue
-      try:
-        yield json.loads(line), where
-      except json.JSONDecodeError as e:
-        raise RecordError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+  for lineno, raw in enumerate(byte_lines(path), 1):
+    where = f"{path}:{lineno}"
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise RecordError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line)") \
+          from None
+    if not line.strip():
+      continue
+    try:
+      yield json.loads(line), where
+    except json.JSONDecodeError as e:
+      raise RecordError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 def read_jsonl(path: str | Path, schema: str) -> Iterator[dict]:

@@ -136,9 +136,12 @@ def test_bad_hh_oasst_and_json_array(tmp_path):
   p.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a", \n]\n')
   with pytest.raises(RecordError, match=r"bad\.json:4: invalid JSON"):
     readers.read_demos(p)
-  p.write_text('{"instruction": "a", "output": "b"}')
-  with pytest.raises(RecordError, match=r"bad\.json:1: expected a JSON array"):
+  p.write_text('[{"instruction": "a", "output": "b"}]\n{"instruction": "c", "output": "d"}\n')
+  with pytest.raises(RecordError, match=r"bad\.json:2: text after the JSON array's closing"):
     readers.read_demos(p)
+  # A .json file of one object a line is JSONL (the form `datasets`' to_json writes), told by its first byte.
+  p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n')
+  assert [r["response"] for r in readers.read_demos(p)] == ["b", "d"]
   t = tmp_path / "bad.txt"
   t.write_bytes(b"fine\nline two \xff\xfe\n")
   with pytest.raises(RecordError, match=r"bad\.txt:2: not UTF-8 text"):
@@ -148,3 +151,73 @@ def test_bad_hh_oasst_and_json_array(tmp_path):
     readers.read_texts(t)
   with pytest.raises(FileNotFoundError, match="nowhere.jsonl: no such file"):
     readers.read_demos(tmp_path / "nowhere.jsonl")
+
+
+# ----------------------------------------------------------------------------- compressed files, by content
+
+def dolly_lines(n=400):
+  rec = json.loads((HAND / "dolly_format.jsonl").read_text().splitlines()[0])
+  return "".join(json.dumps({**rec, "response": f"answer {i} " + "words " * 20}) + "\n" for i in range(n))
+
+
+@pytest.mark.parametrize("compress,name", [(gzip.compress, "gzip"), (bz2.compress, "bzip2"), (lzma.compress, "xz")])
+def test_truncated_compressed_file_names_file_and_line(tmp_path, compress, name):
+  text = dolly_lines()
+  data = compress(text.encode())
+  path = tmp_path / "dolly.jsonl.gz"
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(RecordError) as e:
+    readers.read_demos(path)
+  msg = str(e.value)
+  # The error is at the first line not read whole; every line before it came out of the stream intact.
+  line = int(msg.split(":")[1])
+  assert msg.startswith(f"{path}:{line}: the {name} stream ends early (truncated file); {line - 1} whole line(s)")
+  assert (1 < line if name != "bzip2" else 1 <= line) < 400   # bzip2 gives nothing of an unfinished 900 kB block
+  if line > 1:
+    intact = tmp_path / "head.jsonl"
+    intact.write_text("".join(text.splitlines(keepends=True)[:line - 1]))
+    assert len(readers.read_demos(intact)) == line - 1
+
+
+def test_damaged_gzip_names_the_file(tmp_path):
+  data = bytearray(gzip.compress(dolly_lines().encode()))
+  data[-8] ^= 0xFF   # the trailer's CRC-32: every line decodes, the check at the end fails
+  path = tmp_path / "dolly.jsonl.gz"
+  path.write_bytes(bytes(data))
+  with pytest.raises(RecordError, match=rf"^{path}:401: the gzip stream is damaged \(BadGzipFile: CRC check failed"):
+    readers.read_demos(path)
+
+
+def test_plain_file_named_gz_is_read_as_plain_text(tmp_path, caplog):
+  path = tmp_path / "dolly.jsonl.gz"   # a download decompressed on the way that kept its name
+  path.write_text((HAND / "dolly_format.jsonl").read_text())
+  assert readers.read_demos(path) == readers.read_demos(HAND / "dolly_format.jsonl")
+  assert "named .gz but not gzip-compressed" in caplog.text and str(path) in caplog.text
+
+
+@pytest.mark.parametrize("name", ["dolly.jsonl", "dolly", "dolly.json"])
+def test_gzip_without_gz_suffix_is_decompressed(tmp_path, name):
+  path = tmp_path / name
+  path.write_bytes(gzip.compress((HAND / "dolly_format.jsonl").read_bytes()))
+  assert readers.read_demos(path) == readers.read_demos(HAND / "dolly_format.jsonl")
+
+
+@pytest.mark.parametrize("name", ["alpaca.json.gz", "alpaca.jsonl.gz", "alpaca_data"])
+def test_json_array_detected_by_content_after_decompression(tmp_path, name):
+  path = tmp_path / name
+  path.write_bytes(gzip.compress((HAND / "alpaca_format.json").read_bytes()))
+  assert readers.read_demos(path) == readers.read_demos(HAND / "alpaca_format.json")
+  # Its errors keep the array's line numbers.
+  path.write_bytes(gzip.compress(b'[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a"}\n]\n'))
+  with pytest.raises(RecordError, match=rf"^{path}:3: missing field 'output'"):
+    readers.read_demos(path)
+
+
+def test_compressed_text_and_unsupported_zstd(tmp_path):
+  path = tmp_path / "shakespeare.txt.gz"
+  path.write_bytes(gzip.compress((PUB / "tinyshakespeare_head.txt").read_bytes()))
+  assert readers.read_texts(path) == readers.read_texts(PUB / "tinyshakespeare_head.txt")
+  path = tmp_path / "data.jsonl.zst"
+  path.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(16))
+  with pytest.raises(RecordError, match=rf"^{path}:1: zstd-compressed data, which the readers do not decompress"):
+    readers.read_demos(path)

@@ -8,6 +8,7 @@ config or world that does not match), and the CLI itself (a subprocess, as a use
 
 from __future__ import annotations
 
+import gzip
 import subprocess
 
 import pytest
@@ -103,6 +104,43 @@ def test_valid_unicode_is_accepted(tmp_path):
 def test_missing_file_names_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.jsonl: no such file"):
     load_jsonl(tmp_path / "nope.jsonl", "demo")
+
+
+def _gzip_cut(path, good):
+  data = gzip.compress(b"".join(good + b"\n" for _ in range(3000)))
+  path.write_bytes(data[:len(data) // 2])
+
+
+def _gzip_bad_crc(path, good):
+  data = bytearray(gzip.compress(good + b"\n" + good + b"\n"))
+  data[-8] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+# (id, how the file is made, what the error must say). Compression is told from the content, not the name.
+COMPRESSED = [("truncated .jsonl.gz", _gzip_cut, "the gzip stream ends early (truncated file)"),
+              ("gzip with a bad CRC", _gzip_bad_crc, "the gzip stream is damaged (BadGzipFile: CRC check failed")]
+
+
+@pytest.mark.parametrize("case", COMPRESSED, ids=[c[0] for c in COMPRESSED])
+@pytest.mark.parametrize("reader", ["demo", "ranked file"])
+def test_bad_compressed_files(case, reader, tmp_path):
+  _, make, needle = case
+  path = tmp_path / "data.jsonl.gz"
+  make(path, GOOD[reader].encode())
+  with pytest.raises(RecordError) as e:
+    READERS[reader](path)
+  msg = str(e.value)
+  line = int(msg[len(f"{path}:"):].split(":")[0])   # the last whole line + 1
+  assert msg.startswith(f"{path}:{line}: ") and needle in msg and f"{line - 1} whole line(s) read" in msg, msg
+
+
+def test_plain_or_gzip_whatever_the_name(tmp_path):
+  good = GOOD["demo"].encode() + b"\n"
+  plain, packed = tmp_path / "plain.jsonl.gz", tmp_path / "packed.jsonl"
+  plain.write_bytes(good * 2)
+  packed.write_bytes(gzip.compress(good * 2))
+  assert load_jsonl(plain, "demo") == load_jsonl(packed, "demo") == [{"prompt": "p", "response": "r"}] * 2
 
 
 # ----------------------------------------------------------------------------- batching
@@ -232,7 +270,8 @@ def test_cli_refuses_bad_flags_before_any_work(case, tmp_path):
 
 
 def test_catalogue_size():
-  n = len(FILES) + len(BATCHING) + len(CONFIGS) + 2 + len(CLI) + 1
-  print(f"BAD INPUT CATALOGUE: {n} bad inputs ({len(FILES)} record files, {len(BATCHING)} batching, "
-        f"{len(CONFIGS)} config values, 2 checkpoint mismatches, {len(CLI)} CLI flags, 1 missing file)")
+  n = len(FILES) + len(COMPRESSED) + 1 + len(BATCHING) + len(CONFIGS) + 2 + len(CLI) + 1
+  print(f"BAD INPUT CATALOGUE: {n} bad inputs ({len(FILES)} record files, {len(COMPRESSED) + 1} compressed files, "
+        f"{len(BATCHING)} batching, {len(CONFIGS)} config values, 2 checkpoint mismatches, {len(CLI)} CLI flags, "
+        f"1 missing file)")
   assert n >= 50
