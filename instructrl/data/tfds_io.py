@@ -7,7 +7,7 @@ Random access is what the training loop needs: its batches are `batch_indices(n,
 seed)`, a pure function of the step, so a resumed run reads exactly the records it would have
 read (the role Grain's index sampler plays elsewhere; no iterator state to checkpoint).
 
-  python -m instructrl.data.tfds_io --kind=demo --name=alpaca --data_dir=tfds \
+  python -m instructrl.tools.prepare_tfds --kind=demo --name=alpaca --data_dir=tfds \
       --split=train=alpaca_data.json
   python -m instructrl.tools.finetune --config=configs/alpaca_sft.py --workdir=runs/a \
       --config.data.train=tfds/alpaca/1.0.0 ...
@@ -15,13 +15,13 @@ read (the role Grain's index sampler plays elsewhere; no iterator state to check
 Features by kind (fields outside these are not stored):
   text {text}; demo {prompt, response}; prompt {prompt}; ranked {prompt, responses[], ranking[]};
   eval {prompt, family}.
-Needs the `tfds` extra (tensorflow-datasets, array-record); imported here only.
+Needs the `tfds` extra (tensorflow-datasets, array-record); imported here only. This module reads
+records, not public-format files: `data/readers.py` reads a prepared directory through it, and the
+command that prepares one from public files is `instructrl.tools.prepare_tfds`.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -129,29 +129,3 @@ class Records:
 def read(directory: str | Path, split: str = "train") -> list[dict]:
   r = Records(directory, split)
   return [r[i] for i in range(len(r))]
-
-
-def main(argv=None) -> int:
-  from instructrl.data import readers
-  p = argparse.ArgumentParser(prog="python -m instructrl.data.tfds_io",
-                              description="Prepare a TFDS (array_record) dataset from public-format files.")
-  p.add_argument("--kind", required=True, choices=sorted(FIELDS))
-  p.add_argument("--name", required=True, help="dataset name (directory under --data_dir)")
-  p.add_argument("--data_dir", required=True)
-  p.add_argument("--schema", default="auto", help="reader schema (data/readers.py), default: detected")
-  p.add_argument("--on_invalid", default="raise", choices=("raise", "skip"))
-  p.add_argument("--split", action="append", required=True, metavar="NAME=FILE")
-  args = p.parse_args(argv)
-  splits = {}
-  for s in args.split:
-    name, _, path = s.partition("=")
-    if not path:
-      p.error(f"--split={s!r}: expected NAME=FILE")
-    splits[name] = readers.read(path, args.schema, kind=args.kind, on_invalid=args.on_invalid)
-  out = write(splits, args.kind, args.name, args.data_dir)
-  print(out)
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -67,7 +67,7 @@ def test_bad_records_refused_and_no_tensorflow(tmp_path):
 
 
 def test_cli_prepares_from_public_format(tmp_path):
-  from instructrl.data.tfds_io import main
+  from instructrl.tools.prepare_tfds import main
   assert main(["--kind=demo", "--name=alpaca", f"--data_dir={tmp_path}",
                f"--split=train={FIX / 'handwritten/alpaca_format.json'}"]) == 0
   got = readers.read_demos(tmp_path / "alpaca" / "1.0.0")
