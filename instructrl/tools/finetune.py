@@ -58,27 +58,38 @@ def load_data(config, kind: str):
   return split_valid(train, d.valid_fraction, config.seed)
 
 
-def prepare(config, workdir: Path):
-  """Import the HF checkpoint (once), fill config.model from it, load the tokenizer."""
+def _imported(config, workdir: Path) -> Path:
+  """workdir/<init.stage>/model.json; an error (before anything is written) if it is missing and there is
+  no init.hf_dir to import from."""
+  from instructrl.tools import convert
+  imported = workdir / config.init.stage / convert.MODEL_JSON
+  if not imported.is_file() and not config.init.hf_dir:
+    raise ValueError(f"{imported.parent}: no imported checkpoint; give --config.init.hf_dir=<save_pretrained dir>")
+  return imported
+
+
+def prepare(config, workdir: Path, kind: str):
+  """(train, valid, tokenizer): the data files and the tokenizer are read and checked first, then the HF
+  checkpoint is imported (once) and config.model filled from it. A bad data file thus stops the run
+  before workdir/<init.stage> exists: a rerun with the file fixed starts clean."""
   from instructrl.tools import convert
   from instructrl.data import pretrained_tokenizer
-  imported = workdir / config.init.stage / convert.MODEL_JSON
-  if not imported.is_file():
-    if not config.init.hf_dir:
-      raise ValueError(f"{imported.parent}: no imported checkpoint; give --config.init.hf_dir=<save_pretrained dir>")
-    convert.import_hf(config.init.hf_dir, workdir, config.init.stage)
-  with config.unlocked():
-    config.model = ml_collections.ConfigDict(json.loads(imported.read_text()))
+  imported = _imported(config, workdir)
+  train, valid = load_data(config, kind)
   tok_path = config.tokenizer.path or config.init.hf_dir
   if not tok_path:
     raise ValueError("config.tokenizer.path is empty (and no init.hf_dir to find a tokenizer.json in)")
   special = {k: v for k, v in (("bos_id", config.tokenizer.bos_id), ("eos_id", config.tokenizer.eos_id),
                                ("pad_id", config.tokenizer.pad_id)) if v >= 0}
   tokenizer = pretrained_tokenizer.load(tok_path, **special)
+  if not imported.is_file():
+    convert.import_hf(config.init.hf_dir, workdir, config.init.stage)
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict(json.loads(imported.read_text()))
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens, the model only "
                      f"{config.model.vocab_size}; they do not belong together")
-  return tokenizer
+  return train, valid, tokenizer
 
 
 def run_sft(config, workdir: Path, mesh, rules):
@@ -86,8 +97,7 @@ def run_sft(config, workdir: Path, mesh, rules):
   from instructrl.data.batching import prompt_response_examples
   from instructrl.models.config import ModelConfig
   from instructrl.stages import lm
-  tokenizer = prepare(config, workdir)
-  train, valid = load_data(config, "demo")
+  train, valid, tokenizer = prepare(config, workdir, "demo")
   fmt = lambda recs: [config.prompt_template.format(prompt=r["prompt"]) for r in recs]
   ex = lambda recs, what: prompt_response_examples(tokenizer, fmt(recs), [r["response"] for r in recs],
                                                    config.sft.seq_len, what=what)
@@ -110,8 +120,7 @@ def run_rm(config, workdir: Path, mesh, rules):
   from instructrl.stages.train_state import (abstract_state, device_batch, init_params, make_optimizer,
                                              state_shardings)
   cfg = config.rm
-  tokenizer = prepare(config, workdir)
-  train, valid = load_data(config, "ranked")
+  train, valid, tokenizer = prepare(config, workdir, "ranked")
   fmt = lambda p: config.prompt_template.format(prompt=p) if config.rm.format_prompts else p
   k_max = max(len(r["responses"]) for r in train + valid)
   train_ex = ranked_examples(tokenizer, train, cfg.seq_len, k_max, fmt, what="rm train")

@@ -72,6 +72,23 @@ def test_rm_steps_on_hh_pairs(hf_dir, tmp_path, pairs):
   assert acc and 0.0 <= acc[-1] <= 1.0
 
 
+@pytest.mark.parametrize("bad", ["valid", "train"])
+def test_bad_data_file_leaves_no_imported_checkpoint(hf_dir, tmp_path, bad):
+  """Every data file is read and checked before the HF checkpoint is imported into workdir/pretrain."""
+  import gzip
+  from instructrl.data.records import RecordError
+  demos = PUB / "self_instruct_seed_tasks_first10.jsonl"
+  cut = tmp_path / "demos.jsonl.gz"
+  data = gzip.compress(demos.read_bytes() * 20)
+  cut.write_bytes(data[:len(data) // 2])
+  c = alpaca_sft.get_config("test")
+  c.init.hf_dir = str(hf_dir)
+  c.data.train, c.data.valid = (str(demos), str(cut)) if bad == "valid" else (str(cut), str(demos))
+  with pytest.raises(RecordError, match=rf"^{cut}:\d+: the gzip stream ends early"):
+    finetune.run(c, tmp_path / "w")
+  assert not (tmp_path / "w" / "pretrain").exists()
+
+
 def test_missing_inputs_are_named(tmp_path):
   c = alpaca_sft.get_config("test")
   with pytest.raises(ValueError, match="no imported checkpoint; give --config.init.hf_dir"):
