@@ -249,7 +249,10 @@ def check_config(config, n_devices: int | None = None) -> None:
     raise ConfigError(f"rm.k_choices={_plain(k)}: every K must be >= 2 (responses ranked per prompt; the paper "
                       f"uses 4..9)")
   mix = dict(rm.source_mix)
-  if not all(_real(v) and v >= 0 for v in mix.values()) or not any(v > 0 for v in mix.values()):
+  for source, weight in mix.items():
+    if not (_real(weight) and weight >= 0):
+      fail(f"rm.source_mix.{source}", weight, "a non-negative weight (the share of ranked responses from that source)")
+  if not any(v > 0 for v in mix.values()):
     raise ConfigError(f"rm.source_mix={mix}: expected non-negative weights, at least one positive "
                       f"(sources: policy, pretrain, pretrain_few_shot, ppo, mismatched)")
   if float(mix.get("ppo", 0.0)) > 0 and not rm.ppo_source:

@@ -157,12 +157,12 @@ def run_rm(config, workdir: Path, mesh, rules):
 
 def run(config, workdir) -> None:
   from instructrl import parallel
+  from instructrl.config_check import check_finetune_config
+  check_finetune_config(config)   # before any file is written
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = parallel.make_mesh(tuple(config.mesh.shape))
   rules = parallel.rules_from_config(config.mesh.rules)
-  if config.task not in ("sft", "rm"):
-    raise ValueError(f"config.task={config.task!r}: expected 'sft' or 'rm'")
   out = (run_sft if config.task == "sft" else run_rm)(config, workdir, mesh, rules)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   return out
