@@ -32,6 +32,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from instructrl import array_digest
 from instructrl.errors import UserError
 from instructrl.models.config import mismatched_fields
 
@@ -50,6 +51,7 @@ class CheckpointSaveError(OSError):
 
 
 MANIFEST = "instructrl_manifest.json"
+DIGESTED = ("params", "ema")   # the state entries load_params reads
 QUARANTINE = "corrupt"
 
 
@@ -130,6 +132,9 @@ class StageCheckpoints:
                     dest, f"step {max(older)}" if older else "no checkpoint (the stage starts over)")
 
   def save(self, step: int, state: Any, meta: dict) -> None:
+    # Content digests of the params the next stage and the eval read: an id of the values, not of Orbax's
+    # (randomly named) files, so a resumed run and an uninterrupted one record the same (evaluate.checkpoint_id).
+    meta = dict(meta, digests={k: array_digest.digest(state[k]) for k in DIGESTED if k in state})
     try:
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(dict(meta, step=step))), force=True)
