@@ -151,20 +151,22 @@ def main(argv):
   mesh = parallel.make_mesh(config.mesh.shape)
   rules = parallel.rules_from_config(config.mesh.rules)
   logging.info("stages %s on mesh %s in %s", stages, dict(mesh.shape), workdir)
-  run = {"world": lambda: distributed.primary_first("world", lambda: world.run(config, workdir)),
-         "pretrain": lambda: pretrain.run(config, workdir, mesh, rules),
-         "sft": lambda: sft.run(config, workdir, mesh, rules),
-         "rm": lambda: reward.run(config, workdir, mesh, rules),
-         "ppo": lambda: ppo.run(config, workdir, mesh, rules),
+  # Each stage's run gets `report`, the (done, total) callback its training loop moves the outer bar with.
+  run = {"world": lambda report: distributed.primary_first("world", lambda: world.run(config, workdir)),
+         "pretrain": lambda report: pretrain.run(config, workdir, mesh, rules, progress=report),
+         "sft": lambda report: sft.run(config, workdir, mesh, rules, progress=report),
+         "rm": lambda report: reward.run(config, workdir, mesh, rules, progress=report),
+         "ppo": lambda report: ppo.run(config, workdir, mesh, rules, progress=report),
          # The paper's "PPO" next to "PPO-ptx": the same config with the pretraining mix off.
-         "ppo_noptx": lambda: ppo.run(_without_ptx(config), workdir, mesh, rules, name="ppo_noptx"),
-         "eval": lambda: evaluate.run(config, workdir, mesh, rules)}
+         "ppo_noptx": lambda report: ppo.run(_without_ptx(config), workdir, mesh, rules, name="ppo_noptx",
+                                             progress=report),
+         "eval": lambda report: evaluate.run(config, workdir, mesh, rules)}
   try:
     # The outer bar and a line per stage (skipped / resumed / running); process 0 speaks.
     with progress.Pipeline(config, workdir, stages, enabled=jax.process_index() == 0) as pipeline:
       for stage in stages:
         pipeline.start(stage)
-        run[stage]()
+        run[stage](pipeline.reporter(stage))
         pipeline.finish(stage)
   finally:
     lock.release()

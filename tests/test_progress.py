@@ -8,6 +8,7 @@ import pytest
 from configs import instructgpt
 from instructrl import progress
 from instructrl.checkpoints import MANIFEST
+from instructrl.stages import costs
 
 
 def fake_checkpoint(stage_dir, step, complete, manifest=True):
@@ -22,7 +23,7 @@ def test_loop_steps_are_what_the_stages_derive():
   smoke, tiny = instructgpt.get_config("smoke"), instructgpt.get_config("tiny")
   # smoke, from the stages' own log lines: "rm: 32 train prompts ..., 4 steps of 8", "ppo: ... 4 iterations"
   assert progress.stage_steps("rm", smoke) == 4 and progress.stage_steps("ppo", smoke) == 4
-  rm = tiny.rm   # reward.py: ceil(epochs * train prompts / batch), a valid_fraction of the prompts held out
+  rm = tiny.rm   # the RM stage: ceil(epochs * train prompts / batch), a valid_fraction of the prompts held out
   n = min(rm.n_prompts, tiny.world.n_rm_prompts)
   assert progress.stage_steps("rm", tiny) == -(-(n - round(rm.valid_fraction * n)) // rm.batch_size)
   assert progress.stage_steps("ppo", tiny) == tiny.ppo.total_episodes // tiny.ppo.batch_size
@@ -49,7 +50,7 @@ def test_rm_state_sums_the_ensemble_members(tmp_path):
 def test_costs_scale_with_the_work_and_ptx_costs_extra():
   c = instructgpt.get_config("tiny")
   pre, loop, post = progress.stage_cost("pretrain", c)
-  assert pre == 0 and loop == 3 * 1500 * 32 * 96 and post == 2 * 256 * 32 * progress.SAMPLE_COST
+  assert pre == 0 and loop == 3 * 1500 * 32 * 96 and post == 2 * 256 * 32 * costs.SAMPLE_COST
   c.pretrain.steps = 3000
   assert progress.stage_cost("pretrain", c)[1] == 2 * loop
   assert progress.stage_cost("ppo", c)[1] > progress.stage_cost("ppo_noptx", c)[1] > 0
@@ -87,16 +88,18 @@ def test_bar_counts_only_the_work_left_and_reaches_its_total(tmp_path, capsys):
       p.start(s)
       if s == "sft":
         for done in range(21, 41):
-          progress.step("sft", done, 40)      # what loop.run reports
+          p.reporter("sft")(done, 40)         # what loop.run reports
         assert p.bar.n == pytest.approx(loop / 2)   # the loop's share; the final sampling is still to come
-        progress.step("pretrain", 5, 60)      # another stage's report is ignored
+        p.reporter("pretrain")(5, 60)         # another stage's report is ignored
         assert p.bar.n == pytest.approx(loop / 2)
       p.finish(s)
     assert p.bar.n == pytest.approx(p.bar.total)
   err = capsys.readouterr().err
   assert "pipeline [1/3] world: complete, skipping" in err and "pipeline [2/3] pretrain: complete, skipping" in err
   assert "pipeline [3/3] sft: resuming from step 20 of 40" in err
-  progress.step("sft", 40, 40)   # after the pipeline: a no-op
+  n = p.bar.n
+  p.reporter("sft")(40, 40)      # after the pipeline: a no-op
+  assert p.bar.n == n
 
 
 def test_only_process_zero_prints(tmp_path, capsys):

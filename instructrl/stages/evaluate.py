@@ -33,6 +33,7 @@ from instructrl.data.batching import pack_texts
 from instructrl.data.records import load_jsonl
 from instructrl.metrics import read_metrics
 from instructrl.models.config import ModelConfig
+from instructrl.stages import costs
 from instructrl.stages.train_state import abstract_state, make_optimizer, state_shardings
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
@@ -67,28 +68,10 @@ def is_judged(config, workdir: Path) -> bool:
   return json.loads((out_dir / JUDGED).read_text()) == judged_record(config, eval_models(config, workdir))
 
 
-def checkpoint_id(workdir: Path, stage: str, step: int, entry: str = "params") -> str:
-  """A fingerprint of the params `entry` of one saved step: the content digest its save recorded in the
-  meta (checkpoints.StageCheckpoints.save, array_digest.digest: the arrays' values, dtypes, shapes and
-  tree paths). It is the same for a killed-and-resumed run and an uninterrupted one, on any mesh shape:
-  a hash of the files would not be, Orbax names its data files at random. It is computed where the
-  shards are at save time (no process gathers the arrays) and read here from the JSON meta, so telling
-  whether the report is current restores no arrays. A stage rerun under the same workdir saves the same
-  step numbers, so the step alone cannot tell its checkpoints apart; the digest can.
-
-  A step saved before digests were recorded keeps its old id, the hash of its manifest (or, without
-  one, of Orbax's metadata): an older workdir's judged_checkpoints.json and cached answers still match,
-  so its report is accepted as it is, not judged again."""
-  ckpt = checkpoints.StageCheckpoints(Path(workdir) / stage)
-  try:
-    meta = ckpt.meta(step)
-  except Exception:   # noqa: BLE001 -- unreadable: the file hashes below, or "unknown"
-    meta = None
-  finally:
-    ckpt.close()
-  digest = ((meta or {}).get("digests") or {}).get(entry)
-  if digest:
-    return digest[:16]
+def checkpoint_id(workdir: Path, stage: str, step: int) -> str:
+  """A fingerprint of one saved step: the hash of its manifest (file sizes and hashes) or, for a step
+  saved without one, of Orbax's metadata (it carries the commit time). A stage rerun under the same
+  workdir saves the same step numbers, so the step alone cannot tell its checkpoints apart."""
   step_dir = Path(workdir) / stage / str(step)
   for name in (checkpoints.MANIFEST, "_CHECKPOINT_METADATA"):
     if (step_dir / name).exists():
@@ -135,7 +118,7 @@ def available_models(workdir: Path) -> list[dict]:
   """[{name, stage, step, id, entry, few_shot}] for every finished stage, in the paper's order."""
   models = _available_models(workdir)
   for m in models:
-    m["id"] = checkpoint_id(workdir, m["stage"], m["step"], m["entry"])
+    m["id"] = checkpoint_id(workdir, m["stage"], m["step"])
   return models
 
 
@@ -242,8 +225,8 @@ def run(config, workdir: Path, mesh, rules) -> dict:
          "ppo_curves": {m["name"]: ppo_curve(workdir / "metrics" / f"{m['stage']}.jsonl")
                         for m in models if m["stage"] in PPO_STAGES}}
   report.write(out, out_dir)   # report.md and the plots first: report.json marks the stage complete
-  # Which checkpoints were judged (content ids: the same for a resumed run and an uninterrupted one) and
-  # under which settings: what a rerun compares to skip the stage.
+  # Which checkpoints were judged, apart from the report: the ids carry Orbax's commit times, so two runs
+  # with bit-identical models (a resumed one and an uninterrupted one) have identical reports, not ids.
   _write_json(out_dir / JUDGED, judged_record(config, models))
   _write_json(done, out)
   logging.info("eval: wrote %s", out_dir)
@@ -339,3 +322,22 @@ def ppo_curve(path: Path) -> dict:
   pick = lambda k: [r.get(f"train/{k}") for r in rows]
   return {"step": [r["step"] for r in rows], "rm_score": pick("objective/score"),
           "gold_score": pick("objective/gold_score"), "kl": pick("objective/kl")}
+
+# ----------------------------------------------------------------------------- the pipeline's ETA
+
+def answer_sets(config, workdir: Path, stages: list[str]) -> int:
+  """Answer sets the eval stage will sample, counting a model whose stage runs now or has run: GPT, GPT
+  prompted (twice with eval.prompted_at_policy_temperature), SFT, its resample (and SFT at the baselines'
+  temperature with eval.sft_at_baseline_temperature), each PPO stage."""
+  have = lambda s: s in stages or (Path(workdir) / s).is_dir()
+  return ((2 + prompted_twice(config.eval)) * have("pretrain") + 2 + sft_twice(config.eval)
+          + sum(have(s) for s in ("ppo", "ppo_noptx")))
+
+
+def cost(config, n_models: int) -> tuple[float, float, float]:
+  """(before, during, after) in token passes (stages/costs.py): each of `n_models` answer sets (answer_sets)
+  samples the report's prompts and scores the cloze items' 4 choices."""
+  e, w = config.eval, config.world
+  prompts = sum(min(e.report_prompts, n) for n in (w.n_eval_prompts, w.n_truthful, w.n_toxicity))
+  cloze = w.n_cloze * 4 * e.cloze_seq_len
+  return 0.0, n_models * (prompts * e.max_new_tokens * costs.SAMPLE_COST + cloze), 0.0

@@ -82,11 +82,12 @@ def evaluate(eval_step, params, examples: TokenExamples, batch_size: int, mesh, 
 
 def run(name: str, config, workdir: Path, train_examples: TokenExamples, valid_examples: TokenExamples,
         initial_params: Callable[[Any, Any], Any], mesh, rules,
-        after_training: Callable[[Any], dict] | None = None):
+        after_training: Callable[[Any], dict] | None = None, progress: Callable[[int, int], None] | None = None):
   """Train (or resume, or skip if complete) the LM stage `name`; returns the final params.
 
   initial_params(shardings, abstract) -> params: random init for pretrain, pretrain's final
-  checkpoint for SFT. after_training(params) -> metrics is logged once at the end.
+  checkpoint for SFT. after_training(params) -> metrics is logged once at the end. progress(done,
+  total) after each step (the pipeline's bar).
   """
   stage_cfg = config[name]
   model_cfg = ModelConfig.from_dict({**config.model, **stage_cfg.get("model_overrides", {})})
@@ -95,7 +96,7 @@ def run(name: str, config, workdir: Path, train_examples: TokenExamples, valid_e
   stage = loop.Stage(name=name, cfg=stage_cfg, workdir=Path(workdir),
                      model_dict=ModelConfig.from_dict(config.model).to_dict(), world_id=world_fingerprint(workdir),
                      rng=jax.random.key(config.seed + {"pretrain": 1, "sft": 2}[name]), tx=tx, shardings=shardings,
-                     abstract=abstract_state(model_cfg, tx, shardings))
+                     abstract=abstract_state(model_cfg, tx, shardings), progress=progress)
   train_step, eval_step = make_steps(model_cfg, tx, schedule, shardings, mesh, rules)
   seed, B = config.seed + 17 * len(name), stage_cfg.batch_size
   return loop.run(

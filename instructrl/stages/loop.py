@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from instructrl import checkpoints, parallel, progress
+from instructrl import checkpoints, parallel
 from instructrl.metrics import MetricWriter, logged_final
 from instructrl.stages.train_state import NonFiniteError, new_state
 
@@ -34,7 +34,7 @@ class Stage:
   shardings: dict
   abstract: dict                # abstract state with shardings (restore target)
   settings_section: str = ""    # config section named in a settings-mismatch error (default: the name)
-  progress: Callable[[int, int], None] | None = None   # (done, total) -> the pipeline bar (default: by name)
+  progress: Callable[[int, int], None] | None = None   # (done, total) after each step: the pipeline's bar
 
 
 def check_meta(stage: Stage, meta: dict, where: str) -> None:
@@ -115,8 +115,8 @@ def run(stage: Stage, mesh, rules, *, initial_params: Callable[[], Any] | None =
           skips = 0
         bar.update(1)
         done = step + 1
-        # The whole pipeline's bar (main.py; a no-op elsewhere). The RM ensemble's members report as "rm".
-        (stage.progress or (lambda d, t: progress.step(name, d, t)))(done, total)
+        if stage.progress:   # the whole pipeline's bar (main.py passes it through the stage's run)
+          stage.progress(done, total)
         if done % cfg.log_every == 0 or done == total:
           m = jax.device_get(metrics)
           now = time.perf_counter()

@@ -35,7 +35,7 @@ from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import process_logits, sample
 from instructrl.models.transformer import Decoder, left_pad_positions
-from instructrl.stages import loop, reward, select
+from instructrl.stages import costs, loop, rm_ensemble, rm_models, select
 from instructrl.stages.train_state import abstract_state, guarded_update, process_batch, state_shardings
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
@@ -91,7 +91,7 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
     if score_fn is None:   # rm: the ensemble's members (one for the paper's single RM)
       at_last = lambda params: jnp.take_along_axis(Decoder(rm_cfg, head="scalar").apply(
           {"params": params}, seq, positions, kv_mask_bs=kv_mask)[0], last[:, None], axis=1)[:, 0]
-      score, disagreement = reward.ensemble_score(jnp.stack([at_last(p) for p in rm]), cfg.rm_uncertainty_coef)
+      score, disagreement = objectives.ensemble_score(jnp.stack([at_last(p) for p in rm]), cfg.rm_uncertainty_coef)
     else:
       score, disagreement = score_fn(seq, last, s.tokens, s.mask), jnp.zeros((B,))
     ended = jnp.any(s.tokens == eos_id, axis=1)
@@ -200,15 +200,16 @@ def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int, value_
 
 # ----------------------------------------------------------------------------- stage
 
-def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, name: str = "ppo"):
-  """Train and save under workdir/<name> (the `ppo_noptx` stage is this with ptx_coef 0)."""
+def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, name: str = "ppo", progress=None):
+  """Train and save under workdir/<name> (the `ppo_noptx` stage is this with ptx_coef 0); progress(done,
+  total) after each iteration (main.py: the pipeline's bar)."""
   cfg = config.ppo
   workdir = Path(workdir)
   world_dir = workdir / "world"
   tokenizer = load_tokenizer(workdir)
   model_cfg = ModelConfig.from_dict(config.model)
   model_dict = model_cfg.to_dict()
-  rm_dict = reward.trained_rm_model(config, workdir)   # the RM's and the value's model (larger: rm.base_workdir)
+  rm_dict = rm_models.trained_rm_model(config, workdir)   # the RM's and the value's model (larger: rm.base_workdir)
   rm_cfg = ModelConfig.from_dict(rm_dict)
   world_id = world_fingerprint(workdir)
   world = world_lib.World.load(world_dir)
@@ -257,7 +258,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   if cfg.select_sft_by_rm and cfg.policy_init == "sft" and score_fn is None:
     init_step = select.select_sft(config, workdir, mesh, rules, pol_abs["params"], val_abs["params"])
   ref = load(cfg.policy_init, pol_abs["params"], init_step)      # frozen: the KL anchor (paper: the SFT model)
-  rm = reward.load_members(config, workdir, mesh, rules) if score_fn is None else None   # the RM ensemble
+  rm = rm_ensemble.load_members(config, workdir, mesh, rules) if score_fn is None else None   # the RM ensemble
   stage_cfg.rm_ensemble_size = len(rm) if rm is not None else 0     # checked on resume/skip with the ppo block
   if cfg.rm_uncertainty_coef and (rm is None or len(rm) < 2):
     raise ValueError(f"ppo.rm_uncertainty_coef={cfg.rm_uncertainty_coef} needs an RM ensemble "
@@ -361,9 +362,31 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
 
   stage = loop.Stage(name=name, cfg=stage_cfg, workdir=workdir, model_dict=model_dict, world_id=world_id,
                      rng=jax.random.key(seed), tx=policy_tx, shardings=shardings, abstract=abstract,
-                     settings_section="ppo")
+                     settings_section="ppo", progress=progress)
   return loop.run(stage, mesh, rules, initial_state=initial_state, train_step=iteration, batch_at=batch_at,
                   after_training=after_training if config.eval.n_prompts else None,
                   items_per_step=cfg.batch_size, item_name="episodes", result="ema",
                   extra_meta={"ptx_coef": cfg.ptx_coef, "kl_coef": cfg.kl_coef, "policy_init_step": init_step,
                               "reward": reward_source, "rm_ensemble_size": len(rm) if rm is not None else 0})
+
+# ----------------------------------------------------------------------------- the pipeline's ETA
+
+def steps(config) -> int:
+  """The training loop's step count: iterations of ppo.batch_size episodes (ppo and ppo_noptx alike)."""
+  return max(1, int(config.ppo.total_episodes) // int(config.ppo.batch_size))
+
+
+def cost(config, stage: str = "ppo") -> tuple[float, float, float]:
+  """(before, during, after the loop) in token passes (stages/costs.py): the score normalisation's samples;
+  per iteration the rollout, the forwards of policy, reference, value and every RM, the policy and value
+  updates, and with ptx (stage "ppo" only) a pretraining batch per minibatch; the EMA policy's judged samples."""
+  p = config.ppo
+  seq = p.prompt_len + p.max_new_tokens
+  rms = int(config.rm.get("ensemble_size", 1)) + len(rm_ensemble.rm_run_names(config))
+  per_iter = (p.batch_size * p.max_new_tokens * costs.SAMPLE_COST              # rollout
+              + (3.0 + rms) * p.batch_size * seq                                # policy, ref, value, RMs
+              + 2 * costs.TRAIN_COST * p.ppo_epochs * p.batch_size * seq)      # policy and value updates
+  if stage == "ppo" and p.ptx_coef > 0:
+    per_iter += costs.TRAIN_COST * p.ppo_epochs * (p.batch_size // p.minibatch_size) * p.ptx_batch_size * p.ptx_seq_len
+  normalize = p.normalize_batches * p.batch_size * p.max_new_tokens * costs.SAMPLE_COST if p.normalize_score else 0.0
+  return normalize, per_iter * steps(config), costs.gold_eval(config, 1)

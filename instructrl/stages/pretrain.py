@@ -18,11 +18,12 @@ from instructrl.data import world as world_lib
 from instructrl.data.batching import pack_texts
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
-from instructrl.stages import lm, train_state
+from instructrl.stages import costs, lm, train_state
 from instructrl.stages.world import load_tokenizer
 
 
-def run(config, workdir: Path, mesh, rules):
+def run(config, workdir: Path, mesh, rules, progress=None):
+  """progress(done, total): called after each step (main.py: the pipeline's bar)."""
   cfg = config.pretrain
   world_dir = Path(workdir) / "world"
   tokenizer = load_tokenizer(workdir)
@@ -57,4 +58,16 @@ def run(config, workdir: Path, mesh, rules):
     return {**{f"bare/{k}": v for k, v in bare.items()}, **{f"few_shot/{k}": v for k, v in shots.items()}}
 
   return lm.run("pretrain", config, workdir, train, valid, initial_params, mesh, rules,
-                after_training if config.eval.n_prompts else None)
+                after_training if config.eval.n_prompts else None, progress)
+
+
+def steps(config) -> int:
+  """The training loop's step count (the pipeline's ETA counts them)."""
+  return int(config.pretrain.steps)
+
+
+def cost(config) -> tuple[float, float, float]:
+  """(before, during, after the loop) in token passes (stages/costs.py): training, then the judged bare
+  and few-shot samples."""
+  s = config.pretrain
+  return 0.0, costs.TRAIN_COST * s.steps * s.batch_size * s.seq_len, costs.gold_eval(config, 2)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructrl import distributed, objectives, parallel, progress
+from instructrl import distributed, objectives, parallel
 from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, prompt_response_examples
 from instructrl.data.rankings import load_ranked, pairs_from_ranked, ranked_examples
@@ -34,8 +34,8 @@ from instructrl.data.records import load_jsonl
 from instructrl.metrics import MetricWriter, logged_final
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
-from instructrl.stages import loop
-from instructrl.stages.rm_collect import collect, earlier_rounds
+from instructrl.stages import costs, loop
+from instructrl.stages.rm_collect import SPARE, collect, earlier_rounds
 from instructrl.stages.rm_ensemble import (evaluate_ensemble, load_members, logged_ensemble_size, make_ensemble_eval,
                                            trained_member_dirs)
 from instructrl.stages.rm_models import eos_index, initial_rm_params, rm_model, rm_scores
@@ -169,7 +169,9 @@ def mean_score(score_step, params, tokens, last, batch_size: int, mesh, rules) -
 # ----------------------------------------------------------------------------- stage
 
 
-def run(config, workdir: Path, mesh, rules):
+def run(config, workdir: Path, mesh, rules, progress=None):
+  """progress(done, total): called after each step, over every member's steps in turn (main.py: the
+  pipeline's bar)."""
   cfg = config.rm
   workdir = Path(workdir)
   comparisons = collect(config, workdir, mesh, rules)
@@ -321,11 +323,13 @@ def run(config, workdir: Path, mesh, rules):
     # bootstrapping only the members after the first (so a finished single RM joins a larger ensemble).
     member_cfg = ml_collections.ConfigDict({k: v for k, v in stage_cfg.to_dict().items()
                                             if k != "ensemble_size" and (i > 0 or k != "ensemble_bootstrap")})
+    # The members report to the pipeline as one stage: their steps in turn.
+    report = None if progress is None else (
+        lambda done, total, i=i: progress(i * steps_per_member + done, n_members * steps_per_member))
     stage = loop.Stage(name=where.name, cfg=member_cfg, workdir=where.parent, model_dict=model_dict,
                        world_id=world_fingerprint(workdir), rng=fold(jax.random.key(config.seed + 4)), tx=tx,
                        shardings=shardings, abstract=abstract_state(model_cfg, tx, shardings, head="scalar"),
-                       progress=lambda done, total, i=i: progress.step("rm", i * steps_per_member + done,
-                                                                       n_members * steps_per_member))
+                       progress=report)
 
     def initial_params(fold=fold):
       return initial_rm_params(config, workdir, mesh, rules, model_cfg, shardings,
@@ -355,3 +359,30 @@ def run(config, workdir: Path, mesh, rules):
     writer.write(steps_per_member, out, prefix="final/ensemble/")
     writer.close()
   return result
+
+
+# ----------------------------------------------------------------------------- the pipeline's ETA
+
+def steps(config) -> int:
+  """The training loop's step count as `run` derives it, from the config alone: the world's RM prompts cut
+  to rm.n_prompts, less the validation share, for rm.epochs; the ensemble's members in turn."""
+  rm = config.rm
+  n = min(rm.n_prompts, config.world.n_rm_prompts)
+  train = n - int(round(rm.valid_fraction * n))
+  per = rm.batch_size if rm.formulation == "per_prompt" else rm.pair_batch_size
+  if rm.formulation != "per_prompt":   # shuffled pairs: every comparison of every prompt, C(K, 2) of them
+    k = sum(rm.k_choices) / len(rm.k_choices)
+    train = train * k * (k - 1) / 2
+  return max(1, math.ceil(rm.epochs * train / per)) * int(rm.get("ensemble_size", 1))
+
+
+def cost(config) -> tuple[float, float, float]:
+  """(before, during, after the loop) in token passes (stages/costs.py): the comparisons' samples (each
+  source its share of the K responses plus SPARE spares per prompt), then every member's training."""
+  rm = config.rm
+  k = sum(rm.k_choices) / len(rm.k_choices)
+  sources = sum(1 for w in dict(rm.get("source_mix", {"policy": 1.0})).values() if w > 0)
+  sampling = rm.n_prompts * (k + SPARE * sources) * rm.max_new_tokens * costs.SAMPLE_COST
+  members = int(rm.get("ensemble_size", 1))
+  return (sampling, costs.TRAIN_COST * members * rm.epochs * rm.n_prompts * (1 - rm.valid_fraction) * k * rm.seq_len,
+          0.0)

@@ -21,11 +21,12 @@ import numpy as np
 from instructrl.data.batching import TokenExamples, pack_texts, prompt_response_examples
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
-from instructrl.stages import lm
+from instructrl.stages import costs, lm
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
 
-def run(config, workdir: Path, mesh, rules):
+def run(config, workdir: Path, mesh, rules, progress=None):
+  """progress(done, total): called after each step (main.py: the pipeline's bar)."""
   cfg = config.sft
   world_dir = Path(workdir) / "world"
   tokenizer = load_tokenizer(workdir)
@@ -59,7 +60,7 @@ def run(config, workdir: Path, mesh, rules):
     return out
 
   return lm.run("sft", config, workdir, train, valid, initial_params, mesh, rules,
-                after_training if config.eval.n_prompts else None)
+                after_training if config.eval.n_prompts else None, progress)
 
 
 def mix_pretraining(demos: TokenExamples, tokenizer, world_dir: Path, fraction: float, seed: int) -> TokenExamples:
@@ -79,3 +80,16 @@ def mix_pretraining(demos: TokenExamples, tokenizer, world_dir: Path, fraction: 
   logging.info("sft: %d pretraining windows mixed into %d demos (%.0f%%)", n, len(demos), 100 * fraction)
   return TokenExamples(np.concatenate([demos.tokens, corpus.tokens[pick]]),
                        np.concatenate([demos.loss_mask, corpus.loss_mask[pick]]))
+
+
+def steps(config) -> int:
+  """The training loop's step count (the pipeline's ETA counts them)."""
+  return int(config.sft.steps)
+
+
+def cost(config) -> tuple[float, float, float]:
+  """(before, during, after the loop) in token passes (stages/costs.py): training, then the judged samples,
+  counted as two decodings (the stage decodes once: a small overestimate, kept so that the stages'
+  calibrated weights do not move)."""
+  s = config.sft
+  return 0.0, costs.TRAIN_COST * s.steps * s.batch_size * s.seq_len, costs.gold_eval(config, 2)

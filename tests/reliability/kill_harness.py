@@ -20,6 +20,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,9 +51,12 @@ EVENTS = [
     ("eval", "eval/answers/*", 1.0),                   # between models' answers
     ("eval", "eval/report.md", 0.0),                   # report written, report.json (the marker) not yet
 ]
-# Files compared byte for byte (besides every stage's final params and metrics).
+# Files compared (besides every stage's final params and metrics): byte for byte, except JSON reports, which
+# are compared without their wall-clock entries. A glob compares the set of files it matches and each one.
 OUTPUTS = {"world": ["world/COMPLETE", "world/tokenizer.model", "world/corpus_train.jsonl", "world/demos_train.jsonl"],
-           "rm": ["comparisons/train.jsonl", "comparisons/valid.jsonl"], "eval": ["eval/report.json"]}
+           "rm": ["comparisons/train.jsonl", "comparisons/valid.jsonl"],
+           "eval": ["eval/report.json", "eval/judged_checkpoints.json", "eval/answers/*.json"]}
+REPORTS = ("eval/report.json",)   # the only outputs holding wall-clock entries
 CHECKPOINTED = ("pretrain", "sft", "rm", "ppo", "ppo_noptx")
 TIMING = ("_per_sec", "time/")   # metrics that are wall-clock, not results
 
@@ -64,7 +68,8 @@ def cli_cmd(workdir: Path, stages: str, extra=()) -> list[str]:
 
 def cli_env() -> dict:
   return {**os.environ, "JAX_PLATFORMS": "cpu",
-          "JAX_COMPILATION_CACHE_DIR": os.environ.get("INSTRUCTRL_JAX_CACHE", "/tmp/instructrl-jax-cache"),
+          "JAX_COMPILATION_CACHE_DIR": os.environ.get("INSTRUCTRL_JAX_CACHE",
+                                                      os.path.join(tempfile.gettempdir(), "instructrl-jax-cache")),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
 
@@ -145,12 +150,19 @@ def differences(ref: Path, w: Path, stages: list[str]) -> list[str]:
         out.append(f"{stage}: final params differ")
       if metric_rows(ref, stage) != metric_rows(w, stage):
         out.append(f"{stage}: metrics/{stage}.jsonl differs")
-    for f in OUTPUTS.get(stage, []):
-      a, b = (ref / f).read_bytes(), (w / f).read_bytes()
-      if f.endswith(".json"):
-        a, b = _results(json.loads(a)), _results(json.loads(b))
-      if a != b:
-        out.append(f"{f} differs")
+    for pattern in OUTPUTS.get(stage, []):
+      names = sorted({str(p.relative_to(d)) for d in (ref, w) for p in d.glob(pattern)})
+      if not names:
+        out.append(f"{pattern}: in neither run")
+      for f in names:
+        if not (ref / f).is_file() or not (w / f).is_file():
+          out.append(f"{f}: only in the {'killed' if (w / f).is_file() else 'uninterrupted'} run")
+          continue
+        a, b = (ref / f).read_bytes(), (w / f).read_bytes()
+        if f in REPORTS:
+          a, b = _results(json.loads(a)), _results(json.loads(b))
+        if a != b:
+          out.append(f"{f} differs")
   return out
 
 
@@ -182,7 +194,7 @@ def main():
   ap.add_argument("--kills", type=int, default=8)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--stages", default="world,pretrain,sft,rm,ppo,eval")
-  ap.add_argument("--dir", default="/tmp/kill_harness")
+  ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "kill_harness"))
   args = ap.parse_args()
   base = Path(args.dir)
   base.mkdir(parents=True, exist_ok=True)

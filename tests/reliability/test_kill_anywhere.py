@@ -1,6 +1,8 @@
 """Kill anywhere, resume exactly (tests/reliability/kill_harness.py): the smoke pipeline SIGKILLed at
 seeded random events and rerun with the same command ends with the same final params of every stage,
-the same metrics (wall-clock rates aside) and the same data files as an uninterrupted run.
+the same metrics (wall-clock rates aside), the same data files and the same eval outputs (the report, and
+byte for byte the cached answers and judged_checkpoints.json, whose checkpoint ids are content digests)
+as an uninterrupted run.
 
 The fast variant kills world generation and pretraining 3 times (~1 minute); the slow one runs world to
 eval and kills 8 times (a few minutes). test_main.py, test_reward.py and test_ppo.py add one kill each
@@ -36,3 +38,21 @@ def test_kills_during_world_and_pretrain_resume_exactly(tmp_path):
 @pytest.mark.slow
 def test_kills_anywhere_in_the_whole_pipeline_resume_exactly(tmp_path):
   campaign(tmp_path, STAGES, kills=8, seed=7)   # every stage, 3 inside-write targets
+
+
+def test_eval_outputs_are_compared_byte_for_byte(tmp_path):
+  """differences() on two hand-made eval directories: the report without its timings, the rest byte for byte."""
+  ref, w = tmp_path / "reference", tmp_path / "killed"
+  for d in (ref, w):
+    (d / "eval" / "answers").mkdir(parents=True)
+    (d / "eval" / "judged_checkpoints.json").write_text('{"model_ids": {"SFT": "0123"}}\n')
+    (d / "eval" / "answers" / "sft.json").write_text('{"key": {"id": "0123"}, "answers": ["a"]}\n')
+  (ref / "eval" / "report.json").write_text('{"results": 1, "seconds": 5}')
+  (w / "eval" / "report.json").write_text('{"results": 1, "seconds": 7}')
+  assert kill_harness.differences(ref, w, ["eval"]) == []
+  (w / "eval" / "judged_checkpoints.json").write_text('{"model_ids": {"SFT": "4567"}}\n')
+  (w / "eval" / "answers" / "sft.json").write_text('{"answers": ["a"], "key": {"id": "0123"}}\n')   # same JSON
+  (w / "eval" / "answers" / "ppo.json").write_text("{}\n")
+  assert kill_harness.differences(ref, w, ["eval"]) == [
+      "eval/judged_checkpoints.json differs", "eval/answers/ppo.json: only in the killed run",
+      "eval/answers/sft.json differs"]
