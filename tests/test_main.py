@@ -83,8 +83,32 @@ def test_mismatched_checkpoint_is_refused(reference_run, tmp_path):
   shutil.copytree(ref / "world", w / "world")
   shutil.copytree(ref / "pretrain", w / "pretrain")
   out = cli(w, *FAST, "--config.model.n_layers=3", stages="sft", check=False)
-  assert out.returncode != 0
+  assert out.returncode == 2
   assert "n_layers" in out.stderr and "checkpoint has 2" in out.stderr and "config has 3" in out.stderr
+
+
+def tree(root):
+  """Every path under root, with size and sha256 for files."""
+  import hashlib
+  return {str(p.relative_to(root)): "dir" if p.is_dir() else (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+          for p in sorted(root.rglob("*"))}
+
+
+def test_a_model_change_on_resume_is_refused_and_changes_nothing(reference_run, tmp_path):
+  """Rerunning finished stages with another model shape: refused naming the field and both values, before
+  any file changes (config.json, LOCK, checkpoints); no good step is taken for damage and moved to corrupt/."""
+  import shutil
+  ref, _ = reference_run
+  w = tmp_path / "w"
+  shutil.copytree(ref, w)
+  before = tree(w)
+  out = cli(w, *FAST, "--config.model.n_layers=3", stages="world,pretrain", check=False)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and [l for l in lines if l.startswith("error:")] == lines[-1:], out.stderr[-3000:]
+  assert "model.n_layers: checkpoint has 2, config has 3" in lines[-1] and "--workdir" in lines[-1], lines[-1]
+  assert "Traceback" not in out.stderr
+  assert tree(w) == before
+  assert not list(w.rglob("corrupt"))
 
 
 @pytest.mark.parametrize("flag, needle", [

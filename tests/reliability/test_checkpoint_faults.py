@@ -236,3 +236,48 @@ def test_a_damaged_kept_candidate_step_is_refused_not_replaced(tmp_path):
   flip_byte(d / "2")
   with pytest.raises(FileNotFoundError, match=r"no usable kept checkpoint at step 2 \(kept: \[1, 3\]\)"):
     checkpoints.load_params(d, abstract()["params"], model, step=2)
+
+
+# ----------------------------------------------------------------------------- another config is not damage
+
+def test_checkpoint_of_another_model_is_refused_not_quarantined(tmp_path):
+  """A restore whose meta check refuses (another model) raises CheckpointMismatch before reading any
+  array, and leaves every step where it is: no corrupt/ folder, nothing renamed."""
+  d = tmp_path / "stage"
+  c = checkpoints.StageCheckpoints(d, max_to_keep=5)
+  for s in (1, 2):
+    c.save(s, state_at(s), {"complete": False, "model": {"d_model": 64, "n_layers": 2}})
+  c.close()
+  before = sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+  # The restore target has another shape: without the meta check Orbax's shape error read as damage.
+  other = jax.tree.map(lambda x: jax.ShapeDtypeStruct((32,) + x.shape[1:], x.dtype, sharding=x.sharding)
+                       if x.ndim else x, abstract())
+  check = lambda meta: checkpoints.check_model(meta["model"], {"d_model": 64, "n_layers": 3}, str(d))
+  c = checkpoints.StageCheckpoints(d, max_to_keep=5)
+  with pytest.raises(checkpoints.CheckpointMismatch, match="model.n_layers: checkpoint has 2, config has 3"):
+    c.restore(other, check=check)
+  c.close()
+  assert not (d / "corrupt").exists()
+  assert sorted(str(p.relative_to(d)) for p in d.rglob("*")) == before
+
+
+def test_a_restore_that_fails_although_the_meta_matches_is_damage(tmp_path):
+  """The meta says the same model, yet the arrays do not restore: that step is damaged, set aside."""
+  d = saved(tmp_path, steps=(1, 2))
+  truncate_without_manifest(d / "2")
+  c = checkpoints.StageCheckpoints(d, max_to_keep=5)
+  seen = []
+  state, meta = c.restore(abstract(), check=seen.append)
+  c.close()
+  assert meta["step"] == 1 and [m["step"] for m in seen] == [2, 1]
+  assert (d / "corrupt" / "2").is_dir()
+
+
+def test_recorded_meta_reads_without_touching_the_directory(tmp_path):
+  d = saved(tmp_path, steps=(1, 2))
+  before = {str(p): p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+  assert checkpoints.recorded_meta(d)["step"] == 2
+  bad_meta(d / "2")
+  assert checkpoints.recorded_meta(d)["step"] == 1       # an unreadable meta: the next older step's
+  assert checkpoints.recorded_meta(tmp_path / "none") is None and not (tmp_path / "none").exists()
+  assert not (d / "corrupt").exists() and set(before) == {str(p) for p in tmp_path.rglob("*")}
