@@ -82,3 +82,45 @@ def test_analytic_state_bytes_scale_with_shards():
   assert a8["state"] == pytest.approx(16 * cfg.num_params() / 8)
   assert a32["state"] == pytest.approx(a8["state"] / 4)
   assert a32["activations"] < a8["activations"]   # fewer rows per device
+
+
+def finished_stage(directory: Path, model: dict) -> None:
+  """A stage directory whose newest checkpoint says: complete, trained with `model` (all rm.base_workdir reads)."""
+  import numpy as np
+  from instructrl import checkpoints
+  ckpt = checkpoints.StageCheckpoints(directory)
+  try:
+    ckpt.save(1, {"x": np.zeros(1, np.float32)}, {"complete": True, "model": model})
+  finally:
+    ckpt.close()
+
+
+def test_ppo_programs_are_the_stages_own_with_an_rm_wider_than_the_policy(tmp_path):
+  """plan compiles what ppo.build makes: the same state tree (score_gain included), and the value function
+  and the RM members with the RM's model (rm.base_workdir's, wider here), not the policy's."""
+  import jax
+  from configs import instructgpt
+  from instructrl import parallel
+  from instructrl.models.config import ModelConfig
+  from instructrl.stages import ppo
+  config = instructgpt.get_config("smoke")
+  config.rm.ensemble_size = 2
+  wider = ModelConfig.from_dict({**config.model, "d_model": 96, "d_ff": 384}).to_dict()
+  finished_stage(tmp_path / "base" / "sft", wider)
+  config.rm.base_workdir = str(tmp_path / "base")
+  mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  rules = parallel.rules_from_config(config.mesh.rules)
+  programs = ppo.build(config, mesh, rules, eos_id=3, pad_id=0)
+  spec = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), tree)
+  update = plan.build("ppo_update", config, mesh, rules)
+  assert jax.tree.structure(update.args[0]) == jax.tree.structure(programs.abstract)
+  assert spec(update.args[0]) == spec(programs.abstract)
+  assert {"kl_coef", "score_gain"} <= set(update.args[0])
+  rollout = plan.build("ppo_rollout", config, mesh, rules)
+  policy, value, ref, members = rollout.args[:4]
+  assert policy["embed"].shape[-1] == ref["embed"].shape[-1] == 64                 # the smoke policy
+  assert value["embed"].shape[-1] == 96 and len(members) == 2                      # the RM's model, both members
+  assert all(spec(m) == spec(programs.abstract["value"]) for m in members)
+  with parallel.activate(mesh, rules):   # the abstract arguments fit the jitted programs
+    rollout.jitted.lower(*rollout.args)
+    update.jitted.lower(*update.args)

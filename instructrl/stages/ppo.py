@@ -17,6 +17,7 @@ estimator (log pi_RL - log pi_SFT of the sampled token).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import process_logits, sample
 from instructrl.models.transformer import Decoder, left_pad_positions
-from instructrl.stages import costs, loop, rm_ensemble, rm_models, select
+from instructrl.stages import loop, rm_ensemble, rm_models, select
 from instructrl.stages.train_state import abstract_state, guarded_update, process_batch, state_shardings
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
@@ -152,7 +153,7 @@ def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int, value_
     logp = jnp.take_along_axis(process_logits(logits, cfg.temperature), mb["seq"][:, P:, None], axis=-1)[..., 0]
     pg, m = objectives.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip)
     m = {**m, "entropy": objectives.entropy_from_logits(logits, mb["mask"])}
-    if cfg.ptx_coef > 0:
+    if ptx_enabled(cfg):
       ptx_logits, _ = Decoder(model_cfg, head="lm").apply({"params": params}, ptx["inputs"])
       nll_sum, count = objectives.ptx_loss(ptx_logits, ptx["targets"], ptx["mask"])
       ptx_nll = nll_sum / jnp.maximum(count, 1.0)
@@ -198,6 +199,98 @@ def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int, value_
   return update
 
 
+# ----------------------------------------------------------------------------- programs
+
+def ptx_enabled(block) -> bool:
+  """Whether PPO adds the pretraining term (PPO-ptx); ptx_coef 0 is the paper's plain PPO.
+
+  block: the ppo config block, or a PPO stage's checkpoint meta (which records its ptx_coef)."""
+  return float(block.get("ptx_coef", 0.0)) > 0
+
+
+def without_ptx(config):
+  """The `ppo_noptx` stage's config: the paper's "PPO" beside PPO-ptx, the same with the pretraining mix off."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.ppo.ptx_coef = 0.0
+  return config
+
+
+def stage_config(config, stage: str):
+  """The config a PPO stage trains under: `ppo` the config as given, `ppo_noptx` without_ptx(config)."""
+  return without_ptx(config) if stage == "ppo_noptx" else config
+
+
+def rm_members(config) -> int:
+  """How many RMs score the rollouts: the RM stage's ensemble, then ppo.rm_runs' (rm_ensemble.member_dirs)."""
+  return int(config.rm.get("ensemble_size", 1)) + len(rm_ensemble.rm_run_names(config))
+
+
+@dataclasses.dataclass
+class Programs:
+  """PPO's two jitted programs and the state they run on, as `build` makes them for one mesh."""
+  model_cfg: ModelConfig        # the policy's (and the reference's) model
+  rm_cfg: ModelConfig           # the RM's and the value function's (a larger model with rm.base_workdir)
+  policy_tx: optax.GradientTransformation
+  value_tx: optax.GradientTransformation
+  policy_schedule: Callable     # the policy's lr at an update count
+  updates_per_iter: int         # optimizer updates per iteration: epochs x minibatches
+  shardings: dict               # of the state: policy, value, both optimizer states, EMA, kl_coef, score_gain
+  abstract: dict                # that state as jax.ShapeDtypeStruct carrying the shardings
+  ptx_sharding: object          # of the pretraining batch [minibatches, rows, L] with ptx on
+  n_rm: int                     # RM ensemble members the rollout takes (0 with a score_fn)
+  rollout: Callable             # rollout(policy, value, ref, rm members, prompt, prompt_mask, rng, kl_coef, score_gain)
+  update: Callable              # update(state, batch, ptx, rng) -> (state, metrics); the state donated
+
+
+def build(config, mesh, rules, *, eos_id: int, pad_id: int, rm_model: dict | None = None,
+          n_rm: int | None = None, score_fn: ScoreFn | None = None) -> Programs:
+  """PPO's rollout and update jitted for `mesh`, with the state's shardings and abstract shapes.
+
+  The one place they are made: the stage, tools/plan.py and the benchmarks all run these programs.
+  rm_model: the RM's model fields (default rm_models.rm_model(config): the policy's, or rm.base_workdir's);
+  n_rm: RM ensemble members (default rm_members(config)); with score_fn (ppo.reward=gold) no RM scores.
+  """
+  cfg = config.ppo
+  model_cfg = ModelConfig.from_dict(config.model)
+  rm_cfg = ModelConfig.from_dict(rm_models.rm_model(config) if rm_model is None else rm_model)
+  updates_per_iter = cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
+  policy_tx, policy_sched = make_optimizer(cfg.learning_rate, cfg.warmup_iterations * updates_per_iter,
+                                           cfg.grad_clip, cfg.b1, cfg.b2)
+  value_tx, _ = make_optimizer(cfg.value_learning_rate, cfg.warmup_iterations * updates_per_iter,
+                               cfg.grad_clip, cfg.b1, cfg.b2)
+  pol_sh = state_shardings(model_cfg, policy_tx, mesh, rules, "lm")
+  val_sh = state_shardings(rm_cfg, value_tx, mesh, rules, "scalar")
+  repl = parallel.replicated(mesh)
+  shardings = {"step": repl, "params": pol_sh["params"], "opt_state": pol_sh["opt_state"],
+               "value": val_sh["params"], "value_opt": val_sh["opt_state"], "ema": pol_sh["params"],
+               "kl_coef": repl, "score_gain": repl}
+  pol_abs = abstract_state(model_cfg, policy_tx, pol_sh, "lm")
+  val_abs = abstract_state(rm_cfg, value_tx, val_sh, "scalar")
+  abstract = {"step": pol_abs["step"], "params": pol_abs["params"], "opt_state": pol_abs["opt_state"],
+              "value": val_abs["params"], "value_opt": val_abs["opt_state"], "ema": pol_abs["params"],
+              "kl_coef": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl),
+              "score_gain": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)}
+
+  ptx_sharding = parallel.stacked_batch_sharding(mesh, rules)
+  axes = ptx_sharding.spec[1] if len(ptx_sharding.spec) > 1 else None
+  n_shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+  if ptx_enabled(cfg) and cfg.ptx_batch_size % n_shards:
+    raise ValueError(f"ppo.ptx_batch_size={cfg.ptx_batch_size} must be divisible by the {n_shards} batch shards "
+                     f"of mesh {dict(mesh.shape)}")
+
+  rows = parallel.batch_sharding(mesh, rules)
+  n_rm = 0 if score_fn is not None else rm_members(config) if n_rm is None else n_rm
+  members = (val_sh["params"],) * n_rm if score_fn is None else None
+  rollout = jax.jit(make_rollout(model_cfg, cfg, eos_id, pad_id, score_fn, rm_cfg),
+                    in_shardings=(pol_sh["params"], val_sh["params"], pol_sh["params"], members, rows, rows, repl,
+                                  repl, repl))
+  update = jax.jit(make_update(model_cfg, cfg, policy_tx, value_tx, cfg.prompt_len, rm_cfg),
+                   out_shardings=(shardings, repl), donate_argnums=0)
+  return Programs(model_cfg=model_cfg, rm_cfg=rm_cfg, policy_tx=policy_tx, value_tx=value_tx,
+                  policy_schedule=policy_sched, updates_per_iter=updates_per_iter, shardings=shardings,
+                  abstract=abstract, ptx_sharding=ptx_sharding, n_rm=n_rm, rollout=rollout, update=update)
+
+
 # ----------------------------------------------------------------------------- stage
 
 def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, name: str = "ppo", progress=None):
@@ -207,10 +300,8 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   workdir = Path(workdir)
   world_dir = workdir / "world"
   tokenizer = load_tokenizer(workdir)
-  model_cfg = ModelConfig.from_dict(config.model)
-  model_dict = model_cfg.to_dict()
+  model_dict = ModelConfig.from_dict(config.model).to_dict()
   rm_dict = rm_models.trained_rm_model(config, workdir)   # the RM's and the value's model (larger: rm.base_workdir)
-  rm_cfg = ModelConfig.from_dict(rm_dict)
   world_id = world_fingerprint(workdir)
   world = world_lib.World.load(world_dir)
 
@@ -229,50 +320,39 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
     score_fn = gold_score_fn(world, tokenizer, records, prompts, prompt_mask)
   ptx = pack_texts(tokenizer.encode_batch([r["text"] for r in load_jsonl(world_dir / "corpus_train.jsonl", "text")]),
                    cfg.ptx_seq_len)
-  updates_per_iter = cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
   stage_cfg = ml_collections.ConfigDict(cfg.to_dict())
   stage_cfg.steps = max(1, cfg.total_episodes // cfg.batch_size)
   logging.info("ppo: %d prompts, %d iterations of %d episodes (minibatch %d, %d epoch(s)), ptx_coef %g",
                len(records), stage_cfg.steps, cfg.batch_size, cfg.minibatch_size, cfg.ppo_epochs, cfg.ptx_coef)
 
-  # ------------------------------------------------------------------ state
-  policy_tx, policy_sched = make_optimizer(cfg.learning_rate, cfg.warmup_iterations * updates_per_iter,
-                                           cfg.grad_clip, cfg.b1, cfg.b2)
-  value_tx, _ = make_optimizer(cfg.value_learning_rate, cfg.warmup_iterations * updates_per_iter,
-                               cfg.grad_clip, cfg.b1, cfg.b2)
-  pol_sh = state_shardings(model_cfg, policy_tx, mesh, rules, "lm")
-  val_sh = state_shardings(rm_cfg, value_tx, mesh, rules, "scalar")
+  # ------------------------------------------------------------------ programs and state
+  rm = rm_ensemble.load_members(config, workdir, mesh, rules) if score_fn is None else None   # the RM ensemble
+  programs = build(config, mesh, rules, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, rm_model=rm_dict,
+                   n_rm=len(rm) if rm is not None else 0, score_fn=score_fn)
+  rollout, update, shardings, abstract = programs.rollout, programs.update, programs.shardings, programs.abstract
+  policy_tx, value_tx, policy_sched = programs.policy_tx, programs.value_tx, programs.policy_schedule
+  updates_per_iter = programs.updates_per_iter
   repl = parallel.replicated(mesh)
-  shardings = {"step": repl, "params": pol_sh["params"], "opt_state": pol_sh["opt_state"],
-               "value": val_sh["params"], "value_opt": val_sh["opt_state"], "ema": pol_sh["params"],
-               "kl_coef": repl, "score_gain": repl}
-  pol_abs = abstract_state(model_cfg, policy_tx, pol_sh, "lm")
-  val_abs = abstract_state(rm_cfg, value_tx, val_sh, "scalar")
-  abstract = {"step": pol_abs["step"], "params": pol_abs["params"], "opt_state": pol_abs["opt_state"],
-              "value": val_abs["params"], "value_opt": val_abs["opt_state"], "ema": pol_abs["params"],
-              "kl_coef": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl),
-              "score_gain": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)}
   load = lambda stage, abs_params, step=None: checkpoints.load_params(
       workdir / stage, abs_params, rm_dict if stage == "rm" else model_dict, world_id, step=step)[0]
   init_step = None   # the policy stage's final step, or the SFT candidate the RM scores best (paper C.1)
   if cfg.select_sft_by_rm and cfg.policy_init == "sft" and score_fn is None:
-    init_step = select.select_sft(config, workdir, mesh, rules, pol_abs["params"], val_abs["params"])
-  ref = load(cfg.policy_init, pol_abs["params"], init_step)      # frozen: the KL anchor (paper: the SFT model)
-  rm = rm_ensemble.load_members(config, workdir, mesh, rules) if score_fn is None else None   # the RM ensemble
+    init_step = select.select_sft(config, workdir, mesh, rules, abstract["params"], abstract["value"])
+  ref = load(cfg.policy_init, abstract["params"], init_step)     # frozen: the KL anchor (paper: the SFT model)
   stage_cfg.rm_ensemble_size = len(rm) if rm is not None else 0     # checked on resume/skip with the ppo block
   if cfg.rm_uncertainty_coef and (rm is None or len(rm) < 2):
     raise ValueError(f"ppo.rm_uncertainty_coef={cfg.rm_uncertainty_coef} needs an RM ensemble "
                      f"(rm.ensemble_size >= 2 or ppo.rm_runs): one RM has no disagreement to penalise")
 
   def initial_state():
-    policy = load(cfg.policy_init, pol_abs["params"], init_step)
-    value = load("rm", val_abs["params"])                          # paper C.4: value function from the RM
+    policy = load(cfg.policy_init, abstract["params"], init_step)
+    value = load("rm", abstract["value"])                          # paper C.4: value function from the RM
     gain = score_gain(policy, value) if cfg.normalize_score else 1.0
     # The value head predicts normalised returns from the start: the RM's head times the gain.
     value = {**value, "score": value["score"] * gain, "score_bias": value["score_bias"] * gain}
     with jax.set_mesh(mesh):
-      popt = jax.jit(policy_tx.init, out_shardings=pol_sh["opt_state"])(policy)
-      vopt = jax.jit(value_tx.init, out_shardings=val_sh["opt_state"])(value)
+      popt = jax.jit(policy_tx.init, out_shardings=shardings["opt_state"])(policy)
+      vopt = jax.jit(value_tx.init, out_shardings=shardings["value_opt"])(value)
     return {"step": jax.device_put(jnp.int32(0), repl), "params": policy, "opt_state": popt, "value": value,
             "value_opt": vopt, "ema": jax.tree.map(jnp.copy, policy),
             "kl_coef": jax.device_put(jnp.float32(cfg.kl_coef), repl),
@@ -293,13 +373,6 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
     return gain
 
   # ------------------------------------------------------------------ steps
-  rows = parallel.batch_sharding(mesh, rules)
-  rollout = jax.jit(make_rollout(model_cfg, cfg, tokenizer.eos_id, tokenizer.pad_id, score_fn, rm_cfg),
-                    in_shardings=(pol_sh["params"], val_sh["params"], pol_sh["params"],
-                                  (val_sh["params"],) * len(rm) if score_fn is None else None, rows, rows, repl,
-                                  repl, repl))
-  update = jax.jit(make_update(model_cfg, cfg, policy_tx, value_tx, prompts.shape[1], rm_cfg),
-                   out_shardings=(shardings, repl), donate_argnums=0)
   seed = config.seed + 7
 
   def iteration(state, batch, rng):
@@ -328,23 +401,16 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
                    "ppo/policy/lr": lr,
                    "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}
 
-  ptx_sharding = parallel.stacked_batch_sharding(mesh, rules)
-  axes = ptx_sharding.spec[1] if len(ptx_sharding.spec) > 1 else None
-  n_shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
-  if cfg.ptx_coef > 0 and cfg.ptx_batch_size % n_shards:
-    raise ValueError(f"ppo.ptx_batch_size={cfg.ptx_batch_size} must be divisible by the {n_shards} batch shards "
-                     f"of mesh {dict(mesh.shape)}")
-
   def batch_at(step):
     idx = batch_indices(len(records), cfg.batch_size, step, seed)
     n_mb = updates_per_iter // cfg.ppo_epochs
     p_idx = batch_indices(len(ptx), n_mb * cfg.ptx_batch_size, step, seed + 1)
     ptx_b = {k: v.reshape(n_mb, cfg.ptx_batch_size, -1) for k, v in ptx.batch(p_idx).items()}
     out = process_batch(lambda i: {"prompt": prompts[i], "prompt_mask": prompt_mask[i]}, idx, mesh, rules)
-    if cfg.ptx_coef > 0:
+    if ptx_enabled(cfg):
       # Sharded like the episodes (each minibatch's rows over 'batch'), not replicated: at paper
       # scale the 8x-larger pretraining batch is most of the PPO update's activation memory.
-      out["ptx"] = {k: jax.make_array_from_callback(v.shape, ptx_sharding, lambda index, v=v: v[index])
+      out["ptx"] = {k: jax.make_array_from_callback(v.shape, programs.ptx_sharding, lambda index, v=v: v[index])
                     for k, v in ptx_b.items()}
     else:
       out["ptx"] = jax.tree.map(lambda x: x[:, :1], ptx_b)
@@ -354,7 +420,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   # ------------------------------------------------------------------ end-of-stage eval (the EMA policy)
   def after_training(ema_params):
     eval_records = load_jsonl(world_dir / "prompts_eval.jsonl", "eval")[:config.eval.n_prompts]
-    out = measures.gold_eval(ema_params, model_cfg, tokenizer, world, eval_records,
+    out = measures.gold_eval(ema_params, programs.model_cfg, tokenizer, world, eval_records,
                                rng=jax.random.key(config.seed + 102), eval_cfg=config.eval)
     logging.info("ppo: gold %.3f (acceptable %.1f%%, correct %.1f%%)", out["gold_score"],
                  100 * out["acceptable_rate"], 100 * out["correct_rate"])
@@ -368,25 +434,3 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
                   items_per_step=cfg.batch_size, item_name="episodes", result="ema",
                   extra_meta={"ptx_coef": cfg.ptx_coef, "kl_coef": cfg.kl_coef, "policy_init_step": init_step,
                               "reward": reward_source, "rm_ensemble_size": len(rm) if rm is not None else 0})
-
-# ----------------------------------------------------------------------------- the pipeline's ETA
-
-def steps(config) -> int:
-  """The training loop's step count: iterations of ppo.batch_size episodes (ppo and ppo_noptx alike)."""
-  return max(1, int(config.ppo.total_episodes) // int(config.ppo.batch_size))
-
-
-def cost(config, stage: str = "ppo") -> tuple[float, float, float]:
-  """(before, during, after the loop) in token passes (stages/costs.py): the score normalisation's samples;
-  per iteration the rollout, the forwards of policy, reference, value and every RM, the policy and value
-  updates, and with ptx (stage "ppo" only) a pretraining batch per minibatch; the EMA policy's judged samples."""
-  p = config.ppo
-  seq = p.prompt_len + p.max_new_tokens
-  rms = int(config.rm.get("ensemble_size", 1)) + len(rm_ensemble.rm_run_names(config))
-  per_iter = (p.batch_size * p.max_new_tokens * costs.SAMPLE_COST              # rollout
-              + (3.0 + rms) * p.batch_size * seq                                # policy, ref, value, RMs
-              + 2 * costs.TRAIN_COST * p.ppo_epochs * p.batch_size * seq)      # policy and value updates
-  if stage == "ppo" and p.ptx_coef > 0:
-    per_iter += costs.TRAIN_COST * p.ppo_epochs * (p.batch_size // p.minibatch_size) * p.ptx_batch_size * p.ptx_seq_len
-  normalize = p.normalize_batches * p.batch_size * p.max_new_tokens * costs.SAMPLE_COST if p.normalize_score else 0.0
-  return normalize, per_iter * steps(config), costs.gold_eval(config, 1)

@@ -93,6 +93,14 @@ def _with_steps(stage_cfg, steps: int = 1000):
   return c
 
 
+def _stage_model(stage: str, config) -> dict:
+  """The model fields a stage trains before its overrides: the RM's may be rm.base_workdir's larger model."""
+  if stage == "rm":
+    from instructrl.stages import rm_models
+    return rm_models.rm_model(config)
+  return dict(config.model)
+
+
 def describe(stage: str, config) -> StageProgram:
   """The stage's shapes without tracing anything (enough for the analytic estimate)."""
   from instructrl.models.config import ModelConfig
@@ -100,7 +108,7 @@ def describe(stage: str, config) -> StageProgram:
     raise ValueError(f"--stages: unknown stage {stage!r}; expected some of {STAGES}")
   if stage in ("pretrain", "sft", "rm"):
     cfg = config[stage]
-    model_cfg = ModelConfig.from_dict({**config.model, **cfg.get("model_overrides", {})})
+    model_cfg = ModelConfig.from_dict({**_stage_model(stage, config), **cfg.get("model_overrides", {})})
     if stage != "rm":
       return StageProgram(None, (), f"{cfg.batch_size} x {cfg.seq_len}", cfg.batch_size, model_cfg, cfg.seq_len, True)
     K = max(cfg.k_choices)
@@ -111,7 +119,8 @@ def describe(stage: str, config) -> StageProgram:
   B, P, N = cfg.batch_size, cfg.prompt_len, cfg.max_new_tokens
   if stage == "ppo_rollout":
     return StageProgram(None, (), f"{B} episodes x ({P} prompt + {N} new)", B, model_cfg, P + N, False)
-  ptx_bs = cfg.ptx_batch_size if cfg.ptx_coef > 0 else 1
+  from instructrl.stages import ppo
+  ptx_bs = cfg.ptx_batch_size if ppo.ptx_enabled(cfg) else 1
   return StageProgram(None, (), f"{B} episodes, minibatch {cfg.minibatch_size}, ptx {ptx_bs} x {cfg.ptx_seq_len}",
                       cfg.minibatch_size, model_cfg, P + N, True)
 
@@ -130,7 +139,7 @@ def build(stage: str, config, mesh, rules) -> StageProgram:
   key = _abstract_key(mesh)
   if stage in ("pretrain", "sft", "rm"):
     cfg = _with_steps(config[stage])
-    model_cfg = ModelConfig.from_dict({**config.model, **cfg.get("model_overrides", {})})
+    model_cfg = ModelConfig.from_dict({**_stage_model(stage, config), **cfg.get("model_overrides", {})})
     tx, schedule = train_state.make_optimizer(cfg, cfg.steps)
     head = "scalar" if stage == "rm" else "lm"
     sh = train_state.state_shardings(model_cfg, tx, mesh, rules, head=head)
@@ -149,46 +158,32 @@ def build(stage: str, config, mesh, rules) -> StageProgram:
              "ranks": _abstract((B, K), jnp.int32, bsh(2)), "mask": _abstract((B, K), jnp.bool_, bsh(2))}
     return StageProgram(step, (state, batch, key), f"{B} prompts x K={K} x {T}", B, model_cfg, K * T, True)
 
-  # PPO: policy, reference, value and RM on the same mesh in one program each (rollout, update).
+  # PPO: policy, reference, value and RM on the same mesh in one program each (rollout, update), made by
+  # ppo.build as the stage makes them: the value function and the RM have the RM's model (rm.base_workdir's).
+  from instructrl.data.tokenizer import EOS_ID, PAD_ID
   cfg = config.ppo
-  model_cfg = ModelConfig.from_dict(config.model)
-  updates = cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
-  policy_tx, _ = ppo.make_optimizer(cfg.learning_rate, updates, cfg.grad_clip, cfg.b1, cfg.b2)
-  value_tx, _ = ppo.make_optimizer(cfg.value_learning_rate, updates, cfg.grad_clip, cfg.b1, cfg.b2)
-  pol_sh = train_state.state_shardings(model_cfg, policy_tx, mesh, rules, "lm")
-  val_sh = train_state.state_shardings(model_cfg, value_tx, mesh, rules, "scalar")
-  pol = train_state.abstract_state(model_cfg, policy_tx, pol_sh, "lm")
-  val = train_state.abstract_state(model_cfg, value_tx, val_sh, "scalar")
+  programs = ppo.build(config, mesh, rules, eos_id=EOS_ID, pad_id=PAD_ID)
+  state = programs.abstract
   B, P, N = cfg.batch_size, cfg.prompt_len, cfg.max_new_tokens
-  rollout_fn = ppo.make_rollout(model_cfg, cfg, eos_id=3, pad_id=0)
-  members = (val["params"],) * int(config.rm.get("ensemble_size", 1))   # the RM ensemble's params, all resident
-  ro_args = (pol["params"], val["params"], pol["params"], members, _abstract((B, P), jnp.int32, bsh(2)),
-             _abstract((B, P), jnp.bool_, bsh(2)), key, _abstract((), jnp.float32, repl))
-  with parallel.activate(mesh, rules):   # the model's logical constraints need the rules while tracing
-    ro_out = jax.eval_shape(rollout_fn, *ro_args)
-  ro_out_sh = jax.tree.map(lambda a: bsh(a.ndim) if a.ndim else repl, ro_out)
+  scalar = lambda: _abstract((), jnp.float32, repl)
+  ro_args = (state["params"], state["value"], state["params"], (state["value"],) * programs.n_rm,
+             _abstract((B, P), jnp.int32, bsh(2)), _abstract((B, P), jnp.bool_, bsh(2)), key, scalar(), scalar())
   if stage == "ppo_rollout":
-    jitted = jax.jit(rollout_fn, in_shardings=tuple(jax.tree.map(lambda a: a.sharding, a) for a in ro_args),
-                     out_shardings=ro_out_sh)
-    return StageProgram(jitted, ro_args, f"{B} episodes x ({P} prompt + {N} new)", B, model_cfg, P + N, False)
+    return StageProgram(programs.rollout, ro_args, f"{B} episodes x ({P} prompt + {N} new)", B, programs.model_cfg,
+                        P + N, False)
   if stage != "ppo_update":
     raise ValueError(f"--stages: unknown stage {stage!r}; expected some of {STAGES}")
-  shardings = {"step": repl, "params": pol_sh["params"], "opt_state": pol_sh["opt_state"], "value": val_sh["params"],
-               "value_opt": val_sh["opt_state"], "ema": pol_sh["params"], "kl_coef": repl}
-  state = {"step": pol["step"], "params": pol["params"], "opt_state": pol["opt_state"], "value": val["params"],
-           "value_opt": val["opt_state"], "ema": pol["params"], "kl_coef": _abstract((), jnp.float32, repl)}
-  batch = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), ro_out[0], ro_out_sh[0])
+  with parallel.activate(mesh, rules):   # the model's logical constraints need the rules while tracing
+    ro_out = jax.eval_shape(programs.rollout, *ro_args)
+  batch = jax.tree.map(lambda a: _abstract(a.shape, a.dtype, bsh(a.ndim)), ro_out[0])   # episodes over 'batch'
   n_mb = cfg.batch_size // cfg.minibatch_size
-  ptx_bs = cfg.ptx_batch_size if cfg.ptx_coef > 0 else 1
-  L = cfg.ptx_seq_len
-  ptx_sh = parallel.stacked_batch_sharding(mesh, rules) if cfg.ptx_coef > 0 else repl   # as ppo.run
+  ptx_on = ppo.ptx_enabled(cfg)
+  ptx_bs, L = cfg.ptx_batch_size if ptx_on else 1, cfg.ptx_seq_len
+  ptx_sh = programs.ptx_sharding if ptx_on else repl   # as ppo.run's batches
   ptx = {k: _abstract((n_mb, ptx_bs, L), dt, ptx_sh)
          for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("mask", jnp.bool_))}
-  update = jax.jit(ppo.make_update(model_cfg, cfg, policy_tx, value_tx, P),
-                   in_shardings=(shardings, ro_out_sh[0], ptx_sh, repl), out_shardings=(shardings, repl),
-                   donate_argnums=0)
-  return StageProgram(update, (state, batch, ptx, key), f"{B} episodes, minibatch {cfg.minibatch_size}, "
-                      f"ptx {ptx_bs} x {L}", cfg.minibatch_size, model_cfg, P + N, True)
+  return StageProgram(programs.update, (state, batch, ptx, key), f"{B} episodes, minibatch {cfg.minibatch_size}, "
+                      f"ptx {ptx_bs} x {L}", cfg.minibatch_size, programs.model_cfg, P + N, True)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -246,7 +241,8 @@ def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config
     act = acts(program.batch, program.tokens, backward=False) + kv
   else:
     act = acts(program.batch, program.tokens)
-  if stage == "ppo_update" and config.ppo.ptx_coef > 0:
+  from instructrl.stages import ppo
+  if stage == "ppo_update" and ppo.ptx_enabled(config.ppo):
     # The ptx minibatch is sharded on 'batch' like the episodes (ppo.run): a 1/(data x fsdp) slice a device.
     act += acts(config.ppo.ptx_batch_size, config.ppo.ptx_seq_len)
   return {"state": state, "activations": act, "peak": state + act}

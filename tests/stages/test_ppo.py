@@ -86,30 +86,27 @@ def tiny_ptx(n_mb: int, bs: int, L: int = 8, vocab: int = 16, seed: int = 1) -> 
   return {"inputs": toks[..., :-1], "targets": toks[..., 1:], "mask": rng.random((n_mb, bs, L)) < 0.9}
 
 
-def build(cfg: ModelConfig, pc, host: dict, mesh, rules, P: int, score_fn=None):
-  """As ppo.run does: the state on `mesh`, the jitted rollout and update."""
-  policy_tx, _ = ppo.make_optimizer(pc.learning_rate, 1, pc.grad_clip, pc.b1, pc.b2)
-  value_tx, _ = ppo.make_optimizer(pc.value_learning_rate, 1, pc.grad_clip, pc.b1, pc.b2)
-  pol_sh = train_state.state_shardings(cfg, policy_tx, mesh, rules, "lm")
-  val_sh = train_state.state_shardings(cfg, value_tx, mesh, rules, "scalar")
-  repl = parallel.replicated(mesh)
-  shardings = {"step": repl, "params": pol_sh["params"], "opt_state": pol_sh["opt_state"],
-               "value": val_sh["params"], "value_opt": val_sh["opt_state"], "ema": pol_sh["params"],
-               "kl_coef": repl}
-  policy = jax.device_put(host["policy"], pol_sh["params"])
-  value = jax.device_put(host["value"], val_sh["params"])
+def build(cfg: ModelConfig, pc, host: dict, mesh, rules, P: int, score_fn=None, n_rm: int = 1):
+  """The stage's own programs (ppo.build) for model `cfg` and ppo block `pc` (prompts of P tokens), and the
+  state on `mesh` from the host params; the RM (n_rm members) is the policy's model, as without rm.base_workdir."""
+  from configs import instructgpt
+  config = instructgpt.get_config("smoke")
+  config.model = ml_collections.ConfigDict(cfg.to_dict())
+  config.ppo = ml_collections.ConfigDict({**pc.to_dict(), "prompt_len": P})
+  programs = ppo.build(config, mesh, rules, eos_id=EOS, pad_id=PAD, n_rm=n_rm, score_fn=score_fn)
+  sh, repl = programs.shardings, parallel.replicated(mesh)
+  policy = jax.device_put(host["policy"], sh["params"])
+  value = jax.device_put(host["value"], sh["value"])
   with jax.set_mesh(mesh):
-    popt = jax.jit(policy_tx.init, out_shardings=pol_sh["opt_state"])(policy)
-    vopt = jax.jit(value_tx.init, out_shardings=val_sh["opt_state"])(value)
+    popt = jax.jit(programs.policy_tx.init, out_shardings=sh["opt_state"])(policy)
+    vopt = jax.jit(programs.value_tx.init, out_shardings=sh["value_opt"])(value)
   state = {"step": jax.device_put(jnp.int32(0), repl), "params": policy, "opt_state": popt, "value": value,
-           "value_opt": vopt, "ema": jax.device_put(host["policy"], pol_sh["params"]),
-           "kl_coef": jax.device_put(jnp.float32(pc.kl_coef), repl)}
-  models = {"ref": jax.device_put(host["ref"], pol_sh["params"]),
-            "rm": (jax.device_put(host["rm"], val_sh["params"]),) if score_fn is None else None}   # one member
-  rollout = jax.jit(ppo.make_rollout(cfg, pc, EOS, PAD, score_fn))
-  update = jax.jit(ppo.make_update(cfg, pc, policy_tx, value_tx, P), out_shardings=(shardings, repl),
-                   donate_argnums=0)
-  return state, models, rollout, update
+           "value_opt": vopt, "ema": jax.device_put(host["policy"], sh["params"]),
+           "kl_coef": jax.device_put(jnp.float32(pc.kl_coef), repl),
+           "score_gain": jax.device_put(jnp.float32(1.0), repl)}
+  models = {"ref": jax.device_put(host["ref"], sh["params"]),
+            "rm": (jax.device_put(host["rm"], sh["value"]),) if score_fn is None else None}   # one member
+  return state, models, programs.rollout, programs.update
 
 
 def one_device():
@@ -144,7 +141,7 @@ def test_reward_lands_on_the_last_real_token_of_ragged_responses():
   prompts, pmask = tiny_prompts(B, P)
   with parallel.activate(mesh, rules):
     batch, m, tokens = rollout(state["params"], state["value"], models["ref"], None, prompts, pmask,
-                               jax.random.key(1), state["kl_coef"])
+                               jax.random.key(1), state["kl_coef"], state["score_gain"])
   b = jax.tree.map(np.asarray, batch)
   tokens, mask = np.asarray(tokens), b["mask"]
   lengths = mask.sum(1)
@@ -198,7 +195,7 @@ def test_k1_kl_estimate_matches_the_exact_sequence_kl():
 
   with parallel.activate(mesh, rules):
     batch, m, _ = rollout(state["params"], state["value"], models["ref"], None, prompts, pmask,
-                          jax.random.key(3), state["kl_coef"])
+                          jax.random.key(3), state["kl_coef"], state["score_gain"])
     ex = np.asarray(jax.jit(exact)(batch["seq"], batch["positions"], batch["kv_mask"], batch["mask"]), np.float64)
   k1 = -np.asarray(batch["returns"][:, 0], np.float64)
   assert float(m["objective/kl"]) == pytest.approx(k1.mean(), rel=1e-5)
@@ -222,10 +219,11 @@ def test_rm_ensemble_score_is_the_members_mean_minus_coef_times_their_std():
   scores, stds = {}, {}
   for name, members, c in (("a", (rm_a,), 0.0), ("b", (rm_b,), 0.0), ("ab", (rm_a, rm_b), coef),
                            ("aa", (rm_a, rm_a), coef)):
-    state, models, rollout, _ = build(cfg, ppo_cfg(rm_uncertainty_coef=c), host_models(cfg), mesh, rules, P)
+    state, models, rollout, _ = build(cfg, ppo_cfg(rm_uncertainty_coef=c), host_models(cfg), mesh, rules, P,
+                                      n_rm=len(members))
     with parallel.activate(mesh, rules):
       batch, m, _ = rollout(state["params"], state["value"], models["ref"], members, prompts, pmask,
-                            jax.random.key(4), state["kl_coef"])
+                            jax.random.key(4), state["kl_coef"], state["score_gain"])
     scores[name], stds[name] = np.asarray(batch["score"], np.float64), float(m["objective/rm_ensemble_std"])
   a, b = scores["a"], scores["b"]
   assert np.abs(a - b).max() > 1e-3                    # two different RMs
@@ -246,7 +244,7 @@ def test_first_update_has_ratio_one_and_moves_policy_value_and_ema():
   prompts, pmask = tiny_prompts(B, P)
   with parallel.activate(mesh, rules):
     batch, _, _ = rollout(state["params"], state["value"], models["ref"], models["rm"], prompts, pmask,
-                          jax.random.key(4), state["kl_coef"])
+                          jax.random.key(4), state["kl_coef"], state["score_gain"])
     state, m = update(state, batch, tiny_ptx(1, 4), jax.random.key(5))
   assert bool(m["finite"]) and int(state["step"]) == 1
   assert abs(float(m["ppo/policy/ratio_mean"]) - 1.0) < 1e-6
@@ -289,7 +287,7 @@ def _worker():
     with parallel.activate(mesh, rules):
       b = train_state.device_batch({"prompt": prompts, "prompt_mask": pmask}, mesh, rules)
       batch, ro_m, tokens = rollout(state["params"], state["value"], models["ref"], models["rm"], b["prompt"],
-                                    b["prompt_mask"], jax.random.key(7), state["kl_coef"])
+                                    b["prompt_mask"], jax.random.key(7), state["kl_coef"], state["score_gain"])
       ptx_dev = jax.device_put(ptx, parallel.stacked_batch_sharding(mesh, rules))   # as ppo.run: rows over 'batch'
       state, m = update(state, batch, ptx_dev, jax.random.key(8))
     wq = state["params"]["layer_0"]["attn"]["wq"]
