@@ -68,10 +68,28 @@ def is_judged(config, workdir: Path) -> bool:
   return json.loads((out_dir / JUDGED).read_text()) == judged_record(config, eval_models(config, workdir))
 
 
-def checkpoint_id(workdir: Path, stage: str, step: int) -> str:
-  """A fingerprint of one saved step: the hash of its manifest (file sizes and hashes) or, for a step
-  saved without one, of Orbax's metadata (it carries the commit time). A stage rerun under the same
-  workdir saves the same step numbers, so the step alone cannot tell its checkpoints apart."""
+def checkpoint_id(workdir: Path, stage: str, step: int, entry: str = "params") -> str:
+  """A fingerprint of the params `entry` of one saved step: the content digest its save recorded in the
+  meta (checkpoints.StageCheckpoints.save, array_digest.digest: the arrays' values, dtypes, shapes and
+  tree paths). It is the same for a killed-and-resumed run and an uninterrupted one, on any mesh shape:
+  a hash of the files would not be, Orbax names its data files at random. It is computed where the
+  shards are at save time (no process gathers the arrays) and read here from the JSON meta, so telling
+  whether the report is current restores no arrays. A stage rerun under the same workdir saves the same
+  step numbers, so the step alone cannot tell its checkpoints apart; the digest can.
+
+  A step saved before digests were recorded keeps its old id, the hash of its manifest (or, without
+  one, of Orbax's metadata): an older workdir's judged_checkpoints.json and cached answers still match,
+  so its report is accepted as it is, not judged again."""
+  ckpt = checkpoints.StageCheckpoints(Path(workdir) / stage)
+  try:
+    meta = ckpt.meta(step)
+  except Exception:   # noqa: BLE001 -- unreadable: the file hashes below, or "unknown"
+    meta = None
+  finally:
+    ckpt.close()
+  digest = ((meta or {}).get("digests") or {}).get(entry)
+  if digest:
+    return digest[:16]
   step_dir = Path(workdir) / stage / str(step)
   for name in (checkpoints.MANIFEST, "_CHECKPOINT_METADATA"):
     if (step_dir / name).exists():
@@ -118,7 +136,7 @@ def available_models(workdir: Path) -> list[dict]:
   """[{name, stage, step, id, entry, few_shot}] for every finished stage, in the paper's order."""
   models = _available_models(workdir)
   for m in models:
-    m["id"] = checkpoint_id(workdir, m["stage"], m["step"])
+    m["id"] = checkpoint_id(workdir, m["stage"], m["step"], m["entry"])
   return models
 
 
@@ -225,8 +243,8 @@ def run(config, workdir: Path, mesh, rules) -> dict:
          "ppo_curves": {m["name"]: ppo_curve(workdir / "metrics" / f"{m['stage']}.jsonl")
                         for m in models if m["stage"] in PPO_STAGES}}
   report.write(out, out_dir)   # report.md and the plots first: report.json marks the stage complete
-  # Which checkpoints were judged, apart from the report: the ids carry Orbax's commit times, so two runs
-  # with bit-identical models (a resumed one and an uninterrupted one) have identical reports, not ids.
+  # Which checkpoints were judged (content ids: the same for a resumed run and an uninterrupted one) and
+  # under which settings: what a rerun compares to skip the stage.
   _write_json(out_dir / JUDGED, judged_record(config, models))
   _write_json(done, out)
   logging.info("eval: wrote %s", out_dir)
@@ -322,6 +340,7 @@ def ppo_curve(path: Path) -> dict:
   pick = lambda k: [r.get(f"train/{k}") for r in rows]
   return {"step": [r["step"] for r in rows], "rm_score": pick("objective/score"),
           "gold_score": pick("objective/gold_score"), "kl": pick("objective/kl")}
+
 
 # ----------------------------------------------------------------------------- the pipeline's ETA
 
