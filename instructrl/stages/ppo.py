@@ -36,7 +36,7 @@ from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import process_logits, sample
 from instructrl.models.transformer import Decoder, left_pad_positions
-from instructrl.stages import loop, rm_ensemble, rm_models, select
+from instructrl.stages import costs, loop, rm_ensemble, rm_models, select
 from instructrl.stages.train_state import abstract_state, guarded_update, process_batch, state_shardings
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
@@ -434,3 +434,25 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
                   items_per_step=cfg.batch_size, item_name="episodes", result="ema",
                   extra_meta={"ptx_coef": cfg.ptx_coef, "kl_coef": cfg.kl_coef, "policy_init_step": init_step,
                               "reward": reward_source, "rm_ensemble_size": len(rm) if rm is not None else 0})
+
+
+# ----------------------------------------------------------------------------- the pipeline's ETA
+
+def steps(config) -> int:
+  """The training loop's step count: iterations of ppo.batch_size episodes (ppo and ppo_noptx alike)."""
+  return max(1, int(config.ppo.total_episodes) // int(config.ppo.batch_size))
+
+
+def cost(config, stage: str = "ppo") -> tuple[float, float, float]:
+  """(before, during, after the loop) in token passes (stages/costs.py): the score normalisation's samples;
+  per iteration the rollout, the forwards of policy, reference, value and every RM, the policy and value
+  updates, and with ptx (stage "ppo" only) a pretraining batch per minibatch; the EMA policy's judged samples."""
+  p = config.ppo
+  seq = p.prompt_len + p.max_new_tokens
+  per_iter = (p.batch_size * p.max_new_tokens * costs.SAMPLE_COST              # rollout
+              + (3.0 + rm_members(config)) * p.batch_size * seq                 # policy, ref, value, RMs
+              + 2 * costs.TRAIN_COST * p.ppo_epochs * p.batch_size * seq)      # policy and value updates
+  if stage == "ppo" and ptx_enabled(p):
+    per_iter += costs.TRAIN_COST * p.ppo_epochs * (p.batch_size // p.minibatch_size) * p.ptx_batch_size * p.ptx_seq_len
+  normalize = p.normalize_batches * p.batch_size * p.max_new_tokens * costs.SAMPLE_COST if p.normalize_score else 0.0
+  return normalize, per_iter * steps(config), costs.gold_eval(config, 1)
