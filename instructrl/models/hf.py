@@ -351,7 +351,7 @@ def load(directory: str | Path, mesh=None, rules=None, param_dtype: str = "float
   """
   import jax
   from instructrl import parallel
-  from instructrl.stages.train_state import abstract_params
+  from instructrl.models.transformer import abstract_params
   d = Path(directory)
   hf, tensors = read_checkpoint(d)
   cfg = config_from_hf(hf, str(d / CONFIG))

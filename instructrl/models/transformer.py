@@ -273,6 +273,12 @@ class Decoder(nn.Module):
     return out, new_cache
 
 
+
+def abstract_params(model_cfg: ModelConfig, head: str = "lm"):
+  """Boxed abstract params (shapes + logical axis names), no compute."""
+  model = Decoder(model_cfg, head=head)
+  return jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
+
 def left_pad_positions(mask_bt):
   """Positions that start at 0 on the first real token of a left-padded row.
 

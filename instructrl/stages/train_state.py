@@ -15,7 +15,7 @@ import optax
 
 from instructrl import parallel
 from instructrl.models.config import ModelConfig
-from instructrl.models.transformer import Decoder
+from instructrl.models.transformer import Decoder, abstract_params
 
 
 class NonFiniteError(FloatingPointError):
@@ -50,12 +50,6 @@ def make_optimizer(stage_cfg, total_steps: int):
 
 
 # ----------------------------------------------------------------------------- state
-
-def abstract_params(model_cfg: ModelConfig, head: str = "lm"):
-  """Boxed abstract params (shapes + logical axis names), no compute."""
-  model = Decoder(model_cfg, head=head)
-  return jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
-
 
 def state_shardings(model_cfg: ModelConfig, tx, mesh, rules, head: str = "lm"):
   boxed = abstract_params(model_cfg, head)

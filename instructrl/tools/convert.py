@@ -24,7 +24,7 @@ import jax
 from instructrl import checkpoints, parallel
 from instructrl.models import hf
 from instructrl.models.config import ModelConfig
-from instructrl.stages.train_state import abstract_params
+from instructrl.models.transformer import abstract_params
 
 MODEL_JSON = "hf_model_config.json"   # written next to an imported stage: the --config.model to use
 

@@ -132,7 +132,7 @@ def test_load_places_weights_with_logical_shardings(tmp_path):
   make_hf("llama", tmp_path)
   mesh = parallel.make_mesh((1, -1, 1))
   params, cfg = hf.load(tmp_path, mesh=mesh, rules=parallel.DEFAULT_RULES)
-  from instructrl.stages.train_state import abstract_params
+  from instructrl.models.transformer import abstract_params
   want = parallel.logical_shardings(abstract_params(cfg), mesh, parallel.DEFAULT_RULES)
   got = jax.tree.map(lambda x: x.sharding, params)
   assert jax.tree.leaves(got) == jax.tree.leaves(want)
