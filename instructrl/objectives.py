@@ -14,7 +14,7 @@ def first_argmax(x, axis: int = -1):
   """jnp.argmax (the first index of the maximum) as a max and a min over the indices attaining it.
 
   Why: XLA:CPU runs argmax as one variadic (value, index) reduce, ~4x slower than these two plain
-  reduces (44 vs 11 us at [16, 1024]; BENCHMARKS.md, session 11); used by the sampler's draw and the
+  reduces (44 vs 11 us at [16, 1024] on a CPU; BENCHMARKS.md); used by the sampler's draw and the
   train steps' accuracy. A row with a NaN has no index equal to its max; it gets the last index
   rather than an out-of-range one.
   """

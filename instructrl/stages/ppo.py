@@ -8,7 +8,9 @@ Reads top to bottom: config -> rollout -> update -> state -> loop. One iteration
 programs, no host round-trip inside either: `rollout` (sample, re-score with policy, reference,
 value and RM, rewards, GAE, whitening) and `update` (a lax.scan over epochs x minibatches of
 guarded policy and value updates, then the EMA). All four models live in the one SPMD program on
-one mesh.
+one mesh. Over 450 lines because those programs, `build` (the one place they are jitted, shared with
+tools/plan.py) and the stage that runs them read best in one file; the step count and cost for the
+pipeline's ETA close it.
 
 Defaults where the paper is silent (lm-human-preferences / Stiennon et al. 2020): GAE lambda 0.95,
 discount 1, clip 0.2 for policy and value, whitened advantages, no entropy bonus, the "k1" KL
