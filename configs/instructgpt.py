@@ -126,7 +126,7 @@ def _ppo_stage():
   c.ptx_batch_size = 512         # pretraining sequences per minibatch: 8x the episodes (paper C.4)
   c.ptx_seq_len = 64             # tokens per pretraining sequence
   c.ema_decay = 0.992            # paper C.4: EMA of the policy weights
-  c.gamma = 1.0                  # paper C.4: no discount
+  c.discount = 1.0               # GAE discount; paper C.4: no discount (the paper's gamma is ptx_coef)
   c.gae_lambda = 0.95            # lm-human-preferences default (the paper gives none)
   c.clip = 0.2                   # paper C.4: PPO clip
   c.value_clip = 0.2             # lm-human-preferences: value clipping (cliprange_value)

@@ -240,6 +240,9 @@ CADENCE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "check
 LATER_FIELDS = {"rm_uncertainty_coef": 0.0, "rm_ensemble_size": 1, "extra_comparisons": "", "reward": "rm",
                 "rm_runs": "", "keep_empty": False, "source_mix": {"mismatched": 0.0}, "policy_pair_weight": 1.0,
                 "init_stage": ""}
+# Settings renamed since checkpoints began recording theirs (old name -> new): a checkpoint's value under the
+# old name is compared with the config's under the new one (ppo.gamma, the GAE discount, is ppo.discount).
+RENAMED_FIELDS = {"gamma": "discount"}
 
 
 def settings_of(cfg) -> dict:
@@ -256,6 +259,9 @@ def check_settings(meta: dict, cfg, where: str, section: str) -> None:
     return
   asked = settings_of(cfg)
   saved = dict(saved)
+  for old, new in RENAMED_FIELDS.items():
+    if old in saved and new in asked and old not in asked:
+      saved.setdefault(new, saved.pop(old))
   for k, v in LATER_FIELDS.items():
     if k in asked and isinstance(v, dict) and isinstance(saved.get(k), dict):
       saved[k] = {**v, **saved[k]}

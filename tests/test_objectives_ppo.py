@@ -30,8 +30,8 @@ def ragged_mask(lengths, T):
 # ------------------------------------------------------------------------------------- GAE
 
 
-def gae_reference(r, v, lengths, gamma, lam):
-  """A_t = sum_{k=t}^{L-1} (gamma lam)^(k-t) delta_k, delta_k = r_k + gamma V_{k+1} - V_k, V_L = 0."""
+def gae_reference(r, v, lengths, discount, lam):
+  """A_t = sum_{k=t}^{L-1} (discount lam)^(k-t) delta_k, delta_k = r_k + discount V_{k+1} - V_k, V_L = 0."""
   B, T = r.shape
   adv = np.zeros((B, T))
   for b in range(B):
@@ -40,29 +40,29 @@ def gae_reference(r, v, lengths, gamma, lam):
       total = 0.0
       for k in range(t, L):
         v_next = v[b, k + 1] if k + 1 < L else 0.0
-        total += (gamma * lam) ** (k - t) * (r[b, k] + gamma * v_next - v[b, k])
+        total += (discount * lam) ** (k - t) * (r[b, k] + discount * v_next - v[b, k])
       adv[b, t] = total
   ret = np.where(ragged_mask(lengths, T), adv + v, 0.0)
   return adv, ret
 
 
-@pytest.mark.parametrize("gamma", [1.0, 0.9])
+@pytest.mark.parametrize("discount", [1.0, 0.9])
 @pytest.mark.parametrize("lam", [0.95, 1.0])
-def test_gae_matches_double_loop(gamma, lam):
+def test_gae_matches_double_loop(discount, lam):
   rng = np.random.default_rng(0)
   lengths = [0, 1, 3, 5, 6]                      # empty, one token, ragged, full (T = 6)
   B, T = len(lengths), 6
   mask = ragged_mask(lengths, T)
   r, v = rng.normal(size=(B, T)), rng.normal(size=(B, T))
-  want_adv, want_ret = gae_reference(r, v, lengths, gamma, lam)
+  want_adv, want_ret = gae_reference(r, v, lengths, discount, lam)
   # Garbage (NaN, huge) in the pads must not reach a real token.
   r_pad = np.where(mask, r, np.nan)
   v_pad = np.where(mask, v, 1e30)
-  adv, ret = _gae(jnp.asarray(r_pad, jnp.float32), jnp.asarray(v_pad, jnp.float32), jnp.asarray(mask), gamma, lam)
+  adv, ret = _gae(jnp.asarray(r_pad, jnp.float32), jnp.asarray(v_pad, jnp.float32), jnp.asarray(mask), discount, lam)
   np.testing.assert_allclose(adv, want_adv, atol=1e-5)
   np.testing.assert_allclose(ret, want_ret, atol=1e-5)
   assert np.all(np.asarray(adv)[~mask] == 0) and np.all(np.asarray(ret)[~mask] == 0)
-  if gamma == 1.0 and lam == 1.0:
+  if discount == 1.0 and lam == 1.0:
     # Monte Carlo: A_t = (sum of rewards from t to the end) - V_t.
     future = np.where(mask, np.cumsum(np.where(mask, r, 0)[:, ::-1], axis=1)[:, ::-1], 0.0)
     np.testing.assert_allclose(adv, np.where(mask, future - v, 0.0), atol=1e-5)

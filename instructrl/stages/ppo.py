@@ -102,7 +102,7 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
     # score_gain: 1 / the RM scores' std on the initial policy's samples (ppo.normalize_score).
     score = score_gain * score + jnp.where(ended, 0.0, cfg.missing_eos_penalty)
     rewards, kl = objectives.kl_penalty_rewards(logp, ref_logp, score, s.mask, kl_coef)
-    adv, returns = objectives.gae(rewards, values, s.mask, cfg.gamma, cfg.gae_lambda)
+    adv, returns = objectives.gae(rewards, values, s.mask, cfg.discount, cfg.gae_lambda)
     if cfg.whiten_advantages:
       adv = objectives.whiten(adv, s.mask)
     batch = {"seq": seq, "positions": positions, "kv_mask": kv_mask, "mask": s.mask, "old_logp": logp,

@@ -129,8 +129,8 @@ def test_reward_lands_on_the_last_real_token_of_ragged_responses():
   cfg = ModelConfig(**TINY)
   B, P, N = 64, 6, 8
   penalty = -0.5
-  # kl_coef 0, gamma = lambda = 1, no whitening: every real token's return is its row's final reward.
-  pc = ppo_cfg(max_new_tokens=N, kl_coef=0.0, gamma=1.0, gae_lambda=1.0, whiten_advantages=False,
+  # kl_coef 0, discount = lambda = 1, no whitening: every real token's return is its row's final reward.
+  pc = ppo_cfg(max_new_tokens=N, kl_coef=0.0, discount=1.0, gae_lambda=1.0, whiten_advantages=False,
                missing_eos_penalty=penalty)
 
   def score_fn(seq, last, tokens, mask):   # a known number per row: 10 x (row + 1) + the token at `last`
@@ -181,8 +181,8 @@ def test_k1_kl_estimate_matches_the_exact_sequence_kl():
   same sampled paths: both are unbiased for the sequence KL; their difference is a martingale (mean 0)."""
   cfg = ModelConfig(**TINY)
   B, P, N = 2048, 6, 8
-  # kl_coef 1, score 0, gamma = lambda = 1, no whitening: returns[:, 0] = -(per-episode k1 KL).
-  pc = ppo_cfg(max_new_tokens=N, kl_coef=1.0, gamma=1.0, gae_lambda=1.0, whiten_advantages=False)
+  # kl_coef 1, score 0, discount = lambda = 1, no whitening: returns[:, 0] = -(per-episode k1 KL).
+  pc = ppo_cfg(max_new_tokens=N, kl_coef=1.0, discount=1.0, gae_lambda=1.0, whiten_advantages=False)
   host = host_models(cfg, perturb=1.0, embed_scale=4.0)
   mesh, rules = one_device()
   state, models, rollout, _ = build(cfg, pc, host, mesh, rules, P, lambda s, l, t, m: jnp.zeros(s.shape[0]))
@@ -715,3 +715,14 @@ def test_rm_base_workdir_without_a_finished_sft_is_a_clear_error(tmp_path):
     rm_models.rm_model(config)
   config.rm.base_workdir = ""
   assert rm_models.rm_model(config)["d_model"] == config.model.d_model
+
+
+def test_a_checkpoint_saved_under_ppo_gamma_is_checked_as_ppo_discount():
+  """ppo.gamma (the GAE discount) is now ppo.discount: a checkpoint whose settings name the old field resumes
+  under the same value and is refused, naming the new field, under another."""
+  from instructrl import checkpoints
+  saved = checkpoints.settings_of(ppo_cfg())
+  saved["gamma"] = saved.pop("discount")                  # as checkpoints saved before the rename record it
+  checkpoints.check_settings({"settings": saved}, ppo_cfg(), "W/ppo", "ppo")
+  with pytest.raises(checkpoints.CheckpointMismatch, match=r"ppo.discount: checkpoint has 1.0, config has 0.9\)"):
+    checkpoints.check_settings({"settings": saved}, ppo_cfg(discount=0.9), "W/ppo", "ppo")
