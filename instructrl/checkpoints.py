@@ -245,6 +245,15 @@ LATER_FIELDS = {"rm_uncertainty_coef": 0.0, "rm_ensemble_size": 1, "extra_compar
 RENAMED_FIELDS = {"gamma": "discount"}
 
 
+def current_names(saved: dict, asked: dict) -> dict:
+  """A checkpoint's recorded settings with each renamed field under the name the config now asks for."""
+  saved = dict(saved)
+  for old, new in RENAMED_FIELDS.items():
+    if old in saved and new in asked and old not in asked:
+      saved.setdefault(new, saved.pop(old))
+  return saved
+
+
 def settings_of(cfg) -> dict:
   """A stage config block as plain JSON (what the checkpoint meta stores)."""
   return json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), default=str))
@@ -258,10 +267,7 @@ def check_settings(meta: dict, cfg, where: str, section: str) -> None:
   if saved is None:
     return
   asked = settings_of(cfg)
-  saved = dict(saved)
-  for old, new in RENAMED_FIELDS.items():
-    if old in saved and new in asked and old not in asked:
-      saved.setdefault(new, saved.pop(old))
+  saved = current_names(saved, asked)
   for k, v in LATER_FIELDS.items():
     if k in asked and isinstance(v, dict) and isinstance(saved.get(k), dict):
       saved[k] = {**v, **saved[k]}

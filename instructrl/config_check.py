@@ -232,7 +232,8 @@ def check_config(config, n_devices: int | None = None) -> None:
   if ppo.prompt_len + ppo.max_new_tokens > model.max_len:
     raise ConfigError(f"ppo.prompt_len + ppo.max_new_tokens = {ppo.prompt_len + ppo.max_new_tokens} exceeds "
                       f"model.max_len={model.max_len}")
-  if ppo.ptx_coef > 0 and ppo.ptx_seq_len > model.max_len:
+  from instructrl.stages.ppo import ptx_enabled
+  if ptx_enabled(ppo) and ppo.ptx_seq_len > model.max_len:
     raise ConfigError(f"ppo.ptx_seq_len={ppo.ptx_seq_len} exceeds model.max_len={model.max_len}")
   ev = config.eval
   need = ev.prompt_len + ev.prefix_len + ev.max_new_tokens
@@ -278,7 +279,7 @@ def check_config(config, n_devices: int | None = None) -> None:
   dp = data_parallel_size(config, shape)
   batches = [f"{s}.{f}" for s in ("pretrain", "sft") for f in ("batch_size", "eval_batch_size")]
   batches += ["rm.batch_size" if rm.formulation == "per_prompt" else "rm.pair_batch_size", "rm.eval_batch_size",
-              "ppo.batch_size"] + (["ppo.ptx_batch_size"] if ppo.ptx_coef > 0 else [])
+              "ppo.batch_size"] + (["ppo.ptx_batch_size"] if ptx_enabled(ppo) else [])
   for path in batches:
     block, field = path.split(".")
     if config[block][field] % dp:

@@ -12,7 +12,6 @@ import logging
 import sys
 from pathlib import Path
 
-import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -90,7 +89,7 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
     if settings is not None and meta.get("settings") is not None:
       # Only the fields of the config block: what a stage derives (rm/ppo steps, the ensemble's size) is
       # checked by the stage itself.
-      saved = {k: v for k, v in meta["settings"].items() if k in settings}
+      saved = {k: v for k, v in checkpoints.current_names(meta["settings"], settings).items() if k in settings}
       checkpoints.check_settings({**meta, "settings": saved}, settings, where, section)
 
   block = lambda cfg, *drop: {k: v for k, v in cfg.to_dict().items() if k not in drop}
@@ -106,9 +105,8 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
       if not rm.get("base_workdir", ""):
         reads |= {rm.get("init_stage", "") or rm.policy, rm.policy}
     elif stage in ("ppo", "ppo_noptx"):
-      cfg = block(ppo, "steps", "rm_ensemble_size")
-      if stage == "ppo_noptx":
-        cfg["ptx_coef"] = 0.0
+      from instructrl.stages.ppo import stage_config
+      cfg = block(stage_config(config, stage).ppo, "steps", "rm_ensemble_size")   # ppo_noptx: ptx off
       check(workdir / stage, policy, cfg, "ppo")
       reads.add(ppo.policy_init)
     reads |= set(_READS.get(stage, ()))
@@ -158,7 +156,7 @@ def main(argv):
          "rm": lambda report: reward.run(config, workdir, mesh, rules, progress=report),
          "ppo": lambda report: ppo.run(config, workdir, mesh, rules, progress=report),
          # The paper's "PPO" next to "PPO-ptx": the same config with the pretraining mix off.
-         "ppo_noptx": lambda report: ppo.run(_without_ptx(config), workdir, mesh, rules, name="ppo_noptx",
+         "ppo_noptx": lambda report: ppo.run(ppo.without_ptx(config), workdir, mesh, rules, name="ppo_noptx",
                                              progress=report),
          "eval": lambda report: evaluate.run(config, workdir, mesh, rules)}
   try:
@@ -170,12 +168,6 @@ def main(argv):
         pipeline.finish(stage)
   finally:
     lock.release()
-
-
-def _without_ptx(config):
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.ppo.ptx_coef = 0.0
-  return config
 
 
 def _one_line(error: BaseException) -> str:

@@ -34,6 +34,7 @@ from instructrl.data.records import load_jsonl
 from instructrl.metrics import read_metrics
 from instructrl.models.config import ModelConfig
 from instructrl.stages import costs
+from instructrl.stages.ppo import ptx_enabled
 from instructrl.stages.train_state import abstract_state, make_optimizer, state_shardings
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
@@ -156,7 +157,7 @@ def _available_models(workdir: Path) -> list[dict]:
   for stage in PPO_STAGES:
     meta = stage_meta(workdir, stage)
     if meta:
-      name = "PPO-ptx" if meta.get("ptx_coef", 0) > 0 else "PPO"
+      name = "PPO-ptx" if ptx_enabled(meta) else "PPO"
       if meta.get("reward", "rm") != "rm":      # an oracle-reward diagnostic run says so in every table
         name += f" [{meta['reward']} reward]"
       elif int(meta.get("rm_ensemble_size", 1) or 1) > 1:   # rewarded by an RM ensemble, not the paper's one RM

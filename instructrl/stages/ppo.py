@@ -454,7 +454,7 @@ def cost(config, stage: str = "ppo") -> tuple[float, float, float]:
   per_iter = (p.batch_size * p.max_new_tokens * costs.SAMPLE_COST              # rollout
               + (3.0 + rm_members(config)) * p.batch_size * seq                 # policy, ref, value, RMs
               + 2 * costs.TRAIN_COST * p.ppo_epochs * p.batch_size * seq)      # policy and value updates
-  if stage == "ppo" and ptx_enabled(p):
+  if ptx_enabled(stage_config(config, stage).ppo):
     per_iter += costs.TRAIN_COST * p.ppo_epochs * (p.batch_size // p.minibatch_size) * p.ptx_batch_size * p.ptx_seq_len
   normalize = p.normalize_batches * p.batch_size * p.max_new_tokens * costs.SAMPLE_COST if p.normalize_score else 0.0
   return normalize, per_iter * steps(config), costs.gold_eval(config, 1)

@@ -109,7 +109,8 @@ def stage_keys(config, stages: list[str]) -> dict[str, str]:
   k["sft"] = h(k["pretrain"], block("sft"))
   k["rm"] = h(k["sft"], block("rm"))
   k["ppo"] = h(k["rm"], block("ppo"))
-  k["ppo_noptx"] = h(k["rm"], {**block("ppo"), "ptx_coef": 0.0})
+  from instructrl.stages.ppo import without_ptx
+  k["ppo_noptx"] = h(k["rm"], without_ptx(config).ppo.to_dict())
   k["eval"] = h(k["ppo"], k["ppo_noptx"], block("eval"), stages)
   return {s: k[s] for s in stages}
 

@@ -726,3 +726,22 @@ def test_a_checkpoint_saved_under_ppo_gamma_is_checked_as_ppo_discount():
   checkpoints.check_settings({"settings": saved}, ppo_cfg(), "W/ppo", "ppo")
   with pytest.raises(checkpoints.CheckpointMismatch, match=r"ppo.discount: checkpoint has 1.0, config has 0.9\)"):
     checkpoints.check_settings({"settings": saved}, ppo_cfg(discount=0.9), "W/ppo", "ppo")
+
+
+def test_preflight_accepts_a_ppo_stage_saved_under_ppo_gamma(tmp_path):
+  """The CLI's check before a run reads the recorded settings the same way: a finished ppo stage that names
+  the discount `gamma` passes under the same value, and is refused under another, naming ppo.discount."""
+  from configs import instructgpt
+  from instructrl import checkpoints, main
+  config = instructgpt.get_config("smoke")
+  saved = checkpoints.settings_of(config.ppo)
+  saved["gamma"] = saved.pop("discount")
+  ckpt = checkpoints.StageCheckpoints(tmp_path / "ppo")
+  try:
+    ckpt.save(4, {"x": np.zeros(1, np.float32)}, {"complete": True, "settings": saved})
+  finally:
+    ckpt.close()
+  main.preflight(config, tmp_path, ["ppo"])
+  config.ppo.discount = 0.9
+  with pytest.raises(checkpoints.CheckpointMismatch, match="ppo.discount: checkpoint has 1.0, config has 0.9"):
+    main.preflight(config, tmp_path, ["ppo"])
