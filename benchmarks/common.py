@@ -173,47 +173,50 @@ def check_batch(n: int, what: str, s) -> None:
     raise ValueError(f"{what}={n} must be a multiple of the {s.n_batch_shards} batch shards")
 
 
-def ppo_setup(s, pc):
-  """PPO state, reference and RM, built as ppo.run builds them (random init); pc is the ppo config block."""
+def ppo_setup(s, pc, eos_id: int | None = None):
+  """PPO's programs and state as ppo.run makes them (ppo.build), the models random-initialised; pc is the
+  ppo config block, the RM (one member) the policy's model. eos_id: default the tokenizer's EOS."""
+  import ml_collections
   from instructrl import parallel
+  from instructrl.data.tokenizer import EOS_ID, PAD_ID
   from instructrl.stages import ppo, train_state
   cfg, mesh, rules = s.cfg, s.mesh, s.rules
-  B, mb = pc.batch_size, pc.minibatch_size
-  n_mb = pc.ppo_epochs * (B // mb)
-  policy_tx, _ = ppo.make_optimizer(pc.learning_rate, pc.warmup_iterations * n_mb, pc.grad_clip, pc.b1, pc.b2)
-  value_tx, _ = ppo.make_optimizer(pc.value_learning_rate, pc.warmup_iterations * n_mb, pc.grad_clip, pc.b1, pc.b2)
-  pol_sh = train_state.state_shardings(cfg, policy_tx, mesh, rules, "lm")
-  val_sh = train_state.state_shardings(cfg, value_tx, mesh, rules, "scalar")
-  repl = parallel.replicated(mesh)
-  shardings = {"step": repl, "params": pol_sh["params"], "opt_state": pol_sh["opt_state"],
-               "value": val_sh["params"], "value_opt": val_sh["opt_state"], "ema": pol_sh["params"], "kl_coef": repl}
-  policy = train_state.init_params(cfg, jax.random.key(0), pol_sh["params"], mesh, rules, "lm")
-  rm = train_state.init_params(cfg, jax.random.key(1), val_sh["params"], mesh, rules, "scalar")
+  config = ml_collections.ConfigDict(s.config.to_dict())
+  config.model, config.ppo = cfg.to_dict(), ml_collections.ConfigDict(pc.to_dict())
+  programs = ppo.build(config, mesh, rules, eos_id=EOS_ID if eos_id is None else eos_id, pad_id=PAD_ID,
+                       rm_model=cfg.to_dict(), n_rm=1)
+  sh, repl = programs.shardings, parallel.replicated(mesh)
+  policy = train_state.init_params(cfg, jax.random.key(0), sh["params"], mesh, rules, "lm")
+  rm = train_state.init_params(cfg, jax.random.key(1), sh["value"], mesh, rules, "scalar")
   with jax.set_mesh(mesh):
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
     ref, ema = copy(policy), copy(policy)
     value = copy(rm)
-    popt = jax.jit(policy_tx.init, out_shardings=pol_sh["opt_state"])(policy)
-    vopt = jax.jit(value_tx.init, out_shardings=val_sh["opt_state"])(value)
+    popt = jax.jit(programs.policy_tx.init, out_shardings=sh["opt_state"])(policy)
+    vopt = jax.jit(programs.value_tx.init, out_shardings=sh["value_opt"])(value)
   state = {"step": jax.device_put(jnp.int32(0), repl), "params": policy, "opt_state": popt, "value": value,
-           "value_opt": vopt, "ema": ema, "kl_coef": jax.device_put(jnp.float32(pc.kl_coef), repl)}
-  return types.SimpleNamespace(state=state, ref=ref, rm=(rm,), shardings=shardings, policy_tx=policy_tx,
-                               value_tx=value_tx, n_mb=n_mb, repl=repl)
+           "value_opt": vopt, "ema": ema, "kl_coef": jax.device_put(jnp.float32(pc.kl_coef), repl),
+           "score_gain": jax.device_put(jnp.float32(1.0), repl)}
+  return types.SimpleNamespace(state=state, ref=ref, rm=(rm,), programs=programs, rollout=programs.rollout,
+                               update=programs.update, n_mb=programs.updates_per_iter, repl=repl)
 
 
-def ppo_data(s, pc, rng):
-  """Random left-padded prompts [B, P] and ptx windows [B // mb, ptx_bs, L] (a stub of 1 when ptx is off)."""
+def ppo_data(s, pc, rng, programs):
+  """Random left-padded prompts [B, P] and ptx windows [B // mb, ptx_bs, L] (a stub of 1 when ptx is off),
+  placed as ppo.run places them."""
   from instructrl import parallel
   from instructrl.data.tokenizer import PAD_ID
-  from instructrl.stages import train_state
+  from instructrl.stages import ppo, train_state
   B, mb, P, L = pc.batch_size, pc.minibatch_size, pc.prompt_len, pc.ptx_seq_len
   lengths = rng.integers(P // 2, P + 1, B)
   prompt_mask = np.arange(P)[None, :] >= (P - lengths)[:, None]
   prompts = np.where(prompt_mask, rng.integers(4, s.cfg.vocab_size, (B, P)), PAD_ID).astype(np.int32)
-  ptx_bs = pc.ptx_batch_size if pc.ptx_coef > 0 else 1
+  ptx_on = ppo.ptx_enabled(pc)
+  ptx_bs = pc.ptx_batch_size if ptx_on else 1
   ptx_toks = rng.integers(4, s.cfg.vocab_size, (B // mb, ptx_bs, L + 1)).astype(np.int32)
   ptx = jax.device_put({"inputs": ptx_toks[..., :-1], "targets": ptx_toks[..., 1:],
-                        "mask": np.ones((B // mb, ptx_bs, L), bool)}, parallel.replicated(s.mesh))
+                        "mask": np.ones((B // mb, ptx_bs, L), bool)},
+                       programs.ptx_sharding if ptx_on else parallel.replicated(s.mesh))
   batch = train_state.device_batch({"prompt": prompts, "prompt_mask": prompt_mask}, s.mesh, s.rules)
   return batch, ptx, ptx_bs
 

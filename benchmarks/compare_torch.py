@@ -59,7 +59,7 @@ from instructrl.data.rankings import pairs_from_ranked
 from instructrl.data.tokenizer import PAD_ID
 from instructrl.models.hf import config_to_hf
 from instructrl.models.sampling import sample
-from instructrl.stages import ppo, reward, train_state
+from instructrl.stages import reward, train_state
 
 NO_EOS = -1
 
@@ -293,12 +293,10 @@ def part_ppo(args, counter):
   B, mb, P, N = pc.batch_size, pc.minibatch_size, pc.prompt_len, pc.max_new_tokens
   s = setup(args.preset, dtype=args.dtype, min_len=max(P + N, pc.ptx_seq_len))
   cfg = s.cfg
-  st = ppo_setup(s, pc)
-  batch, ptx, _ = ppo_data(s, pc, np.random.default_rng(0))
   # EOS disabled on both sides: a random policy's response lengths would otherwise differ by framework.
-  rollout = jax.jit(ppo.make_rollout(cfg, pc, NO_EOS, PAD_ID))
-  update = jax.jit(ppo.make_update(cfg, pc, st.policy_tx, st.value_tx, P), out_shardings=(st.shardings, st.repl),
-                   donate_argnums=0)
+  st = ppo_setup(s, pc, eos_id=NO_EOS)                       # the stage's own programs (ppo.build)
+  batch, ptx, _ = ppo_data(s, pc, np.random.default_rng(0), st.programs)
+  rollout, update = st.rollout, st.update
   state = [st.state]
   it = [0]
 
@@ -307,7 +305,7 @@ def part_ppo(args, counter):
       key = jax.random.fold_in(jax.random.key(0), it[0])
       it[0] += 1
       ro, _, _ = rollout(state[0]["params"], state[0]["value"], st.ref, st.rm, batch["prompt"], batch["prompt_mask"],
-                         key, state[0]["kl_coef"])
+                         key, state[0]["kl_coef"], state[0]["score_gain"])
       state[0], m = update(state[0], ro, ptx, jax.random.fold_in(key, 1))
       jax.block_until_ready(m)
 
@@ -343,8 +341,8 @@ def part_ppo(args, counter):
       last = torch.zeros(B)
       for t in reversed(range(N)):                   # TRL's GAE loop
         nv = values[:, t + 1] if t < N - 1 else 0.0
-        delta = rewards[:, t] + pc.gamma * nv - values[:, t]
-        last = delta + pc.gamma * pc.gae_lambda * last
+        delta = rewards[:, t] + pc.discount * nv - values[:, t]
+        last = delta + pc.discount * pc.gae_lambda * last
         adv[:, t] = last
       returns = adv + values
       adv = (adv - adv.mean()) * torch.rsqrt(adv.var() + 1e-8)

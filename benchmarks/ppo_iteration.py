@@ -64,13 +64,9 @@ def main():
   s = setup(args.preset, dtype=args.dtype, min_len=max(P + N, L))
   config, cfg, mesh = s.config, s.cfg, s.mesh
   check_batch(mb, "--minibatch_size", s)
-  st = ppo_setup(s, pc)
-  state, ref, rm, shardings, repl, n_mb = st.state, st.ref, st.rm, st.shardings, st.repl, st.n_mb
-  batch, ptx, ptx_bs = ppo_data(s, pc, np.random.default_rng(0))
-
-  rollout = jax.jit(ppo.make_rollout(cfg, pc, EOS_ID, PAD_ID))
-  update = jax.jit(ppo.make_update(cfg, pc, st.policy_tx, st.value_tx, P), out_shardings=(shardings, repl),
-                   donate_argnums=0)
+  st = ppo_setup(s, pc)                                      # the stage's own programs (ppo.build)
+  state, ref, rm, n_mb, rollout, update = st.state, st.ref, st.rm, st.n_mb, st.rollout, st.update
+  batch, ptx, ptx_bs = ppo_data(s, pc, np.random.default_rng(0), st.programs)
   sampling = lambda params, key: sample(params, batch["prompt"], batch["prompt_mask"], key, cfg=cfg,
                                         max_new_tokens=N, temperature=pc.temperature, eos_id=EOS_ID, pad_id=PAD_ID)
   base = jax.random.key(config.seed)
@@ -81,7 +77,7 @@ def main():
     it[0] += 1
     t0 = time.perf_counter()
     ro, ro_m, _ = rollout(state["params"], state["value"], ref, rm, batch["prompt"], batch["prompt_mask"], key,
-                          state["kl_coef"])
+                          state["kl_coef"], state["score_gain"])
     jax.block_until_ready(ro)
     t1 = time.perf_counter()
     state, m = update(state, ro, ptx, jax.random.fold_in(key, 1))
@@ -124,7 +120,7 @@ def main():
       "model": model_summary(cfg),
       "batch_size": B, "minibatch_size": mb, "ppo_epochs": pc.ppo_epochs, "updates_per_iteration": n_mb,
       "prompt_len": P, "max_new_tokens": N, "mean_response_length": best["response_length"],
-      "ptx_coef": pc.ptx_coef, "ptx_batch_size": ptx_bs if pc.ptx_coef > 0 else 0, "ptx_seq_len": L,
+      "ptx_coef": pc.ptx_coef, "ptx_batch_size": ptx_bs if ppo.ptx_enabled(pc) else 0, "ptx_seq_len": L,
       "iterations": args.iterations, "repeats": args.repeats, "quick": args.quick,
       "episodes_per_s": B / iteration_s,
       "iteration_s": iteration_s,
