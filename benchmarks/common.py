@@ -23,7 +23,7 @@ import numpy as np
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
-# The LM shapes the issue asks for: (preset whose model/mesh/optimizer is used, model overrides, batch, seq).
+# The LM shapes the benchmarks time: (preset whose model/mesh/optimizer is used, model overrides, batch, seq).
 # "llama8x512" is an 8-layer x 512-wide LLaMA (heads of 64, SwiGLU d_ff 1408 ~ 8/3 x 512) at seq 256.
 SHAPES = {
     "tiny": ("tiny", {}, 32, 40),                       # the tiny preset's SFT batch

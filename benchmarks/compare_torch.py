@@ -14,7 +14,7 @@ load average. Why not both in one process: after every parallel region torch's O
 for more work, and on 2 cores those spinning threads take the CPU from the XLA step that follows (and
 XLA's pool does the same to torch). Measured on a 2-core Xeon, tiny SFT step: JAX 12.7k tokens/s
 interleaved with torch in one process vs 18.9k alone (torch 25.2k vs 23.4k); OMP_WAIT_POLICY=PASSIVE
-removes the penalty to JAX but costs torch a third (BENCHMARKS.md, session 12). --no-isolate keeps the
+removes the penalty to JAX but costs torch a third (BENCHMARKS.md). --no-isolate keeps the
 old same-process interleaving (jax, torch, jax, torch, ...), to reproduce earlier numbers.
 ratio = JAX throughput / torch throughput (> 1: JAX faster).
 

@@ -1,7 +1,7 @@
 """What XLA made of a train step: compiled cost analysis, op census of the optimized HLO, optional trace.
 
   python benchmarks/profile_step.py --shape=llama8x512
-  python benchmarks/profile_step.py --shape=tiny --hlo_dir=/tmp/hlo --trace_dir=/tmp/trace --steps=5
+  python benchmarks/profile_step.py --shape=tiny --hlo_dir=runs/hlo --trace_dir=runs/trace --steps=5
 
 Load-independent evidence (the machine is shared, timings are not): XLA's own FLOP count against the
 model's 6*N*tokens + attention, bytes accessed, and how many dots / fusions / copies / scatters /

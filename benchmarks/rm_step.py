@@ -116,7 +116,7 @@ def main():
                   "loss": losses[f], "step_times_s": times[f]}
       row["measured_ratio"] = row["per_prompt"]["comparisons_per_s"] / row["shuffled_pairs"]["comparisons_per_s"]
       row["theory_ratio"] = K - 1
-      row["target_ratio"] = 0.8 * (K - 1)             # issue #9: one-forward >= (K-1) x 0.8 per-comparison
+      row["target_ratio"] = 0.8 * (K - 1)             # the goal: one-forward >= (K-1) x 0.8 per-comparison
       # All prompts have K real responses, so the per-prompt loss (mean over prompts of the mean over their
       # pairs) is the mean over all pairs: with a whole pairs batch both runs follow the same trajectory,
       # up to round-off that grows with the steps taken (and with bfloat16).

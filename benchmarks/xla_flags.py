@@ -26,7 +26,7 @@ FLAG_SETS = {
     "onednn": "--xla_cpu_use_onednn=true",
     # Library fusions of jaxlib 0.10 (help text in libjax_common.so: "Available fusion types: dot, eltwise,
     # and reduce"): dots to oneDNN, XNNPACK or YNNPACK. On an AMX Xeon none reached AMX-bf16: XLA upcasts
-    # bf16 dots to f32 before the library sees them (BENCHMARKS.md, session 7).
+    # bf16 dots to f32 before the library sees them (BENCHMARKS.md).
     "onednn_dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
     "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",
     "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",

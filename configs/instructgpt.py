@@ -3,7 +3,7 @@
 Launch (the whole spine on the CPU demo preset):
   python -m instructrl.main --config=configs/instructgpt.py:tiny --workdir=runs/tiny
 Override any field:
-  python -m instructrl.main --config=configs/instructgpt.py:smoke --workdir=/tmp/w \
+  python -m instructrl.main --config=configs/instructgpt.py:smoke --workdir=runs/smoke \
       --stages=world,pretrain,sft --config.sft.learning_rate=3e-4
 
 Paper numbers come from Ouyang et al. 2022 (arXiv 2203.02155), appendix C; each carries a
@@ -69,8 +69,8 @@ def _rm_stage():
                                             "mismatched": 0.0})
   c.ppo_source = ""              # with source_mix.ppo > 0: an earlier run's finished ppo stage dir (same world)
   # Rank empty samples too (the labelers see a policy that says nothing, and rank it low). Dropping them
-  # (False: sessions 1-7) leaves the RM blind there: on tiny, PPO-ptx answered 20 of 32 held-out "reverse"
-  # prompts with nothing (docs/STATUS.md, session 8).
+  # (False, the earlier behaviour) leaves the RM blind there: on tiny, PPO-ptx then answered 20 of 32 held-out
+  # "reverse" prompts with nothing.
   c.keep_empty = True
   # Iterated collection (paper 3.5: comparisons gathered over rounds, later ones ranking the RL policies'
   # samples): comma-separated `comparisons` dirs of earlier rounds on the same world, ADDED to this round's
@@ -96,7 +96,7 @@ def _rm_stage():
   # help mitigate overoptimization"): PPO's reward is the members' mean minus ppo.rm_uncertainty_coef times
   # their std. Member 0 is W/rm (the value function's init); the others (W/rm_ensemble/member{i}) differ in
   # head init and data order, and with ensemble_bootstrap each trains on a resample of the training prompts.
-  # Measured on tiny seed 0 (docs/STATUS.md, session 6): 4 members, coef 1 gave PPO-ptx 52.0% vs 53.9% single;
+  # Measured on tiny seed 0: 4 members with coef 1 gave PPO-ptx a 52.0% win rate vs 53.9% with a single RM;
   # members from one SFT trunk err together, so 1 (the paper's single RM) stays the default.
   c.ensemble_size = 1
   c.ensemble_bootstrap = True
@@ -139,7 +139,7 @@ def _ppo_stage():
   c.missing_eos_penalty = 0.0    # added to the score of a response that never emitted EOS (0: off)
   # "rm": the trained reward model (the paper). "gold": the task world's gold judge scores each sample, an
   # oracle RM: a diagnostic (not in the paper) of what PPO at these settings reaches with a perfect reward,
-  # which separates "the RM is the limit" from "the RL budget is" (docs/STATUS.md, session 7). One process only.
+  # which separates "the RM is the limit" from "the RL budget is". One process only.
   c.reward = "rm"
   c.rm_uncertainty_coef = 0.0    # with an RM ensemble: reward = members' mean - this x their std (0: mean)
   # Comma-separated run dirs on the same world whose finished `rm` stages join this run's RM as ensemble
@@ -212,9 +212,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.eval.temperature = 1.0       # InstructGPT samples at 1 (paper, section 4 / appendix)
   c.eval.baseline_temperature = 0.7  # GPT-3 baselines at 0.7 (paper)
   c.eval.prompted_at_policy_temperature = True  # also judge prompted GPT at eval.temperature: one temperature
-                                 # for all (tiny's SFT is much worse at 1 than at 0.7, docs/STATUS.md session 5)
+                                 # for all (tiny's SFT is much worse at 1 than at 0.7)
   c.eval.sft_at_baseline_temperature = True  # and SFT at eval.baseline_temperature: both single-temperature
-                                 # orderings in the report, beside the paper's mixed one (docs/STATUS.md session 12)
+                                 # orderings in the report, beside the paper's mixed one
   c.eval.few_shot = 2            # solved examples in the prompted-GPT prefix
   c.eval.report_prompts = 500    # eval stage: held-out prompts per set (eval/truthful/toxicity), <= world sizes
   c.eval.cloze_seq_len = 32      # eval stage: tokens per cloze context + choice
@@ -255,25 +255,25 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                  checkpoint_every=200, keep_period=200,   # demos are <= 35 tokens here; 4 candidates
                  # paper C.3: PPO starts from SFT trained with 10% pretraining data. Without it the tiny SFT
                  # forgets pretraining (held-out LM loss 2.82 vs GPT's 0.72; 0.86 with it) and PPO-ptx's
-                 # pretraining term drags the policy 2 nats from SFT (docs/STATUS.md, session 3).
+                 # pretraining term drags the policy 2 nats from SFT.
                  pretrain_mix=0.1)
     # ppo.select_sft_by_rm stays off here: the tiny RM's scores of the 4 candidates differed by less than
-    # their noise (0.005-0.011 on 128 prompts) and picked step 400 of 800 (docs/STATUS.md).
+    # their noise (0.005-0.011 on 128 prompts) and picked step 400 of 800.
     c.eval.prompt_len = 32
     # lr 3e-4, not the paper's 9e-6 (a 6B model's): at 1.5e-5 the tiny trunk barely moves and the RM stays a
     # linear probe of SFT features: 0.66 / 0.685 validation accuracy, 0.55 on pairs of two SFT samples, and
     # it agrees with the gold judge on 65.5% of (greedy, T=1) SFT answer pairs; 3 epochs or 4 rankings per
     # prompt did not change that. At 3e-4: 0.69 / 0.72, 0.59 and 72.8%, and PPO on it no longer collapses
-    # gold (docs/STATUS.md, session 4). 1e-4 and 1e-3 land close (0.69-0.70 / 0.71-0.72).
+    # gold. 1e-4 and 1e-3 land close (0.69-0.70 / 0.71-0.72).
     c.rm.update(n_prompts=2000, batch_size=16, eval_batch_size=25, learning_rate=3e-4, collect_batch_prompts=32,
                 log_every=5, eval_every=25, checkpoint_every=25)
     # Half the ranked responses from SFT, half from the pretrained model bare and prompted (paper 3.5:
-    # several models' outputs); measured on tiny, docs/STATUS.md: 0.655 vs 0.557 policy-only.
+    # several models' outputs); measured on tiny: 0.655 vs 0.557 policy-only.
     c.rm.source_mix.update(policy=0.5, pretrain=0.25, pretrain_few_shot=0.25)
     # lr 1e-4 with beta 0.1, 80 iterations: on the lr-3e-4 RM the samples' gold rises 0.65 -> ~0.70 by iteration
     # 50 and stays there (KL ~1 nat); at beta 0.02 the same lr drives gold down to 0.55 (KL 3.5), and at 2e-5
     # the policy barely moves (approx-KL ~0). Held-out win rate vs SFT 54.3% / 55.0% for beta 0.1 / 0.05
-    # (docs/STATUS.md, session 4); whole pipeline, 3 seeds: PPO-ptx 56.8 +- 1.6%, PPO 55.0 +- 3.5%. The paper's
+    # (measured on tiny); whole pipeline, 3 seeds: PPO-ptx 56.8 +- 1.6%, PPO 55.0 +- 3.5%. The paper's
     # beta 0.02 suits its RM, which is much harder to exploit.
     c.ppo.update(total_episodes=64 * 80, batch_size=64, minibatch_size=16, ptx_batch_size=32,
                  learning_rate=1e-4, value_learning_rate=1e-4, warmup_iterations=2, ptx_coef=1.0, kl_coef=0.1,
