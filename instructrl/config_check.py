@@ -85,7 +85,7 @@ PPO_STAGE = {
     "learning_rate": POSITIVE, "value_learning_rate": POSITIVE, "warmup_iterations": NONNEG_INT,
     "kl_coef": NONNEG, "adaptive_kl": BOOL, "target_kl": POSITIVE, "kl_horizon": POSITIVE, "ptx_coef": NONNEG,
     "ptx_batch_size": COUNT, "ptx_seq_len": COUNT, "ema_decay": PROB,
-    "gamma": FRACTION, "discount": FRACTION,      # the GAE discount (renamed gamma -> discount)
+    "discount": FRACTION,                         # the GAE discount (the paper's gamma is ptx_coef)
     "gae_lambda": FRACTION, "clip": OPEN_UNIT,
     "value_clip": POSITIVE,                       # in return units, not a ratio: any positive width
     "whiten_advantages": BOOL, "normalize_score": BOOL, "normalize_batches": COUNT, "temperature": POSITIVE,

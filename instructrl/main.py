@@ -9,15 +9,14 @@ A stage whose checkpoint is complete is skipped; an interrupted one resumes.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from instructrl import cli_flags, config_check
+from instructrl import cli_flags, config_check, errors
 from instructrl.config_check import check_config  # noqa: F401 -- also imported from here by tests and tools
-from instructrl.errors import ConfigError, UserError
+from instructrl.errors import ConfigError
 
 _CONFIG = cli_flags.define(config_flags.DEFINE_config_file, "config", None, "Config file, e.g. configs/instructgpt.py:tiny.",
                                           lock_config=True)
@@ -170,45 +169,10 @@ def main(argv):
     lock.release()
 
 
-def _one_line(error: BaseException) -> str:
-  text = " ".join(str(error).split())
-  return f"error: {text or type(error).__name__}"
-
-
-def _parse_flags(argv):
-  """absl's flag parsing, with its errors (an unknown preset, a bad --config.x value) as one `error:` line."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    if _verbose(argv):
-      raise
-    message = str(e)
-    if "Traceback (most recent call last)" in message:
-      # config_flags wraps the config file's exception in its traceback: keep the flag and the last line.
-      lines = [l.strip() for l in message.splitlines() if l.strip()]
-      message = f"{lines[0].split(': Error whilst')[0]}: {lines[-1].split(': ', 1)[-1]}"
-    sys.stderr.write(_one_line(message) + " (flags: --helpfull)\n")
-    sys.exit(2)
-
-
-def _verbose(argv=None) -> bool:
-  import os
-  argv = sys.argv if argv is None else argv
-  return os.environ.get("INSTRUCTRL_VERBOSE", "") not in ("", "0") or any(
-      a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv)
-
-
 def run():
-  """Console-script entry point (`instructrl --config=... --workdir=...`): an expected error (UserError:
-  config, files, checkpoints, the workdir) is one `error:` line and exit status 2; --verbose shows its
-  traceback. Any other exception keeps its traceback."""
-  try:
-    app.run(main, flags_parser=_parse_flags)
-  except UserError as e:
-    if _verbose():
-      raise
-    sys.stderr.write(_one_line(e) + "\n")
-    sys.exit(2)
+  """Console-script entry point (`instructrl --config=... --workdir=...`); errors.run_app prints an
+  expected error as one `error:` line (exit 2)."""
+  errors.run_app(main)
 
 
 if __name__ == "__main__":

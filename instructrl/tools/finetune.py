@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 from instructrl import cli_flags
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 
@@ -178,4 +178,5 @@ if __name__ == "__main__":
       h.addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
     run(_config.value, _workdir.value)
 
-  app.run(main)
+  from instructrl import errors
+  errors.run_app(main)   # a bad config value or data file: one `error:` line, exit 2

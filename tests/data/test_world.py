@@ -238,7 +238,7 @@ def test_labeler_agreement_on_candidate_mixture(tiny, w):
     held, m = _agreement(w, recs, w.heldout_labelers, 3000, rng)
     print(f"labeler agreement: training {train:.3f} over {n} pairs, held-out {held:.3f} over {m} pairs")
     # The temperature is calibrated on what labelers actually rank, the tiny SFT policy's samples, to the
-    # paper's 72.6% (ties included; measured by the rm stage's labeler_agreement metric, docs/STATUS.md).
+    # paper's 72.6% (ties included; measured by the rm stage's labeler_agreement metric; docs/results.md).
     # This synthetic candidate mixture is more spread out and excludes gold ties, so the same labelers
     # agree more often here: the band guards the calibration against drift.
     assert n >= 2000 and 0.79 <= train <= 0.85
