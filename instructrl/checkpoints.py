@@ -10,8 +10,9 @@ by process 0 once the step is committed); the newest step whose files no longer 
 whose restore fails, is moved to `<stage>/corrupt/` with a warning naming it, and the previous
 complete step is used instead. A restore reads the step's meta first and hands it to a `check`
 (model, world, settings): a checkpoint of another config is refused with CheckpointMismatch before
-its arrays are read, so a shape change never looks like damage. A step without a manifest (killed between Orbax's commit and the
-manifest, or written before manifests existed) is committed and so accepted; its restore is the check.
+its arrays are read, so a shape change never looks like damage. A step without a manifest (killed
+between Orbax's commit and the manifest, or written before manifests existed) is committed and so
+accepted; its restore is the check.
 A save that fails (disk full) raises CheckpointSaveError and leaves earlier steps untouched.
 
 The hand-off between stages is `load_params(workdir/"pretrain", ...)`: it refuses a checkpoint
