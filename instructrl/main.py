@@ -105,7 +105,9 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
         reads |= {rm.get("init_stage", "") or rm.policy, rm.policy}
     elif stage in ("ppo", "ppo_noptx"):
       from instructrl.stages.ppo import stage_config
-      cfg = block(stage_config(config, stage).ppo, "steps", "rm_ensemble_size")   # ppo_noptx: ptx off
+      from instructrl.stages.rm_ensemble import n_members
+      # ppo_noptx: ptx off. The stage records how many RMs scored it beside its config block.
+      cfg = {**block(stage_config(config, stage).ppo, "steps"), "rm_ensemble_size": n_members(config)}
       check(workdir / stage, policy, cfg, "ppo")
       reads.add(ppo.policy_init)
     reads |= set(_READS.get(stage, ()))

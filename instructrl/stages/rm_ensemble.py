@@ -48,6 +48,14 @@ def member_dirs(config, workdir: Path) -> list[Path]:
   return trained_member_dirs(config, workdir) + rm_run_dirs(config, workdir)
 
 
+def n_members(config) -> int:
+  """How many RMs PPO scores with (the `rm_ensemble_size` a PPO checkpoint records): none with the gold
+  judge as the reward, else this run's members and those of ppo.rm_runs."""
+  if config.ppo.get("reward", "rm") == "gold":
+    return 0
+  return int(config.rm.get("ensemble_size", 1)) + len(rm_run_names(config))
+
+
 def rm_run_names(config) -> list[str]:
   """ppo.rm_runs as a list of run directories (no filesystem checks: see rm_run_dirs)."""
   return [r.strip() for r in str(config.ppo.get("rm_runs", "") or "").split(",") if r.strip()]

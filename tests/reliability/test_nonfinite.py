@@ -136,7 +136,7 @@ def test_ppo_update_guard(where, monkeypatch):
   prompts, pmask = tiny_prompts(B, P)
   with parallel.activate(mesh, rules):
     batch, _, _ = rollout(state["params"], state["value"], models["ref"], models["rm"], prompts, pmask,
-                          jax.random.key(4), state["kl_coef"])
+                          jax.random.key(4), state["kl_coef"], state["score_gain"])
     if where == "batch":   # a NaN advantage in one episode: every minibatch it lands in is refused
       batch = {**batch, "advantages": batch["advantages"].at[:, 0].set(jnp.nan)}
     before = {k: host(state[k]) for k in ("params", "opt_state", "step")}
