@@ -131,6 +131,23 @@ def test_dry_run_with_adopt_says_what_would_be_adopted_and_copies_nothing(tmp_pa
   assert not (tmp_path / "sweep").exists()
 
 
+def test_a_run_recorded_before_a_ppo_field_was_renamed_is_adopted_whole(tmp_path, monkeypatch):
+  """ppo.discount was ppo.gamma: a finished run's config.json under the old name hashes as the new one."""
+  monkeypatch.chdir(ROOT)
+  s = load("kl_coef", "tiny")
+  s.seeds = (0,)
+  runs = sweep.plan(s, tmp_path / "sweep")
+  base = sweep.member_config(s.base, {}, 0)
+  _fake_run(tmp_path / "old", base, sweep.STAGE_OUTPUTS)
+  saved = json.loads((tmp_path / "old" / "config.json").read_text())
+  saved["ppo"]["gamma"] = saved["ppo"].pop("discount")
+  (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+  assert sweep.stage_keys(sweep.run_config(tmp_path / "old", s.base), ["ppo"]) == sweep.stage_keys(base, ["ppo"])
+  (tmp_path / "sweep" / "_shared").mkdir(parents=True)
+  got = {name.split("-")[0] for name in sweep.adopt(runs, s, [tmp_path / "old"])}
+  assert {"ppo", "ppo_noptx", "eval"} <= got, got
+
+
 def test_adopt_copies_the_matching_stages_of_finished_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
   s = load("kl_coef", "tiny")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from instructrl import cli_flags
+from instructrl import checkpoints, cli_flags
 from absl import app, flags, logging
 
 _SWEEP = cli_flags.define(flags.DEFINE_string, "sweep", None, "Sweep file, e.g. configs/sweeps/kl_coef.py[:arg].", required=True)
@@ -151,7 +151,11 @@ def run_config(run_dir: Path, base: str) -> ml_collections.ConfigDict:
         overlay(dst[k], v)
       else:
         dst[k] = tuple(v) if isinstance(v, list) else v
-  overlay(config, json.loads((run_dir / "config.json").read_text()))
+  saved = json.loads((run_dir / "config.json").read_text())
+  if isinstance(saved.get("ppo"), dict):
+    # A run from before a ppo field was renamed recorded it under the old name: read it under the new one.
+    saved["ppo"] = checkpoints.current_names(saved["ppo"], config["ppo"])
+  overlay(config, saved)
   return ml_collections.ConfigDict(config)
 
 
