@@ -20,6 +20,10 @@ class ConfigError(UserError, ValueError):
   """A config value out of its range, of the wrong type, or inconsistent with another one."""
 
 
+class MissingInput(UserError, FileNotFoundError):
+  """A file or folder a command reads is not there (a stage not run yet, a mistyped path)."""
+
+
 def one_line(error) -> str:
   text = " ".join(str(error).split())
   return f"error: {text or type(error).__name__}"

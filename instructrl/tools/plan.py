@@ -415,4 +415,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from instructrl import errors
+  errors.run_app(main)   # a bad config, file or checkpoint: one `error:` line, exit 2

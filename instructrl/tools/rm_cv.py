@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from instructrl import cli_flags
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = cli_flags.define(config_flags.DEFINE_config_file, "config", None, "Config file, e.g. configs/instructgpt.py:tiny.")
@@ -72,4 +72,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from instructrl import errors
+  errors.run_app(main)   # a bad config, file or checkpoint: one `error:` line, exit 2

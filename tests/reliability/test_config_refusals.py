@@ -287,3 +287,17 @@ def test_finetune_cli_bad_value_is_one_line(tmp_path):
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
   assert_one_error_line(out, "sft.learning_rate")
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("tool, flags", [
+    ("best_of_n", ["--config=configs/instructgpt.py:smoke", "--workdir={w}"]),
+    ("rm_cv", ["--config=configs/instructgpt.py:smoke", "--workdir={w}"]),
+    ("plan", ["--config=configs/instructgpt.py:nope"]),
+])
+def test_tools_print_expected_errors_as_one_line(tool, flags, tmp_path):
+  """The tools share main's error path: a workdir without a world, or an unknown preset, is one line."""
+  (tmp_path / "w").mkdir()
+  cmd = [sys.executable, "-m", f"instructrl.tools.{tool}", *[f.format(w=tmp_path / "w") for f in flags]]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+  assert_one_error_line(out, "nope" if tool == "plan" else "no world there")
+  assert not any((tmp_path / "w").iterdir())

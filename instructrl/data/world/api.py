@@ -11,6 +11,7 @@ from instructrl.data.world import judge as judge_lib
 from instructrl.data.world import labelers as lab
 from instructrl.data.world import tasks
 from instructrl.data.world.facts import Facts
+from instructrl.errors import MissingInput
 
 
 class World:
@@ -27,7 +28,11 @@ class World:
 
     @classmethod
     def load(cls, outdir) -> "World":
-        d = json.loads((pathlib.Path(outdir) / "world.json").read_text(encoding="utf-8"))
+        path = pathlib.Path(outdir) / "world.json"
+        if not path.exists():
+            raise MissingInput(f"{path}: no world there; generate it first (python -m instructrl.main "
+                               f"--config=... --workdir=W --stages=world), or point --workdir at a run that has one")
+        d = json.loads(path.read_text(encoding="utf-8"))
         ls = [lab.Labeler(**dict(l, taste=tuple(l["taste"]))) for l in d["labelers"]]
         w = cls(ml_collections.ConfigDict(d["config"]), Facts.from_dict(d["facts"]), ls, d.get("entities"))
         evals = [pathlib.Path(outdir) / f for f in ("prompts_eval.jsonl", "truthful_eval.jsonl", "toxicity_eval.jsonl")]
