@@ -323,7 +323,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   ptx = pack_texts(tokenizer.encode_batch([r["text"] for r in load_jsonl(world_dir / "corpus_train.jsonl", "text")]),
                    cfg.ptx_seq_len)
   stage_cfg = ml_collections.ConfigDict(cfg.to_dict())
-  stage_cfg.steps = max(1, cfg.total_episodes // cfg.batch_size)
+  stage_cfg.steps = steps(config)
   logging.info("ppo: %d prompts, %d iterations of %d episodes (minibatch %d, %d epoch(s)), ptx_coef %g",
                len(records), stage_cfg.steps, cfg.batch_size, cfg.minibatch_size, cfg.ppo_epochs, cfg.ptx_coef)
 
