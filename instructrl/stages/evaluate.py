@@ -331,6 +331,7 @@ def rm_summary(workdir: Path) -> dict:
         rows.setdefault(family, {})[field] = v
     if rows:
       out["by_family"] = {"pairs": pairs, "families": rows}
+           "labeler_agreement/heldout": "labeler_agreement_heldout",
       break
   return out
 
