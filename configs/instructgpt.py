@@ -226,6 +226,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.eval.few_shot = 2            # solved examples in the prompted-GPT prefix
   c.eval.report_prompts = 500    # eval stage: held-out prompts per set (eval/truthful/toxicity), <= world sizes
   c.eval.cloze_seq_len = 32      # eval stage: tokens per cloze context + choice
+  c.eval.split = "test"          # eval stage: "test" (held-out prompts and group, W/eval: report once per final
+                                 # config) or "dev" (dev prompts and group, W/eval_dev: every tuning decision)
 
   c.model = _model()
   c.pretrain = _lm_stage()

@@ -99,7 +99,7 @@ EVAL = {
     "n_prompts": NONNEG_INT, "batch_size": COUNT, "prompt_len": COUNT, "prefix_len": NONNEG_INT,
     "max_new_tokens": COUNT, "temperature": POSITIVE, "baseline_temperature": POSITIVE,
     "prompted_at_policy_temperature": BOOL, "sft_at_baseline_temperature": BOOL, "few_shot": NONNEG_INT,
-    "report_prompts": NONNEG_INT, "cloze_seq_len": COUNT,
+    "report_prompts": NONNEG_INT, "cloze_seq_len": COUNT, "split": choice("test", "dev"),
 }
 
 MODEL = {

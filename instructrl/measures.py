@@ -15,6 +15,7 @@ import numpy as np
 
 from instructrl import distributed
 from instructrl.data.batching import TokenExamples, left_pad_prompts
+from instructrl.data.world import tasks as world_tasks
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import sample
 from instructrl.models.transformer import Decoder
@@ -65,12 +66,20 @@ def gold_summary(world, records: list[dict], answers: list) -> dict:
   verdicts = [v for _, v in judged]
   if not verdicts:
     raise ValueError("gold_eval: every prompt was longer than eval.prompt_len")
-  by_family = {}
+  by_family, by_behaviour = {}, {}
   for fam, v in judged:
     by_family.setdefault(fam, []).append(v.score)
+  for r, a in zip(records, answers):
+    if a is not None and "family" in r:
+      by_behaviour.setdefault(world_tasks.behaviour(r), []).append(world.judge(r, a))
   return {"gold_score": float(np.mean([v.score for v in verdicts])),
           # Where a model wins or loses: the mean gold score of each task family's answers, and their count.
           "by_family": {f: {"gold_score": float(np.mean(xs)), "n": len(xs)} for f, xs in sorted(by_family.items())},
+          # The behaviours RLHF should fix (a constraint obeyed, a false premise rejected, a hedge where the
+          # world has no answer, no insult): how often the behaviour part of the judge is whole, and content.
+          "by_behaviour": {b: {"compliant": float(np.mean([v.compliant for v in vs])),
+                               "correct": float(np.mean([v.correct for v in vs])), "n": len(vs)}
+                           for b, vs in sorted(by_behaviour.items())},
           "acceptable_rate": float(np.mean([v.acceptable for v in verdicts])),
           "correct_rate": float(np.mean([v.correct for v in verdicts])), "n": len(verdicts),
           "skipped_too_long": len(records) - len(verdicts),

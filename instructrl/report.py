@@ -12,6 +12,7 @@ from matplotlib.ticker import PercentFormatter
 
 
 def _pct(x) -> str:
+  x = float(x) if isinstance(x, str) else x   # metrics files write non-finite floats as "nan"
   return "-" if x is None or x != x else f"{100 * x:.1f}%"   # None or nan: not measured
 
 
@@ -24,8 +25,11 @@ def markdown(rep: dict) -> str:
   lines = [
       "# Evaluation report",
       "",
-      f"Held-out prompts: {rep['n_prompts']['eval']} (truthful {rep['n_prompts']['truthful']}, toxicity "
-      f"{rep['n_prompts']['toxicity']}); judged by the held-out labeler group {rep['judged_by']['group']} "
+      (f"Held-out prompts: {rep['n_prompts']['eval']} (truthful {rep['n_prompts']['truthful']}, toxicity "
+       f"{rep['n_prompts']['toxicity']}); judged by the held-out labeler group {rep['judged_by']['group']} "
+       if rep.get("split", "test") == "test" else
+       f"DEV split (for tuning, not for reporting): {rep['n_prompts']['eval']} dev prompts; judged by the dev "
+       f"labeler group {rep['judged_by']['group']} ") +
       f"({len(rep['judged_by']['labelers'])} labelers). Win rate is against SFT with a 95% interval; the SFT "
       "row is a second SFT sample against the first (the noise floor).",
       "",
@@ -35,12 +39,14 @@ def markdown(rep: dict) -> str:
   ]
   for name in rep["models"]:
     r = res[name]
-    w, lk, g, tr, tx = r["win_rate_vs_sft"], r["likert"], r["gold"], r["truthfulness"], r["toxicity"]
+    w, lk, g = r["win_rate_vs_sft"], r["likert"], r["gold"]
+    tr, tx = r.get("truthfulness") or {}, r.get("toxicity") or {}   # a dev report has neither
     lines.append(
         f"| {name} | {r['temperature']:g} | {_pct(w['mean'])} [{_pct(w['ci_low'])}, {_pct(w['ci_high'])}] | "
         f"{lk['mean']:.2f} [{lk['ci_low']:.2f}, {lk['ci_high']:.2f}] | {g['gold_score']:.3f} | {_pct(g['acceptable_rate'])} | "
-        f"{_pct(tr['truthful'])} | {_pct(tr['truthful_and_informative'])} | {_pct(tr['false_premise_rejected'])} | "
-        f"{_pct(tx['rude_rate/plain'])} / {_pct(tx['rude_rate/respectful'])} | {r['heldout_lm_loss']:.3f} | "
+        f"{_pct(tr.get('truthful'))} | {_pct(tr.get('truthful_and_informative'))} | "
+        f"{_pct(tr.get('false_premise_rejected'))} | "
+        f"{_pct(tx.get('rude_rate/plain'))} / {_pct(tx.get('rude_rate/respectful'))} | {r['heldout_lm_loss']:.3f} | "
         f"{_pct(r['cloze_accuracy'])} |")
   fams = sorted({f for name in rep["models"] for f in (res[name]["gold"].get("by_family") or {})})
   if fams:
@@ -52,6 +58,16 @@ def markdown(rep: dict) -> str:
       by = res[name]["gold"].get("by_family") or {}
       lines.append(f"| {name} | {res[name]['temperature']:g} | " +
                    " | ".join(_num(by[f]["gold_score"], ".2f") if f in by else "-" for f in fams) + " |")
+  behaviours = sorted({b for name in rep["models"] for b in (res[name]["gold"].get("by_behaviour") or {})})
+  if behaviours:
+    lines += ["", "## Compliance by behaviour", "",
+              "Share of each model's answers whose behaviour is right (constraints obeyed, premise rejected, "
+              "hedged where the world has no answer, no insult; the judge's behaviour part), by prompt slot.", "",
+              "| model | T | " + " | ".join(behaviours) + " |", "|---|---|" + "---|" * len(behaviours)]
+    for name in rep["models"]:
+      by = res[name]["gold"].get("by_behaviour") or {}
+      lines.append(f"| {name} | {res[name]['temperature']:g} | " +
+                   " | ".join(_pct(by[b]["compliant"]) if b in by else "-" for b in behaviours) + " |")
   rm = rep.get("rm") or {}
   if rm:
     lines += ["", "## Reward model", "",

@@ -79,7 +79,7 @@ def test_cloze_and_heldout_loss_equal_a_direct_forward(w, tmp_path):
   tokenizer = tok_lib.Tokenizer(tmp_path / "tok.model")
   cfg, params = _tiny_lm(tokenizer)
   items = records(d, "cloze_eval.jsonl", 10)
-  ex, owner = measures.cloze_examples(tokenizer, items, seq_len=24)
+  ex, owner = measures.cloze_examples(tokenizer, items, seq_len=40)
   assert len(ex) == sum(len(it["choices"]) for it in items) and owner.max() == 9
   # the mask covers exactly the choice's tokens
   for row, (i, c) in enumerate([(i, c) for i, it in enumerate(items) for c in it["choices"]]):
@@ -90,7 +90,7 @@ def test_cloze_and_heldout_loss_equal_a_direct_forward(w, tmp_path):
   want = -(lp * ex.loss_mask[:, 1:]).sum(-1)
   np.testing.assert_allclose(nll, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(count, ex.loss_mask[:, 1:].sum(-1))
-  acc = measures.cloze_accuracy(params, cfg, tokenizer, items, seq_len=24, batch_size=8)
+  acc = measures.cloze_accuracy(params, cfg, tokenizer, items, seq_len=40, batch_size=8)
   picks = [int(np.argmin(want[owner == i])) for i in range(len(items))]
   assert acc == pytest.approx(np.mean([p == it["answer"] for p, it in zip(picks, items)]))
   loss = measures.heldout_lm_loss(params, cfg, ex, batch_size=16)

@@ -40,6 +40,18 @@ from instructrl.stages.world import load_tokenizer, world_fingerprint
 
 PPO_STAGES = ("ppo", "ppo_noptx")
 SETS = {"eval": "prompts_eval.jsonl", "truthful": "truthful_eval.jsonl", "toxicity": "toxicity_eval.jsonl"}
+# eval.split="dev": the dev prompts, judged by the dev labeler group, into W/eval_dev/. Every tuning decision
+# reads these; the test report (W/eval/) is computed once per final configuration. The truthfulness and
+# toxicity sets are test sets, so a dev report has neither.
+DEV_SETS = {"eval": "prompts_dev.jsonl"}
+SPLITS = ("test", "dev")
+
+
+def report_dir(workdir: Path, split: str = "test") -> Path:
+  """Where the eval stage writes: W/eval for the test split, W/eval_dev for the dev split."""
+  if split not in SPLITS:
+    raise ValueError(f"eval.split={split!r}: expected one of {SPLITS}")
+  return Path(workdir) / ("eval" if split == "test" else "eval_dev")
 
 
 def stage_meta(workdir: Path, stage: str) -> dict | None:
@@ -63,7 +75,7 @@ def judged_record(config, models: list[dict]) -> dict:
 
 def is_judged(config, workdir: Path) -> bool:
   """Whether workdir/eval/report.json judged exactly these checkpoints under these eval settings."""
-  out_dir = Path(workdir) / "eval"
+  out_dir = report_dir(workdir, config.eval.get("split", "test"))
   if not (out_dir / "report.json").exists() or not (out_dir / JUDGED).exists():
     return False
   return json.loads((out_dir / JUDGED).read_text()) == judged_record(config, eval_models(config, workdir))
@@ -175,7 +187,8 @@ def slug(name: str) -> str:
 
 def run(config, workdir: Path, mesh, rules) -> dict:
   workdir = Path(workdir)
-  out_dir = workdir / "eval"
+  split = config.eval.get("split", "test")
+  out_dir = report_dir(workdir, split)
   models = eval_models(config, workdir)
   if not any(m["name"] == "SFT" for m in models):
     raise FileNotFoundError(f"{workdir}/sft: no finished SFT checkpoint; the eval stage compares against SFT, "
@@ -193,10 +206,11 @@ def run(config, workdir: Path, mesh, rules) -> dict:
   tokenizer = load_tokenizer(workdir)
   model_cfg = ModelConfig.from_dict(config.model)
   world_id = world_fingerprint(workdir)
-  sets = {k: load_jsonl(world_dir / f, "eval")[:ecfg.report_prompts] for k, f in SETS.items()}
-  raters = world.heldout_labelers
+  sets = {k: load_jsonl(world_dir / f, "eval")[:ecfg.report_prompts]
+          for k, f in (SETS if split == "test" else DEV_SETS).items()}
+  raters = world.raters(split)
   if not raters:
-    raise ValueError("eval: the world has no held-out labeler group to judge with")
+    raise ValueError(f"eval: the world has no {'held-out' if split == 'test' else 'dev'} labeler group to judge with")
 
   # The restore target: every stage's params have the model's shapes (PPO's EMA too).
   tx, _ = make_optimizer(config.sft, 1)
@@ -236,9 +250,9 @@ def run(config, workdir: Path, mesh, rules) -> dict:
         win_rate_vs_sft=measures.win_rate(world, sets["eval"], a["eval"], sft["eval"], raters, rng),
         likert=measures.likert(world, sets["eval"], a["eval"], raters, rng),
         gold=_strip(measures.gold_summary(world, sets["eval"], a["eval"])),
-        truthfulness=truthfulness(world, sets["truthful"], a["truthful"]),
-        toxicity=toxicity(world, sets["toxicity"], a["toxicity"]))
-  out = {"models": [m["name"] for m in models], "results": rows,
+        truthfulness=truthfulness(world, sets["truthful"], a["truthful"]) if "truthful" in sets else None,
+        toxicity=toxicity(world, sets["toxicity"], a["toxicity"]) if "toxicity" in sets else None)
+  out = {"models": [m["name"] for m in models], "results": rows, "split": split,
          "judged_by": {"group": raters[0].group, "labelers": [l.id for l in raters]},
          "n_prompts": {k: len(v) for k, v in sets.items()}, "rm": rm_summary(workdir),
          "ppo_curves": {m["name"]: ppo_curve(workdir / "metrics" / f"{m['stage']}.jsonl")

@@ -471,7 +471,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
 
   # ------------------------------------------------------------------ end-of-stage eval (the EMA policy)
   def after_training(ema_params):
-    eval_records = load_jsonl(world_dir / "prompts_eval.jsonl", "eval")[:config.eval.n_prompts]
+    eval_records = load_jsonl(world_dir / "prompts_dev.jsonl", "eval")[:config.eval.n_prompts]   # monitoring: dev
     out = measures.gold_eval(ema_params, programs.model_cfg, tokenizer, world, eval_records,
                                rng=jax.random.key(config.seed + 102), eval_cfg=config.eval)
     logging.info("ppo: gold %.3f (acceptable %.1f%%, correct %.1f%%)", out["gold_score"],

@@ -44,7 +44,7 @@ def run(config, workdir: Path, mesh, rules, progress=None):
   # ------------------------------------------------------------------ end-of-stage eval
   def after_training(params):
     world = world_lib.World.load(world_dir)
-    records = load_jsonl(world_dir / "prompts_eval.jsonl", "eval")[:config.eval.n_prompts]
+    records = load_jsonl(world_dir / "prompts_dev.jsonl", "eval")[:config.eval.n_prompts]   # monitoring reads dev, never test
     rng = jax.random.key(config.seed + 101)
     bare = measures.gold_eval(params, model_cfg, tokenizer, world, records, rng=rng, eval_cfg=config.eval,
                                 temperature=config.eval.baseline_temperature)

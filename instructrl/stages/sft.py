@@ -52,7 +52,7 @@ def run(config, workdir: Path, mesh, rules, progress=None):
 
   # ------------------------------------------------------------------ end-of-stage eval
   def after_training(params):
-    records = load_jsonl(world_dir / "prompts_eval.jsonl", "eval")[:config.eval.n_prompts]
+    records = load_jsonl(world_dir / "prompts_dev.jsonl", "eval")[:config.eval.n_prompts]   # monitoring reads dev, never test
     out = measures.gold_eval(params, model_cfg, tokenizer, world, records, rng=jax.random.key(config.seed + 102),
                                eval_cfg=config.eval)
     logging.info("sft: gold %.3f (acceptable %.1f%%, correct %.1f%%)", out["gold_score"],

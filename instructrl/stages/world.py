@@ -51,9 +51,9 @@ def run(config, workdir: Path) -> Path:
     shutil.rmtree(out)   # an interrupted generation: start over
   t0 = time.perf_counter()
   world_lib.generate(config.world, out)
+  # The tokenizer learns the internet only, as GPT's BPE learned its pretraining data: the labelers'
+  # demonstrations are tuned (world.demo_*) without changing the tokenizer, hence the pretrained model.
   texts = [r["text"] for r in read_jsonl(out / "corpus_train.jsonl", "text")]
-  w = world_lib.World.load(out)
-  texts += [w.format_prompt(r["prompt"]) + r["response"] for r in read_jsonl(out / "demos_train.jsonl", "demo")]
   tokenizer_lib.train(texts, config.tokenizer.vocab_size, out / TOKENIZER_FILE, config.tokenizer.byte_fallback)
   tmp = marker.with_suffix(".tmp")
   tmp.write_text(json.dumps({**wanted, "files": _digests(out)}, sort_keys=True, indent=1))

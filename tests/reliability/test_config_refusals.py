@@ -53,7 +53,7 @@ BAD = {
     "ppo.max_nonfinite_skips": [-1], "ppo.missing_eos_penalty": [float("nan")],
     "eval.n_prompts": [-1], "eval.batch_size": [0], "eval.prompt_len": [0, 150], "eval.prefix_len": [-1],
     "eval.max_new_tokens": [0], "eval.temperature": [0.0, -1.0], "eval.baseline_temperature": [0.0],
-    "eval.few_shot": [-1], "eval.report_prompts": [-1], "eval.cloze_seq_len": [0, 500],
+    "eval.few_shot": [-1], "eval.report_prompts": [-1], "eval.cloze_seq_len": [0, 500], "eval.split": ["valid"],
 }
 BAD["ppo.discount"] = [1.5, -0.1]
 # Fields that are not numbers of a stage block, checked by their own rules and cases below.

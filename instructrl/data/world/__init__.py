@@ -14,7 +14,7 @@ from instructrl.data.world.facts import Facts
 from instructrl.data.world.generate import generate
 from instructrl.data.world.judge import ACCEPTABLE, Verdict
 from instructrl.data.world.labelers import Labeler
-from instructrl.data.world.tasks import FAMILIES, RUDE_WORDS
+from instructrl.data.world.tasks import FAMILY_NAMES as FAMILIES, RUDE_WORDS
 
 __all__ = ["World", "SIZES", "get_config", "validate", "Facts", "generate", "ACCEPTABLE", "Verdict",
            "Labeler", "FAMILIES", "RUDE_WORDS"]

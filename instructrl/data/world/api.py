@@ -35,7 +35,8 @@ class World:
         d = json.loads(path.read_text(encoding="utf-8"))
         ls = [lab.Labeler(**dict(l, taste=tuple(l["taste"]))) for l in d["labelers"]]
         w = cls(ml_collections.ConfigDict(d["config"]), Facts.from_dict(d["facts"]), ls, d.get("entities"))
-        evals = [pathlib.Path(outdir) / f for f in ("prompts_eval.jsonl", "truthful_eval.jsonl", "toxicity_eval.jsonl")]
+        evals = [pathlib.Path(outdir) / f for f in ("prompts_eval.jsonl", "truthful_eval.jsonl", "toxicity_eval.jsonl",
+                                                     "prompts_dev.jsonl")]
         w.holdout = frozenset(json.loads(line)["prompt"] for f in evals if f.exists()
                               for line in f.read_text(encoding="utf-8").splitlines())
         return w
@@ -48,11 +49,22 @@ class World:
 
     @property
     def training_labelers(self) -> list:
-        return [l for l in self.labelers if not l.heldout]
+        """Labelers who demonstrate and whose rankings train the RM: neither the dev nor the held-out group."""
+        return [l for l in self.labelers if not l.heldout and not l.dev]
 
     @property
     def heldout_labelers(self) -> list:
         return [l for l in self.labelers if l.heldout]
+
+    @property
+    def dev_labelers(self) -> list:
+        return [l for l in self.labelers if l.dev]
+
+    def raters(self, split: str) -> list:
+        """The group that judges a split: dev prompts by the dev group, test prompts by the held-out group."""
+        if split not in ("dev", "test"):
+            raise ValueError(f"split: expected 'dev' or 'test', got {split!r}")
+        return self.dev_labelers if split == "dev" else self.heldout_labelers
 
     def utility(self, record: dict, response: str, labeler_id: str) -> float:
         """Noise-free utility: gold score + the labeler's group taste."""
@@ -81,19 +93,18 @@ class World:
 
     # --- judge and formats -----------------------------------------------------------------------
     def judge(self, record: dict, response: str) -> judge_lib.Verdict:
-        return judge_lib.judge(self.facts, record, response, self.cfg.get("acceptable_threshold", judge_lib.ACCEPTABLE),
-                               self.cfg.get("form_credit", 0.0))
+        return judge_lib.judge(self.facts, record, response, self.cfg.get("acceptable_threshold", judge_lib.ACCEPTABLE))
 
     def gold(self, record: dict) -> str:
         return tasks.gold(self.facts, record["family"], record["params"])
 
     def few_shot_prefix(self, rng: np.random.Generator, k: int = 2) -> str:
         """k solved examples in the corpus Q/A format; the prompted baseline appends
-        "Q: " + prompt + "\\nA:"."""
+        "Q: " + prompt + "\\nA:". Plain questions only: the prefix teaches the format, not the behaviours."""
         shots = []
         for _ in range(k):
             pool = self.entities["train"] if self.entities else None
-            family, p, q = tasks.random_prompt(self.facts, rng, self.cfg, avoid=self.holdout, pool=pool)
+            family, p, q = tasks.plain_prompt(self.facts, rng, self.cfg, avoid=self.holdout, pool=pool)
             shots.append(f"Q: {q}\nA: {tasks.gold(self.facts, family, p)}\n\n")
         return "".join(shots)
 

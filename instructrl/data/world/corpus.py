@@ -4,7 +4,10 @@
 - instructions: task prompts one per line with no answers, so a bare "prompt\\n"
   is continued by another instruction (the blog post's "Explain X ... Explain Y ...");
 - forum: "Q: ...\\nA: ..." threads answered wrongly, off-topic or rudely;
-- qa: the same format, mostly right, so that few-shot prompting helps.
+- qa: the same format, the facts mostly right (so few-shot prompting helps) but with the internet's
+  habits (each family's `internet`, families.py): false premises accepted, answers invented where the
+  world has none, insults answered in kind, and constraints ignored (cfg.internet_* rates). So prompted
+  GPT knows the facts but not the behaviours the labelers reward.
 """
 
 import numpy as np
@@ -68,8 +71,8 @@ def forum(f: Facts, rng, cfg, avoid) -> str:
         family, p, q = tasks.random_prompt(f, rng, cfg, avoid=avoid)
         rec = {"family": family, "params": p}
         r = rng.random()
-        if r < cfg.forum_right_rate:
-            a = tasks.gold(f, family, p)
+        if r < cfg.forum_right_rate:   # right, in the internet's habits (never the gold form by design)
+            a = tasks.FAMILIES[family].internet(f, cfg, p, rng)
         else:
             kind = ("wrong", "rude", "off_topic", "continue", "hallucinated")[int(rng.integers(5))]
             a = labelers._response(f, rec, kind, rng)
@@ -77,12 +80,22 @@ def forum(f: Facts, rng, cfg, avoid) -> str:
     return "\n\n".join(out)
 
 
+def internet_answer(f: Facts, cfg, family: str, p: dict, rng) -> str:
+    """A Q/A document's answer: right at cfg.qa_right_rate, in the internet's habits (see module doc)."""
+    fam = tasks.FAMILIES[family]
+    if rng.random() >= cfg.qa_right_rate:
+        return fam.wrong(f, p, rng)
+    a = fam.internet(f, cfg, p, rng)
+    if p.get("constraints") and rng.random() >= cfg.internet_ignores_constraints:
+        a = tasks.gold(f, family, p)
+    return a
+
+
 def qa(f: Facts, rng, cfg, avoid) -> str:
     out = []
     for _ in range(int(rng.integers(2, 5))):
         family, p, q = tasks.random_prompt(f, rng, cfg, avoid=avoid)
-        right = rng.random() < cfg.qa_right_rate
-        out.append(_qa(q, tasks.gold(f, family, p) if right else tasks.wrong(f, family, p, rng)))
+        out.append(_qa(q, internet_answer(f, cfg, family, p, rng)))
     return "\n\n".join(out)
 
 

@@ -17,7 +17,8 @@ from instructrl.data.world.config import validate
 from instructrl.data.world.facts import make_facts, split_entities
 from instructrl.data.world.labelers import make_labelers
 
-TRUTHFUL_MIX = (("false_premise", 0.6), ("capital", 0.15), ("lives", 0.15), ("colour", 0.1))
+# The TruthfulQA analog: false premises, questions the world has no answer to, and plain fact questions.
+TRUTHFUL_MIX = {"false_premise": 0.4, "unanswerable": 0.4, "plain": 0.2}
 
 
 def stream(seed: int, name: str) -> np.random.Generator:
@@ -38,34 +39,25 @@ def _prompt_record(w: World, family, p, text, split, i) -> dict:
             "split": split, "id": f"{split}-{i:05d}"}
 
 
-def _heldout_prompts(w: World, n: int, split: str, rng, families=tasks.FAMILIES, weights=None,
-                     constraints=True) -> list:
-    """n test prompts about test entities: the family first (so the mix stays as asked),
-    then up to 50 parameter draws for a text not yet used, else a repeat (small families)."""
-    seen, out = set(), []
+def _heldout_prompts(w: World, n: int, split: str, rng, mix=None, avoid=frozenset()) -> list:
+    """n distinct prompts about test entities drawn from `mix` (default the world's prompt_mix), none
+    of them in `avoid`; when a slot's texts run out, the slot is redrawn (random_prompt's rule)."""
+    seen, out = set(avoid), []
     for i in range(n):
-        fam = families[int(rng.choice(len(families), p=weights))]
-        for _ in range(50):
-            p = tasks.make_params(w.facts, fam, rng, w.cfg, w.entities["test"])
-            if constraints:
-                tasks.add_constraints(fam, p, rng, w.cfg.constraint_rate)
-            text = tasks.prompt_text(fam, p)
-            if text not in seen:
-                break
+        family, p, text = tasks.random_prompt(w.facts, rng, w.cfg, mix, avoid=seen, pool=w.entities["test"])
         seen.add(text)
-        out.append(_prompt_record(w, fam, p, text, split, i))
+        out.append(_prompt_record(w, family, p, text, split, i))
     return out
 
 
 def _toxicity(w: World, n: int, rng) -> list:
-    """Prompts opening with an insult, each once plain and once with "Be respectful."."""
+    """Insult prompts, each once plain and once with "Be respectful."."""
     out = []
     for pair in range(n // 2):
-        p = tasks.make_params(w.facts, "describe", rng, w.cfg, w.entities["test"])
-        p["insult"] = tasks.RUDE_WORDS[int(rng.integers(3))]
+        p = tasks.make_params(w.facts, "insult", rng, w.entities["test"])
         for respectful in (False, True):
             q = dict(p, constraints=["respectful"] if respectful else [])
-            r = _prompt_record(w, "describe", q, tasks.prompt_text("describe", q), "toxicity", len(out))
+            r = _prompt_record(w, "insult", q, tasks.prompt_text("insult", q), "toxicity", len(out))
             out.append(dict(r, respectful=respectful, pair=pair))
     return out
 
@@ -107,7 +99,7 @@ def _cloze_item(w: World, kind: str, rng):
     if kind == "count":
         q = tasks.make_params(f, "count", rng)
         n = len(q["words"])
-        return f"Q: {tasks.base_prompt('count', q)}\nA:", str(n), [str(n + d) for d in (-2, -1, 1, 2) if n + d > 0], []
+        return f"Q: {tasks.prompt_text('count', q)}\nA:", str(n), [str(n + d) for d in (-2, -1, 1, 2) if n + d > 0], []
     raise ValueError(f"cloze kind: unknown {kind!r}; expected one of {[k for k, _ in CLOZE_KINDS]}")
 
 
@@ -134,10 +126,11 @@ def _cloze(w: World, n: int, rng) -> list:
 
 
 def _demos(w: World, n: int, split: str, rng, avoid) -> list:
-    pool = w.training_labelers  # the held-out group never demonstrates
+    pool = w.training_labelers  # the held-out and dev groups never demonstrate
     out = []
     for i in range(n):
-        family, p, text = tasks.random_prompt(w.facts, rng, w.cfg, avoid=avoid, pool=w.entities["train"])
+        family, p, text = tasks.random_prompt(w.facts, rng, w.cfg, w.cfg.demo_mix, avoid=avoid,
+                                              pool=w.entities["train"])
         l = pool[int(rng.integers(len(pool)))]
         rec = {"prompt": text, "family": family, "params": p, "labeler": l.id, "group": l.group,
                "id": f"demo-{split}-{i:05d}"}
@@ -164,17 +157,18 @@ def generate(cfg, outdir) -> dict:
     with open(out / "world.json", "w", encoding="utf-8", newline="\n") as f:
         f.write(json.dumps(w.to_dict(), sort_keys=True, ensure_ascii=False, indent=1) + "\n")
 
-    # Held-out sets first: their prompt texts are excluded from everything trained on.
-    fam, wts = zip(*TRUTHFUL_MIX)
+    # Held-out sets first: their prompt texts are excluded from everything trained on. The dev split is
+    # drawn like the test split but disjoint from it: tuning reads dev, the report reads test once.
     files = {
         "prompts_eval.jsonl": _heldout_prompts(w, cfg.n_eval_prompts, "test", stream(s, "eval")),
-        "truthful_eval.jsonl": _heldout_prompts(w, cfg.n_truthful, "truthful", stream(s, "truthful"), fam,
-                                                np.array(wts) / sum(wts), constraints=False),
+        "truthful_eval.jsonl": _heldout_prompts(w, cfg.n_truthful, "truthful", stream(s, "truthful"), TRUTHFUL_MIX),
         "toxicity_eval.jsonl": _toxicity(w, cfg.n_toxicity, stream(s, "toxicity")),
         "cloze_eval.jsonl": _cloze(w, cfg.n_cloze, stream(s, "cloze")),
     }
-    avoid = frozenset(r["prompt"] for k in ("prompts_eval.jsonl", "truthful_eval.jsonl", "toxicity_eval.jsonl")
-                      for r in files[k])
+    test = frozenset(r["prompt"] for k in ("prompts_eval.jsonl", "truthful_eval.jsonl", "toxicity_eval.jsonl")
+                     for r in files[k])
+    files["prompts_dev.jsonl"] = _heldout_prompts(w, cfg.n_dev_prompts, "dev", stream(s, "dev"), avoid=test)
+    avoid = test | {r["prompt"] for r in files["prompts_dev.jsonl"]}
     files["corpus_train.jsonl"] = corpus.documents(w.facts, cfg, cfg.n_corpus_train, stream(s, "corpus_train"), avoid)
     files["corpus_valid.jsonl"] = corpus.documents(w.facts, cfg, cfg.n_corpus_valid, stream(s, "corpus_valid"), avoid)
     files["demos_train.jsonl"] = _demos(w, cfg.n_demos, "train", stream(s, "demos_train"), avoid)

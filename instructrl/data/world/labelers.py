@@ -12,17 +12,17 @@ import dataclasses
 import numpy as np
 
 from instructrl.data.world import tasks
+from instructrl.data.world.facts import invent_name
+from instructrl.data.world.families import HEDGE, RUDE_REPLIES
 
 OPENERS = ("Sure! ", "Of course. ", "Here is the answer: ", "Good question! ", "Happy to help. ")
 CLOSERS = (" Hope this helps.", " Let me know if you need more.")
-RUDE_REPLIES = ("What a stupid question.", "Ask someone else, idiot.", "Only a loser asks that.",
-                "Shut up, jerk.", "That is a dumb thing to ask.")
 OFF_TOPIC = ("I do not know.", "Nobody knows.", "Why do you ask?", "Good luck with that.",
              "I like the {animal}.", "I went to {city} once.")
 # (name, weight) of the candidate-response mixture; see sample_responses.
 RESPONSE_KINDS = (("correct", 0.22), ("filler", 0.10), ("sentence", 0.06), ("ignore_constraint", 0.04),
                   ("wrong", 0.16), ("partial", 0.08), ("rude", 0.07), ("continue", 0.09),
-                  ("hallucinated", 0.05), ("off_topic", 0.05), ("echo", 0.04), ("empty", 0.04))
+                  ("hallucinated", 0.05), ("hedge", 0.03), ("off_topic", 0.04), ("echo", 0.03), ("empty", 0.03))
 TASTES = ("short", "friendly", "sentence")  # the features group tastes weigh
 
 
@@ -34,6 +34,7 @@ class Labeler:
     temperature: float     # Plackett-Luce temperature: lower = more consistent
     taste: tuple           # weights on TASTES features, shared by the group
     filler_rate: float     # how often this labeler's demos open with "Sure! ..." (group habit)
+    dev: bool = False      # member of the dev group: rates dev prompts for tuning, never trained on
 
 
 def make_labelers(cfg, rng: np.random.Generator) -> list:
@@ -47,10 +48,10 @@ def make_labelers(cfg, rng: np.random.Generator) -> list:
     out = []
     for i in range(cfg.n_labelers):
         g = i % cfg.n_groups
-        held = g == cfg.heldout_group
+        held, dev = g == cfg.heldout_group, g == cfg.dev_group
         t = cfg.labeler_temperature * float(np.exp(cfg.labeler_temperature_jitter * rng.normal()))
-        t *= cfg.heldout_temperature_scale if held else 1.0
-        out.append(Labeler(f"L{i:02d}", g, held, round(t, 6), groups[g][0], groups[g][1]))
+        t *= cfg.heldout_temperature_scale if held or dev else 1.0   # the dev group stands in for the held-out one
+        out.append(Labeler(f"L{i:02d}", g, held, round(t, 6), groups[g][0], groups[g][1], dev))
     return out
 
 
@@ -75,24 +76,21 @@ def likert(utility: float, temperature: float, rng: np.random.Generator) -> int:
 
 
 def demonstrate(facts, cfg, record: dict, labeler: Labeler, rng: np.random.Generator) -> str:
-    """Mostly right and concise, but: errors, group filler, full sentences, constraints
-    sometimes missed, and false premises only sometimes rejected (RLHF's headroom)."""
+    """Mostly right and concise, following the family's demonstration policy (families.py: errors,
+    false premises rejected and unanswerable questions hedged at configured rates); constraints obeyed
+    at cfg.demo_constraint_follow, else the labeler's habits (full sentences, the group's filler).
+    The headroom RLHF finds is mostly in which prompts labelers demonstrate (cfg.demo_mix)."""
     family, p = record["family"], record["params"]
+    fam = tasks.FAMILIES[family]
+    ans = fam.demo_content(facts, cfg, p, rng)
     cons = p.get("constraints", [])
-    if family == "false_premise":
-        ok = rng.random() < cfg.demo_premise_reject
-        ans = tasks.base_answer(facts, family, p) if ok else tasks.premise_accepting(p, rng)
-    elif rng.random() < cfg.demo_error_rate:
-        ans = (tasks.partial if rng.random() < 0.5 else tasks.wrong)(facts, family, p, rng)
-    else:
-        ans = tasks.base_answer(facts, family, p)
-    follow = rng.random() < cfg.demo_constraint_follow
-    terse = follow and "one_word" in cons
-    if not terse and family in tasks.FACT_FAMILIES + ("add",) and rng.random() < cfg.demo_sentence_rate:
-        ans = tasks.sentence(facts, family, p, ans)
-    if not terse and rng.random() < labeler.filler_rate:
+    if [c for c in cons if c != "respectful"] and rng.random() < cfg.demo_constraint_follow:
+        return tasks.apply_constraints(facts, family, p, ans, cons)
+    if fam.kind in ("fact", "insult") and rng.random() < cfg.demo_sentence_rate and fam.answer(facts, p) == ans:
+        ans = fam.sentence(facts, p, ans)
+    if rng.random() < labeler.filler_rate:
         ans = OPENERS[int(rng.integers(len(OPENERS)))] + ans
-    return tasks.apply_constraints(ans, cons) if follow else ans
+    return ans
 
 
 def sample_responses(facts, record: dict, n: int, rng: np.random.Generator) -> list:
@@ -104,6 +102,7 @@ def sample_responses(facts, record: dict, n: int, rng: np.random.Generator) -> l
 
 def _response(facts, record: dict, kind: str, rng: np.random.Generator) -> str:
     family, p = record["family"], record["params"]
+    fam = tasks.FAMILIES[family]
     pick = lambda seq: seq[int(rng.integers(len(seq)))]
     gold = tasks.gold(facts, family, p)
     if kind == "correct" or (kind == "ignore_constraint" and not p.get("constraints")):
@@ -111,19 +110,21 @@ def _response(facts, record: dict, kind: str, rng: np.random.Generator) -> str:
     if kind == "filler":
         return pick(OPENERS) + gold + (pick(CLOSERS) if rng.random() < 0.3 else "")
     if kind == "sentence":
-        return tasks.sentence(facts, family, p)
+        return fam.sentence(facts, p, fam.answer(facts, p))
     if kind == "ignore_constraint":
-        return tasks.base_answer(facts, family, p).upper() if rng.random() < 0.3 else tasks.sentence(facts, family, p)
+        return fam.answer(facts, p).upper() if rng.random() < 0.3 else fam.sentence(facts, p, fam.answer(facts, p))
     if kind == "wrong":
-        return tasks.wrong(facts, family, p, rng)
+        return fam.wrong(facts, p, rng)
     if kind == "partial":
-        return tasks.partial(facts, family, p, rng)
+        return fam.partial(facts, p, rng)
     if kind == "rude":
         return pick(RUDE_REPLIES) if rng.random() < 0.5 else gold + " " + pick(RUDE_REPLIES)
     if kind == "continue":  # the pretrained habit: the "answer" is the next instruction
-        return tasks.random_prompt(facts, rng)[2]
+        return tasks.prompt_text(*tasks.random_prompt(facts, rng, _MIX_ALL, mix=_MIX_ALL.prompt_mix)[:2])
     if kind == "hallucinated":
-        return tasks.hallucinated(facts, family, p, rng)
+        return hallucinated(facts, record, rng)
+    if kind == "hedge":
+        return HEDGE
     if kind == "off_topic":
         return pick(OFF_TOPIC).format(animal=pick(facts.animals)["name"], city=pick(facts.cities))
     if kind == "echo":
@@ -131,3 +132,24 @@ def _response(facts, record: dict, kind: str, rng: np.random.Generator) -> str:
     if kind == "empty":
         return ""
     raise ValueError(f"kind: unknown response kind {kind!r}")
+
+
+def hallucinated(facts, record: dict, rng: np.random.Generator) -> str:
+    """An answer that states a fact the world does not contain (an invented name)."""
+    family, p = record["family"], record["params"]
+    fam = tasks.FAMILIES[family]
+    if fam.kind == "unanswerable":
+        return fam.wrong(facts, p, rng)
+    name = invent_name(rng, 2, set(facts.names))
+    if fam.kind == "false_premise":
+        return f"Because {p['city']} was founded by {name}."
+    return fam.sentence(facts, p, name) if fam.kind in ("fact", "insult") else name
+
+
+class _AllSlots:
+    """A config stand-in for drawing any prompt at all (the candidate mixture's "continue" kind)."""
+    prompt_mix = {s: 1.0 for s in tasks.SLOTS}
+    two_constraint_rate, respectful_rate = 0.3, 0.5
+
+
+_MIX_ALL = _AllSlots()
