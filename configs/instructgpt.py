@@ -178,6 +178,8 @@ def _model(**kw):
       dtype="float32",           # compute dtype (bfloat16 on accelerators)
       param_dtype="float32",     # master weights (paper C: fp32 master weights)
       remat=False,               # recompute blocks in the backward pass
+      remat_policy="",           # "" (follow remat), "none", "block_inputs", "nothing_saveable", "dots_saveable"
+      scan_layers=False,         # layers as one nn.scan over stacked weights (compile time flat in depth)
       attention="einsum",        # "einsum" (written out) or "dot_product" (jax.nn.dot_product_attention:
                                  # cuDNN fused attention on GPU where it applies; same math elsewhere)
   ))

@@ -108,6 +108,7 @@ MODEL = {
     "rope_theta": POSITIVE, "tie_embeddings": BOOL, "embed_dropout": PROB, "attn_dropout": PROB,
     "resid_dropout": PROB, "dtype": choice("float32", "bfloat16", "float16"),
     "param_dtype": choice("float32", "bfloat16", "float16"), "remat": BOOL,
+    "remat_policy": choice("", "none", "block_inputs", "nothing_saveable", "dots_saveable"), "scan_layers": BOOL,
     "attention": choice("einsum", "dot_product"),
 }
 

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 
 STYLES = ("gpt", "llama")
 ATTENTION = ("einsum", "dot_product")
+# What each block keeps for the backward pass ("" follows `remat`: "block_inputs" if set, else "none").
+REMAT_POLICIES = ("none", "block_inputs", "nothing_saveable", "dots_saveable")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -36,6 +38,10 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype: float32 on CPU, bfloat16 on accelerators
   param_dtype: str = "float32"  # master weights stay float32 (paper: fp32 master weights)
   remat: bool = False           # recompute each block in the backward pass (large presets)
+  remat_policy: str = ""        # one of REMAT_POLICIES, or "" to follow `remat` (see `block_remat`)
+  # The layers as one nn.scan over a Block with stacked [n_layers, ...] weights: compile time independent of
+  # depth. Changes the params' tree layout (models/layout.py converts), not their meaning.
+  scan_layers: bool = False
   # "einsum": attention written out (default); "dot_product": jax.nn.dot_product_attention, which runs
   # cuDNN's fused (flash) kernel on GPU where it applies and the same XLA math elsewhere. No param change.
   attention: str = "einsum"
@@ -55,6 +61,10 @@ class ModelConfig:
     for f in ("embed_dropout", "attn_dropout", "resid_dropout"):
       if not 0.0 <= getattr(self, f) < 1.0:
         bad(f, "a probability in [0, 1)")
+    if self.remat_policy not in ("",) + REMAT_POLICIES:
+      bad("remat_policy", f"'' (follow model.remat) or one of {REMAT_POLICIES}")
+    if not isinstance(self.scan_layers, bool):
+      bad("scan_layers", "a bool")
     if self.attention not in ATTENTION:
       bad("attention", f"one of {ATTENTION}")
     for f in ("dtype", "param_dtype"):
@@ -72,6 +82,11 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+  @property
+  def block_remat(self) -> str:
+    """The remat policy in force: `remat_policy`, or what the older `remat` flag meant."""
+    return self.remat_policy or ("block_inputs" if self.remat else "none")
 
   @property
   def compute_dtype(self):
@@ -104,7 +119,9 @@ class ModelConfig:
 
 def mismatched_fields(a: Mapping[str, Any], b: Mapping[str, Any],
                       ignore: tuple[str, ...] = ("embed_dropout", "attn_dropout", "resid_dropout",
-                                                 "dtype", "remat", "attention")) -> list[str]:
-  """Fields that change the parameter tree or its meaning (dropout/dtype/remat/attention may differ by stage)."""
+                                                 "dtype", "remat", "remat_policy", "attention",
+                                                 "scan_layers")) -> list[str]:
+  """Fields that change the parameters' meaning (dropout/dtype/remat/attention may differ by stage; a checkpoint
+  of the other `scan_layers` layout is converted when it is restored)."""
   keys = sorted((set(a) | set(b)) - set(ignore))
   return [k for k in keys if a.get(k) != b.get(k)]

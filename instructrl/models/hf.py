@@ -295,14 +295,19 @@ def _llama_to_params(cfg: ModelConfig, t: _Taker) -> dict:
 
 
 def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], where: str = "<checkpoint>") -> dict:
-  """HF tensors -> an instructrl params tree of float32 numpy arrays (unsharded)."""
+  """HF tensors -> an instructrl params tree of float32 numpy arrays (unsharded), in cfg's layer layout."""
+  from instructrl.models import layout
   if cfg.style == "gpt":
-    return _gpt2_to_params(cfg, _Taker(_strip(tensors, ("transformer.",)), where))
-  return _llama_to_params(cfg, _Taker(_strip(tensors, ("model.",)), where))
+    params = _gpt2_to_params(cfg, _Taker(_strip(tensors, ("transformer.",)), where))
+  else:
+    params = _llama_to_params(cfg, _Taker(_strip(tensors, ("model.",)), where))
+  return layout.stack_layers(params) if cfg.scan_layers else params
 
 
 def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """instructrl params -> HF tensors named as the *ForCausalLM classes save them."""
+  """instructrl params (either layer layout) -> HF tensors named as the *ForCausalLM classes save them."""
+  from instructrl.models import layout
+  params = layout.unstack_layers(params)
   g = lambda x: np.asarray(x, np.float32)
   D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   out = {}
@@ -342,8 +347,10 @@ def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.nd
 
 # ----------------------------------------------------------------------------- the public API
 
-def load(directory: str | Path, mesh=None, rules=None, param_dtype: str = "float32"):
+def load(directory: str | Path, mesh=None, rules=None, param_dtype: str = "float32", scan_layers: bool = False):
   """Import a save_pretrained directory: returns (params, ModelConfig).
+
+  scan_layers: return the params stacked for a model with `scan_layers` (the config says so too).
 
   With a mesh, every weight is placed with the NamedSharding its logical axes map to under
   `rules` (parallel.DEFAULT_RULES if None), the same shardings the train steps use; without
@@ -355,8 +362,9 @@ def load(directory: str | Path, mesh=None, rules=None, param_dtype: str = "float
   d = Path(directory)
   hf, tensors = read_checkpoint(d)
   cfg = config_from_hf(hf, str(d / CONFIG))
-  if param_dtype != cfg.param_dtype:
-    cfg = ModelConfig.from_dict({**cfg.to_dict(), "param_dtype": param_dtype, "dtype": param_dtype})
+  if param_dtype != cfg.param_dtype or scan_layers:
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "param_dtype": param_dtype, "dtype": param_dtype,
+                                 "scan_layers": scan_layers})
   params = params_from_hf(cfg, tensors, str(d))
   boxed = abstract_params(cfg)
   import flax.linen as nn

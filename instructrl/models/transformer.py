@@ -7,8 +7,14 @@ logical names onto mesh axes with rules from the config.
 Shapes: B batch, T new tokens, S key slots (= T without a cache, cache length with one),
 D d_model, N query heads, K kv heads, G = N // K, H head_dim, F d_ff, V vocab.
 
-The KV cache is an explicit argument and result (a tuple of per-layer dicts), not a mutable
-collection, so the sampler's `lax.while_loop` carries it like any other array.
+The KV cache is an explicit argument and result, not a mutable collection, so the sampler's
+`lax.while_loop` carries it like any other array: a tuple of per-layer {"k", "v"} dicts, or with
+`scan_layers` one dict of stacked [n_layers, B, S, K, H] arrays that the scan slices per layer.
+
+With `scan_layers` the blocks are one `nn.scan` over a single Block whose weights carry a leading
+"layers" axis (params["layers"][...] instead of params["layer_{i}"][...]; models/layout.py converts),
+so the traced and compiled program holds one block whatever the depth, and under FSDP each layer's
+weights are gathered inside the loop body as that layer runs.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import jax.numpy as jnp
 
 from instructrl.models.config import ModelConfig
 
-Cache = tuple  # tuple of {"k": [B, S, K, H], "v": [B, S, K, H]} per layer
+Cache = tuple | dict  # per-layer {"k": [B, S, K, H], "v": ...} (tuple), or stacked [L, B, S, K, H] (scan_layers)
+STACKED = "layers"     # the params key (and logical axis name) of the scanned layers
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: tuple):
@@ -77,6 +84,9 @@ def constrain(x, axes: tuple):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  if cfg.scan_layers:
+    z = jnp.zeros((cfg.n_layers,) + shape, cfg.compute_dtype)
+    return {"k": z, "v": z}
   z = jnp.zeros(shape, cfg.compute_dtype)
   return tuple({"k": z, "v": z} for _ in range(cfg.n_layers))
 
@@ -204,17 +214,42 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
+  """One pre-norm block. (x, cache) -> (x, new cache): the carry and per-layer slice of a scan."""
   cfg: ModelConfig
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, positions, kv_mask, cache, cache_index, deterministic):
-    cfg = self.cfg
+  def __call__(self, x, cache, positions, kv_mask, cache_index):
+    cfg, deterministic = self.cfg, self.deterministic
     drop = nn.Dropout(cfg.resid_dropout)
     a, new_cache = Attention(cfg, name="attn")(Norm(cfg, name="norm_attn")(x), positions, kv_mask,
                                                  cache, cache_index, deterministic)
     x = x + drop(a, deterministic=deterministic)
     x = x + drop(Mlp(cfg, name="mlp")(Norm(cfg, name="norm_mlp")(x)), deterministic=deterministic)
     return constrain(x, ("batch", "length", "embed")), new_cache
+
+
+_REMAT_POLICY = {"block_inputs": None,   # jax.checkpoint's default: keep the block's arguments, recompute the rest
+                 "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+                 "dots_saveable": jax.checkpoint_policies.dots_saveable}
+
+
+def block_class(cfg: ModelConfig, prevent_cse: bool = True):
+  """Block, wrapped in nn.remat with the config's policy (none: Block itself)."""
+  policy = cfg.block_remat
+  if policy == "none":
+    return Block
+  # Inside a scan the loop already keeps XLA from merging the recomputation into the forward pass.
+  return nn.remat(Block, policy=_REMAT_POLICY[policy], prevent_cse=prevent_cse)
+
+
+def scanned_blocks(cfg: ModelConfig):
+  """The n_layers blocks as one nn.scan: params and the cache gain a leading "layers" axis, dropout and
+  init rngs are split per layer, positions / masks / the cache index are shared by every layer."""
+  return nn.scan(block_class(cfg, prevent_cse=False), variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                 metadata_params={nn.PARTITION_NAME: STACKED})
 
 
 class Decoder(nn.Module):
@@ -243,15 +278,18 @@ class Decoder(nn.Module):
     x = nn.Dropout(cfg.embed_dropout)(x, deterministic=deterministic)
     x = constrain(x, ("batch", "length", "embed"))
 
-    # static_argnums count `self` (flax subtracts 1): 6 is `deterministic`, a Python bool.
-    block_cls = nn.remat(Block, static_argnums=(6,)) if cfg.remat else Block
-    new_cache = []
-    for i in range(cfg.n_layers):
-      x, c = block_cls(cfg, name=f"layer_{i}")(x, positions_bt, kv_mask_bs,
-                                               None if cache is None else cache[i], cache_index, deterministic)
-      new_cache.append(c)
+    if cfg.scan_layers:
+      x, new_cache = scanned_blocks(cfg)(cfg, deterministic, name=STACKED)(x, cache, positions_bt, kv_mask_bs,
+                                                                           cache_index)
+    else:
+      block_cls = block_class(cfg)
+      new_cache = []
+      for i in range(cfg.n_layers):
+        x, c = block_cls(cfg, deterministic, name=f"layer_{i}")(x, None if cache is None else cache[i],
+                                                                positions_bt, kv_mask_bs, cache_index)
+        new_cache.append(c)
+      new_cache = None if cache is None else tuple(new_cache)
     h = Norm(cfg, name="norm_final")(x)
-    new_cache = None if cache is None else tuple(new_cache)
     if return_hidden:
       return h, new_cache
 
