@@ -180,6 +180,16 @@ def _model(**kw):
       remat=False,               # recompute blocks in the backward pass
       attention="einsum",        # "einsum" (written out) or "dot_product" (jax.nn.dot_product_attention:
                                  # cuDNN fused attention on GPU where it applies; same math elsewhere)
+      # "llama" style only, for imported families (docs/real_data.md); the defaults are plain LLaMA.
+      qkv_bias=False,            # q/k/v projection biases (Qwen2)
+      embed_scale=False,         # embeddings times sqrt(d_model) (Gemma)
+      glu_activation="silu",     # gated MLP: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
+      sliding_window=0,          # > 0: attend to the last sliding_window slots only (Mistral); any style
+      rope_scaling="",           # "llama3": LLaMA 3.1's RoPE frequency scaling, with the four below
+      rope_factor=1.0,
+      rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0,
+      rope_original_max_len=0,
   ))
   c.update(kw)
   return c
