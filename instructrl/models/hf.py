@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints <-> instructrl params: GPT-2 and LLaMA-family safetensors, both ways.
+"""Hugging Face checkpoints <-> instructrl params: GPT-2 and LLaMA-family (LLaMA incl. 3.1 RoPE scaling,
+Mistral incl. sliding window, Qwen2, Gemma v1) safetensors, both ways; RMs out as *ForSequenceClassification.
 
 Reads what `transformers`' `save_pretrained` writes (config.json plus model.safetensors, or
 model-0000k-of-0000n.safetensors shards listed in model.safetensors.index.json) with the
@@ -12,6 +13,8 @@ Layouts (HF name -> instructrl path, shapes with D d_model, N/K heads, H head_di
   LLaMA (nn.Linear weights are [out, in], so every matrix is transposed):
     embed_tokens -> embed;  q/k/v/o_proj -> wq/wk/wv/wo;  gate/up/down_proj -> w_gate/w_in/w_out
     input_layernorm/post_attention_layernorm/norm -> norm_attn/norm_mlp/norm_final;  lm_head -> unembed
+    Qwen2: q/k/v_proj.bias -> bq/bk/bv.  Gemma: a norm weight w (its scale is 1 + w) -> scale = 1 + w.
+  RM export (head "scalar"): score [D] -> score.weight [1, D]; score_bias: see `fold_score_bias`.
 HF's LLaMA stores q/k in the rotate-half RoPE layout, which is the one `transformer.rope` uses,
 so no permutation is needed.
 """

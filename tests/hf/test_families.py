@@ -161,6 +161,9 @@ def test_sliding_window_is_a_mask_on_slots():
   # One layer: query q sees slots q-7..q, so slot 3 reaches queries 3..10 and no later one.
   np.testing.assert_array_equal(changed[0, 11:], base[0, 11:])
   assert np.abs(changed[0, 3:11] - base[0, 3:11]).max(-1).min() > 1e-4
+  # jax.nn.dot_product_attention (cuDNN's path on GPU) gets the same window through its mask.
+  fused = ModelConfig.from_dict({**cfg.to_dict(), "attention": "dot_product"})
+  np.testing.assert_allclose(our_logits(params, fused, t), base, atol=1e-5, rtol=0)
 
 
 def test_gemma2_and_unsupported_variants_are_refused():
