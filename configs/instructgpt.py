@@ -190,6 +190,10 @@ def _model(**kw):
       rope_low_freq_factor=1.0,
       rope_high_freq_factor=4.0,
       rope_original_max_len=0,
+      attn_softcap=0.0,          # Gemma 2: c * tanh(x / c) on attention scores (0: off)
+      final_softcap=0.0,         # Gemma 2: the same on the LM logits (0: off)
+      query_pre_attn_scalar=0.0,  # Gemma 2: attention scale query_pre_attn_scalar ** -0.5 (0: head_dim)
+      post_norms=False,          # Gemma 2: RMSNorm on the attention and MLP outputs
   ))
   c.update(kw)
   return c

@@ -53,6 +53,13 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 0
+  # Gemma 2 (with embed_scale, glu_activation="gelu_tanh"): tanh soft-capping c * tanh(x / c) of the attention
+  # scores and of the LM logits (0: none), the attention scale query_pre_attn_scalar ** -0.5 (0: head_dim),
+  # and an RMSNorm on the attention and MLP outputs before each residual add.
+  attn_softcap: float = 0.0
+  final_softcap: float = 0.0
+  query_pre_attn_scalar: float = 0.0
+  post_norms: bool = False
 
   def __post_init__(self):
     def bad(field, expected):
@@ -77,11 +84,16 @@ class ModelConfig:
     if self.glu_activation not in GLU_ACTIVATIONS:
       bad("glu_activation", f"one of {GLU_ACTIVATIONS}")
     if self.style == "gpt":   # GPT-2's block is fixed: these would be silently ignored
-      for f in ("qkv_bias", "embed_scale", "glu_activation", "rope_scaling"):
+      for f in ("qkv_bias", "embed_scale", "glu_activation", "rope_scaling", "post_norms"):
         if getattr(self, f) != _LATER_DEFAULTS[f]:
           bad(f, f"{_LATER_DEFAULTS[f]!r} for style 'gpt' (it applies to style 'llama' only)")
     if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
       bad("sliding_window", "a non-negative integer (0: no window)")
+    for f in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+      if not getattr(self, f) >= 0:
+        bad(f, "a number >= 0 (0: off)")
+    if self.query_pre_attn_scalar != int(self.query_pre_attn_scalar):
+      bad("query_pre_attn_scalar", "a whole number (transformers stores an int)")
     if self.rope_scaling not in ROPE_SCALINGS:
       bad("rope_scaling", f"one of {ROPE_SCALINGS}")
     if self.rope_scaling == "llama3":
@@ -124,7 +136,7 @@ class ModelConfig:
     else:
       attn += h * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
       mlp = 3 * d * self.d_ff
-      norms = 2 * d
+      norms = (4 if self.post_norms else 2) * d
     n = self.n_layers * (attn + mlp + norms)
     n += 2 * d if self.style == "gpt" else d                 # final norm
     emb = self.vocab_size * d
@@ -150,4 +162,5 @@ def mismatched_fields(a: Mapping[str, Any], b: Mapping[str, Any],
 _LATER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)
                    if f.name in ("qkv_bias", "embed_scale", "glu_activation", "sliding_window", "rope_scaling",
                                  "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                                 "rope_original_max_len")}
+                                 "rope_original_max_len", "attn_softcap", "final_softcap",
+                                 "query_pre_attn_scalar", "post_norms")}

@@ -1,5 +1,5 @@
 """Hugging Face checkpoints <-> instructrl params: GPT-2 and LLaMA-family (LLaMA incl. 3.1 RoPE scaling,
-Mistral incl. sliding window, Qwen2, Gemma v1) safetensors, both ways; RMs out as *ForSequenceClassification.
+Mistral incl. sliding window, Qwen2, Gemma, Gemma 2) safetensors, both ways; RMs out as *ForSequenceClassification.
 
 Reads what `transformers`' `save_pretrained` writes (config.json plus model.safetensors, or
 model-0000k-of-0000n.safetensors shards listed in model.safetensors.index.json) with the
@@ -14,6 +14,8 @@ Layouts (HF name -> instructrl path, shapes with D d_model, N/K heads, H head_di
     embed_tokens -> embed;  q/k/v/o_proj -> wq/wk/wv/wo;  gate/up/down_proj -> w_gate/w_in/w_out
     input_layernorm/post_attention_layernorm/norm -> norm_attn/norm_mlp/norm_final;  lm_head -> unembed
     Qwen2: q/k/v_proj.bias -> bq/bk/bv.  Gemma: a norm weight w (its scale is 1 + w) -> scale = 1 + w.
+    Gemma 2: input/post_attention/pre_feedforward/post_feedforward_layernorm -> norm_attn, attn.norm_post,
+    norm_mlp, mlp.norm_post.
   RM export (head "scalar"): score [D] -> score.weight [1, D]; score_bias: see `fold_score_bias`.
 HF's LLaMA stores q/k in the rotate-half RoPE layout, which is the one `transformer.rope` uses,
 so no permutation is needed.
@@ -34,7 +36,7 @@ CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 GPT2_TYPES = ("gpt2",)
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "gemma")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
 # Buffers that older transformers versions saved next to GPT-2 weights: not parameters.
 _GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
@@ -67,15 +69,18 @@ def _rope(hf: Mapping[str, Any], where: str) -> dict:
 
 
 def _llama_family(hf: Mapping[str, Any], kind: str, where: str) -> ModelConfig:
-  """LLaMA, Mistral, Qwen2 and Gemma (v1): one block with per-family switches, refusing what it cannot be."""
+  """LLaMA, Mistral, Qwen2, Gemma and Gemma 2: one block with per-family switches, refusing what it cannot be."""
   def refuse(field, why):
     raise ConvertError(f"{where}: {field}={hf.get(field)!r} is not supported for model_type {kind!r} ({why})")
   act = hf.get("hidden_act", "silu")
-  if kind == "gemma":
+  if kind == "gemma2":
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+  if kind in ("gemma", "gemma2"):
     # transformers reads Gemma's legacy "gelu" as the tanh approximation, the one its weights were trained with.
     if act not in ("gelu", "gelu_pytorch_tanh"):
-      refuse("hidden_act", "Gemma's GeGLU uses the tanh GELU, 'gelu_pytorch_tanh'")
-    if hf.get("hidden_activation") not in (None, "gelu_pytorch_tanh"):
+      refuse("hidden_activation" if kind == "gemma2" else "hidden_act",
+             "Gemma's GeGLU uses the tanh GELU, 'gelu_pytorch_tanh'")
+    if kind == "gemma" and hf.get("hidden_activation") not in (None, "gelu_pytorch_tanh"):
       refuse("hidden_activation", "Gemma's GeGLU uses the tanh GELU, 'gelu_pytorch_tanh'")
     glu = "gelu_tanh"
   else:
@@ -84,6 +89,8 @@ def _llama_family(hf: Mapping[str, Any], kind: str, where: str) -> ModelConfig:
     glu = "silu"
   if hf.get("mlp_bias"):
     refuse("mlp_bias", "the gated MLP has no biases")
+  if hf.get("use_bidirectional_attention"):
+    refuse("use_bidirectional_attention", "the Decoder is causal")
   if hf.get("attention_bias"):
     refuse("attention_bias", "an o_proj bias has no counterpart; q/k/v biases alone are model_type 'qwen2'")
   window = 0
@@ -92,16 +99,40 @@ def _llama_family(hf: Mapping[str, Any], kind: str, where: str) -> ModelConfig:
   elif kind == "qwen2":
     if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or ()):
       refuse("use_sliding_window", "Qwen2's per-layer sliding window; only full attention in every layer")
-  elif hf.get("sliding_window"):
+  elif kind != "gemma2" and hf.get("sliding_window"):
     refuse("sliding_window", "this family has no sliding window")
   d, n = hf["hidden_size"], hf["num_attention_heads"]
-  tied = bool(hf.get("tie_word_embeddings", kind == "gemma"))
-  return ModelConfig(style="llama", vocab_size=hf["vocab_size"], max_len=hf["max_position_embeddings"],
+  gemma = kind in ("gemma", "gemma2")
+  tied = bool(hf.get("tie_word_embeddings", gemma))
+  max_len = hf["max_position_embeddings"]
+  extra = {}
+  if kind == "gemma2":
+    max_len = _gemma2_window(hf, max_len)
+    extra = dict(post_norms=True, attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+                 final_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+                 query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)))   # transformers' default
+  return ModelConfig(style="llama", vocab_size=hf["vocab_size"], max_len=max_len,
                      d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
                      n_kv_heads=hf.get("num_key_value_heads") or n, head_dim=hf.get("head_dim") or d // n,
                      d_ff=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                     tie_embeddings=tied, qkv_bias=kind == "qwen2", embed_scale=kind == "gemma",
-                     glu_activation=glu, sliding_window=window, **_rope(hf, where))
+                     tie_embeddings=tied, qkv_bias=kind == "qwen2", embed_scale=gemma,
+                     glu_activation=glu, sliding_window=window, **extra, **_rope(hf, where))
+
+
+def _gemma2_window(hf: Mapping[str, Any], max_len: int) -> int:
+  """Gemma 2's context as imported: up to its sliding window.
+
+  Its sliding layers (every other one) see the last `sliding_window` slots, its full layers all of them.
+  The Decoder's layers share one block, so instead of a per-layer mask the context is capped at the
+  window, within which the window never binds and both layer kinds compute full causal attention,
+  exactly as transformers does (released Gemma 2: 4096 of 8192 positions).
+  """
+  types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                    for i in range(hf["num_hidden_layers"])]
+  window = hf.get("sliding_window")
+  if window and "sliding_attention" in types:
+    return min(max_len, int(window))
+  return max_len
 
 
 def config_from_hf(hf: Mapping[str, Any], where: str = CONFIG) -> ModelConfig:
@@ -125,43 +156,48 @@ def config_from_hf(hf: Mapping[str, Any], where: str = CONFIG) -> ModelConfig:
                        tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
   if kind in LLAMA_TYPES:
     return _llama_family(hf, kind, where)
-  if kind == "gemma2":
-    raise ConvertError(f"{where}: model_type 'gemma2' is not supported: its final_logit_softcapping, "
-                       f"attn_logit_softcapping, pre/post-feedforward norms and alternating sliding_window "
-                       f"(layer_types) have no counterpart in the Decoder; Gemma v1 ('gemma') is supported")
   raise ConvertError(f"{where}: model_type {kind!r} is not supported; expected one of "
                      f"{GPT2_TYPES + LLAMA_TYPES}")
 
 
-_ARCH = {"gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma"}
+_ARCH = {"gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma",
+         "gemma2": "Gemma2"}
 HEADS = {"lm": "ForCausalLM", "scalar": "ForSequenceClassification"}
+
+
+_GEMMA = {"embed_scale": True, "glu_activation": "gelu_tanh", "tie_embeddings": True}
+# Per transformers family: the ModelConfig fields it fixes to a value, and those it reads freely from its
+# config.json; every other later-added field must keep its default there.
+_FAMILY_FIXED = {"qwen2": {"qkv_bias": True}, "gemma": _GEMMA, "gemma2": {**_GEMMA, "post_norms": True}}
+_FAMILY_FREE = {
+    "llama": ("rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"),
+    "mistral": ("sliding_window",),
+    "gemma2": ("attn_softcap", "final_softcap", "query_pre_attn_scalar"),
+}
 
 
 def hf_family(cfg: ModelConfig) -> str:
   """The transformers model_type that computes exactly what `cfg` does, or a ConvertError naming the field."""
-  def refuse(field, family):
-    raise ConvertError(f"model.{field}={getattr(cfg, field)!r} has no counterpart in transformers' {family!r} "
-                       f"models, the only family with the rest of this config")
+  from instructrl.models.config import _LATER_DEFAULTS
   if cfg.style == "gpt":
-    if cfg.sliding_window:
-      refuse("sliding_window", "gpt2")
-    return "gpt2"
-  if cfg.embed_scale or cfg.glu_activation == "gelu_tanh":
-    for field, want in (("embed_scale", True), ("glu_activation", "gelu_tanh"), ("tie_embeddings", True),
-                        ("qkv_bias", False), ("sliding_window", 0), ("rope_scaling", "")):
-      if getattr(cfg, field) != want:
-        refuse(field, "gemma")
-    return "gemma"
-  if cfg.qkv_bias:
-    for field in ("sliding_window", "rope_scaling"):
-      if getattr(cfg, field):
-        refuse(field, "qwen2")
-    return "qwen2"
-  if cfg.sliding_window:
-    if cfg.rope_scaling:
-      refuse("rope_scaling", "mistral")
-    return "mistral"
-  return "llama"
+    family = "gpt2"
+  elif cfg.post_norms or cfg.attn_softcap or cfg.final_softcap or cfg.query_pre_attn_scalar:
+    family = "gemma2"
+  elif cfg.embed_scale or cfg.glu_activation == "gelu_tanh":
+    family = "gemma"
+  elif cfg.qkv_bias:
+    family = "qwen2"
+  elif cfg.sliding_window:
+    family = "mistral"
+  else:
+    family = "llama"
+  fixed, free = _FAMILY_FIXED.get(family, {}), _FAMILY_FREE.get(family, ())
+  for field in sorted(set(_LATER_DEFAULTS) | set(fixed)):
+    want = fixed.get(field, _LATER_DEFAULTS.get(field))
+    if field not in free and getattr(cfg, field) != want:
+      raise ConvertError(f"model.{field}={getattr(cfg, field)!r} has no counterpart in transformers' {family!r} "
+                         f"models ({want!r} there), the only family with the rest of this config")
+  return family
 
 
 def config_to_hf(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None = None, *, head: str = "lm",
@@ -190,7 +226,8 @@ def config_to_hf(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None
             "original_max_position_embeddings": cfg.rope_original_max_len}
   out = {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
          "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-         "hidden_act": "gelu_pytorch_tanh" if family == "gemma" else "silu", "max_position_embeddings": cfg.max_len,
+         "hidden_act": "gelu_pytorch_tanh" if family.startswith("gemma") else "silu",
+         "max_position_embeddings": cfg.max_len,
          "rms_norm_eps": cfg.norm_eps,
          # Both spellings, so transformers 4.x and 5.x read the same RoPE.
          "rope_theta": cfg.rope_theta, "rope_parameters": rope,
@@ -201,6 +238,11 @@ def config_to_hf(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None
     out["sliding_window"] = cfg.sliding_window
   if family == "qwen2":
     out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+  if family == "gemma2":
+    # The alternate layers' window is max_len: it never binds within the context (see _gemma2_window).
+    out.update(hidden_activation="gelu_pytorch_tanh", attention_bias=False, sliding_window=cfg.max_len,
+               query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.head_dim),   # an int in transformers
+               attn_logit_softcapping=cfg.attn_softcap or None, final_logit_softcapping=cfg.final_softcap or None)
   return out
 
 
@@ -363,6 +405,15 @@ def _gpt2_to_params(cfg: ModelConfig, t: _Taker) -> dict:
   return p
 
 
+def _norm_names(cfg: ModelConfig, h: str) -> dict[str, str]:
+  """HF names of a layer's norms. Gemma 2's post_attention_layernorm normalises the attention output; in
+  the others it is the norm before the MLP."""
+  if cfg.post_norms:
+    return {"attn": f"{h}.input_layernorm", "attn_post": f"{h}.post_attention_layernorm",
+            "mlp": f"{h}.pre_feedforward_layernorm", "mlp_post": f"{h}.post_feedforward_layernorm"}
+  return {"attn": f"{h}.input_layernorm", "mlp": f"{h}.post_attention_layernorm"}
+
+
 def _llama_to_params(cfg: ModelConfig, t: _Taker) -> dict:
   D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
   lin = lambda name, out, inp: t(f"{name}.weight", (out, inp)).T   # [out, in] -> [in, out]
@@ -373,6 +424,7 @@ def _llama_to_params(cfg: ModelConfig, t: _Taker) -> dict:
   p = {"embed": t("embed_tokens.weight", (cfg.vocab_size, D)), "norm_final": norm("norm")}
   for i in range(cfg.n_layers):
     h = f"layers.{i}"
+    names = _norm_names(cfg, h)
     attn = {"wq": lin(f"{h}.self_attn.q_proj", N * H, D).reshape(D, N, H),
             "wk": lin(f"{h}.self_attn.k_proj", K * H, D).reshape(D, K, H),
             "wv": lin(f"{h}.self_attn.v_proj", K * H, D).reshape(D, K, H),
@@ -381,10 +433,11 @@ def _llama_to_params(cfg: ModelConfig, t: _Taker) -> dict:
       attn.update(bq=t(f"{h}.self_attn.q_proj.bias", (N * H,)).reshape(N, H),
                   bk=t(f"{h}.self_attn.k_proj.bias", (K * H,)).reshape(K, H),
                   bv=t(f"{h}.self_attn.v_proj.bias", (K * H,)).reshape(K, H))
-    p[f"layer_{i}"] = {
-        "norm_attn": norm(f"{h}.input_layernorm"), "norm_mlp": norm(f"{h}.post_attention_layernorm"), "attn": attn,
-        "mlp": {"w_gate": lin(f"{h}.mlp.gate_proj", F, D), "w_in": lin(f"{h}.mlp.up_proj", F, D),
-                "w_out": lin(f"{h}.mlp.down_proj", D, F)}}
+    mlp = {"w_gate": lin(f"{h}.mlp.gate_proj", F, D), "w_in": lin(f"{h}.mlp.up_proj", F, D),
+           "w_out": lin(f"{h}.mlp.down_proj", D, F)}
+    if cfg.post_norms:
+      attn["norm_post"], mlp["norm_post"] = norm(names["attn_post"]), norm(names["mlp_post"])
+    p[f"layer_{i}"] = {"norm_attn": norm(names["attn"]), "norm_mlp": norm(names["mlp"]), "attn": attn, "mlp": mlp}
   if not cfg.tie_embeddings:
     p["unembed"] = lin("lm_head", cfg.vocab_size, D)
   elif "lm_head.weight" in t.t:
@@ -429,8 +482,11 @@ def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any], head: str = "lm") 
     for i in range(cfg.n_layers):
       l, h = params[f"layer_{i}"], f"model.layers.{i}"
       a, m = l["attn"], l["mlp"]
-      out[h + ".input_layernorm.weight"] = norm(l["norm_attn"])
-      out[h + ".post_attention_layernorm.weight"] = norm(l["norm_mlp"])
+      names = _norm_names(cfg, h)
+      out[names["attn"] + ".weight"], out[names["mlp"] + ".weight"] = norm(l["norm_attn"]), norm(l["norm_mlp"])
+      if cfg.post_norms:
+        out[names["attn_post"] + ".weight"] = norm(a["norm_post"])
+        out[names["mlp_post"] + ".weight"] = norm(m["norm_post"])
       out[h + ".self_attn.q_proj.weight"] = g(a["wq"]).reshape(D, N * H).T
       out[h + ".self_attn.k_proj.weight"] = g(a["wk"]).reshape(D, K * H).T
       out[h + ".self_attn.v_proj.weight"] = g(a["wv"]).reshape(D, K * H).T

@@ -187,16 +187,20 @@ class Attention(nn.Module):
       allowed_bts = allowed_bts & (jnp.arange(S)[None, :] > q_slot_t[:, None] - cfg.sliding_window)[None]
     if kv_mask_bs is not None:
       allowed_bts = allowed_bts & kv_mask_bs[:, None, :].astype(bool)             # padding
-    if cfg.attention == "dot_product" and (deterministic or cfg.attn_dropout == 0.0):
+    scale = (cfg.query_pre_attn_scalar or H) ** -0.5
+    # jax.nn.dot_product_attention has no soft-capping: capped scores take the written-out path.
+    if cfg.attention == "dot_product" and (deterministic or cfg.attn_dropout == 0.0) and not cfg.attn_softcap:
       # No cache and no padding: plain causal, which lets cuDNN skip the masked blocks. Fully-masked
       # rows (left-pad queries) get a finite fill there too; their outputs are unused.
       plain_causal = cache is None and kv_mask_bs is None and not cfg.sliding_window
-      out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=H ** -0.5,
+      out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
                                          mask=None if plain_causal else allowed_bts[:, None],
                                          is_causal=plain_causal)
     else:
       qg = q.reshape(B, T, K, N // K, H)
-      logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * H ** -0.5
+      logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * scale
+      if cfg.attn_softcap:
+        logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
       # A finite fill keeps fully-masked rows (left-pad queries) NaN-free; their outputs are unused.
       logits = jnp.where(allowed_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(logits, axis=-1).astype(dt)
@@ -206,6 +210,8 @@ class Attention(nn.Module):
     y = linear("btnh,nhd->btd", out, wo.astype(dt))
     if cfg.style == "gpt":
       y = y + param_with_axes(self, "bo", nn.initializers.zeros, (D,), wdt, ("embed",)).astype(dt)
+    if cfg.post_norms:
+      y = Norm(cfg, name="norm_post")(y)
     return y, new_cache
 
 
@@ -234,6 +240,8 @@ class Mlp(nn.Module):
     y = linear("btf,fd->btd", h, w_out.astype(dt))
     if cfg.style == "gpt":
       y = y + param_with_axes(self, "b_out", nn.initializers.zeros, (D,), wdt, ("embed",)).astype(dt)
+    if cfg.post_norms:
+      y = Norm(cfg, name="norm_post")(y)
     return y
 
 
@@ -298,6 +306,8 @@ class Decoder(nn.Module):
         w_out = param_with_axes(self, "unembed", nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
                                 wdt, ("embed", "vocab"))
       out = linear("btd,dv->btv", h, w_out.astype(dt)).astype(jnp.float32)
+      if cfg.final_softcap:
+        out = cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)
       out = constrain(out, ("batch", "length", "vocab"))
     elif self.head == "scalar":
       w = param_with_axes(self, "score", nn.initializers.normal(0.02 / cfg.d_model ** 0.5), (cfg.d_model,),

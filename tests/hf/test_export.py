@@ -39,6 +39,7 @@ FAMILIES = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)),
     "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**LLAMA, tie_word_embeddings=True)),
     "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**{**LLAMA, "num_key_value_heads": 1})),
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**LLAMA, query_pre_attn_scalar=8)),
 }
 TOKENS = np.random.default_rng(1).integers(3, V, (3, 24))
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +122,7 @@ def right_padded(lengths):
   return tokens, mask
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "gemma", "gemma2"])
 def test_rm_export_scores_as_transformers(kind, tmp_path):
   params, cfg = rm_params(kind, tmp_path)
   save_stage(tmp_path / "w" / "rm", {"params": params}, cfg)

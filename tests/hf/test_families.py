@@ -1,6 +1,8 @@
 """Further LLaMA-style families against transformers: Qwen2 (q/k/v biases), Gemma v1 ((1 + w) RMSNorm,
-sqrt(d_model) embedding scale, GeGLU, free head_dim, MQA), LLaMA 3.1's "llama3" RoPE scaling and Mistral's
-sliding window (at sequences longer than the window, in the forward pass and the KV-cache sampler).
+sqrt(d_model) embedding scale, GeGLU, free head_dim, MQA), Gemma 2 (soft-capping, post-norms,
+query_pre_attn_scalar, context capped at its alternate layers' window), LLaMA 3.1's "llama3" RoPE scaling
+and Mistral's sliding window (at sequences longer than the window, in the forward pass and the KV-cache
+sampler).
 
 Each: imported logits equal transformers' (f32), the export reloads in transformers with the same logits,
 and greedy sampling with our sampler equals `generate(do_sample=False)` token for token on a left-padded
@@ -47,12 +49,19 @@ FAMILIES = {
         rope_parameters=dict(LLAMA3_ROPE))),
     "mistral_window": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         **BASE, sliding_window=WINDOW, tie_word_embeddings=False)),
+    # Soft caps small enough to bind on O(1) scores and logits; query_pre_attn_scalar != head_dim; the
+    # alternate layers' window (64) caps the imported context below max_position_embeddings (128).
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **{**BASE, "head_dim": 16}, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, sliding_window=64)),
 }
 EXPECT = {"qwen2": dict(qkv_bias=True, tie_embeddings=False), "qwen2_tied": dict(qkv_bias=True, tie_embeddings=True),
           "gemma": dict(embed_scale=True, glu_activation="gelu_tanh", n_kv_heads=1, head_dim=16, tie_embeddings=True),
           "gemma_gqa": dict(embed_scale=True, glu_activation="gelu_tanh", n_kv_heads=2, head_dim=12),
           "llama3": dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=64),
-          "mistral_window": dict(sliding_window=WINDOW)}
+          "mistral_window": dict(sliding_window=WINDOW),
+          "gemma2": dict(post_norms=True, embed_scale=True, glu_activation="gelu_tanh", attn_softcap=2.0,
+                         final_softcap=3.0, query_pre_attn_scalar=12.0, max_len=64, sliding_window=0)}
 TOKENS = np.random.default_rng(1).integers(3, V, (3, 40))   # 40 > the window of 8
 
 
@@ -166,10 +175,20 @@ def test_sliding_window_is_a_mask_on_slots():
   np.testing.assert_allclose(our_logits(params, fused, t), base, atol=1e-5, rtol=0)
 
 
-def test_gemma2_and_unsupported_variants_are_refused():
-  g2 = {**BASE, "model_type": "gemma2", "final_logit_softcapping": 30.0}
-  with pytest.raises(hf.ConvertError, match="gemma2.*final_logit_softcapping.*attn_logit_softcapping"):
-    hf.config_from_hf(g2)
+def test_gemma2_context_stops_at_its_window():
+  """Gemma 2's sliding layers alternate with full ones; the import caps the context at the window (where
+  it never binds), and the sampler refuses to go past it rather than drift from transformers."""
+  g2 = {**BASE, "model_type": "gemma2", "sliding_window": 16, "max_position_embeddings": 128}
+  cfg = hf.config_from_hf(g2)
+  assert cfg.max_len == 16 and cfg.sliding_window == 0 and cfg.post_norms
+  assert hf.config_from_hf({**g2, "layer_types": ["full_attention"] * 2}).max_len == 128
+  params = Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  with pytest.raises(ValueError, match="exceeds model.max_len=16"):
+    sample(params, jnp.ones((1, 10), jnp.int32), jnp.ones((1, 10), bool), jax.random.key(0), cfg=cfg,
+           max_new_tokens=7, temperature=0.0, eos_id=-1, pad_id=0)
+
+
+def test_unsupported_variants_are_refused():
   qwen_window = {**BASE, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16}
   with pytest.raises(hf.ConvertError, match=r"use_sliding_window=True .*'qwen2'"):
     hf.config_from_hf(qwen_window)
@@ -185,3 +204,8 @@ def test_gemma2_and_unsupported_variants_are_refused():
   odd = ModelConfig(style="llama", embed_scale=True, glu_activation="gelu_tanh", qkv_bias=True)
   with pytest.raises(hf.ConvertError, match=r"model\.qkv_bias=True .*'gemma'"):
     hf.config_to_hf(odd)
+  with pytest.raises(hf.ConvertError, match=r"model\.sliding_window=8 .*'gemma2'"):
+    hf.config_to_hf(ModelConfig(style="llama", embed_scale=True, glu_activation="gelu_tanh", post_norms=True,
+                                sliding_window=8))
+  with pytest.raises(hf.ConvertError, match=r"use_bidirectional_attention=True"):
+    hf.config_from_hf({**BASE, "model_type": "gemma2", "use_bidirectional_attention": True})

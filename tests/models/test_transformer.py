@@ -220,9 +220,11 @@ def test_num_params_matches_tree(style, tied):
 
 @pytest.mark.parametrize("extra", [dict(qkv_bias=True), dict(embed_scale=True, glu_activation="gelu_tanh", head_dim=24),
                                    dict(sliding_window=4, rope_scaling="llama3", rope_factor=8.0,
-                                        rope_original_max_len=32)])
+                                        rope_original_max_len=32),
+                                   dict(embed_scale=True, glu_activation="gelu_tanh", post_norms=True,
+                                        attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=16.0)])
 def test_num_params_matches_tree_llama_variants(extra):
-  """The Qwen2 / Gemma / Mistral / LLaMA 3.1 switches: only q/k/v biases add parameters."""
+  """The Qwen2 / Gemma / Mistral / LLaMA 3.1 / Gemma 2 switches: q/k/v biases and post-norms add parameters."""
   cfg = make_cfg("llama", **extra)
   params = jax.eval_shape(_init_fn(cfg, "lm"), jax.random.key(0))
   assert cfg.num_params() == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))

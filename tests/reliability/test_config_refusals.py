@@ -33,6 +33,7 @@ BAD = {
     "model.attn_dropout": [-0.1], "model.resid_dropout": [1.5],
     "model.sliding_window": [-1], "model.rope_factor": [0.5], "model.rope_low_freq_factor": [0.0],
     "model.rope_high_freq_factor": [-4.0], "model.rope_original_max_len": [-1],
+    "model.attn_softcap": [-1.0], "model.final_softcap": [-30.0], "model.query_pre_attn_scalar": [-1.0],
     **{f"pretrain.{k}": v for k, v in LM.items()},
     **{f"sft.{k}": v for k, v in LM.items()},
     "sft.pretrain_mix": [-0.1, 1.0],
