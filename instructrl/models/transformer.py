@@ -89,11 +89,10 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   shorter than original_max_len / high_freq_factor are kept, and the band between interpolates linearly
   in original_max_len / wavelength (transformers' `_compute_llama3_parameters`, same float32 order).
   """
-  h = cfg.head_dim
-  inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h)))).astype(np.float32)
+  f32, h = np.float32, cfg.head_dim
+  inv = (1.0 / (f32(cfg.rope_theta) ** (np.arange(0, h, 2, dtype=f32) / f32(h)))).astype(f32)
   if cfg.rope_scaling != "llama3":
     return inv
-  f32 = np.float32
   factor, low, high = f32(cfg.rope_factor), f32(cfg.rope_low_freq_factor), f32(cfg.rope_high_freq_factor)
   old_len = f32(cfg.rope_original_max_len)
   wavelen = f32(2 * math.pi) / inv
