@@ -85,8 +85,8 @@ class ModelConfig:
       bad("glu_activation", f"one of {GLU_ACTIVATIONS}")
     if self.style == "gpt":   # GPT-2's block is fixed: these would be silently ignored
       for f in ("qkv_bias", "embed_scale", "glu_activation", "rope_scaling", "post_norms"):
-        if getattr(self, f) != _LATER_DEFAULTS[f]:
-          bad(f, f"{_LATER_DEFAULTS[f]!r} for style 'gpt' (it applies to style 'llama' only)")
+        if getattr(self, f) != LATER_DEFAULTS[f]:
+          bad(f, f"{LATER_DEFAULTS[f]!r} for style 'gpt' (it applies to style 'llama' only)")
     if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
       bad("sliding_window", "a non-negative integer (0: no window)")
     for f in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
@@ -115,7 +115,7 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
-    return {k: v for k, v in d.items() if k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k]}
+    return {k: v for k, v in d.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
 
   @property
   def compute_dtype(self):
@@ -155,11 +155,11 @@ def mismatched_fields(a: Mapping[str, Any], b: Mapping[str, Any],
   A field added later and absent from one side (an older checkpoint's meta) counts as its default.
   """
   keys = sorted((set(a) | set(b)) - set(ignore))
-  get = lambda d, k: d.get(k, _LATER_DEFAULTS.get(k))
+  get = lambda d, k: d.get(k, LATER_DEFAULTS.get(k))
   return [k for k in keys if get(a, k) != get(b, k)]
 
 
-_LATER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+LATER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)
                    if f.name in ("qkv_bias", "embed_scale", "glu_activation", "sliding_window", "rope_scaling",
                                  "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                                  "rope_original_max_len", "attn_softcap", "final_softcap",

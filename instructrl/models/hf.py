@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from instructrl.models.config import ModelConfig
+from instructrl.models.config import LATER_DEFAULTS, ModelConfig
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -178,7 +178,6 @@ _FAMILY_FREE = {
 
 def hf_family(cfg: ModelConfig) -> str:
   """The transformers model_type that computes exactly what `cfg` does, or a ConvertError naming the field."""
-  from instructrl.models.config import _LATER_DEFAULTS
   if cfg.style == "gpt":
     family = "gpt2"
   elif cfg.post_norms or cfg.attn_softcap or cfg.final_softcap or cfg.query_pre_attn_scalar:
@@ -192,8 +191,8 @@ def hf_family(cfg: ModelConfig) -> str:
   else:
     family = "llama"
   fixed, free = _FAMILY_FIXED.get(family, {}), _FAMILY_FREE.get(family, ())
-  for field in sorted(set(_LATER_DEFAULTS) | set(fixed)):
-    want = fixed.get(field, _LATER_DEFAULTS.get(field))
+  for field in sorted(set(LATER_DEFAULTS) | set(fixed)):
+    want = fixed.get(field, LATER_DEFAULTS.get(field))
     if field not in free and getattr(cfg, field) != want:
       raise ConvertError(f"model.{field}={getattr(cfg, field)!r} has no counterpart in transformers' {family!r} "
                          f"models ({want!r} there), the only family with the rest of this config")
