@@ -202,20 +202,21 @@ def ppo_setup(s, pc, eos_id: int | None = None):
 
 
 def ppo_data(s, pc, rng, programs):
-  """Random left-padded prompts [B, P] and ptx windows [B // mb, ptx_bs, L] (a stub of 1 when ptx is off),
+  """Random left-padded prompts [B, P] and ptx windows [epochs x B // mb, ptx_bs, L] (a stub of 1 when ptx is off),
   placed as ppo.run places them."""
   from instructrl import parallel
   from instructrl.data.tokenizer import PAD_ID
   from instructrl.stages import ppo, train_state
-  B, mb, P, L = pc.batch_size, pc.minibatch_size, pc.prompt_len, pc.ptx_seq_len
+  B, P, L = pc.batch_size, pc.prompt_len, pc.ptx_seq_len
   lengths = rng.integers(P // 2, P + 1, B)
   prompt_mask = np.arange(P)[None, :] >= (P - lengths)[:, None]
   prompts = np.where(prompt_mask, rng.integers(4, s.cfg.vocab_size, (B, P)), PAD_ID).astype(np.int32)
   ptx_on = ppo.ptx_enabled(pc)
   ptx_bs = pc.ptx_batch_size if ptx_on else 1
-  ptx_toks = rng.integers(4, s.cfg.vocab_size, (B // mb, ptx_bs, L + 1)).astype(np.int32)
+  n_ptx = ppo.ptx_minibatches(pc)
+  ptx_toks = rng.integers(4, s.cfg.vocab_size, (n_ptx, ptx_bs, L + 1)).astype(np.int32)
   ptx = jax.device_put({"inputs": ptx_toks[..., :-1], "targets": ptx_toks[..., 1:],
-                        "mask": np.ones((B // mb, ptx_bs, L), bool)},
+                        "mask": np.ones((n_ptx, ptx_bs, L), bool)},
                        programs.ptx_sharding if ptx_on else parallel.replicated(s.mesh))
   batch = train_state.device_batch({"prompt": prompts, "prompt_mask": prompt_mask}, s.mesh, s.rules)
   return batch, ptx, ptx_bs

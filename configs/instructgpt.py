@@ -88,7 +88,8 @@ def _rm_stage():
   # Weight of a pair of two rm.policy samples in the per-prompt loss, every other pair 1 (paper: all 1). Those
   # are the pairs PPO has to tell apart; the mixed ones keep the RM anchored on off-policy garbage.
   c.policy_pair_weight = 1.0
-  c.heldout_group = 4            # labeler group never trained on: held-out accuracy (paper: 69.6% vs 72.4%)
+  # The labeler group never trained on (held-out accuracy; paper: 69.6% vs 72.4%) is world.heldout_group, the
+  # group whose labelers also judge the evaluation: one field, so the RM can never train on the eval raters.
   # The gold probe (final metrics): on up to this many RM validation prompts, how often the RM orders
   # (rm.policy greedy, rm.policy at ppo.temperature) answer pairs as the gold judge does; 0: off.
   c.gold_probe_prompts = 500
@@ -126,6 +127,11 @@ def _ppo_stage():
   c.ptx_batch_size = 512         # pretraining sequences per minibatch: 8x the episodes (paper C.4)
   c.ptx_seq_len = 64             # tokens per pretraining sequence
   c.ema_decay = 0.992            # paper C.4: EMA of the policy weights
+  # When the EMA steps: "iteration" (once per rollout batch, after its updates: decay^n weighs n iterations
+  # back) or "update" (after every optimizer update: decay^n weighs n minibatch updates back, epochs x
+  # minibatches of them per iteration). C.4 does not say; per iteration keeps the EMA's horizon independent
+  # of the minibatch count (paper scale: 0.992 ~ the last 125 of ~500 iterations).
+  c.ema_every = "iteration"
   c.discount = 1.0               # GAE discount; paper C.4: no discount (the paper's gamma is ptx_coef)
   c.gae_lambda = 0.95            # lm-human-preferences default (the paper gives none)
   c.clip = 0.2                   # paper C.4: PPO clip
@@ -136,7 +142,9 @@ def _ppo_stage():
   c.temperature = 1.0            # paper C.4: sampling temperature 1
   c.prompt_len = 32              # prompt tokens (left-padded)
   c.max_new_tokens = 32          # response cap
-  c.missing_eos_penalty = 0.0    # added to the score of a response that never emitted EOS (0: off)
+  # A response that reaches max_new_tokens without EOS is scored by the RM with an EOS placed after its last
+  # token (where the RM was trained to read a score); this is then added to its score as well (0: nothing).
+  c.missing_eos_penalty = 0.0
   # "rm": the trained reward model (the paper). "gold": the task world's gold judge scores each sample, an
   # oracle RM: a diagnostic (not in the paper) of what PPO at these settings reaches with a perfect reward,
   # which separates "the RM is the limit" from "the RL budget is". One process only.

@@ -75,7 +75,7 @@ RM_STAGE = {
     "ppo_source": TEXT, "keep_empty": BOOL, "extra_comparisons": TEXT, "n_prompts": COUNT,
     "valid_fraction": OPEN_UNIT, "sample_temperature": POSITIVE, "prompt_len": COUNT, "max_new_tokens": COUNT,
     "collect_batch_prompts": COUNT, "rankings_per_prompt": COUNT, "policy_pair_weight": POSITIVE,
-    "heldout_group": NONNEG_INT, "gold_probe_prompts": NONNEG_INT, "ensemble_size": COUNT,
+    "gold_probe_prompts": NONNEG_INT, "ensemble_size": COUNT,
     "ensemble_bootstrap": BOOL,
 }
 
@@ -84,7 +84,7 @@ PPO_STAGE = {
     "total_episodes": COUNT, "batch_size": COUNT, "minibatch_size": COUNT, "ppo_epochs": COUNT,
     "learning_rate": POSITIVE, "value_learning_rate": POSITIVE, "warmup_iterations": NONNEG_INT,
     "kl_coef": NONNEG, "adaptive_kl": BOOL, "target_kl": POSITIVE, "kl_horizon": POSITIVE, "ptx_coef": NONNEG,
-    "ptx_batch_size": COUNT, "ptx_seq_len": COUNT, "ema_decay": PROB,
+    "ptx_batch_size": COUNT, "ptx_seq_len": COUNT, "ema_decay": PROB, "ema_every": choice("update", "iteration"),
     "discount": FRACTION,                         # the GAE discount (the paper's gamma is ptx_coef)
     "gae_lambda": FRACTION, "clip": OPEN_UNIT,
     "value_clip": POSITIVE,                       # in return units, not a ratio: any positive width
@@ -234,9 +234,11 @@ def check_config(config, n_devices: int | None = None) -> None:
   if rm.seq_len > model.max_len or rm.prompt_len + rm.max_new_tokens > model.max_len:
     raise ConfigError(f"rm.seq_len={rm.seq_len} / rm.prompt_len + rm.max_new_tokens = "
                       f"{rm.prompt_len + rm.max_new_tokens} exceed model.max_len={model.max_len}")
-  if ppo.prompt_len + ppo.max_new_tokens > model.max_len:
-    raise ConfigError(f"ppo.prompt_len + ppo.max_new_tokens = {ppo.prompt_len + ppo.max_new_tokens} exceeds "
-                      f"model.max_len={model.max_len}")
+  if ppo.prompt_len + ppo.max_new_tokens + 1 > model.max_len:
+    # + 1: a response cut at max_new_tokens is scored by the RM with an EOS after it (ppo.eos_terminated).
+    raise ConfigError(f"ppo.prompt_len + ppo.max_new_tokens + 1 = {ppo.prompt_len + ppo.max_new_tokens + 1} "
+                      f"exceeds model.max_len={model.max_len} (one position for the EOS the RM reads a truncated "
+                      f"response at)")
   from instructrl.stages.ppo import ptx_enabled
   if ptx_enabled(ppo) and ppo.ptx_seq_len > model.max_len:
     raise ConfigError(f"ppo.ptx_seq_len={ppo.ptx_seq_len} exceeds model.max_len={model.max_len}")
@@ -263,8 +265,10 @@ def check_config(config, n_devices: int | None = None) -> None:
                       f"(sources: policy, pretrain, pretrain_few_shot, ppo, mismatched)")
   if float(mix.get("ppo", 0.0)) > 0 and not rm.ppo_source:
     raise ConfigError("rm.source_mix.ppo > 0 needs rm.ppo_source: an earlier run's finished ppo stage dir")
-  if rm.heldout_group >= config.world.n_groups:
-    fail("rm.heldout_group", rm.heldout_group, f"a labeler group in [0, world.n_groups={config.world.n_groups})")
+  if "heldout_group" in rm:
+    raise ConfigError(f"rm.heldout_group={_plain(rm.heldout_group)!r}: this field was removed; the RM holds out "
+                      f"world.heldout_group, the labeler group that judges the evaluation (one field, so the RM "
+                      f"never trains on the eval raters' rankings): set world.heldout_group instead")
   if ppo.rm_uncertainty_coef > 0 and rm.ensemble_size + len(rm_run_names(config)) < 2:
     raise ConfigError(f"ppo.rm_uncertainty_coef={ppo.rm_uncertainty_coef} needs rm.ensemble_size >= 2 or "
                       f"ppo.rm_runs: one RM has no disagreement to penalise")

@@ -100,7 +100,9 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
       # W/rm, then the ensemble's other members (W/rm_ensemble/member{i}, as the RM stage names them).
       members = [workdir / "rm"] + [workdir / "rm_ensemble" / f"member{i}" for i in range(1, rm.ensemble_size)]
       for i, where in enumerate(members):
-        check(where, rm_model, block(rm, "steps", "ensemble_size", *(() if i else ("ensemble_bootstrap",))), "rm")
+        # The stage records the group it holds out (world.heldout_group) with its settings.
+        check(where, rm_model, {**block(rm, "steps", "ensemble_size", *(() if i else ("ensemble_bootstrap",))),
+                                "heldout_group": config.world.heldout_group}, "rm")
       if not rm.get("base_workdir", ""):
         reads |= {rm.get("init_stage", "") or rm.policy, rm.policy}
     elif stage in ("ppo", "ppo_noptx"):

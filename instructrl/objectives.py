@@ -310,10 +310,11 @@ def value_loss(values_bt, old_values_bt, returns_bt, mask_bt, clip=0.2):
   return loss, metrics
 
 
-def entropy_from_logits(logits_btv, mask_bt):
-  """Mean over real tokens of H(softmax(logits)) = -sum_v p_v log p_v, in nats (a diagnostic:
-  the paper uses no entropy bonus, nor does lm-human-preferences' default)."""
-  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+def entropy_from_logits(logits_btv, mask_bt, temperature: float = 1.0):
+  """Mean over real tokens of H(softmax(logits / T)) = -sum_v p_v log p_v, in nats: the entropy of the
+  distribution the policy samples from at temperature T (a diagnostic: the paper uses no entropy bonus,
+  nor does lm-human-preferences' default)."""
+  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32) / temperature, axis=-1)
   ent_bt = -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)
   return _masked_mean(ent_bt, mask_bt.astype(bool))
 
@@ -345,6 +346,7 @@ def ema_update(ema_tree, new_tree, decay):
 
   The paper keeps an exponential moving average of the PPO weights with decay 0.992 (C.4);
   no bias correction (the EMA starts from the initial weights, not from zero). After n
-  updates with a constant input c: ema_n = c + decay^n (ema_0 - c).
+  updates with a constant input c: ema_n = c + decay^n (ema_0 - c). PPO calls it once per
+  iteration or once per optimizer update (ppo.ema_every), which sets what n counts.
   """
   return jax.tree.map(lambda e, n: (decay * e + (1.0 - decay) * n).astype(e.dtype), ema_tree, new_tree)

@@ -57,8 +57,9 @@ def markdown(rep: dict) -> str:
     lines += ["", "## Reward model", "",
               f"- validation accuracy, training labeler groups: {_pct(rm.get('accuracy_train_groups'))} (paper: 72.4%)",
               f"- validation accuracy, held-out group: {_pct(rm.get('accuracy_heldout_group'))} (paper: 69.6%)",
-              f"- labeler agreement, training groups: {_pct(rm.get('labeler_agreement_train_groups'))}; held-out vs "
-              f"training: {_pct(rm.get('labeler_agreement_heldout_vs_train'))}"]
+              f"- labeler agreement, training groups: {_pct(rm.get('labeler_agreement_train_groups'))} (paper: 72.6%); "
+              f"held-out group: {_pct(rm.get('labeler_agreement_heldout'))} (paper: 77.3%); held-out vs training: "
+              f"{_pct(rm.get('labeler_agreement_heldout_vs_train'))}"]
     if rm.get("ensemble_size"):
       lines += [f"- ensemble of {rm['ensemble_size']} RMs (mean score; the lines above are member 0's): "
                 f"{_pct(rm.get('ensemble_accuracy_train_groups'))} training groups, "

@@ -216,6 +216,21 @@ def test_entropy_from_logits():
   np.testing.assert_allclose(jax.jit(entropy_from_logits)(logits, mask), math.log(4) / 2, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+def test_entropy_is_of_the_distribution_sampled_at_temperature(temperature):
+  """H(softmax(logits / T)) in NumPy, masked mean over real tokens; at T != 1 it differs from T = 1's."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(0, 2, (2, 5, 7)).astype(np.float32)
+  mask = rng.random((2, 5)) < 0.7
+  z = logits / temperature
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = (-(p * np.log(p)).sum(-1))[mask].mean()
+  got = float(jax.jit(entropy_from_logits, static_argnums=2)(logits, mask, temperature))
+  assert got == pytest.approx(want, rel=1e-5)
+  assert abs(got - float(entropy_from_logits(logits, mask))) > 1e-2
+
+
 def test_ptx_gradient_adds_linearly():
   """grad(ppo + gamma * ptx_sum / count) = grad(ppo) + gamma * grad(ptx_sum / count), so the
   paper's consecutive-step accumulation (C.4) is the same as one combined loss."""

@@ -112,3 +112,22 @@ def test_importing_report_leaves_the_backend_alone():
   code = "import matplotlib; matplotlib.use('svg'); from instructrl import report; print(matplotlib.get_backend())"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
   assert out.strip() == "svg"
+
+
+def test_rm_summary_and_report_carry_the_three_labeler_agreements(tmp_path):
+  import json
+  from instructrl.stages import evaluate
+  (tmp_path / "metrics").mkdir()
+  final = {"final/valid/accuracy": 0.7, "final/valid/heldout_group/accuracy": 0.68,
+           "final/labeler_agreement/train_groups": 0.726, "final/labeler_agreement/heldout": 0.773,
+           "final/labeler_agreement/heldout_vs_train": 0.75}
+  (tmp_path / "metrics" / "rm.jsonl").write_text(json.dumps({"step": 12, **final}) + "\n")
+  rm = evaluate.rm_summary(tmp_path)
+  assert {k: rm[k] for k in ("labeler_agreement_train_groups", "labeler_agreement_heldout",
+                             "labeler_agreement_heldout_vs_train")} == \
+      {"labeler_agreement_train_groups": 0.726, "labeler_agreement_heldout": 0.773,
+       "labeler_agreement_heldout_vs_train": 0.75}
+  text = report.markdown({"models": [], "results": {}, "n_prompts": {"eval": 1, "truthful": 1, "toxicity": 1},
+                          "judged_by": {"group": 4, "labelers": ["L04"]}, "rm": rm})
+  assert ("labeler agreement, training groups: 72.6% (paper: 72.6%); held-out group: 77.3% (paper: 77.3%); "
+          "held-out vs training: 75.0%") in text

@@ -131,6 +131,21 @@ def test_dry_run_with_adopt_says_what_would_be_adopted_and_copies_nothing(tmp_pa
   assert not (tmp_path / "sweep").exists()
 
 
+def test_a_run_recorded_with_rm_heldout_group_hashes_as_now_only_when_it_held_out_the_worlds_group(tmp_path,
+                                                                                                     monkeypatch):
+  """rm.heldout_group is now world.heldout_group: an old config.json holding out the world's group (4) reads
+  as one without the field; one that held out another group matches no current run."""
+  monkeypatch.chdir(ROOT)
+  base = sweep.member_config("configs/instructgpt.py:tiny", {}, 0)
+  keys = lambda d: sweep.stage_keys(sweep.run_config(d, "configs/instructgpt.py:tiny"), ["rm", "ppo"])
+  for group, same in ((4, True), (2, False)):
+    _fake_run(tmp_path / f"g{group}", base, sweep.STAGE_OUTPUTS)
+    saved = json.loads((tmp_path / f"g{group}" / "config.json").read_text())
+    saved["rm"]["heldout_group"] = group
+    (tmp_path / f"g{group}" / "config.json").write_text(json.dumps(saved))
+    assert (keys(tmp_path / f"g{group}") == sweep.stage_keys(base, ["rm", "ppo"])) == same, group
+
+
 def test_a_run_recorded_before_a_ppo_field_was_renamed_is_adopted_whole(tmp_path, monkeypatch):
   """ppo.discount was ppo.gamma: a finished run's config.json under the old name hashes as the new one."""
   monkeypatch.chdir(ROOT)

@@ -317,6 +317,7 @@ def rm_summary(workdir: Path) -> dict:
   names = {"valid/accuracy": "accuracy_train_groups", "valid/heldout_group/accuracy": "accuracy_heldout_group",
            "labeler_agreement/train_groups": "labeler_agreement_train_groups",
            "labeler_agreement/heldout_vs_train": "labeler_agreement_heldout_vs_train",
+           "labeler_agreement/heldout": "labeler_agreement_heldout",
            "ensemble/size": "ensemble_size", "ensemble/valid/accuracy": "ensemble_accuracy_train_groups",
            "ensemble/valid/heldout_group/accuracy": "ensemble_accuracy_heldout_group",
            "gold_probe/agreement": "gold_agreement", "gold_probe/pairs": "gold_pairs",

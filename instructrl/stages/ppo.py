@@ -7,7 +7,8 @@ gamma * E_pretrain[log pi_RL(x)] to every minibatch's objective (ptx_coef = 0 is
 Reads top to bottom: config -> rollout -> update -> state -> loop. One iteration is two jitted
 programs, no host round-trip inside either: `rollout` (sample, re-score with policy, reference,
 value and RM, rewards, GAE, whitening) and `update` (a lax.scan over epochs x minibatches of
-guarded policy and value updates, then the EMA). All four models live in the one SPMD program on
+guarded policy and value updates, each with its own pretraining minibatch; the EMA after each update
+or once after the scan, ppo.ema_every). All four models live in the one SPMD program on
 one mesh. Over 450 lines because those programs, `build` (the one place they are jitted, shared with
 tools/plan.py) and the stage that runs them read best in one file; the step count and cost for the
 pipeline's ETA close it.
@@ -90,14 +91,17 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
     logp = logp_of(view(model_cfg, params=policy, head="lm"), s.tokens)
     ref_logp = logp_of(view(model_cfg, params=ref, head="lm"), s.tokens)   # same temperature: a KL that is >= 0
     values = view(rm_cfg, params=value, head="scalar")
-    last = P - 1 + s.lengths                                   # the last real token (EOS if emitted)
+    ended = jnp.any(s.tokens == eos_id, axis=1)
+    # The RM reads every row at an EOS, the only place it was trained to score (a truncated row: the EOS
+    # the labelers' data would have had, one position past the cap).
+    r_seq, r_positions, r_kv_mask, last = eos_terminated(seq, positions, kv_mask, P - 1 + s.lengths, ended,
+                                                         eos_id, pad_id)
     if score_fn is None:   # rm: the ensemble's members (one for the paper's single RM)
       at_last = lambda params: jnp.take_along_axis(Decoder(rm_cfg, head="scalar").apply(
-          {"params": params}, seq, positions, kv_mask_bs=kv_mask)[0], last[:, None], axis=1)[:, 0]
+          {"params": params}, r_seq, r_positions, kv_mask_bs=r_kv_mask)[0], last[:, None], axis=1)[:, 0]
       score, disagreement = objectives.ensemble_score(jnp.stack([at_last(p) for p in rm]), cfg.rm_uncertainty_coef)
     else:
-      score, disagreement = score_fn(seq, last, s.tokens, s.mask), jnp.zeros((B,))
-    ended = jnp.any(s.tokens == eos_id, axis=1)
+      score, disagreement = score_fn(r_seq, last, s.tokens, s.mask), jnp.zeros((B,))
     raw = score
     # score_gain: 1 / the RM scores' std on the initial policy's samples (ppo.normalize_score).
     score = score_gain * score + jnp.where(ended, 0.0, cfg.missing_eos_penalty)
@@ -115,6 +119,22 @@ def make_rollout(model_cfg: ModelConfig, cfg, eos_id: int, pad_id: int, score_fn
     return batch, metrics, s.tokens
 
   return rollout
+
+
+def eos_terminated(seq_bs, positions_bs, kv_mask_bs, last_b, ended_b, eos_id: int, pad_id: int):
+  """The rollout's sequences as the RM scores them: one column wider, holding an EOS right after the last
+  token of each row that reached ppo.max_new_tokens without one (a pad, masked out, elsewhere).
+
+  The RM was trained only on EOS-terminated responses, its score read at the EOS (rm_models.eos_index);
+  text answers are re-encoded with an EOS before scoring (batching.prompt_response_examples), and this is
+  the same for token rollouts. Returns (seq, positions, kv_mask, last): last is the EOS's index in every
+  row. The causal RM's reading at a row's own EOS never sees the extra column.
+  """
+  missing = ~ended_b
+  seq = jnp.concatenate([seq_bs, jnp.where(missing, eos_id, pad_id)[:, None].astype(seq_bs.dtype)], axis=1)
+  positions = jnp.concatenate([positions_bs, positions_bs[:, -1:] + 1], axis=1)
+  kv_mask = jnp.concatenate([kv_mask_bs, missing[:, None]], axis=1)
+  return seq, positions, kv_mask, last_b + missing.astype(last_b.dtype)
 
 
 def gold_score_fn(world, tokenizer, records: list[dict], prompts_np: np.ndarray, prompt_mask_np: np.ndarray) -> ScoreFn:
@@ -154,7 +174,8 @@ def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int, value_
     logits = response_view(model_cfg, params, "lm", mb["seq"], mb["positions"], mb["kv_mask"], P)
     logp = jnp.take_along_axis(process_logits(logits, cfg.temperature), mb["seq"][:, P:, None], axis=-1)[..., 0]
     pg, m = objectives.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip)
-    m = {**m, "entropy": objectives.entropy_from_logits(logits, mb["mask"])}
+    # Of the distribution sampled from, softmax(logits / T): the ratio's log-probs are at T too.
+    m = {**m, "entropy": objectives.entropy_from_logits(logits, mb["mask"], cfg.temperature)}
     if ptx_enabled(cfg):
       ptx_logits, _ = Decoder(model_cfg, head="lm").apply({"params": params}, ptx["inputs"])
       nll_sum, count = objectives.ptx_loss(ptx_logits, ptx["targets"], ptx["mask"])
@@ -169,9 +190,17 @@ def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int, value_
     values = response_view(value_cfg, params, "scalar", mb["seq"], mb["positions"], mb["kv_mask"], P)
     return objectives.value_loss(values, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip)
 
+  ema_every = cfg.get("ema_every", "iteration")
+  if ema_every not in ("update", "iteration"):
+    raise ValueError(f"ppo.ema_every={ema_every!r}: expected 'update' or 'iteration'")
+
   def update(state, batch, ptx_mbs, rng):
     B = batch["seq"].shape[0]
     n_mb = B // cfg.minibatch_size
+    n_ptx = jax.tree.leaves(ptx_mbs)[0].shape[0]
+    if n_ptx != cfg.ppo_epochs * n_mb:
+      raise ValueError(f"ppo update: {n_ptx} pretraining minibatches, expected one per optimizer update: "
+                       f"ppo.ppo_epochs x minibatches = {cfg.ppo_epochs} x {n_mb} (ptx_indices)")
     perms = jnp.concatenate([jax.random.permutation(jax.random.fold_in(rng, e), B) for e in range(cfg.ppo_epochs)])
     order = perms.reshape(cfg.ppo_epochs * n_mb, cfg.minibatch_size)
 
@@ -186,16 +215,21 @@ def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int, value_
       val, vfinite, vnorm = guarded_update(val, vgrads, vloss, value_tx)
       carry = {**carry, "params": pol["params"], "opt_state": pol["opt_state"], "value": val["params"],
                "value_opt": val["opt_state"]}
+      if ema_every == "update":
+        carry["ema"] = objectives.ema_update(carry["ema"], carry["params"], cfg.ema_decay)
       m = {**{f"ppo/policy/{k}": v for k, v in pm.items()}, **{f"ppo/val/{k}": v for k, v in vm.items()},
            "ppo/policy/grad_norm": pnorm, "ppo/val/grad_norm": vnorm, "finite": pfinite & vfinite}
       return carry, m
 
-    ptx_rep = jax.tree.map(lambda x: jnp.concatenate([x] * cfg.ppo_epochs), ptx_mbs)
-    state, ms = jax.lax.scan(one, state, (order, ptx_rep))
+    # Each update its own pretraining minibatch, every epoch fresh ones (ptx_indices): the paper mixes
+    # new pretraining gradients into every PPO step.
+    state, ms = jax.lax.scan(one, state, (order, ptx_mbs))
     metrics = {k: (jnp.all(v) if k == "finite" else v.mean()) for k, v in ms.items()}
-    # Paper C.4: an EMA of the policy weights (decay 0.992), the model that is evaluated.
-    state = {**state, "ema": objectives.ema_update(state["ema"], state["params"], cfg.ema_decay),
-             "step": state["step"] + metrics["finite"].astype(jnp.int32)}
+    # Paper C.4: an EMA of the policy weights (decay 0.992), the model that is evaluated; here once per
+    # iteration (ppo.ema_every = "iteration"), else after every update inside the scan.
+    if ema_every == "iteration":
+      state = {**state, "ema": objectives.ema_update(state["ema"], state["params"], cfg.ema_decay)}
+    state = {**state, "step": state["step"] + metrics["finite"].astype(jnp.int32)}
     return state, metrics
 
   return update
@@ -208,6 +242,20 @@ def ptx_enabled(block) -> bool:
 
   block: the ppo config block, or a PPO stage's checkpoint meta (which records its ptx_coef)."""
   return float(block.get("ptx_coef", 0.0)) > 0
+
+
+def ptx_minibatches(cfg) -> int:
+  """Pretraining minibatches one iteration's update takes: one per optimizer update, epochs x minibatches."""
+  return cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
+
+
+def ptx_indices(n_windows: int, cfg, step: int, seed: int) -> np.ndarray:
+  """[ptx_minibatches, ptx_batch_size] pretraining windows of iteration `step`: consecutive draws of the
+  seeded epoch permutations (batching.batch_indices), so no window repeats within an iteration (while the
+  corpus has enough) and a resumed run draws the same ones. With ppo_epochs 1 these are the windows the
+  single-epoch update always took."""
+  rows = ptx_minibatches(cfg)
+  return batch_indices(n_windows, rows * cfg.ptx_batch_size, step, seed).reshape(rows, cfg.ptx_batch_size)
 
 
 def without_ptx(config):
@@ -280,6 +328,9 @@ def build(config, mesh, rules, *, eos_id: int, pad_id: int, rm_model: dict | Non
     raise ValueError(f"ppo.ptx_batch_size={cfg.ptx_batch_size} must be divisible by the {n_shards} batch shards "
                      f"of mesh {dict(mesh.shape)}")
 
+  if score_fn is None and cfg.prompt_len + cfg.max_new_tokens + 1 > rm_cfg.max_len:
+    raise ValueError(f"ppo.prompt_len + ppo.max_new_tokens + 1 = {cfg.prompt_len + cfg.max_new_tokens + 1} exceeds "
+                     f"the RM's max_len={rm_cfg.max_len}: the RM scores a truncated response with an EOS after it")
   rows = parallel.batch_sharding(mesh, rules)
   n_rm = 0 if score_fn is not None else rm_members(config) if n_rm is None else n_rm
   members = (val_sh["params"],) * n_rm if score_fn is None else None
@@ -405,9 +456,8 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
 
   def batch_at(step):
     idx = batch_indices(len(records), cfg.batch_size, step, seed)
-    n_mb = updates_per_iter // cfg.ppo_epochs
-    p_idx = batch_indices(len(ptx), n_mb * cfg.ptx_batch_size, step, seed + 1)
-    ptx_b = {k: v.reshape(n_mb, cfg.ptx_batch_size, -1) for k, v in ptx.batch(p_idx).items()}
+    p_idx = ptx_indices(len(ptx), cfg, step, seed + 1)
+    ptx_b = {k: v.reshape(*p_idx.shape, -1) for k, v in ptx.batch(p_idx.reshape(-1)).items()}
     out = process_batch(lambda i: {"prompt": prompts[i], "prompt_mask": prompt_mask[i]}, idx, mesh, rules)
     if ptx_enabled(cfg):
       # Sharded like the episodes (each minibatch's rows over 'batch'), not replicated: at paper

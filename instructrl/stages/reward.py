@@ -10,7 +10,8 @@ it calls: rm_collect.py (sampling and ranking), rm_models.py (which models), rm_
 RM can judge), rm_ensemble.py (the ensemble's members).
 
 Labeler groups: training uses one ranking per prompt, from a training group assigned round-robin;
-validation reports accuracy against training-group labelers and against `rm.heldout_group`, and the
+validation reports accuracy against training-group labelers and against the held-out group
+(`world.heldout_group`: the group whose labelers also judge the evaluation, never trained on), and the
 labelers' own agreement (the ceiling an RM can reach).
 """
 
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from instructrl import distributed, objectives, parallel
+from instructrl.errors import ConfigError
 from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, prompt_response_examples
 from instructrl.data.rankings import load_ranked, pairs_from_ranked, ranked_examples
@@ -39,8 +41,8 @@ from instructrl.stages.rm_collect import SPARE, collect, earlier_rounds
 from instructrl.stages.rm_ensemble import (evaluate_ensemble, load_members, logged_ensemble_size, make_ensemble_eval,
                                            trained_member_dirs)
 from instructrl.stages.rm_models import eos_index, initial_rm_params, rm_model, rm_scores
-from instructrl.stages.rm_probes import (example_scores, family_accuracy, gold_probe_pairs, pairwise_agreement,
-                                         run_gold_probe)
+from instructrl.stages.rm_probes import (example_scores, family_accuracy, gold_probe_pairs, labeler_agreement,
+                                         padded_batches, run_gold_probe, second_labeler)
 from instructrl.stages.train_state import (abstract_state, device_batch, guarded_update, make_optimizer,
                                            process_batch, state_shardings)
 from instructrl.stages.world import load_tokenizer, world_fingerprint
@@ -136,17 +138,16 @@ def make_steps(model_cfg: ModelConfig, formulation: str, tx, schedule, shardings
 
 
 def evaluate(eval_step, params, examples, batch_size: int, mesh, rules) -> dict:
-  """Pooled pairwise accuracy and mean loss over whole batches of a ranked set."""
-  hits = pairs = loss = 0.0
-  n = len(examples) // batch_size
-  if n == 0:
-    raise ValueError(f"{len(examples)} validation prompts: fewer than one batch of rm.eval_batch_size={batch_size}")
-  for b in range(n):
-    m = eval_step(params, device_batch(examples.batch(np.arange(b * batch_size, (b + 1) * batch_size)), mesh, rules))
+  """Pooled pairwise accuracy and the per-prompt loss's mean over EVERY prompt of a ranked set (the last
+  batch filled with masked rows, rm_probes.padded_batches)."""
+  hits = pairs = loss = prompts = 0.0
+  for batch in padded_batches(examples, batch_size):
+    m = eval_step(params, device_batch(batch, mesh, rules))
     hits += float(m["accuracy"]) * float(m["pairs"])
     pairs += float(m["pairs"])
-    loss += float(m["loss"])
-  return {"accuracy": hits / max(pairs, 1.0), "loss": loss / max(n, 1), "pairs": pairs}
+    loss += float(m["loss"]) * float(m["prompts"])    # the batch's mean over its prompts with a pair
+    prompts += float(m["prompts"])
+  return {"accuracy": hits / max(pairs, 1.0), "loss": loss / max(prompts, 1.0), "pairs": pairs}
 
 
 def row_scores(score_step, params, tokens, last, batch_size: int, mesh, rules) -> np.ndarray:
@@ -169,9 +170,38 @@ def mean_score(score_step, params, tokens, last, batch_size: int, mesh, rules) -
 # ----------------------------------------------------------------------------- stage
 
 
-def run(config, workdir: Path, mesh, rules, progress=None):
+def stage_settings(config, steps: int, heldout_group: int) -> ml_collections.ConfigDict:
+  """What the RM stage trains under, recorded in its checkpoints and checked on resume or rerun: the rm block,
+  the step count derived from it (paper C.2: a single epoch), and the held-out group. The group is recorded
+  under the name it had while it was the rm block's own field, so those checkpoints still resume when it
+  equals world.heldout_group and are refused otherwise."""
+  out = ml_collections.ConfigDict(config.rm.to_dict())
+  out.steps = steps
+  out.heldout_group = heldout_group
+  return out
+
+
+def heldout_group_of(config, world=None) -> int:
+  """The labeler group the RM never trains on: world.heldout_group, the group whose labelers judge the
+  evaluation (one field, so the RM cannot be trained on the eval raters' rankings). Refused: a config that
+  still sets rm.heldout_group (config_check refuses it before any work too), and one whose
+  world.heldout_group is not the held-out group of the generated `world` (a `--stages=rm` run with the
+  field overridden would otherwise hold out a group the evaluation does not use)."""
+  if "heldout_group" in config.rm:
+    raise ConfigError(f"rm.heldout_group={config.rm.heldout_group!r}: this field was removed; the RM holds out "
+                      f"world.heldout_group (the evaluation's labeler group): set world.heldout_group instead")
+  group = int(config.world.heldout_group)
+  held = sorted({l.group for l in world.labelers if l.heldout}) if world is not None else []
+  if held and held != [group]:
+    raise ConfigError(f"world.heldout_group={group}, but the generated world holds out group {held[0]} (its "
+                      f"evaluators); use the world's value, or a new --workdir to generate a world with this one")
+  return group
+
+
+def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | None = None):
   """progress(done, total): called after each step, over every member's steps in turn (main.py: the
-  pipeline's bar)."""
+  pipeline's bar). heldout_group: the group to hold out instead of the world's (tools/rm_cv.py's folds,
+  which measure every group held out in turn and evaluate nothing else)."""
   cfg = config.rm
   workdir = Path(workdir)
   comparisons = collect(config, workdir, mesh, rules)
@@ -186,9 +216,15 @@ def run(config, workdir: Path, mesh, rules, progress=None):
 
   # ------------------------------------------------------------------ data
   groups = sorted({l.group for l in world.labelers})
-  if cfg.heldout_group not in groups:
-    raise ValueError(f"rm.heldout_group={cfg.heldout_group}: expected one of the labeler groups {groups}")
-  train_groups = [g for g in groups if g != cfg.heldout_group]
+  if heldout_group is None:
+    heldout_group = heldout_group_of(config, world)
+  elif "heldout_group" in config.rm:
+    heldout_group_of(config)      # the removed field: refused
+  if heldout_group not in groups:
+    raise ValueError(f"world.heldout_group={heldout_group}: expected one of the labeler groups {groups}")
+  # The dev group rates the dev split that every tuning decision reads: never trained on either.
+  dev_group = world.cfg.get("dev_group")
+  train_groups = [g for g in groups if g not in (heldout_group, dev_group)]
   # Collected by this stage (or an earlier round of it): an empty response is a sample the labelers ranked.
   read = lambda d, split: load_ranked(d / f"{split}.jsonl", allow_empty_response=True)
   train_all, valid_all = read(comparisons, "train"), read(comparisons, "valid")
@@ -201,7 +237,7 @@ def run(config, workdir: Path, mesh, rules, progress=None):
   train = as_examples(train_recs, "rm train")
   valid_train_groups = select(valid_all, train_groups)
   valid = as_examples(valid_train_groups, "rm valid")
-  heldout_recs = [r for r in valid_all if r["group"] == cfg.heldout_group]
+  heldout_recs = [r for r in valid_all if r["group"] == heldout_group]
   valid_heldout = as_examples(heldout_recs, "rm valid (held-out group)")
   # With a source mix, accuracy on comparisons among the policy's own samples is the number that
   # matters for PPO (easy policy-vs-pretrain pairs inflate the pooled one): reported separately.
@@ -213,8 +249,7 @@ def run(config, workdir: Path, mesh, rules, progress=None):
   if cfg.formulation not in ("per_prompt", "shuffled_pairs"):
     raise ValueError(f"rm.formulation={cfg.formulation!r}: expected 'per_prompt' or 'shuffled_pairs'")
   batch_size = cfg.batch_size if cfg.formulation == "per_prompt" else cfg.pair_batch_size
-  stage_cfg = ml_collections.ConfigDict(cfg.to_dict())
-  stage_cfg.steps = max(1, math.ceil(cfg.epochs * len(data) / batch_size))   # paper C.2: a single epoch
+  stage_cfg = stage_settings(config, max(1, math.ceil(cfg.epochs * len(data) / batch_size)), heldout_group)
   logging.info("rm: %d train prompts (%d comparisons), %d valid; %s, %d steps of %d", len(train),
                len(pairs_from_ranked(train)), len(valid), cfg.formulation, stage_cfg.steps, batch_size)
 
@@ -242,7 +277,7 @@ def run(config, workdir: Path, mesh, rules, progress=None):
     h = evaluate(eval_step, params, valid_heldout, cfg.eval_batch_size, mesh, rules)
     out = {"accuracy": a["accuracy"], "loss": a["loss"], "pairs": a["pairs"],
            "heldout_group/accuracy": h["accuracy"], "heldout_group/loss": h["loss"]}
-    if valid_policy is not None and len(valid_policy) >= cfg.eval_batch_size:
+    if valid_policy is not None and len(valid_policy):
       out["policy_pairs/accuracy"] = evaluate(eval_step, params, valid_policy, cfg.eval_batch_size, mesh,
                                               rules)["accuracy"]
     return out
@@ -296,12 +331,7 @@ def run(config, workdir: Path, mesh, rules, progress=None):
     return out
 
   def after_training(params):
-    by_id = lambda recs, g: {r["id"]: r for r in recs if r["group"] == g}
-    a, b = by_id(valid_all, train_groups[0]), by_id(valid_all, train_groups[1 % len(train_groups)])
-    h = by_id(valid_all, cfg.heldout_group)
-    common = sorted(set(a) & set(b) & set(h))
-    return {"labeler_agreement/train_groups": pairwise_agreement([a[i] for i in common], [b[i] for i in common]),
-            "labeler_agreement/heldout_vs_train": pairwise_agreement([a[i] for i in common], [h[i] for i in common]),
+    return {**labeler_agreement(valid_all, train_groups, heldout_group, second_labeler(world, config.seed + 409)),
             "demo_mean_score": mean_score(score_step, params, demo_ex.tokens, demo_last,
                                           cfg.eval_batch_size, mesh, rules),
             **{f"valid/{k}": v for k, v in validation(params).items()},
@@ -341,7 +371,7 @@ def run(config, workdir: Path, mesh, rules, progress=None):
             read_rows, order[batch_indices(len(data), batch_size, step, member_seed)], mesh, rules),
         evaluate=validation, finalize=normalise, after_training=after_training if i == 0 else None,
         items_per_step=batch_size, item_name="prompts" if cfg.formulation == "per_prompt" else "pairs",
-        extra_meta={"seed": member_seed, "formulation": cfg.formulation, "heldout_group": cfg.heldout_group,
+        extra_meta={"seed": member_seed, "formulation": cfg.formulation, "heldout_group": heldout_group,
                     "member": i})
     result = params if i == 0 else result
   if ensemble_due:
@@ -349,7 +379,7 @@ def run(config, workdir: Path, mesh, rules, progress=None):
     ens_eval = make_ensemble_eval(model_cfg, mesh, rules)
     out = {"size": n_members}
     for what, examples in (("valid", valid), ("valid/heldout_group", valid_heldout), ("valid/policy_pairs", valid_policy)):
-      if examples is not None and len(examples) >= cfg.eval_batch_size:
+      if examples is not None and len(examples):
         out[f"{what}/accuracy"] = evaluate_ensemble(ens_eval, members, examples, cfg.eval_batch_size, mesh, rules)
     # The ensemble's mean score (PPO's reward with ppo.rm_uncertainty_coef = 0) on the same probe pairs.
     out.update(gold_probe(lambda t, l: np.mean([row_scores(score_step, p, t, l, cfg.eval_batch_size, mesh, rules)

@@ -12,13 +12,13 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from instructrl import checkpoints, objectives, parallel
 from instructrl.metrics import read_metrics
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
 from instructrl.stages.rm_models import rm_scores, trained_rm_model
+from instructrl.stages.rm_probes import padded_batches
 from instructrl.stages.train_state import abstract_state, device_batch, make_optimizer, state_shardings
 from instructrl.stages.world import world_fingerprint
 
@@ -106,10 +106,11 @@ def make_ensemble_eval(model_cfg: ModelConfig, mesh, rules):
 
 
 def evaluate_ensemble(step, members, examples, batch_size: int, mesh, rules) -> float:
-  """Pooled pairwise accuracy of the ensemble's mean score over whole batches of a ranked set."""
+  """Pooled pairwise accuracy of the ensemble's mean score over every prompt of a ranked set (the last batch
+  filled with masked rows, rm_probes.padded_batches)."""
   hits = pairs = 0.0
-  for b in range(len(examples) // batch_size):
-    m = step(members, device_batch(examples.batch(np.arange(b * batch_size, (b + 1) * batch_size)), mesh, rules))
+  for batch in padded_batches(examples, batch_size):
+    m = step(members, device_batch(batch, mesh, rules))
     hits += float(m["accuracy"]) * float(m["pairs"])
     pairs += float(m["pairs"])
   return hits / max(pairs, 1.0)

@@ -6,6 +6,7 @@ the RM orders the pairs PPO has to learn to tell apart. The RM stage logs them w
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 import jax
@@ -26,6 +27,61 @@ def pairwise_agreement(a: list[dict], b: list[dict]) -> float:
     agree += sum((w, l) in pa for w, l in pb)
     total += len(pb)
   return agree / max(total, 1)
+
+
+def labeler_agreement(valid: list[dict], train_groups: list[int], heldout_group: int, rerank) -> dict:
+  """The labelers' mutual agreement on the validation rankings (the ceiling an RM can reach; paper 3.5:
+  72.6 +- 1.5% among training labelers, 77.3 +- 1.3% among held-out ones):
+  - train_groups: the mean over every pair of training groups of pairwise_agreement on the prompts both ranked;
+  - heldout_vs_train: the mean over training groups of the held-out group's agreement with it;
+  - heldout: the held-out group's ranking against a second held-out labeler's ranking of the same responses,
+    rerank(record) -> that record ranked again (the collection has one ranking per prompt and group).
+  A mean skips a pair of groups with no prompt in common; one with none at all is left out of the dict."""
+  by_group = {g: {r["id"]: r for r in valid if r["group"] == g} for g in {*train_groups, heldout_group}}
+
+  def mean_over(pairs) -> float | None:
+    rates = []
+    for a, b in pairs:
+      common = sorted(set(by_group[a]) & set(by_group[b]))
+      if common:
+        rates.append(pairwise_agreement([by_group[a][i] for i in common], [by_group[b][i] for i in common]))
+    return float(np.mean(rates)) if rates else None
+
+  held = list(by_group[heldout_group].values())
+  out = {"train_groups": mean_over([(a, b) for i, a in enumerate(train_groups) for b in train_groups[i + 1:]]),
+         "heldout_vs_train": mean_over([(heldout_group, g) for g in train_groups]),
+         "heldout": pairwise_agreement(held, [rerank(r) for r in held]) if held else None}
+  return {f"labeler_agreement/{k}": v for k, v in out.items() if v is not None}
+
+
+def second_labeler(world, seed: int):
+  """rerank(record) for labeler_agreement: the record's responses ranked by another labeler of its group
+  (the next one in the world's order after the record's own), with a draw seeded by the record."""
+  def rerank(record: dict) -> dict:
+    group = [l.id for l in world.labelers if l.group == record["group"]]
+    if len(group) < 2:
+      raise ValueError(f"labeler group {record['group']} has {len(group)} labeler(s): no second one to agree with")
+    other = group[(group.index(record["labeler"]) + 1) % len(group)] if record["labeler"] in group else group[0]
+    rng = np.random.default_rng([seed, zlib.crc32(str(record["id"]).encode())])   # stable across processes
+    return {**record, "labeler": other,
+            "ranking": [int(x) for x in world.rank(record, record["responses"], other, rng)]}
+  return rerank
+
+
+def padded_batches(examples, batch_size: int):
+  """Every row of a RankedExamples in batches of batch_size (static shape): the last batch filled up with
+  copies of row 0 whose responses are all masked out, so they add no pair, prompt or score to any metric."""
+  n = len(examples)
+  if n == 0:
+    raise ValueError("no validation prompts to evaluate")
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    fill = batch_size - len(idx)
+    batch = examples.batch(np.concatenate([idx, np.zeros(fill, idx.dtype)]))
+    if fill:
+      batch["mask"] = batch["mask"].copy()
+      batch["mask"][len(idx):] = False
+    yield batch
 
 
 def _order(better, worse) -> float:

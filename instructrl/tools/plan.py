@@ -176,11 +176,10 @@ def build(stage: str, config, mesh, rules) -> StageProgram:
   with parallel.activate(mesh, rules):   # the model's logical constraints need the rules while tracing
     ro_out = jax.eval_shape(programs.rollout, *ro_args)
   batch = jax.tree.map(lambda a: _abstract(a.shape, a.dtype, bsh(a.ndim)), ro_out[0])   # episodes over 'batch'
-  n_mb = cfg.batch_size // cfg.minibatch_size
   ptx_on = ppo.ptx_enabled(cfg)
   ptx_bs, L = cfg.ptx_batch_size if ptx_on else 1, cfg.ptx_seq_len
   ptx_sh = programs.ptx_sharding if ptx_on else repl   # as ppo.run's batches
-  ptx = {k: _abstract((n_mb, ptx_bs, L), dt, ptx_sh)
+  ptx = {k: _abstract((ppo.ptx_minibatches(cfg), ptx_bs, L), dt, ptx_sh)
          for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("mask", jnp.bool_))}
   return StageProgram(programs.update, (state, batch, ptx, key), f"{B} episodes, minibatch {cfg.minibatch_size}, "
                       f"ptx {ptx_bs} x {L}", cfg.minibatch_size, programs.model_cfg, P + N, True)

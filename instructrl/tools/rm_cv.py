@@ -58,9 +58,7 @@ def main(argv):
     for shared in ("world", config.rm.policy, rm_collect.COMPARISONS):
       if not (fold / shared).exists():
         os.symlink((workdir / shared).absolute(), fold / shared)
-    with config.unlocked():
-      config.rm.heldout_group = g
-    reward.run(config, fold, mesh, rules)
+    reward.run(config, fold, mesh, rules, heldout_group=g)
     rows = [json.loads(l) for l in (fold / "metrics" / "rm.jsonl").read_text().splitlines()]
     final = next(r for r in reversed(rows) if "final/valid/accuracy" in r)
     folds[g] = {"valid/accuracy": final["final/valid/accuracy"],

@@ -155,6 +155,12 @@ def run_config(run_dir: Path, base: str) -> ml_collections.ConfigDict:
   if isinstance(saved.get("ppo"), dict):
     # A run from before a ppo field was renamed recorded it under the old name: read it under the new one.
     saved["ppo"] = checkpoints.current_names(saved["ppo"], config["ppo"])
+  rm = saved.get("rm")
+  if isinstance(rm, dict) and "heldout_group" in rm:
+    # rm.heldout_group is now world.heldout_group: a run that held out its world's group reads as one made
+    # without the field (adopted); one that held out another group keeps it and matches no member.
+    if rm["heldout_group"] == (saved.get("world") or {}).get("heldout_group", config["world"]["heldout_group"]):
+      del rm["heldout_group"]
   overlay(config, saved)
   return ml_collections.ConfigDict(config)
 

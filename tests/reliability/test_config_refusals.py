@@ -42,7 +42,7 @@ BAD = {
     **{f"rm.{k}": v for k, v in LM.items() if k != "steps"},
     "rm.epochs": [0.0, -1.0], "rm.pair_batch_size": [0], "rm.n_prompts": [0], "rm.valid_fraction": [0.0, 1.0],
     "rm.sample_temperature": [0.0], "rm.prompt_len": [0], "rm.max_new_tokens": [0], "rm.collect_batch_prompts": [0],
-    "rm.rankings_per_prompt": [0], "rm.policy_pair_weight": [0.0], "rm.heldout_group": [-1, 5],
+    "rm.rankings_per_prompt": [0], "rm.policy_pair_weight": [0.0],
     "rm.gold_probe_prompts": [-1], "rm.ensemble_size": [0],
     "ppo.select_prompts": [0], "ppo.n_prompts": [0], "ppo.total_episodes": [0], "ppo.batch_size": [0],
     "ppo.minibatch_size": [0, 7], "ppo.ppo_epochs": [0], "ppo.learning_rate": [-1e-5, 0.0],
@@ -124,6 +124,12 @@ OTHER = [
     ("model.glu_activation", "relu", ["model.glu_activation='relu'"]),
     ("model.rope_scaling", "yarn", ["model.rope_scaling='yarn'"]),
     ("pretrain.on_nonfinite", "ignore", ["pretrain.on_nonfinite='ignore'", "'stop' or 'skip'"]),
+    # The held-out labeler group is one field, the world's: the RM's old copy is refused even at a valid group.
+    ("rm.heldout_group", 4, ["rm.heldout_group=4", "removed", "set world.heldout_group"]),
+    ("world.heldout_group", 5, ["world.heldout_group"]),
+    ("ppo.ema_every", "step", ["ppo.ema_every='step'", "'update' or 'iteration'"]),
+    # One position past the response for the EOS the RM reads a truncated response at: 176 + 16 + 1 > 192.
+    ("ppo.prompt_len", 176, ["ppo.prompt_len + ppo.max_new_tokens + 1 = 193", "model.max_len=192"]),
 ]
 
 

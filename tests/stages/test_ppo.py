@@ -132,9 +132,13 @@ def test_reward_lands_on_the_last_real_token_of_ragged_responses():
   # kl_coef 0, discount = lambda = 1, no whitening: every real token's return is its row's final reward.
   pc = ppo_cfg(max_new_tokens=N, kl_coef=0.0, discount=1.0, gae_lambda=1.0, whiten_advantages=False,
                missing_eos_penalty=penalty)
+  seen = {}
 
-  def score_fn(seq, last, tokens, mask):   # a known number per row: 10 x (row + 1) + the token at `last`
-    return 10.0 * (jnp.arange(seq.shape[0]) + 1) + jnp.take_along_axis(seq, last[:, None], 1)[:, 0]
+  def score_fn(seq, last, tokens, mask):
+    # A known number per row: 10 x (row + 1) + `last` + 100 if the token there is EOS.
+    jax.debug.callback(lambda s: seen.__setitem__("seq_np", np.asarray(s)), seq)   # what the RM is given
+    return (10.0 * (jnp.arange(seq.shape[0]) + 1) + last
+            + 100.0 * (jnp.take_along_axis(seq, last[:, None], 1)[:, 0] == EOS))
 
   mesh, rules = one_device()
   state, models, rollout, _ = build(cfg, pc, host_models(cfg), mesh, rules, P, score_fn)
@@ -154,9 +158,12 @@ def test_reward_lands_on_the_last_real_token_of_ragged_responses():
   assert np.all(tokens[ended, lengths[ended] - 1] == EOS)
   assert not np.any((tokens == EOS) & (np.arange(N)[None] < lengths[:, None] - 1))   # no EOS before the end
   assert np.array_equal(b["seq"][:, P:], tokens) and np.array_equal(b["seq"][:, :P], prompts)
-  # the score_fn saw `last` = the sequence index of the last real token: P - 1 + length
-  last_token = tokens[np.arange(B), lengths - 1]
-  want = 10.0 * (np.arange(B) + 1) + last_token + np.where(ended, 0.0, penalty)
+  # The RM reads every row at an EOS: its own (index P - 1 + length), or for a truncated row one placed
+  # right after its last token, in the one spare column (index P + N); there, the missing-EOS penalty too.
+  want = 10.0 * (np.arange(B) + 1) + np.where(ended, P - 1 + lengths, P + N) + 100.0 + np.where(ended, 0.0, penalty)
+  scored = seen["seq_np"]
+  assert scored.shape == (B, P + N + 1) and np.array_equal(scored[:, :P + N], b["seq"])
+  assert np.array_equal(scored[:, -1], np.where(ended, PAD, EOS))
   returns = b["returns"]
   np.testing.assert_allclose(returns, np.where(mask, want[:, None], 0.0), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(b["advantages"], np.where(mask, want[:, None] - b["old_values"], 0.0),
@@ -174,6 +181,32 @@ def test_reward_lands_on_the_last_real_token_of_ragged_responses():
   assert float(m["objective/eos_fraction"]) == pytest.approx(ended.mean())
   # the reference differs from the policy (host_models perturbs it): a KL is measured, but kl_coef 0 rewards none
   assert float(m["objective/kl"]) != 0.0
+
+
+def test_rm_scores_a_truncated_response_with_an_eos_after_it():
+  """The RM's score of each row, recomputed by hand: the row unpadded (real prompt tokens, then the response up
+  to its EOS, or for a row that reached max_new_tokens its N tokens and an EOS) through the RM, read at the end."""
+  from instructrl.models.transformer import Decoder
+  cfg = ModelConfig(**TINY)
+  B, P, N = 32, 6, 8
+  pc = ppo_cfg(max_new_tokens=N, normalize_score=False)
+  host = host_models(cfg)
+  mesh, rules = one_device()
+  state, models, rollout, _ = build(cfg, pc, host, mesh, rules, P)
+  prompts, pmask = tiny_prompts(B, P)
+  with parallel.activate(mesh, rules):
+    batch, _, tokens = rollout(state["params"], state["value"], models["ref"], models["rm"], prompts, pmask,
+                               jax.random.key(1), state["kl_coef"], state["score_gain"])
+  tokens, mask, score = np.asarray(tokens), np.asarray(batch["mask"]), np.asarray(batch["score"])
+  ended = (tokens == EOS).any(1)
+  assert 0 < ended.mean() < 1
+  rm = Decoder(cfg, head="scalar")
+  for i in range(B):
+    row = [*prompts[i][pmask[i]], *tokens[i][mask[i]], *([] if ended[i] else [EOS])]
+    out, _ = rm.apply({"params": host["rm"]}, np.asarray([row], np.int32))
+    assert score[i] == pytest.approx(float(out[0, -1]), abs=1e-5), (i, bool(ended[i]))
+    if not ended[i]:   # the EOS matters: the score at the last response token itself is another number
+      assert abs(score[i] - float(out[0, -2])) > 1e-6
 
 
 def test_k1_kl_estimate_matches_the_exact_sequence_kl():
@@ -259,6 +292,64 @@ def test_first_update_has_ratio_one_and_moves_policy_value_and_ema():
   for k in old:
     np.testing.assert_allclose(ema[k], 0.992 * old[k] + 0.008 * new[k], rtol=1e-6, atol=1e-7, err_msg=k)
   assert float(state["kl_coef"]) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("ema_every", ["iteration", "update"])
+def test_ema_after_one_iteration_matches_the_closed_form(ema_every):
+  """lr 0 keeps the policy constant at c, so ema_n = c + decay^n (ema_0 - c) exactly, with n = 1 per iteration
+  or n = epochs x minibatches (2 x 2 here) per iteration with ppo.ema_every = "update"."""
+  cfg = ModelConfig(**TINY)
+  B, P, decay = 8, 6, 0.5
+  pc = ppo_cfg(batch_size=B, minibatch_size=4, ppo_epochs=2, ptx_coef=0.0, learning_rate=0.0,
+               value_learning_rate=0.0, ema_decay=decay, ema_every=ema_every)
+  host = host_models(cfg)
+  mesh, rules = one_device()
+  state, models, rollout, update = build(cfg, pc, host, mesh, rules, P)
+  state["ema"] = jax.device_put(host["ref"])            # ema_0 != the policy c
+  prompts, pmask = tiny_prompts(B, P)
+  with parallel.activate(mesh, rules):
+    batch, _, _ = rollout(state["params"], state["value"], models["ref"], models["rm"], prompts, pmask,
+                          jax.random.key(4), state["kl_coef"], state["score_gain"])
+    state, _ = update(state, batch, tiny_ptx(ppo.ptx_minibatches(pc), 1), jax.random.key(5))
+  n = {"iteration": 1, "update": 4}[ema_every]
+  c, ema0, ema = flat(host["policy"]), flat(host["ref"]), flat(state["ema"])
+  assert trees_equal(state["params"], host["policy"])   # lr 0: the input is constant
+  for k in c:
+    np.testing.assert_allclose(ema[k], c[k] + decay**n * (ema0[k] - c[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_ptx_minibatches_are_fresh_every_epoch_and_reproducible():
+  pc = ppo_cfg(batch_size=16, minibatch_size=4, ppo_epochs=3, ptx_batch_size=5)
+  n_windows, seed = 1000, 8
+  idx = ppo.ptx_indices(n_windows, pc, step=7, seed=seed)
+  assert ppo.ptx_minibatches(pc) == 12 and idx.shape == (12, 5)       # 3 epochs x 4 minibatches, 5 rows each
+  by_epoch = idx.reshape(3, 4 * 5)
+  assert len(np.unique(idx)) == 60                                     # no window twice in an iteration
+  assert all(not set(by_epoch[a]) & set(by_epoch[b]) for a in range(3) for b in range(a + 1, 3))
+  assert np.array_equal(idx, ppo.ptx_indices(n_windows, pc, step=7, seed=seed))   # a resumed run draws these
+  assert not np.array_equal(idx, ppo.ptx_indices(n_windows, pc, step=8, seed=seed))
+  # the next iteration continues the same seeded permutation: 2 iterations use 120 distinct windows
+  assert len(np.unique(np.concatenate([idx, ppo.ptx_indices(n_windows, pc, step=8, seed=seed)]))) == 120
+  # with one epoch, the draw is the one-epoch update's (what earlier runs took): the first 4 x 5 of the stream
+  one = ppo_cfg(batch_size=16, minibatch_size=4, ppo_epochs=1, ptx_batch_size=5)
+  from instructrl.data.batching import batch_indices
+  assert np.array_equal(ppo.ptx_indices(n_windows, one, 7, seed).reshape(-1), batch_indices(n_windows, 20, 7, seed))
+
+
+def test_update_refuses_ptx_minibatches_of_a_single_epoch():
+  """With ppo_epochs 2 the update takes epochs x minibatches pretraining minibatches: a single epoch's (the
+  shape that used to be repeated) is refused while tracing, naming the count it expects."""
+  cfg = ModelConfig(**TINY)
+  B, P = 8, 6
+  pc = ppo_cfg(batch_size=B, minibatch_size=4, ppo_epochs=2, ptx_coef=0.5, ptx_batch_size=2)
+  mesh, rules = one_device()
+  state, models, rollout, update = build(cfg, pc, host_models(cfg), mesh, rules, P)
+  prompts, pmask = tiny_prompts(B, P)
+  with parallel.activate(mesh, rules):
+    batch, _, _ = rollout(state["params"], state["value"], models["ref"], models["rm"], prompts, pmask,
+                          jax.random.key(4), state["kl_coef"], state["score_gain"])
+    with pytest.raises(ValueError, match=r"2 pretraining minibatches, expected .* 2 x 2"):
+      update(state, batch, tiny_ptx(2, 2), jax.random.key(5))
 
 
 # ----------------------------------------------------------------------------- sharded == unsharded

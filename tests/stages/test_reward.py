@@ -449,6 +449,96 @@ def test_pairwise_agreement_on_hand_made_rankings():
                                    [{"ranking": [1, 0, 2]}, {"ranking": [1, 0]}]) == pytest.approx(3 / 4)
 
 
+def _hand_ranked(ranks: dict) -> list[dict]:
+  """{(id, group): ranking} -> ranked records (the responses do not matter to agreement)."""
+  return [{"id": i, "group": g, "labeler": f"L{g}", "ranking": r, "responses": [str(x) for x in r]}
+          for (i, g), r in ranks.items()]
+
+
+def test_labeler_agreement_averages_every_pair_of_groups_and_reranks_the_heldout_group():
+  # Training groups 0, 1, 2 and held-out group 3; prompt "p" (K = 3: pairs (a>b), (a>c), (b>c)) and "q" (K = 2).
+  recs = _hand_ranked({("p", 0): [0, 1, 2], ("p", 1): [0, 1, 2], ("p", 2): [2, 1, 0], ("p", 3): [1, 0, 2],
+                       ("q", 0): [0, 1], ("q", 1): [1, 0], ("q", 3): [0, 1]})
+  # train pairs: (0,1) on p 3/3 and q 0/1 -> 3/4; (0,2) on p only: 0/3; (1,2) on p only: 0/3 -> mean 1/4
+  # held-out vs 0: p [1,0,2] vs [0,1,2] 2/3, q 1/1 -> 3/4; vs 1: p 2/3, q 0/1 -> 2/4; vs 2: p 1/3 -> mean 19/36
+  # held-out vs a second held-out labeler, here ranking p as [2, 1, 0] (only b>a agrees: 1/3) and q the same
+  # (1/1): 2/4
+  rerank = lambda r: {**r, "ranking": [2, 1, 0] if r["id"] == "p" else r["ranking"]}
+  out = rm_probes.labeler_agreement(recs, [0, 1, 2], 3, rerank)
+  assert out == pytest.approx({"labeler_agreement/train_groups": 1 / 4, "labeler_agreement/heldout_vs_train": 19 / 36,
+                               "labeler_agreement/heldout": 2 / 4})
+  # no held-out ranking: that entry is left out, not reported as 0
+  assert "labeler_agreement/heldout" not in rm_probes.labeler_agreement(recs, [0, 1, 2], 4, rerank)
+
+
+def test_second_labeler_is_another_member_of_the_group_with_a_reproducible_draw():
+  class World:   # two labelers in group 3; rank() records who ranked and draws a permutation
+    labelers = [type("L", (), {"id": i, "group": g})() for i, g in (("A", 3), ("B", 0), ("C", 3))]
+
+    def rank(self, record, responses, labeler, rng):
+      self.who = labeler
+      return list(rng.permutation(len(responses)))
+
+  world, rec = World(), {"id": "rm-00007", "group": 3, "labeler": "C", "ranking": [0, 1, 2, 3],
+                         "responses": list("abcd")}
+  out = rm_probes.second_labeler(world, 5)(rec)
+  assert world.who == "A" and out["labeler"] == "A" and sorted(out["ranking"]) == [0, 1, 2, 3]
+  assert out == rm_probes.second_labeler(world, 5)(rec) and rec["ranking"] == [0, 1, 2, 3]
+  with pytest.raises(ValueError, match="group 0 has 1 labeler"):
+    rm_probes.second_labeler(world, 5)({**rec, "group": 0, "labeler": "B"})
+
+
+def test_validation_counts_every_prompt_when_the_last_batch_is_partial():
+  """7 prompts in batches of 3: accuracy and loss equal NumPy's count over all 7, not over the first 6."""
+  from instructrl.data.rankings import RankedExamples
+  b = ragged_batch(B=7, K=4, T=12)
+  rng = np.random.default_rng(4)
+  b["tokens"][..., 0] = rng.integers(0, 50, b["tokens"].shape[:2])     # the first token is the "score"
+  ex = RankedExamples(b["tokens"], b["last_index"], b["ranks"], b["mask"], np.arange(7))
+  eval_step = jax.jit(lambda params, batch: objectives.ranking_loss(
+      batch["tokens"][..., 0].astype(jnp.float32) * params, batch["ranks"], batch["mask"])[1])
+  mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  got = reward.evaluate(eval_step, jnp.float32(0.1), ex, 3, mesh, parallel.DEFAULT_RULES)
+  hits = pairs = 0
+  losses = []
+  for n in range(7):
+    r, k = 0.1 * b["tokens"][n, :, 0].astype(np.float64), b["mask"][n]
+    pl = [(i, j) for i in range(4) for j in range(4) if k[i] and k[j] and b["ranks"][n, i] < b["ranks"][n, j]]
+    hits += sum(r[i] > r[j] for i, j in pl)
+    pairs += len(pl)
+    losses.append(np.mean([np.log1p(np.exp(-(r[i] - r[j]))) for i, j in pl]))
+  assert got["pairs"] == pairs and got["accuracy"] == pytest.approx(hits / pairs)
+  assert got["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+  first6 = reward.evaluate(eval_step, jnp.float32(0.1), RankedExamples(*(x[:6] for x in (
+      ex.tokens, ex.last_index, ex.ranks, ex.mask, ex.index))), 3, mesh, parallel.DEFAULT_RULES)
+  assert first6["pairs"] < pairs                       # the seventh prompt's pairs are counted
+
+
+def test_rm_heldout_group_is_refused_and_world_heldout_group_is_the_one_field():
+  from configs import instructgpt
+  from instructrl import checkpoints
+  from instructrl.errors import ConfigError
+  config = instructgpt.get_config("smoke")
+  assert "heldout_group" not in config.rm
+  assert reward.heldout_group_of(config) == config.world.heldout_group
+  old = instructgpt.get_config("smoke")
+  old.rm.heldout_group = 4
+  with pytest.raises(ConfigError, match=r"rm.heldout_group=4: this field was removed.*set world.heldout_group"):
+    reward.heldout_group_of(old)
+  # a generated world that holds out another group than the config's is refused (its evaluators are group 4)
+  world = type("W", (), {"labelers": [type("L", (), {"group": g, "heldout": g == 4})() for g in range(5)]})()
+  assert reward.heldout_group_of(config, world) == 4
+  config.world.heldout_group = 2
+  with pytest.raises(ConfigError, match=r"world.heldout_group=2, but the generated world holds out group 4"):
+    reward.heldout_group_of(config, world)
+  # A checkpoint recorded while rm.heldout_group existed: its settings had it in the rm block. Accepted when it
+  # equals the held-out group the stage now records (world.heldout_group), refused otherwise.
+  meta = {"complete": True, "settings": checkpoints.settings_of({**old.rm.to_dict(), "steps": 12})}
+  checkpoints.check_settings(meta, reward.stage_settings(instructgpt.get_config("smoke"), 12, 4), "W/rm", "rm")
+  with pytest.raises(checkpoints.CheckpointMismatch, match=r"rm.heldout_group: checkpoint has 4, config has 2"):
+    checkpoints.check_settings(meta, reward.stage_settings(instructgpt.get_config("smoke"), 12, 2), "W/rm", "rm")
+
+
 # ----------------------------------------------------------------------------- end to end (CLI, smoke)
 
 FAST = ["--config.eval.n_prompts=0", "--config.pretrain.steps=40", "--config.pretrain.checkpoint_every=5",
@@ -483,7 +573,7 @@ def test_collection_files_and_metrics(reference_run):
   rm = config["rm"]
   world = json.loads((w / "world" / "world.json").read_text())
   groups = sorted({l["group"] for l in world["labelers"]})
-  assert len(groups) >= 3 and rm["heldout_group"] in groups
+  assert "heldout_group" not in rm and len(groups) >= 3 and config["world"]["heldout_group"] in groups
   ids, ks = {}, []
   for split in ("train", "valid"):
     recs = load_ranked(w / "comparisons" / f"{split}.jsonl", allow_empty_response=True)      # every record validated
@@ -512,7 +602,8 @@ def test_collection_files_and_metrics(reference_run):
   valid = [r for r in rows if "valid/accuracy" in r]
   assert valid and 0 <= valid[-1]["valid/accuracy"] <= 1 and 0 <= valid[-1]["valid/heldout_group/accuracy"] <= 1
   final = [r for r in rows if "final/labeler_agreement/train_groups" in r]
-  assert len(final) == 1 and 0 < final[0]["final/labeler_agreement/train_groups"] < 1
+  assert len(final) == 1 and all(0 < final[0][f"final/labeler_agreement/{k}"] < 1
+                                 for k in ("train_groups", "heldout_vs_train", "heldout"))
   # the gold probe ran on the validation prompts (SFT greedy vs sampled; smoke's answers differ on some)
   probe = {k: v for k, v in final[0].items() if k.startswith("final/gold_probe/")}
   assert 0 < probe["final/gold_probe/pairs"] <= n_valid, probe
