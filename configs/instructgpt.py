@@ -186,8 +186,24 @@ def _model(**kw):
       dtype="float32",           # compute dtype (bfloat16 on accelerators)
       param_dtype="float32",     # master weights (paper C: fp32 master weights)
       remat=False,               # recompute blocks in the backward pass
+      remat_policy="",           # "" (follow remat), "none", "block_inputs", "nothing_saveable", "dots_saveable"
+      scan_layers=False,         # layers as one nn.scan over stacked weights (compile time flat in depth)
       attention="einsum",        # "einsum" (written out) or "dot_product" (jax.nn.dot_product_attention:
                                  # cuDNN fused attention on GPU where it applies; same math elsewhere)
+      # "llama" style only, for imported families (docs/real_data.md); the defaults are plain LLaMA.
+      qkv_bias=False,            # q/k/v projection biases (Qwen2)
+      embed_scale=False,         # embeddings times sqrt(d_model) (Gemma)
+      glu_activation="silu",     # gated MLP: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
+      sliding_window=0,          # > 0: attend to the last sliding_window slots only (Mistral); any style
+      rope_scaling="",           # "llama3": LLaMA 3.1's RoPE frequency scaling, with the four below
+      rope_factor=1.0,
+      rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0,
+      rope_original_max_len=0,
+      attn_softcap=0.0,          # Gemma 2: c * tanh(x / c) on attention scores (0: off)
+      final_softcap=0.0,         # Gemma 2: the same on the LM logits (0: off)
+      query_pre_attn_scalar=0.0,  # Gemma 2: attention scale query_pre_attn_scalar ** -0.5 (0: head_dim)
+      post_norms=False,          # Gemma 2: RMSNorm on the attention and MLP outputs
   ))
   c.update(kw)
   return c

@@ -17,6 +17,11 @@ A save that fails (disk full) raises CheckpointSaveError and leaves earlier step
 
 The hand-off between stages is `load_params(workdir/"pretrain", ...)`: it refuses a checkpoint
 whose model config differs from the one asked for, naming the field.
+
+Layers saved per layer restore into a run with `model.scan_layers` and back: the recorded model
+config says which layout the step holds, that tree is read, and it is converted (models/layout.py)
+into the layout and shardings asked for. The digests are of the per-layer layout, so an id does not
+depend on it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from instructrl import array_digest
 from instructrl.errors import UserError
+from instructrl.models import layout
 from instructrl.models.config import mismatched_fields
 
 
@@ -135,7 +141,8 @@ class StageCheckpoints:
   def save(self, step: int, state: Any, meta: dict) -> None:
     # Content digests of the params the next stage and the eval read: an id of the values, not of Orbax's
     # (randomly named) files, so a resumed run and an uninterrupted one record the same (evaluate.checkpoint_id).
-    meta = dict(meta, digests={k: array_digest.digest(state[k]) for k in DIGESTED if k in state})
+    meta = dict(meta, digests={k: array_digest.digest(layout.unstack_layers(state[k])) for k in DIGESTED
+                               if k in state})
     try:
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(dict(meta, step=step))), force=True)
@@ -190,19 +197,24 @@ class StageCheckpoints:
         if latest:
           return None
         raise FileNotFoundError(f"no checkpoint in {self.directory}")
-      if check is not None:
+      if check is not None or layout.tree_layout(abstract_state) is not None:
         meta = self.meta(step) if not latest else self._meta_or_quarantine(step)
         if meta is None:
           continue
-        check(meta)
+        if check is not None:
+          check(meta)
+        saved_abstract, convert = in_saved_layout(abstract_state, meta)
+      else:
+        saved_abstract, convert = abstract_state, None
       try:
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved_abstract),
                                                                  meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
       except Exception as e:   # noqa: BLE001 -- any failure to read a committed step means it is damaged
         if not latest or isinstance(e, CheckpointMismatch):
           raise
         self.quarantine(step, f"restore failed: {type(e).__name__}: {str(e)[:300]}")
+        continue
+      return (convert(out["state"]) if convert else out["state"]), out["meta"]
 
   def _meta_or_quarantine(self, step: int) -> dict | None:
     try:
@@ -217,6 +229,19 @@ class StageCheckpoints:
 
   def close(self):
     self.manager.close()
+
+
+def in_saved_layout(abstract: Any, meta: dict) -> tuple[Any, Callable[[Any], Any] | None]:
+  """(the abstract tree in the layer layout the step was saved in, a function taking the restored tree to
+  `abstract`'s layout and shardings, or None when the layouts agree)."""
+  want = layout.tree_layout(abstract)
+  saved = layout.saved_layout(meta)
+  if want is None or want == saved:
+    return abstract, None
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  convert = jax.jit(lambda tree: layout.to_layout(tree, want), out_shardings=shardings, donate_argnums=0)
+  logging.info("checkpoint saved with model.scan_layers=%s: converting its layers to scan_layers=%s", saved, want)
+  return layout.to_layout(abstract, saved), convert
 
 
 def check_model(saved: dict, expected: dict, where: str) -> None:
@@ -342,7 +367,7 @@ def load_params(directory: str | Path, abstract_params: Any, model_dict: dict,
       check_model(meta["model"], model_dict, str(ckpt.directory))
       check_world(meta, world_id, str(ckpt.directory))
       # Restore only the params: a partial abstract tree restores a subset of the saved state.
-      abstract = {entry: abstract_params}
+      abstract, convert = in_saved_layout({entry: abstract_params}, meta)
       try:
         out = ckpt.manager.restore(meta["step"], args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(
@@ -352,6 +377,7 @@ def load_params(directory: str | Path, abstract_params: Any, model_dict: dict,
         ckpt.quarantine(meta["step"], f"restore failed: {type(e).__name__}: {str(e)[:300]}")
         continue
       logging.info("loaded params from %s step %d", ckpt.directory, meta["step"])
-      return out["state"][entry], meta
+      state = convert(out["state"]) if convert else out["state"]
+      return state[entry], meta
   finally:
     ckpt.close()

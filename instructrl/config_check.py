@@ -108,7 +108,12 @@ MODEL = {
     "rope_theta": POSITIVE, "tie_embeddings": BOOL, "embed_dropout": PROB, "attn_dropout": PROB,
     "resid_dropout": PROB, "dtype": choice("float32", "bfloat16", "float16"),
     "param_dtype": choice("float32", "bfloat16", "float16"), "remat": BOOL,
+    "remat_policy": choice("", "none", "block_inputs", "nothing_saveable", "dots_saveable"), "scan_layers": BOOL,
     "attention": choice("einsum", "dot_product"),
+    "qkv_bias": BOOL, "embed_scale": BOOL, "glu_activation": choice("silu", "gelu_tanh"),
+    "sliding_window": NONNEG_INT, "rope_scaling": choice("", "llama3"), "rope_factor": number(1),
+    "rope_low_freq_factor": POSITIVE, "rope_high_freq_factor": POSITIVE, "rope_original_max_len": NONNEG_INT,
+    "attn_softcap": NONNEG, "final_softcap": NONNEG, "query_pre_attn_scalar": NONNEG, "post_norms": BOOL,
 }
 
 # configs/instructgpt.py: block -> {field: rule}. Blocks with their own checks (world, mesh, the

@@ -29,6 +29,7 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("kv", None),
     ("length", None),
+    ("layers", None),     # the stacked-layer axis of scanned weights: each device holds every layer's shard
 )
 
 

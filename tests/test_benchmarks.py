@@ -119,3 +119,19 @@ def test_compare_torch_pools_one_sided_children_into_ratios():
   assert row["jax"]["tokens_per_s"] == 50.0 and row["torch"]["tokens_per_s"] == 25.0
   assert row["ratio"] == 2.0 and row["compiles_after_warmup"] == 1   # a recompile in any child shows
   assert out["matmul"]["float32"]["jax_flops_per_s"] == 6.0 and out["matmul"]["float32"]["ratio"] == 0.5
+
+
+@pytest.mark.slow
+def test_compile_time_reports_both_layouts_at_both_depths():
+  env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true", "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_time.py"), "--preset=smoke",
+                        "--layers=1,3", "--mesh=1,1,1", "--batch_size=4", "--seq_len=16"],
+                       capture_output=True, text=True, timeout=300, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert {(x["layers"], x["scan_layers"]) for x in r["results"]} == {(1, True), (3, True), (1, False), (3, False)}
+  assert all(x["lower_s"] > 0 and x["compile_s"] > 0 for x in r["results"])
+  by = {(x["layers"], x["scan_layers"]): x for x in r["results"]}
+  assert by[(3, True)]["params"] == by[(3, False)]["params"] > by[(1, True)]["params"]
+  assert set(r["ratio_3_over_1"]) == {"scan", "loop"} and r["env"]["n_devices"] == 8

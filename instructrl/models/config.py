@@ -13,6 +13,10 @@ import jax.numpy as jnp
 
 STYLES = ("gpt", "llama")
 ATTENTION = ("einsum", "dot_product")
+# What each block keeps for the backward pass ("" follows `remat`: "block_inputs" if set, else "none").
+REMAT_POLICIES = ("none", "block_inputs", "nothing_saveable", "dots_saveable")
+GLU_ACTIVATIONS = ("silu", "gelu_tanh")   # SwiGLU (LLaMA, Mistral, Qwen2); GeGLU with tanh GELU (Gemma)
+ROPE_SCALINGS = ("", "llama3")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -36,9 +40,32 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype: float32 on CPU, bfloat16 on accelerators
   param_dtype: str = "float32"  # master weights stay float32 (paper: fp32 master weights)
   remat: bool = False           # recompute each block in the backward pass (large presets)
+  remat_policy: str = ""        # one of REMAT_POLICIES, or "" to follow `remat` (see `block_remat`)
+  # The layers as one nn.scan over a Block with stacked [n_layers, ...] weights: compile time independent of
+  # depth. Changes the params' tree layout (models/layout.py converts), not their meaning.
+  scan_layers: bool = False
   # "einsum": attention written out (default); "dot_product": jax.nn.dot_product_attention, which runs
   # cuDNN's fused (flash) kernel on GPU where it applies and the same XLA math elsewhere. No param change.
   attention: str = "einsum"
+  # Fields added for further LLaMA-style families (Qwen2, Gemma, LLaMA 3.1, Mistral). Their defaults are the
+  # plain LLaMA model, and `to_dict` leaves a field out while it has its default, so configs and recorded
+  # checkpoint meta from before these fields read and compare exactly as they did.
+  qkv_bias: bool = False        # "llama": biases on the q/k/v projections (Qwen2); "gpt" always has them
+  embed_scale: bool = False     # "llama": embeddings times sqrt(d_model), rounded to the compute dtype (Gemma)
+  glu_activation: str = "silu"  # "llama": the gated MLP's activation, "silu" or "gelu_tanh" (Gemma's GeGLU)
+  sliding_window: int = 0       # > 0: a query sees only the last `sliding_window` slots, itself included (Mistral)
+  rope_scaling: str = ""        # "llama3": LLaMA 3.1's frequency-dependent RoPE scaling, with the four below
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 0
+  # Gemma 2 (with embed_scale, glu_activation="gelu_tanh"): tanh soft-capping c * tanh(x / c) of the attention
+  # scores and of the LM logits (0: none), the attention scale query_pre_attn_scalar ** -0.5 (0: head_dim),
+  # and an RMSNorm on the attention and MLP outputs before each residual add.
+  attn_softcap: float = 0.0
+  final_softcap: float = 0.0
+  query_pre_attn_scalar: float = 0.0
+  post_norms: bool = False
 
   def __post_init__(self):
     def bad(field, expected):
@@ -55,11 +82,37 @@ class ModelConfig:
     for f in ("embed_dropout", "attn_dropout", "resid_dropout"):
       if not 0.0 <= getattr(self, f) < 1.0:
         bad(f, "a probability in [0, 1)")
+    if self.remat_policy not in ("",) + REMAT_POLICIES:
+      bad("remat_policy", f"'' (follow model.remat) or one of {REMAT_POLICIES}")
+    if not isinstance(self.scan_layers, bool):
+      bad("scan_layers", "a bool")
     if self.attention not in ATTENTION:
       bad("attention", f"one of {ATTENTION}")
     for f in ("dtype", "param_dtype"):
       if getattr(self, f) not in _DTYPES:
         bad(f, f"one of {tuple(_DTYPES)}")
+    if self.glu_activation not in GLU_ACTIVATIONS:
+      bad("glu_activation", f"one of {GLU_ACTIVATIONS}")
+    if self.style == "gpt":   # GPT-2's block is fixed: these would be silently ignored
+      for f in ("qkv_bias", "embed_scale", "glu_activation", "rope_scaling", "post_norms"):
+        if getattr(self, f) != LATER_DEFAULTS[f]:
+          bad(f, f"{LATER_DEFAULTS[f]!r} for style 'gpt' (it applies to style 'llama' only)")
+    if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+      bad("sliding_window", "a non-negative integer (0: no window)")
+    for f in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+      if not getattr(self, f) >= 0:
+        bad(f, "a number >= 0 (0: off)")
+    if self.query_pre_attn_scalar != int(self.query_pre_attn_scalar):
+      bad("query_pre_attn_scalar", "a whole number (transformers stores an int)")
+    if self.rope_scaling not in ROPE_SCALINGS:
+      bad("rope_scaling", f"one of {ROPE_SCALINGS}")
+    if self.rope_scaling == "llama3":
+      if not self.rope_factor >= 1.0:
+        bad("rope_factor", "a factor >= 1")
+      if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+        bad("rope_high_freq_factor", f"greater than rope_low_freq_factor={self.rope_low_freq_factor} > 0")
+      if not isinstance(self.rope_original_max_len, int) or self.rope_original_max_len <= 0:
+        bad("rope_original_max_len", "a positive integer (the context length before scaling)")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -71,7 +124,13 @@ class ModelConfig:
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    return {k: v for k, v in d.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
+
+  @property
+  def block_remat(self) -> str:
+    """The remat policy in force: `remat_policy`, or what the older `remat` flag meant."""
+    return self.remat_policy or ("block_inputs" if self.remat else "none")
 
   @property
   def compute_dtype(self):
@@ -90,8 +149,9 @@ class ModelConfig:
       mlp = 2 * d * self.d_ff + self.d_ff + d
       norms = 2 * 2 * d
     else:
+      attn += h * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
       mlp = 3 * d * self.d_ff
-      norms = 2 * d
+      norms = (4 if self.post_norms else 2) * d
     n = self.n_layers * (attn + mlp + norms)
     n += 2 * d if self.style == "gpt" else d                 # final norm
     emb = self.vocab_size * d
@@ -104,7 +164,20 @@ class ModelConfig:
 
 def mismatched_fields(a: Mapping[str, Any], b: Mapping[str, Any],
                       ignore: tuple[str, ...] = ("embed_dropout", "attn_dropout", "resid_dropout",
-                                                 "dtype", "remat", "attention")) -> list[str]:
-  """Fields that change the parameter tree or its meaning (dropout/dtype/remat/attention may differ by stage)."""
+                                                 "dtype", "remat", "remat_policy", "attention",
+                                                 "scan_layers")) -> list[str]:
+  """Fields that change the parameters' meaning (dropout/dtype/remat/attention may differ by stage; a checkpoint
+  of the other `scan_layers` layout is converted when it is restored).
+
+  A field added later and absent from one side (an older checkpoint's meta) counts as its default.
+  """
   keys = sorted((set(a) | set(b)) - set(ignore))
-  return [k for k in keys if a.get(k) != b.get(k)]
+  get = lambda d, k: d.get(k, LATER_DEFAULTS.get(k))
+  return [k for k in keys if get(a, k) != get(b, k)]
+
+
+LATER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                   if f.name in ("scan_layers", "remat_policy", "qkv_bias", "embed_scale", "glu_activation", "sliding_window", "rope_scaling",
+                                 "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                                 "rope_original_max_len", "attn_softcap", "final_softcap",
+                                 "query_pre_attn_scalar", "post_norms")}

@@ -67,7 +67,8 @@ def sample(params, prompt_bp, prompt_mask_bp, rng, *, cfg: ModelConfig, max_new_
   model = Decoder(cfg, head="lm")
   B, P = prompt_bp.shape
   N = max_new_tokens
-  if P + N > cfg.max_len and cfg.style == "gpt":
+  # Learned positions end at max_len; an imported Gemma 2's context is capped there (hf._gemma2_window).
+  if P + N > cfg.max_len and (cfg.style == "gpt" or cfg.post_norms):
     raise ValueError(f"prompt length {P} + max_new_tokens {N} exceeds model.max_len={cfg.max_len}")
   prompt_mask_bp = prompt_mask_bp.astype(bool)
   positions_bp = left_pad_positions(prompt_mask_bp)

@@ -7,8 +7,14 @@ logical names onto mesh axes with rules from the config.
 Shapes: B batch, T new tokens, S key slots (= T without a cache, cache length with one),
 D d_model, N query heads, K kv heads, G = N // K, H head_dim, F d_ff, V vocab.
 
-The KV cache is an explicit argument and result (a tuple of per-layer dicts), not a mutable
-collection, so the sampler's `lax.while_loop` carries it like any other array.
+The KV cache is an explicit argument and result, not a mutable collection, so the sampler's
+`lax.while_loop` carries it like any other array: a tuple of per-layer {"k", "v"} dicts, or with
+`scan_layers` one dict of stacked [n_layers, B, S, K, H] arrays that the scan slices per layer.
+
+With `scan_layers` the blocks are one `nn.scan` over a single Block whose weights carry a leading
+"layers" axis (params["layers"][...] instead of params["layer_{i}"][...]; models/layout.py converts),
+so the traced and compiled program holds one block whatever the depth, and under FSDP each layer's
+weights are gathered inside the loop body as that layer runs.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from instructrl.models.config import ModelConfig
 
-Cache = tuple  # tuple of {"k": [B, S, K, H], "v": [B, S, K, H]} per layer
+Cache = tuple | dict  # per-layer {"k": [B, S, K, H], "v": ...} (tuple), or stacked [L, B, S, K, H] (scan_layers)
+STACKED = "layers"     # the params key (and logical axis name) of the scanned layers
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: tuple):
@@ -77,14 +85,44 @@ def constrain(x, axes: tuple):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  if cfg.scan_layers:
+    z = jnp.zeros((cfg.n_layers,) + shape, cfg.compute_dtype)
+    return {"k": z, "v": z}
   z = jnp.zeros(shape, cfg.compute_dtype)
   return tuple({"k": z, "v": z} for _ in range(cfg.n_layers))
 
 
-def rope(x_btnh, positions_bt, theta: float):
-  """Rotary position embedding on the two halves of the head dimension (LLaMA / GPT-NeoX layout)."""
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """RoPE's per-pair angular frequencies [H/2] (float32), with LLaMA 3.1's scaling if cfg.rope_scaling says so.
+
+  "llama3": wavelengths longer than original_max_len / low_freq_factor are stretched by `factor`, those
+  shorter than original_max_len / high_freq_factor are kept, and the band between interpolates linearly
+  in original_max_len / wavelength (transformers' `_compute_llama3_parameters`, same float32 order).
+  """
+  f32, h = np.float32, cfg.head_dim
+  inv = (1.0 / (f32(cfg.rope_theta) ** (np.arange(0, h, 2, dtype=f32) / f32(h)))).astype(f32)
+  if cfg.rope_scaling != "llama3":
+    return inv
+  factor, low, high = f32(cfg.rope_factor), f32(cfg.rope_low_freq_factor), f32(cfg.rope_high_freq_factor)
+  old_len = f32(cfg.rope_original_max_len)
+  wavelen = f32(2 * math.pi) / inv
+  scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope(x_btnh, positions_bt, theta: float | np.ndarray):
+  """Rotary position embedding on the two halves of the head dimension (LLaMA / GPT-NeoX layout).
+
+  theta: the base (plain RoPE) or the frequencies themselves, as `rope_inv_freq` gives them.
+  """
   h = x_btnh.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))   # [H/2]
+  if np.ndim(theta):
+    inv_freq = jnp.asarray(theta, jnp.float32)                                # [H/2]
+  else:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))   # [H/2]
   angle_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq          # [B, T, H/2]
   sin, cos = jnp.sin(angle_bth)[:, :, None, :], jnp.cos(angle_bth)[:, :, None, :]
   x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
@@ -128,14 +166,15 @@ class Attention(nn.Module):
     q = linear("btd,dnh->btnh", x_btd, wq.astype(dt))
     k = linear("btd,dkh->btkh", x_btd, wk.astype(dt))
     v = linear("btd,dkh->btkh", x_btd, wv.astype(dt))
-    if cfg.style == "gpt":
+    if cfg.style == "gpt" or cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q = q + param_with_axes(self, "bq", zeros, (N, H), wdt, ("heads", "kv")).astype(dt)
       k = k + param_with_axes(self, "bk", zeros, (K, H), wdt, ("kv_heads", "kv")).astype(dt)
       v = v + param_with_axes(self, "bv", zeros, (K, H), wdt, ("kv_heads", "kv")).astype(dt)
-    else:
-      q = rope(q, positions_bt, cfg.rope_theta)
-      k = rope(k, positions_bt, cfg.rope_theta)
+    if cfg.style == "llama":
+      freq = rope_inv_freq(cfg) if cfg.rope_scaling else cfg.rope_theta
+      q = rope(q, positions_bt, freq)
+      k = rope(k, positions_bt, freq)
     q = constrain(q, ("batch", "length", "heads", "kv"))
 
     # Write the new keys/values into the cache at slot `cache_index`; without a cache the
@@ -153,18 +192,24 @@ class Attention(nn.Module):
     S = k.shape[1]
     q_slot_t = cache_index + jnp.arange(T)
     allowed_bts = (jnp.arange(S)[None, :] <= q_slot_t[:, None])[None]              # causal
+    if cfg.sliding_window:   # slots, not positions: left padding sits before the window, as in transformers
+      allowed_bts = allowed_bts & (jnp.arange(S)[None, :] > q_slot_t[:, None] - cfg.sliding_window)[None]
     if kv_mask_bs is not None:
       allowed_bts = allowed_bts & kv_mask_bs[:, None, :].astype(bool)             # padding
-    if cfg.attention == "dot_product" and (deterministic or cfg.attn_dropout == 0.0):
+    scale = (cfg.query_pre_attn_scalar or H) ** -0.5
+    # jax.nn.dot_product_attention has no soft-capping: capped scores take the written-out path.
+    if cfg.attention == "dot_product" and (deterministic or cfg.attn_dropout == 0.0) and not cfg.attn_softcap:
       # No cache and no padding: plain causal, which lets cuDNN skip the masked blocks. Fully-masked
       # rows (left-pad queries) get a finite fill there too; their outputs are unused.
-      plain_causal = cache is None and kv_mask_bs is None
-      out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=H ** -0.5,
+      plain_causal = cache is None and kv_mask_bs is None and not cfg.sliding_window
+      out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
                                          mask=None if plain_causal else allowed_bts[:, None],
                                          is_causal=plain_causal)
     else:
       qg = q.reshape(B, T, K, N // K, H)
-      logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * H ** -0.5
+      logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * scale
+      if cfg.attn_softcap:
+        logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
       # A finite fill keeps fully-masked rows (left-pad queries) NaN-free; their outputs are unused.
       logits = jnp.where(allowed_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(logits, axis=-1).astype(dt)
@@ -174,6 +219,8 @@ class Attention(nn.Module):
     y = linear("btnh,nhd->btd", out, wo.astype(dt))
     if cfg.style == "gpt":
       y = y + param_with_axes(self, "bo", nn.initializers.zeros, (D,), wdt, ("embed",)).astype(dt)
+    if cfg.post_norms:
+      y = Norm(cfg, name="norm_post")(y)
     return y, new_cache
 
 
@@ -195,26 +242,55 @@ class Mlp(nn.Module):
       h = jax.nn.gelu(h, approximate=True)   # GPT-2's tanh GELU
     else:
       w_gate = param_with_axes(self, "w_gate", init, (D, F), wdt, ("embed", "mlp"))
-      h = jax.nn.silu(linear("btd,df->btf", x_btd, w_gate.astype(dt))) * h
+      gate = linear("btd,df->btf", x_btd, w_gate.astype(dt))
+      act = jax.nn.silu if cfg.glu_activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+      h = act(gate) * h
     h = constrain(h, ("batch", "length", "mlp"))
     y = linear("btf,fd->btd", h, w_out.astype(dt))
     if cfg.style == "gpt":
       y = y + param_with_axes(self, "b_out", nn.initializers.zeros, (D,), wdt, ("embed",)).astype(dt)
+    if cfg.post_norms:
+      y = Norm(cfg, name="norm_post")(y)
     return y
 
 
 class Block(nn.Module):
+  """One pre-norm block. (x, cache) -> (x, new cache): the carry and per-layer slice of a scan."""
   cfg: ModelConfig
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, positions, kv_mask, cache, cache_index, deterministic):
-    cfg = self.cfg
+  def __call__(self, x, cache, positions, kv_mask, cache_index):
+    cfg, deterministic = self.cfg, self.deterministic
     drop = nn.Dropout(cfg.resid_dropout)
     a, new_cache = Attention(cfg, name="attn")(Norm(cfg, name="norm_attn")(x), positions, kv_mask,
                                                  cache, cache_index, deterministic)
     x = x + drop(a, deterministic=deterministic)
     x = x + drop(Mlp(cfg, name="mlp")(Norm(cfg, name="norm_mlp")(x)), deterministic=deterministic)
     return constrain(x, ("batch", "length", "embed")), new_cache
+
+
+_REMAT_POLICY = {"block_inputs": None,   # jax.checkpoint's default: keep the block's arguments, recompute the rest
+                 "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+                 "dots_saveable": jax.checkpoint_policies.dots_saveable}
+
+
+def block_class(cfg: ModelConfig, prevent_cse: bool = True):
+  """Block, wrapped in nn.remat with the config's policy (none: Block itself)."""
+  policy = cfg.block_remat
+  if policy == "none":
+    return Block
+  # Inside a scan the loop already keeps XLA from merging the recomputation into the forward pass.
+  return nn.remat(Block, policy=_REMAT_POLICY[policy], prevent_cse=prevent_cse)
+
+
+def scanned_blocks(cfg: ModelConfig):
+  """The n_layers blocks as one nn.scan: params and the cache gain a leading "layers" axis, dropout and
+  init rngs are split per layer, positions / masks / the cache index are shared by every layer."""
+  return nn.scan(block_class(cfg, prevent_cse=False), variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                 metadata_params={nn.PARTITION_NAME: STACKED})
 
 
 class Decoder(nn.Module):
@@ -236,6 +312,8 @@ class Decoder(nn.Module):
     embed = param_with_axes(self, "embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
                             wdt, ("vocab", "embed"))
     x = jnp.take(embed, tokens_bt, axis=0).astype(dt)
+    if cfg.embed_scale:   # Gemma rounds sqrt(d_model) to the compute dtype before multiplying
+      x = x * jnp.asarray(cfg.d_model ** 0.5, dt)
     if cfg.style == "gpt":
       pos_embed = param_with_axes(self, "pos_embed", nn.initializers.normal(0.01),
                                   (cfg.max_len, cfg.d_model), wdt, (None, "embed"))
@@ -243,15 +321,18 @@ class Decoder(nn.Module):
     x = nn.Dropout(cfg.embed_dropout)(x, deterministic=deterministic)
     x = constrain(x, ("batch", "length", "embed"))
 
-    # static_argnums count `self` (flax subtracts 1): 6 is `deterministic`, a Python bool.
-    block_cls = nn.remat(Block, static_argnums=(6,)) if cfg.remat else Block
-    new_cache = []
-    for i in range(cfg.n_layers):
-      x, c = block_cls(cfg, name=f"layer_{i}")(x, positions_bt, kv_mask_bs,
-                                               None if cache is None else cache[i], cache_index, deterministic)
-      new_cache.append(c)
+    if cfg.scan_layers:
+      x, new_cache = scanned_blocks(cfg)(cfg, deterministic, name=STACKED)(x, cache, positions_bt, kv_mask_bs,
+                                                                           cache_index)
+    else:
+      block_cls = block_class(cfg)
+      new_cache = []
+      for i in range(cfg.n_layers):
+        x, c = block_cls(cfg, deterministic, name=f"layer_{i}")(x, None if cache is None else cache[i],
+                                                                positions_bt, kv_mask_bs, cache_index)
+        new_cache.append(c)
+      new_cache = None if cache is None else tuple(new_cache)
     h = Norm(cfg, name="norm_final")(x)
-    new_cache = None if cache is None else tuple(new_cache)
     if return_hidden:
       return h, new_cache
 
@@ -262,6 +343,8 @@ class Decoder(nn.Module):
         w_out = param_with_axes(self, "unembed", nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
                                 wdt, ("embed", "vocab"))
       out = linear("btd,dv->btv", h, w_out.astype(dt)).astype(jnp.float32)
+      if cfg.final_softcap:
+        out = cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)
       out = constrain(out, ("batch", "length", "vocab"))
     elif self.head == "scalar":
       w = param_with_axes(self, "score", nn.initializers.normal(0.02 / cfg.d_model ** 0.5), (cfg.d_model,),

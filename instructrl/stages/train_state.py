@@ -15,7 +15,7 @@ import optax
 
 from instructrl import parallel
 from instructrl.models.config import ModelConfig
-from instructrl.models.transformer import Decoder, abstract_params
+from instructrl.models.transformer import STACKED, Decoder, abstract_params
 
 
 class NonFiniteError(FloatingPointError):
@@ -37,11 +37,17 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int, final_lr_fract
       end_value=lr * final_lr_fraction)
 
 
+def weight_ndim(path, p) -> int:
+  """A weight's own rank: without the leading layer axis of scanned (stacked) layers."""
+  stacked = any(getattr(k, "key", None) == STACKED for k in path)
+  return p.ndim - 1 if stacked else p.ndim
+
+
 def make_optimizer(stage_cfg, total_steps: int):
   schedule = make_schedule(stage_cfg.learning_rate, total_steps, stage_cfg.warmup_steps,
                            stage_cfg.final_lr_fraction)
   # Decay matrices only: norms, biases and the scalar head's bias keep their scale.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda path, p: weight_ndim(path, p) >= 2, params)
   tx = optax.chain(
       optax.clip_by_global_norm(stage_cfg.grad_clip),
       optax.adamw(schedule, b1=stage_cfg.b1, b2=stage_cfg.b2, eps=1e-8,

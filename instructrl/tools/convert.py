@@ -3,10 +3,14 @@
   # a GPT-2 / LLaMA save_pretrained directory -> workdir/pretrain, a completed stage that the
   # sft / rm stages start from (their --config.model must equal the printed model config)
   python -m instructrl.tools.convert import --hf_dir=path/to/gpt2 --workdir=runs/hh --stage=pretrain
-  # a finished instructrl stage (LM head: pretrain, sft) -> a directory transformers loads
+  # a finished instructrl stage -> a directory transformers loads: an LM-head stage (pretrain, sft) as
+  # *ForCausalLM; a PPO stage's EMA policy (the model it evaluates; --entry=params for the last iterate)
   python -m instructrl.tools.convert export --workdir=runs/hh --stage=sft --out=exported/sft
+  python -m instructrl.tools.convert export --workdir=runs/hh --stage=ppo --out=exported/ppo
+  # the reward model as *ForSequenceClassification, scored at each row's last token that is not --pad_id
+  python -m instructrl.tools.convert export --workdir=runs/hh --stage=rm --out=exported/rm --pad_id=0
 
-The same from Python: `import_hf(hf_dir, workdir, stage)` and `export_hf(workdir, stage, out)`;
+The same from Python: `import_hf(hf_dir, workdir, stage)` and `export_hf(workdir, stage, out, ...)`;
 `instructrl.models.hf.load / save` work on params directly. Neither needs torch or transformers.
 """
 
@@ -46,8 +50,26 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, stage: str = "pretrain", 
   return cfg
 
 
-def load_stage_params(workdir: str | Path, stage: str, mesh=None, rules=None):
-  """(params, ModelConfig) of a completed LM-head stage, with the model config its checkpoint records."""
+RM_STAGES = ("rm", "rm_ensemble")     # scalar-head stages: W/rm and W/rm_ensemble/member{i}
+ENTRIES = ("params", "ema")
+
+
+def stage_head(stage: str) -> str:
+  return "scalar" if Path(stage).parts[0] in RM_STAGES else "lm"
+
+
+def stage_entry(stage: str) -> str:
+  """Which params of a stage's state to export by default: a PPO stage's EMA policy (the one its end-of-stage
+  eval and the report judge), every other stage's only params."""
+  return "ema" if Path(stage).parts[0].startswith("ppo") else "params"
+
+
+def load_stage_params(workdir: str | Path, stage: str, mesh=None, rules=None, *, head: str = "lm",
+                      entry: str = "params"):
+  """(params, ModelConfig) of a completed stage, with the model config its checkpoint records.
+
+  head: "lm" or "scalar" (an RM); entry: which params of the saved state ("ema": PPO's averaged policy).
+  """
   directory = Path(workdir) / stage
   ckpt = checkpoints.StageCheckpoints(directory)
   try:
@@ -59,23 +81,38 @@ def load_stage_params(workdir: str | Path, stage: str, mesh=None, rules=None):
   cfg = ModelConfig.from_dict(meta["model"])
   mesh = mesh if mesh is not None else parallel.make_mesh((-1, 1, 1))
   rules = rules or parallel.DEFAULT_RULES
-  boxed = abstract_params(cfg)
+  boxed = abstract_params(cfg, head)
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
-  params, _ = checkpoints.load_params(directory, abstract, cfg.to_dict())
+  params, _ = checkpoints.load_params(directory, abstract, cfg.to_dict(), entry=entry)
   return params, cfg
 
 
 def export_hf(workdir: str | Path, stage: str, out: str | Path, *, bos_id: int | None = None,
-              eos_id: int | None = None, max_shard_bytes: int = 5 << 30) -> ModelConfig:
-  """Write a completed LM-head stage (pretrain, sft, an imported stage) as a save_pretrained directory."""
-  if stage in ("rm", "ppo"):
-    raise ValueError(f"stage {stage!r}: only LM-head stages (pretrain, sft, imported) export to a *ForCausalLM "
-                     f"checkpoint; the RM has a scalar head and ppo keeps several models")
-  params, cfg = load_stage_params(workdir, stage)
-  hf.save(out, params, cfg, bos_id=bos_id, eos_id=eos_id, max_shard_bytes=max_shard_bytes)
-  logging.info("exported %s/%s to %s", workdir, stage, out)
+              eos_id: int | None = None, pad_id: int | None = None, entry: str | None = None,
+              max_shard_bytes: int = 5 << 30) -> ModelConfig:
+  """Write a completed stage as a save_pretrained directory: an LM-head stage (pretrain, sft, imported, and
+  ppo / ppo_noptx, their EMA policy unless entry="params") as *ForCausalLM, an RM stage (rm,
+  rm_ensemble/member<i>) as *ForSequenceClassification (pad_id required; see hf.save_rm)."""
+  head = stage_head(stage)
+  entry = entry or stage_entry(stage)
+  if entry not in ENTRIES:
+    raise ValueError(f"entry={entry!r}: expected one of {ENTRIES}")
+  if entry == "ema" and not Path(stage).parts[0].startswith("ppo"):
+    raise ValueError(f"entry='ema': only PPO stages keep an EMA policy; stage {stage!r} has 'params' only")
+  params, cfg = load_stage_params(workdir, stage, head=head, entry=entry)
+  if head == "scalar":
+    left = hf.save_rm(out, params, cfg, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, max_shard_bytes=max_shard_bytes)
+    logging.info("exported the RM %s/%s to %s (transformers' score = ours - %g)", workdir, stage, out, left)
+  else:
+    hf.save(out, params, cfg, bos_id=bos_id, eos_id=eos_id, max_shard_bytes=max_shard_bytes)
+    logging.info("exported %s/%s (%s) to %s", workdir, stage, entry, out)
   return cfg
+
+
+def _exported_bias(out) -> dict:
+  hf_cfg = json.loads((Path(out) / hf.CONFIG).read_text())
+  return {hf.SCORE_BIAS_KEY: hf_cfg[hf.SCORE_BIAS_KEY]} if hf.SCORE_BIAS_KEY in hf_cfg else {}
 
 
 def main(argv=None) -> int:
@@ -91,6 +128,10 @@ def main(argv=None) -> int:
   exp.add_argument("--out", required=True)
   exp.add_argument("--bos_id", type=int, default=None)
   exp.add_argument("--eos_id", type=int, default=None)
+  exp.add_argument("--pad_id", type=int, default=None,
+                   help="RM stages: the pad id transformers skips to find each row's last token (required)")
+  exp.add_argument("--entry", choices=ENTRIES, default=None,
+                   help="which params of the stage: default 'ema' for ppo stages, else 'params'")
   exp.add_argument("--max_shard_bytes", type=int, default=5 << 30)
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -100,8 +141,8 @@ def main(argv=None) -> int:
       print(json.dumps({"stage": str(Path(args.workdir) / args.stage), "model": cfg.to_dict()}))
     else:
       cfg = export_hf(args.workdir, args.stage, args.out, bos_id=args.bos_id, eos_id=args.eos_id,
-                      max_shard_bytes=args.max_shard_bytes)
-      print(json.dumps({"out": str(args.out), "model": cfg.to_dict()}))
+                      pad_id=args.pad_id, entry=args.entry, max_shard_bytes=args.max_shard_bytes)
+      print(json.dumps({"out": str(args.out), "model": cfg.to_dict(), **_exported_bias(args.out)}))
   except (hf.ConvertError, FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -40,3 +40,27 @@ def gpt2_with_tokenizer(directory: Path, n_positions: int = 512):
                                 bos_token_id=eos, eos_token_id=eos)
   transformers.GPT2LMHeadModel(cfg).save_pretrained(directory)
   return directory
+
+
+def randomize_weights(model, seed: int = 0):
+  """Redraw a transformers model's weights at O(1) scale (HF's 0.02 init gives near-zero logits that any
+  mapping would match): norm scales around 1 (Gemma's stored w around 0, its scale being 1 + w), biases
+  at 0.3, matrices so that outputs stay O(1), embeddings at 0.5 (a tied head would otherwise repeat the
+  last token forever; 0.2 for Gemma, which multiplies them by sqrt(d_model), and 0.05 for Gemma 2, whose
+  normalised layer outputs would otherwise be outweighed by the embedding, so that greedy decoding loops;
+  its final norm at scale ~4 then keeps the tied head's logits O(1))."""
+  import torch
+  torch.manual_seed(seed)
+  gemma = "gemma" in type(model).__name__.lower()
+  emb_scale = 0.05 if "gemma2" in type(model).__name__.lower() else 0.2 if gemma else 0.5
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("weight") and p.ndim == 1:
+        big = emb_scale == 0.05 and name == "model.norm.weight"
+        p.copy_((3.0 if big else 0.0 if gemma else 1.0) + 0.3 * torch.randn_like(p))
+      elif p.ndim == 1:
+        p.copy_(0.3 * torch.randn_like(p))
+      else:
+        emb = any(e in name for e in ("wte", "wpe", "embed"))
+        p.copy_(torch.randn_like(p) * (emb_scale if emb else 1.5 / min(p.shape) ** 0.5))
+  return model.eval()

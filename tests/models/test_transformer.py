@@ -218,6 +218,42 @@ def test_num_params_matches_tree(style, tied):
   assert cfg.num_params(include_embeddings=False) == total - emb
 
 
+@pytest.mark.parametrize("extra", [dict(qkv_bias=True), dict(embed_scale=True, glu_activation="gelu_tanh", head_dim=24),
+                                   dict(sliding_window=4, rope_scaling="llama3", rope_factor=8.0,
+                                        rope_original_max_len=32),
+                                   dict(embed_scale=True, glu_activation="gelu_tanh", post_norms=True,
+                                        attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=16.0)])
+def test_num_params_matches_tree_llama_variants(extra):
+  """The Qwen2 / Gemma / Mistral / LLaMA 3.1 / Gemma 2 switches: q/k/v biases and post-norms add parameters."""
+  cfg = make_cfg("llama", **extra)
+  params = jax.eval_shape(_init_fn(cfg, "lm"), jax.random.key(0))
+  assert cfg.num_params() == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+  assert ("bq" in params["layer_0"]["attn"]) == cfg.qkv_bias
+
+
+def test_config_fields_added_later_keep_old_meta_readable():
+  """A checkpoint meta written before the family fields existed reads back and compares equal; the fields
+  are recorded only once they leave their defaults."""
+  from instructrl.models.config import mismatched_fields
+  cfg = make_cfg("llama")
+  old_meta = cfg.to_dict()
+  assert sorted(old_meta) == sorted([
+      "style", "vocab_size", "max_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+      "norm_eps", "rope_theta", "tie_embeddings", "embed_dropout", "attn_dropout", "resid_dropout", "dtype",
+      "param_dtype", "remat", "attention"])
+  assert ModelConfig.from_dict(old_meta) == cfg
+  assert mismatched_fields(old_meta, cfg.to_dict()) == []
+  windowed = make_cfg("llama", sliding_window=16)
+  assert windowed.to_dict()["sliding_window"] == 16
+  assert mismatched_fields(old_meta, windowed.to_dict()) == ["sliding_window"]
+  with pytest.raises(ValueError, match=r"model\.qkv_bias=True: expected False for style 'gpt'"):
+    make_cfg("gpt", qkv_bias=True)
+  with pytest.raises(ValueError, match=r"model\.glu_activation='relu'"):
+    make_cfg("llama", glu_activation="relu")
+  with pytest.raises(ValueError, match=r"model\.rope_original_max_len=0"):
+    make_cfg("llama", rope_scaling="llama3", rope_factor=8.0)
+
+
 def _prefill_then_step(cfg, params, tokens, P0, S, positions=None, kv_mask=None):
   """Prefill tokens[:, :P0], then one token at a time. Returns [B, T, V] logits from the cache path."""
   model = Decoder(cfg)

@@ -31,6 +31,9 @@ BAD = {
     "model.n_heads": [0], "model.n_kv_heads": [0, 3], "model.head_dim": [0], "model.d_ff": [-1],
     "model.norm_eps": [0.0], "model.rope_theta": [-1.0], "model.embed_dropout": [1.0],
     "model.attn_dropout": [-0.1], "model.resid_dropout": [1.5],
+    "model.sliding_window": [-1], "model.rope_factor": [0.5], "model.rope_low_freq_factor": [0.0],
+    "model.rope_high_freq_factor": [-4.0], "model.rope_original_max_len": [-1],
+    "model.attn_softcap": [-1.0], "model.final_softcap": [-30.0], "model.query_pre_attn_scalar": [-1.0],
     **{f"pretrain.{k}": v for k, v in LM.items()},
     **{f"sft.{k}": v for k, v in LM.items()},
     "sft.pretrain_mix": [-0.1, 1.0],
@@ -118,6 +121,8 @@ OTHER = [
     ("rm.init_stage", "ppo", ["rm.init_stage='ppo'"]),
     ("sft.model_overrides.resid_dropout", 1.0, ["sft.model_overrides.resid_dropout=1.0"]),
     ("model.style", "gpt3", ["model.style='gpt3'"]),
+    ("model.glu_activation", "relu", ["model.glu_activation='relu'"]),
+    ("model.rope_scaling", "yarn", ["model.rope_scaling='yarn'"]),
     ("pretrain.on_nonfinite", "ignore", ["pretrain.on_nonfinite='ignore'", "'stop' or 'skip'"]),
     # The held-out labeler group is one field, the world's: the RM's old copy is refused even at a valid group.
     ("rm.heldout_group", 4, ["rm.heldout_group=4", "removed", "set world.heldout_group"]),
