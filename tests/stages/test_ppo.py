@@ -788,7 +788,7 @@ def test_rm_runs_join_another_runs_rm_as_an_ensemble_member(reference_run, tmp_p
     out = subprocess.run(cli_cmd(w, "ppo_noptx", f"--config.ppo.rm_runs={bad_runs}",
                                  "--config.ppo.total_episodes=32"),
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
-    assert out.returncode != 0 and f"ppo.rm_runs: " in out.stderr and why in out.stderr, out.stderr[-2000:]
+    assert out.returncode != 0 and "ppo.rm_runs: " in out.stderr and why in out.stderr, out.stderr[-2000:]
 
 
 def test_rm_uncertainty_penalty_without_an_ensemble_is_a_clear_error(tmp_path):
