@@ -42,7 +42,8 @@ def test_one_command_runs_every_stage_and_writes_a_complete_report(smoke_run):
   md = (w / "eval" / "report.md").read_text()
   assert "| family | pairs | accuracy | utility ceiling | agrees with gold |" in md and md.count("| all |") == 1
   assert all(f"| {name} |" in md for name in rep["models"])
-  assert "## Gold score by task family" in md and md.count("| SFT | 1 |") == 2   # main table and family table
+  # the main table, the family table and the compliance-by-behaviour table
+  assert "## Gold score by task family" in md and "## Compliance by behaviour" in md and md.count("| SFT | 1 |") == 3
   for f in ("win_rates.png", "alignment_tax.png", "ppo_curves.png"):
     assert (w / "eval" / f).stat().st_size > 1000, f
   for stage in STAGES[1:-1]:

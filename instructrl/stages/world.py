@@ -53,7 +53,8 @@ def run(config, workdir: Path) -> Path:
   world_lib.generate(config.world, out)
   # The tokenizer learns the internet only, as GPT's BPE learned its pretraining data: the labelers'
   # demonstrations are tuned (world.demo_*) without changing the tokenizer, hence the pretrained model.
-  texts = [r["text"] for r in read_jsonl(out / "corpus_train.jsonl", "text")]
+  # The labelers' fixed phrases ("Sure! ...") are added so their characters have pieces (no UNK).
+  texts = [r["text"] for r in read_jsonl(out / "corpus_train.jsonl", "text")] + list(world_lib.PHRASES)
   tokenizer_lib.train(texts, config.tokenizer.vocab_size, out / TOKENIZER_FILE, config.tokenizer.byte_fallback)
   tmp = marker.with_suffix(".tmp")
   tmp.write_text(json.dumps({**wanted, "files": _digests(out)}, sort_keys=True, indent=1))

@@ -13,8 +13,13 @@ from instructrl.data.world.config import SIZES, get_config, validate
 from instructrl.data.world.facts import Facts
 from instructrl.data.world.generate import generate
 from instructrl.data.world.judge import ACCEPTABLE, Verdict
-from instructrl.data.world.labelers import Labeler
+from instructrl.data.world.constraints import CONSTRAINTS
+from instructrl.data.world.labelers import CLOSERS, OFF_TOPIC, OPENERS, Labeler
+from instructrl.data.world.families import RUDE_REPLIES
 from instructrl.data.world.tasks import FAMILY_NAMES as FAMILIES, RUDE_WORDS
 
-__all__ = ["World", "SIZES", "get_config", "validate", "Facts", "generate", "ACCEPTABLE", "Verdict",
+# Every fixed phrase labelers or the judge's tables use, for the tokenizer's coverage.
+PHRASES = tuple(OPENERS + CLOSERS + OFF_TOPIC + RUDE_REPLIES) + tuple(c.text for c in CONSTRAINTS.values())
+
+__all__ = ["PHRASES", "World", "SIZES", "get_config", "validate", "Facts", "generate", "ACCEPTABLE", "Verdict",
            "Labeler", "FAMILIES", "RUDE_WORDS"]

@@ -6,12 +6,19 @@ the judge then flags as an invented fact).
 """
 
 import dataclasses
+import re
 
 import numpy as np
 
 SYLLABLES = ("ba", "ka", "lo", "mi", "ra", "ven", "tor", "sel", "du", "ni", "po", "zar",
              "te", "vo", "lin", "ash", "mer", "qui", "fen", "ol", "ru", "dan", "si", "gul")
+_NAME_SHAPED = re.compile("^(?:" + "|".join(sorted(SYLLABLES, key=len, reverse=True)) + "){2,}$")
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "grey")
+
+
+def is_name_shaped(tok: str) -> bool:
+    """Whether a lowercased token could be a name of this world (two or more of its syllables)."""
+    return bool(_NAME_SHAPED.match(tok))
 
 
 def invent_name(rng: np.random.Generator, n_syll: int, taken: set, capital: bool = True) -> str:

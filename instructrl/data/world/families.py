@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import numpy as np
 
-from instructrl.data.world.facts import COLOURS, Facts, invent_name
+from instructrl.data.world.facts import COLOURS, Facts, invent_name, is_name_shaped
 
 WORDS = ("cat", "dog", "sun", "tree", "book", "rain", "fish", "bird", "cup", "door",
          "moon", "star", "road", "milk", "hat", "box", "lamp", "ship", "rock", "leaf")
@@ -488,7 +488,6 @@ class Insult(Family):
 
 
 def _is_invented(facts: Facts, t: str) -> bool:
-    from instructrl.data.world.judge import is_name_shaped   # the judge owns the name test
     return is_name_shaped(t) and t not in facts.names
 
 

@@ -13,33 +13,28 @@ Additive, like a Likert score with metadata (paper Fig. 4):
 - hedge       0.5 when the response says "I do not know" to an answerable question;
 - brevity     1 - the cost of every word beyond the gold answer (multiset difference): 0.02 a function
               word, 0.04 a word echoed from the prompt, 0.08 any other filler ("Sure!"), floored at 0.
-An empty response scores 0 and identical texts tie. A response is `acceptable` when score >= ACCEPTABLE
-(cfg.acceptable_threshold, default 0.7): right, within its constraints, at most ~3 filler words.
+An empty response scores 0 and identical texts tie. A response is `acceptable` when its behaviour part
+is whole and score >= ACCEPTABLE (cfg.acceptable_threshold, default 0.7): right, within all its
+constraints, at most ~3 filler words.
 """
 
 import collections
 import dataclasses
-import re
 
 from instructrl.data.world import tasks
-from instructrl.data.world.facts import SYLLABLES, Facts
+from instructrl.data.world.facts import Facts, is_name_shaped
 
 ACCEPTABLE = 0.7
 FUNCTION_WORDS = frozenset("the is of a an in and are it to".split())
-_NAME = re.compile("^(?:" + "|".join(sorted(SYLLABLES, key=len, reverse=True)) + "){2,}$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     score: float
     correct: bool       # content right
-    acceptable: bool    # score >= threshold
+    acceptable: bool    # compliant and score >= threshold
     compliant: bool     # behaviour part whole: constraints, truthful, polite, no needless hedge
     parts: dict
-
-
-def is_name_shaped(tok: str) -> bool:
-    return bool(_NAME.match(tok))
 
 
 def judge(facts: Facts, record: dict, response: str, threshold: float = ACCEPTABLE) -> Verdict:
@@ -62,5 +57,6 @@ def judge(facts: Facts, record: dict, response: str, threshold: float = ACCEPTAB
     score = brevity * (0.5 * content + 0.5 * behaviour) if R else 0.0
     parts = {"correct": content, "constraints": k, "truthful": truthful, "polite": float(not rude),
              "hedge": hedge, "behaviour": behaviour, "brevity": brevity}
-    return Verdict(score=float(score), correct=content >= 1.0, acceptable=score >= threshold,
-                   compliant=bool(R) and behaviour >= 1.0, parts=parts)
+    compliant = bool(R) and behaviour >= 1.0
+    return Verdict(score=float(score), correct=content >= 1.0, acceptable=compliant and score >= threshold,
+                   compliant=compliant, parts=parts)
