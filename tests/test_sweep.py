@@ -77,8 +77,9 @@ def test_aggregate_means_and_stds_over_seeds(tmp_path, monkeypatch):
     if r["member"] == "K9" and r["seed"] == 2:
       continue   # a member with a missing seed is averaged over what exists
     acc = {"K2": 0.6, "K4": 0.62, "K9": 0.64, "K4-9": 0.63}[r["member"]] + 0.01 * r["seed"]
-    (r["run_dir"] / "eval").mkdir(parents=True)
-    (r["run_dir"] / "eval" / "report.json").write_text(json.dumps({"rm": {"accuracy_train_groups": acc}}))
+    assert "--config.eval.split=dev" in r["cmd"]   # sweeps choose settings: they read the dev split
+    (r["run_dir"] / "eval_dev").mkdir(parents=True)
+    (r["run_dir"] / "eval_dev" / "report.json").write_text(json.dumps({"rm": {"accuracy_train_groups": acc}}))
   monkeypatch.setattr(sweep, "_SWEEP", type("F", (), {"present": False, "value": None})())
   out = sweep.aggregate(s, runs, tmp_path)["members"]
   k4 = out["K4"]["RM accuracy (training groups)"]
@@ -119,7 +120,8 @@ def _fake_run(run_dir: Path, config, stages):
 
 def test_dry_run_with_adopt_says_what_would_be_adopted_and_copies_nothing(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
-  base = sweep.member_config("configs/instructgpt.py:tiny", {}, 0)     # gamma 1 = the tiny default
+  # gamma 1 = the tiny default, judged on the dev split as sweeps judge
+  base = sweep.member_config("configs/instructgpt.py:tiny", {"eval.split": "dev"}, 0)
   _fake_run(tmp_path / "seed0", base, sweep.STAGE_OUTPUTS)
   out = subprocess.run([sys.executable, "-m", "instructrl.tools.sweep", "--sweep=configs/sweeps/ptx_coef.py:tiny",
                         f"--workdir={tmp_path / 'sweep'}", "--seeds=0", f"--adopt={tmp_path / 'seed0'}", "--dry_run"],
@@ -152,7 +154,7 @@ def test_a_run_recorded_before_a_ppo_field_was_renamed_is_adopted_whole(tmp_path
   s = load("kl_coef", "tiny")
   s.seeds = (0,)
   runs = sweep.plan(s, tmp_path / "sweep")
-  base = sweep.member_config(s.base, {}, 0)
+  base = sweep.member_config(s.base, {"eval.split": "dev"}, 0)
   _fake_run(tmp_path / "old", base, sweep.STAGE_OUTPUTS)
   saved = json.loads((tmp_path / "old" / "config.json").read_text())
   saved["ppo"]["gamma"] = saved["ppo"].pop("discount")
@@ -168,11 +170,14 @@ def test_adopt_copies_the_matching_stages_of_finished_runs(tmp_path, monkeypatch
   s = load("kl_coef", "tiny")
   s.seeds = (0, 1)
   runs = sweep.plan(s, tmp_path / "sweep")
-  base = sweep.member_config(s.base, {}, 0)
+  base = sweep.member_config(s.base, {"eval.split": "dev"}, 0)
   _fake_run(tmp_path / "seed0", base, sweep.STAGE_OUTPUTS)          # beta 0.1 = the tiny default
-  other = sweep.member_config(s.base, {"ppo.kl_coef": 0.1, "sft.learning_rate": 1e-4}, 1)
-  _fake_run(tmp_path / "seed1_other_sft", other, sweep.STAGE_OUTPUTS)
+  test_split = sweep.member_config(s.base, {}, 0)                   # the same run judged on the test split
+  _fake_run(tmp_path / "seed0_test", test_split, sweep.STAGE_OUTPUTS)
   (tmp_path / "sweep" / "_shared").mkdir(parents=True)
+  assert not any(n.startswith("eval-") for n in sweep.adopt(runs, s, [tmp_path / "seed0_test"], copy=False))
+  other = sweep.member_config(s.base, {"ppo.kl_coef": 0.1, "sft.learning_rate": 1e-4, "eval.split": "dev"}, 1)
+  _fake_run(tmp_path / "seed1_other_sft", other, sweep.STAGE_OUTPUTS)
   got = sweep.adopt(runs, s, [tmp_path / "seed0", tmp_path / "seed1_other_sft"])
   got = sorted((name.split("-")[0], src.name) for name, src in got.items())
   # seed 0: every stage of the default member, world..eval; the seed-1 run differs from SFT on: only its

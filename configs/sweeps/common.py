@@ -5,7 +5,8 @@ import ml_collections
 FULL = "world,pretrain,sft,rm,ppo,ppo_noptx,eval"
 RM_ONLY = "world,pretrain,sft,rm,eval"
 
-# label -> path into workdir/eval/report.json
+# label -> path into the eval report (workdir/eval_dev/report.json: sweeps choose settings, so they read the
+# dev split judged by the dev group; the test split is for the final configuration only)
 PPO_METRICS = {
     "PPO-ptx win rate vs SFT": "results/PPO-ptx/win_rate_vs_sft/mean",
     "PPO win rate vs SFT": "results/PPO/win_rate_vs_sft/mean",
@@ -26,5 +27,6 @@ def sweep(arg, stages: str, members: list, metrics: dict, seeds=(0, 1, 2)) -> ml
   s.stages = stages
   s.seeds = tuple(seeds) if preset != "smoke" else (0,)   # the paper's headline comparisons use >= 3 seeds
   s.members = [dict(name=n, overrides=o) for n, o in members]
+  s.eval_split = "dev"           # members are judged on the dev split by the dev group (tools/sweep.py)
   s.metrics = metrics
   return s

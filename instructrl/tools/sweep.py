@@ -54,8 +54,9 @@ STAGE_OUTPUTS = {"world": ("world",), "pretrain": ("pretrain", "metrics/pretrain
                  "sft": ("sft", "metrics/sft.jsonl"),
                  "rm": ("comparisons", "rm", "rm_ensemble", "metrics/rm.jsonl"),
                  "ppo": ("ppo", "metrics/ppo.jsonl"), "ppo_noptx": ("ppo_noptx", "metrics/ppo_noptx.jsonl"),
-                 "eval": ("eval",)}
-OPTIONAL_OUTPUTS = frozenset({"rm_ensemble"})
+                 "eval": ("eval", "eval_dev")}
+# eval / eval_dev: a run judged one split (the sweep's eval_split is in the eval stage's hash).
+OPTIONAL_OUTPUTS = frozenset({"rm_ensemble", "eval", "eval_dev"})
 
 
 def load_module(path: str):
@@ -121,19 +122,26 @@ def overrides_as_flags(overrides: dict, seed: int) -> list[str]:
   return [f"--config.{k}={fmt(v)}" for k, v in {**overrides, "seed": seed}.items()]
 
 
+def member_overrides(sweep, member) -> dict:
+  """The member's overrides plus the sweep's eval split: sweeps choose settings, so their members are
+  judged on the dev split by the dev group (sweep field eval_split, "dev" in configs/sweeps/common.py)."""
+  return {**dict(member.get("overrides", {})), "eval.split": sweep.get("eval_split", "test")}
+
+
 def plan(sweep, workdir: Path) -> list[dict]:
   """One entry per (member, seed): its run dir, command, and the shared stage dirs it links."""
   stages = [s.strip() for s in sweep["stages"].split(",") if s.strip()]
   runs, owners = [], {}
   for seed in sweep["seeds"]:
     for m in sweep["members"]:
-      cfg = member_config(sweep["base"], dict(m.get("overrides", {})), seed)
+      overrides = member_overrides(sweep, m)
+      cfg = member_config(sweep["base"], overrides, seed)
       keys = stage_keys(cfg, stages)
       run_dir = workdir / m["name"] / f"seed{seed}"
       shared = {s: workdir / "_shared" / f"{s}-{k}" for s, k in keys.items()}
       first = {s: owners.setdefault(f"{s}-{k}", f"{m['name']}/seed{seed}") for s, k in keys.items()}
       cmd = [sys.executable, "-m", "instructrl.main", f"--config={sweep['base']}", f"--workdir={run_dir}",
-             f"--stages={','.join(stages)}", *overrides_as_flags(dict(m.get("overrides", {})), seed)]
+             f"--stages={','.join(stages)}", *overrides_as_flags(overrides, seed)]
       runs.append({"member": m["name"], "seed": seed, "run_dir": run_dir, "shared": shared, "computes": first,
                    "cmd": cmd})
   return runs
@@ -191,7 +199,8 @@ def adopt(runs: list[dict], sweep, finished: list[Path], copy: bool = True) -> d
       shared = wanted[name][1]
       if any(_has_outputs(shared / o) for o in outs):
         continue   # computed (or started) by the sweep itself
-      if not all((src / o).exists() for o in outs if o not in OPTIONAL_OUTPUTS):
+      if not (all((src / o).exists() for o in outs if o not in OPTIONAL_OUTPUTS)
+              and any((src / o).exists() for o in outs)):
         continue   # the run stopped before this stage
       for o in (o for o in outs if copy and (src / o).exists()):
         (shared / o).parent.mkdir(parents=True, exist_ok=True)
@@ -239,8 +248,10 @@ def aggregate(sweep, runs: list[dict], workdir: Path) -> dict:
   """Mean, std and per-seed values of every sweep metric for every member."""
   table = {}
   for m in sweep["members"]:
-    reports = [json.loads((r["run_dir"] / "eval" / "report.json").read_text())
-               for r in runs if r["member"] == m["name"] and (r["run_dir"] / "eval" / "report.json").exists()]
+    # evaluate.report_dir's rule, without importing the stage (this process only runs subprocesses)
+    where = "eval_dev" if sweep.get("eval_split", "test") == "dev" else "eval"
+    reports = [json.loads((r["run_dir"] / where / "report.json").read_text())
+               for r in runs if r["member"] == m["name"] and (r["run_dir"] / where / "report.json").exists()]
     row = {}
     for label, path in sweep.get("metrics", {}).items():
       vals = [v for v in (get_path(rep, path) for rep in reports) if isinstance(v, (int, float))]
