@@ -8,7 +8,11 @@ Override any field:
 
 Paper numbers come from Ouyang et al. 2022 (arXiv 2203.02155), appendix C; each carries a
 comment naming the section. Derived numbers (tokens per step, epochs) are computed, not typed.
+The paper presets take options after a comma: `1.3b,rm6b` gives the reward model and PPO's value
+function the paper's 6B shape (docs/scaling.md, "The paper presets").
 """
+
+import math
 
 import ml_collections
 
@@ -16,6 +20,12 @@ from instructrl import parallel
 from instructrl.data import world as world_lib
 
 PRESETS = ("smoke", "tiny", "small", "1.3b", "6b", "175b")
+PAPER_PRESETS = ("1.3b", "6b", "175b")
+# Options after a paper preset's name, comma-separated (`1.3b,rm6b`).
+OPTIONS = {"rm6b": "the paper's 6B reward model and value function (C.2, C.4) for this policy size"}
+# GPT-3 table 2.1 (Brown et al. 2020): (layers, width, heads); head size 128 everywhere, so 1.3B has
+# 24 heads of 128 on a 2048-wide stream.
+GPT3_SHAPES = {"1.3b": (24, 2048, 24), "6b": (32, 4096, 32), "175b": (96, 12288, 96)}
 
 
 def _lm_stage(**kw):
@@ -60,6 +70,10 @@ def _rm_stage():
                                  # another run on the same world, with that run's model (a larger RM, as the
                                  # paper's 6B RM); PPO's value function follows it
   c.init_stage = ""              # the stage whose trunk initialises the RM ("": rm.policy; e.g. "pretrain")
+  # The RM's size where it is not the policy's: model fields among d_model, n_layers, n_heads, n_kv_heads,
+  # head_dim, d_ff (the paper's 6B RM for every policy: the paper presets' `,rm6b`). PPO's value function
+  # follows the RM. Another size than the policy's needs rm.base_workdir (a run of that size, for the trunk).
+  c.model_shape = ml_collections.ConfigDict()
   # Where the K ranked responses come from (weights per response slot): "policy" (rm.policy at
   # rm.sample_temperature), "pretrain" (bare prompt) and "pretrain_few_shot" (prompted GPT), both at
   # eval.baseline_temperature, "ppo" (an earlier PPO policy, rm.ppo_source), and "mismatched" (rm.policy's
@@ -210,11 +224,15 @@ def _model(**kw):
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  preset = arg or "tiny"
+  preset, *options = [part.strip() for part in (arg or "tiny").split(",")]
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+  unknown = [o for o in options if o not in OPTIONS]
+  if unknown or (options and preset not in PAPER_PRESETS):
+    raise ValueError(f"preset {arg!r}: options {unknown or options} not understood; a paper preset "
+                     f"{PAPER_PRESETS} takes any of {sorted(OPTIONS)} (e.g. '1.3b,rm6b'), the others none")
   c = ml_collections.ConfigDict()
-  c.preset = preset              # which preset this config came from
+  c.preset = ",".join([preset, *options])  # which preset (and options) this config came from
   c.seed = 0                     # one seed for world, init, dropout and data order
   c.stages = "world,pretrain,sft,rm,ppo,ppo_noptx,eval"  # stages run by default, in order: the whole pipeline
 
@@ -319,30 +337,69 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.sft.update(steps=1000, batch_size=64, seq_len=96, learning_rate=3e-4, log_every=50, eval_every=500,
                  checkpoint_every=500)
   else:
-    _paper(c, preset)
+    _paper(c, preset, options)
   return c
 
 
-def _paper(c, preset):
-  """GPT-3 shapes (paper C: GPT-3 architecture, 2k context; Brown et al. 2020 table 2.1)."""
-  # GPT-3 table 2.1: head size 128 everywhere, so 1.3B has 24 heads of 128 on a 2048-wide stream.
-  layers, width, heads = {"1.3b": (24, 2048, 24), "6b": (32, 4096, 32), "175b": (96, 12288, 96)}[preset]
+def _gpt3_shape(preset: str) -> dict:
+  layers, width, heads = GPT3_SHAPES[preset]
+  return dict(d_model=width, n_layers=layers, n_heads=heads, n_kv_heads=heads, head_dim=128, d_ff=4 * width)
+
+
+def _paper(c, preset, options=()):
+  """GPT-3 shapes at the paper's lengths and settings (Ouyang et al. 2022, appendix C).
+
+  Lengths (paper C: a 2k-token context; prompts longer than 1k tokens filtered out, responses limited
+  to 1k tokens): the 2048 positions split into 1024 for the prompt, BOS included, and 1024 for the
+  response, its EOS included. Our sequences carry a BOS the GPT-3 ones do not, so a prompt keeps 1023
+  tokens (the paper: 1024); a sampled response keeps 1023 tokens plus an EOS, the one PPO forces after
+  a truncated response so the RM can score it (ppo.prompt_len + ppo.max_new_tokens + 1 <= max_len).
+  """
   c.tokenizer.vocab_size = 50257            # GPT-3 byte-level BPE
   c.model.update(
       vocab_size=50304,                     # 50257 padded to a multiple of 128 for even sharding
       max_len=2048,                         # paper C: 2k-token context
-      d_model=width, n_layers=layers, n_heads=heads, n_kv_heads=heads, head_dim=128,
-      d_ff=4 * width, dtype="bfloat16",     # paper C: fp16 activations; bf16 is the TPU equivalent
+      **_gpt3_shape(preset),                # paper C: GPT-3 architecture (Brown et al. 2020 table 2.1)
+      dtype="bfloat16",                     # paper C: fp16 activations; bf16 is the TPU equivalent
       param_dtype="float32",                # paper C: fp32 master weights
       remat=True)
-  c.mesh.shape = (1, -1, 1)                 # fully sharded data parallel by default
+  # Fully sharded data parallel. 175b: the SFT batch of 8 (C.1) splits at most 8 ways, so fsdp 8 and the
+  # remaining chips tensor-parallel (docs/scaling.md: (1,8,8) and (1,8,16)).
+  c.mesh.shape = (1, 8, -1) if preset == "175b" else (1, -1, 1)
   c.world = world_lib.get_config("small")   # the embedded world still works for dry runs
-  c.pretrain.update(steps=10000, batch_size=256, seq_len=2048, learning_rate=2e-4, warmup_steps=500)
+  prompt, response = 1024, 1024             # paper C: prompts over 1k tokens dropped, responses capped at 1k
+  c.pretrain.update(steps=10000, batch_size=256, learning_rate=2e-4, warmup_steps=500,
+                    seq_len=2048)           # paper C: 2k context (GPT-3's own pretraining windows)
   c.sft.update(
-      # paper C.1: 16 epochs over ~13k demos; steps = 16 * 13000 / batch
       batch_size=8 if preset == "175b" else 32,          # paper C.1: batch 32 (1.3B, 6B), 8 (175B)
       learning_rate=5.03e-6 if preset == "175b" else 9.65e-6,  # paper C.1
-      final_lr_fraction=0.1, warmup_steps=0, seq_len=2048)   # paper C.1: cosine to 10%, no warm-up
-  c.sft.steps = 16 * 13000 // c.sft.batch_size
+      final_lr_fraction=0.1, warmup_steps=0,             # paper C.1: cosine to 10%, no warm-up
+      seq_len=2048,                         # paper C: 2k context; a demo is <= 1k prompt + 1k response
+      # paper C.3: PPO's policy starts from an SFT model trained with 10% pretraining data mixed in. One
+      # sft stage here is both the SFT baseline and that init (ppo.policy_init="sft"): C.1's schedule
+      # with C.3's mix (the paper trains the init separately: 2 epochs, lr 5e-6 / 1.04e-5 / 2.45e-6).
+      pretrain_mix=0.1)
+  # paper C.1: 16 epochs over ~13k demos; the pretraining windows come on top (a tenth of each batch).
+  c.sft.steps = math.ceil(16 * 13000 / (1 - c.sft.pretrain_mix) / c.sft.batch_size)
   c.sft.model_overrides.resid_dropout = 0.2  # paper C.1
-  c.eval.update(prompt_len=1024, max_new_tokens=1024)  # paper C: prompts >1k dropped, responses capped at 1k
+  c.rm.update(
+      prompt_len=prompt,                    # paper C: prompts over 1k tokens dropped (BOS included here)
+      max_new_tokens=response - 1,          # paper C: responses capped at 1k tokens, the EOS included
+      seq_len=2048)                         # paper C: 2k context: BOS + prompt + response + EOS
+  c.ppo.update(
+      policy_init="sft",                    # paper C.3: the SFT model trained with 10% pretraining data
+      prompt_len=prompt,                    # paper C: prompts over 1k tokens dropped (BOS included here)
+      max_new_tokens=response - 1,          # paper C: 1k-token responses; + 1 for the EOS the RM reads
+      ptx_seq_len=2048,                     # paper C: 2k context for the pretraining (ptx) sequences
+      value_learning_rate=5e-6 if preset == "175b" else 9e-6)  # paper C.4: value lr 9e-6 (5e-6, 175B policy)
+  c.eval.update(
+      prompt_len=prompt,                    # paper C: prompts over 1k tokens dropped
+      # The few-shot prefix of the prompted GPT-3 baseline shares the 1k prompt budget: 1k + 1k fill the
+      # 2k context (the paper gives it no separate room); a prefixed prompt that does not fit is skipped.
+      prefix_len=0,
+      max_new_tokens=response)              # paper C: responses capped at 1k tokens
+  if "rm6b" in options:
+    # paper C.2: one 6B reward model for every policy size; C.4: the value function is initialised
+    # from it, so it is 6B too (ppo.build gives the value the RM's model). Its trunk comes from
+    # rm.base_workdir, a run of the 6b preset on this run's world (docs/pipeline.md).
+    c.rm.model_shape.update(_gpt3_shape("6b"))

@@ -265,7 +265,7 @@ CADENCE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "check
 # A dict value lists keys added inside a nested block (a new rm.source_mix source, at weight 0).
 LATER_FIELDS = {"rm_uncertainty_coef": 0.0, "rm_ensemble_size": 1, "extra_comparisons": "", "reward": "rm",
                 "rm_runs": "", "keep_empty": False, "source_mix": {"mismatched": 0.0}, "policy_pair_weight": 1.0,
-                "init_stage": ""}
+                "init_stage": "", "model_shape": {}}
 # Settings renamed since checkpoints began recording theirs (old name -> new): a checkpoint's value under the
 # old name is compared with the config's under the new one (ppo.gamma, the GAE discount, is ppo.discount).
 RENAMED_FIELDS = {"gamma": "discount"}

@@ -129,7 +129,11 @@ PIPELINE = {
     "eval": EVAL,
 }
 CHECKED_APART = {"mesh.shape", "mesh.rules", "world", "pretrain.model_overrides", "sft.model_overrides",
-                 "rm.model_overrides", "rm.source_mix", "rm.k_choices"}
+                 "rm.model_overrides", "rm.model_shape", "rm.source_mix", "rm.k_choices"}
+
+# The model fields rm.model_shape may set: the trunk's size. The RM reads the policy's token sequences, so
+# its vocabulary, context and architecture style stay the policy's.
+RM_SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
 
 
 def rm_run_names(config) -> list[str]:
@@ -201,15 +205,18 @@ def _model(config, overrides=None, where="model"):
     raise ConfigError(f"{where}: {e}") from None
 
 
-def check_config(config, n_devices: int | None = None) -> None:
+def check_config(config, n_devices: int | None = None, stages=None) -> None:
   """The task-world pipeline's config (configs/instructgpt.py), before the lock and before any work.
 
   n_devices: the devices the mesh spans (default jax.device_count(); no mesh is built).
+  stages: the stages this run runs (main.py's --stages; default config.stages).
   """
   check_table(config, PIPELINE)
   unknown = [s for s in str(config.stages).split(",") if s.strip() and s.strip() not in STAGES]
   if unknown or not str(config.stages).strip():
     fail("stages", config.stages, f"comma-separated stage names among {','.join(STAGES)}")
+  if stages is None:
+    stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
 
   from instructrl.data import world as world_lib
   try:
@@ -219,6 +226,7 @@ def check_config(config, n_devices: int | None = None) -> None:
   model = _model(config)
   for name in ("pretrain", "sft", "rm"):
     _model(config, config[name].get("model_overrides", {}), f"{name}.model_overrides")
+  _check_rm_shape(config, model, stages)
   if config.tokenizer.vocab_size > model.vocab_size:
     raise ConfigError(f"tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds model.vocab_size="
                       f"{model.vocab_size}; expected at most the model's vocabulary")
@@ -294,6 +302,28 @@ def check_config(config, n_devices: int | None = None) -> None:
     if config[block][field] % dp:
       raise ConfigError(f"{path}={config[block][field]} is not divisible by the {dp} data-parallel shards of "
                         f"mesh.shape={shape}; expected a multiple of {dp}")
+
+
+def rm_shape(config) -> dict:
+  """rm.model_shape as a dict: the model fields where the RM (and PPO's value function, initialised from
+  it) differs from the policy, e.g. the paper's 6B RM for a 1.3B policy; {}: the policy's model."""
+  return dict(config.rm.get("model_shape", None) or {})
+
+
+def _check_rm_shape(config, model, stages) -> None:
+  shape = rm_shape(config)
+  other = sorted(set(shape) - set(RM_SHAPE_FIELDS))
+  if other:
+    raise ConfigError(f"rm.model_shape sets {other}; expected only the trunk's size fields {RM_SHAPE_FIELDS} (the "
+                      f"RM reads the policy's sequences: vocabulary, context and style stay model.*)")
+  _model(config, shape, "rm.model_shape")
+  _model(config, {**shape, **config.rm.get("model_overrides", {})}, "rm.model_overrides")
+  differs = {k: v for k, v in shape.items() if getattr(model, k) != v}
+  if differs and "rm" in stages and not config.rm.get("base_workdir", ""):
+    raise ConfigError(f"rm.model_shape={differs} makes the RM another size than the policy, so its trunk cannot "
+                      f"come from this run's {config.rm.policy!r} stage; expected rm.base_workdir: a run on this "
+                      f"run's world whose finished {config.rm.policy!r} stage has that shape (docs/pipeline.md, "
+                      f"'A reward model larger than the policy')")
 
 
 # ----------------------------------------------------------------------------- public-data runs

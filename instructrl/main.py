@@ -70,7 +70,8 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
   world_id = world.world_fingerprint(workdir)
   policy = ModelConfig.from_dict(config.model).to_dict()
   rm, ppo = config.rm, config.ppo
-  rm_model = policy
+  # The RM's model: the policy's, or the size rm.model_shape declares.
+  rm_model = ModelConfig.from_dict({**config.model, **config_check.rm_shape(config)}).to_dict()
   if rm.get("base_workdir", ""):
     # A larger RM: the model of rm.base_workdir's finished policy stage (absent: the RM stage says so).
     base = checkpoints.recorded_meta(Path(rm.base_workdir) / rm.policy)
@@ -132,7 +133,7 @@ def main(argv):
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value)
   stages = parse_stages(_STAGES.value or config.stages)
-  check_config(config)
+  check_config(config, stages=stages)
   workdir_lock.check_workdir(workdir)
   # One writer per workdir (process 0 speaks for a multi-host run); released at exit, even on SIGKILL.
   lock = workdir_lock.WorkdirLock(workdir)

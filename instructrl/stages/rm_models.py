@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from instructrl import checkpoints
+from instructrl.config_check import rm_shape
+from instructrl.errors import ConfigError
 from instructrl.models.config import ModelConfig
 from instructrl.stages.train_state import abstract_state, init_params, make_optimizer, state_shardings
 from instructrl.stages.world import world_fingerprint
@@ -42,13 +44,18 @@ def finished_model(where: Path) -> dict | None:
   return ModelConfig.from_dict(meta["model"]).to_dict()
 
 
+def declared_rm_model(config) -> dict:
+  """The RM's model fields as the config declares them: config.model with rm.model_shape's size (the
+  paper's 6B RM for every policy size: configs/instructgpt.py's `,rm6b`); without it, the policy's."""
+  return ModelConfig.from_dict({**config.model, **rm_shape(config)}).to_dict()
+
+
 def rm_model(config) -> dict:
-  """The model fields the RM stage trains: the policy's (config.model), or with rm.base_workdir set,
-  those of the model the RM starts from there — an RM larger than the policy, as the paper's 6B RM for
-  its 1.3B-175B policies."""
+  """The model fields the RM stage trains: declared_rm_model, or with rm.base_workdir set, those of the
+  model the RM starts from there (an RM larger than the policy), which must then have rm.model_shape's size."""
   base = config.rm.get("base_workdir", "")
   if not base:
-    return ModelConfig.from_dict(config.model).to_dict()
+    return declared_rm_model(config)
   where = Path(base) / config.rm.policy
   model = finished_model(where)
   if model is None:
@@ -56,6 +63,11 @@ def rm_model(config) -> dict:
         f"rm.base_workdir={base}: no finished {config.rm.policy!r} stage at {where}. Train the RM's base model there "
         f"on this run's world first: copy W/world to {base}/world, then `python -m instructrl.main "
         f"--config=... --config.model.d_model=... --workdir={base} --stages=pretrain,{config.rm.policy}`")
+  shape = rm_shape(config)
+  bad = {k: model.get(k) for k, v in shape.items() if model.get(k) != v}
+  if bad:
+    raise ConfigError(f"rm.model_shape={shape}, but rm.base_workdir's {config.rm.policy!r} stage at {where} has "
+                      f"{bad}; expected a base model of the declared size (the RM's trunk is that model)")
   return model
 
 
@@ -73,6 +85,9 @@ def initial_rm_params(config, workdir: Path, mesh, rules, model_cfg: ModelConfig
   cfg = config.rm
   base = Path(cfg.base_workdir) if cfg.get("base_workdir", "") else None
   trunk = cfg.get("init_stage", "") or cfg.policy
+  if base is None and declared_rm_model(config) != ModelConfig.from_dict(config.model).to_dict():
+    raise ConfigError(f"rm.model_shape={rm_shape(config)}: an RM of another size than the policy needs "
+                      f"rm.base_workdir, a run whose finished {trunk!r} stage has that size")
   rm = init_params(model_cfg, key, shardings["params"], mesh, rules, head="scalar")
   lm = load_policy(config, workdir, mesh, rules, trunk, model=rm_model(config),
                    directory=base / trunk if base is not None else None)
