@@ -20,6 +20,20 @@ def _num(x, fmt=".3f") -> str:
   return "-" if x is None else format(x, fmt)
 
 
+def _model_by_column(rep: dict, key: str, title: str, intro: str, cell) -> list[str]:
+  """A table of models (rows) by the keys of each model's gold[key] (columns); [] when none has them."""
+  res = rep["results"]
+  cols = sorted({c for name in rep["models"] for c in (res[name]["gold"].get(key) or {})})
+  if not cols:
+    return []
+  lines = ["", f"## {title}", "", intro, "", "| model | T | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+  for name in rep["models"]:
+    by = res[name]["gold"].get(key) or {}
+    lines.append(f"| {name} | {res[name]['temperature']:g} | " + " | ".join(cell(by[c]) if c in by else "-" for c in cols)
+                 + " |")
+  return lines
+
+
 def markdown(rep: dict) -> str:
   res = rep["results"]
   lines = [
@@ -48,26 +62,13 @@ def markdown(rep: dict) -> str:
         f"{_pct(tr.get('false_premise_rejected'))} | "
         f"{_pct(tx.get('rude_rate/plain'))} / {_pct(tx.get('rude_rate/respectful'))} | {r['heldout_lm_loss']:.3f} | "
         f"{_pct(r['cloze_accuracy'])} |")
-  fams = sorted({f for name in rep["models"] for f in (res[name]["gold"].get("by_family") or {})})
-  if fams:
-    lines += ["", "## Gold score by task family", "",
-              "Mean gold score of each model's answers to the held-out prompts of each family (where a model's "
-              "win rate comes from).", "",
-              "| model | T | " + " | ".join(fams) + " |", "|---|---|" + "---|" * len(fams)]
-    for name in rep["models"]:
-      by = res[name]["gold"].get("by_family") or {}
-      lines.append(f"| {name} | {res[name]['temperature']:g} | " +
-                   " | ".join(_num(by[f]["gold_score"], ".2f") if f in by else "-" for f in fams) + " |")
-  behaviours = sorted({b for name in rep["models"] for b in (res[name]["gold"].get("by_behaviour") or {})})
-  if behaviours:
-    lines += ["", "## Compliance by behaviour", "",
-              "Share of each model's answers whose behaviour is right (constraints obeyed, premise rejected, "
-              "hedged where the world has no answer, no insult; the judge's behaviour part), by prompt slot.", "",
-              "| model | T | " + " | ".join(behaviours) + " |", "|---|---|" + "---|" * len(behaviours)]
-    for name in rep["models"]:
-      by = res[name]["gold"].get("by_behaviour") or {}
-      lines.append(f"| {name} | {res[name]['temperature']:g} | " +
-                   " | ".join(_pct(by[b]["compliant"]) if b in by else "-" for b in behaviours) + " |")
+  lines += _model_by_column(rep, "by_family", "Gold score by task family",
+                            "Mean gold score of each model's answers to the held-out prompts of each family (where a "
+                            "model's win rate comes from).", lambda m: _num(m["gold_score"], ".2f"))
+  lines += _model_by_column(rep, "by_behaviour", "Compliance by behaviour",
+                            "Share of each model's answers whose behaviour is right (constraints obeyed, premise "
+                            "rejected, hedged where the world has no answer, no insult; the judge's behaviour part), "
+                            "by prompt slot.", lambda m: _pct(m["compliant"]))
   rm = rep.get("rm") or {}
   if rm:
     lines += ["", "## Reward model", "",
