@@ -171,12 +171,12 @@ def test_adopt_copies_the_matching_stages_of_finished_runs(tmp_path, monkeypatch
   s.seeds = (0, 1)
   runs = sweep.plan(s, tmp_path / "sweep")
   base = sweep.member_config(s.base, {"eval.split": "dev"}, 0)
-  _fake_run(tmp_path / "seed0", base, sweep.STAGE_OUTPUTS)          # beta 0.1 = the tiny default
+  _fake_run(tmp_path / "seed0", base, sweep.STAGE_OUTPUTS)          # beta 0.2 = the tiny default
   test_split = sweep.member_config(s.base, {}, 0)                   # the same run judged on the test split
   _fake_run(tmp_path / "seed0_test", test_split, sweep.STAGE_OUTPUTS)
   (tmp_path / "sweep" / "_shared").mkdir(parents=True)
   assert not any(n.startswith("eval-") for n in sweep.adopt(runs, s, [tmp_path / "seed0_test"], copy=False))
-  other = sweep.member_config(s.base, {"ppo.kl_coef": 0.1, "sft.learning_rate": 1e-4, "eval.split": "dev"}, 1)
+  other = sweep.member_config(s.base, {"ppo.kl_coef": 0.2, "sft.learning_rate": 1e-4, "eval.split": "dev"}, 1)
   _fake_run(tmp_path / "seed1_other_sft", other, sweep.STAGE_OUTPUTS)
   got = sweep.adopt(runs, s, [tmp_path / "seed0", tmp_path / "seed1_other_sft"])
   got = sorted((name.split("-")[0], src.name) for name, src in got.items())
@@ -186,7 +186,7 @@ def test_adopt_copies_the_matching_stages_of_finished_runs(tmp_path, monkeypatch
   for r in runs:
     sweep.link_shared(r)
   r = by_member([r for r in runs if r["seed"] == 0])
-  assert (r["beta0.1"]["run_dir"] / "eval" / "marker").read_text() == "seed0:eval"
+  assert (r["beta0.2"]["run_dir"] / "eval" / "marker").read_text() == "seed0:eval"
   assert (r["beta0"]["run_dir"] / "rm" / "marker").read_text() == "seed0:rm"
   assert not (r["beta0"]["run_dir"] / "ppo" / "marker").exists()          # another beta: trained anew
   r1 = by_member([r for r in runs if r["seed"] == 1])
@@ -195,7 +195,7 @@ def test_adopt_copies_the_matching_stages_of_finished_runs(tmp_path, monkeypatch
   assert not (r1["beta0"]["run_dir"] / "sft" / "marker").exists()
   assert (r1["beta0"]["run_dir"] / "metrics" / "rm.jsonl").read_text() == ""
   # a shared dir with outputs is never overwritten
-  (r["beta0.1"]["run_dir"] / "sft" / "marker").write_text("changed")
+  (r["beta0.2"]["run_dir"] / "sft" / "marker").write_text("changed")
   assert sweep.adopt(runs, s, [tmp_path / "seed0"]) == {}
   assert (r["beta0"]["run_dir"] / "sft" / "marker").read_text() == "changed"
   with pytest.raises(FileNotFoundError, match="config.json"):
