@@ -304,13 +304,8 @@ def check_config(config, n_devices: int | None = None, stages=None) -> None:
                         f"mesh.shape={shape}; expected a multiple of {dp}")
 
 
-def rm_shape(config) -> dict:
-  """rm.model_shape as a dict: the model fields where the RM (and PPO's value function, initialised from
-  it) differs from the policy, e.g. the paper's 6B RM for a 1.3B policy; {}: the policy's model."""
-  return dict(config.rm.get("model_shape", None) or {})
-
-
 def _check_rm_shape(config, model, stages) -> None:
+  from instructrl.stages.rm_models import rm_shape
   shape = rm_shape(config)
   other = sorted(set(shape) - set(RM_SHAPE_FIELDS))
   if other:

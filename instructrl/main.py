@@ -62,7 +62,7 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
   stage to run and of every finished stage they read. Reads files only; the stages check again."""
   from instructrl import checkpoints
   from instructrl.models.config import ModelConfig
-  from instructrl.stages import world
+  from instructrl.stages import rm_models, world
   if not workdir.is_dir():
     return
   if "world" in stages and (workdir / "world" / "COMPLETE").exists():
@@ -71,7 +71,7 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
   policy = ModelConfig.from_dict(config.model).to_dict()
   rm, ppo = config.rm, config.ppo
   # The RM's model: the policy's, or the size rm.model_shape declares.
-  rm_model = ModelConfig.from_dict({**config.model, **config_check.rm_shape(config)}).to_dict()
+  rm_model = ModelConfig.from_dict({**config.model, **rm_models.rm_shape(config)}).to_dict()
   if rm.get("base_workdir", ""):
     # A larger RM: the model of rm.base_workdir's finished policy stage (absent: the RM stage says so).
     base = checkpoints.recorded_meta(Path(rm.base_workdir) / rm.policy)

@@ -13,11 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from instructrl import checkpoints
-from instructrl.config_check import rm_shape
 from instructrl.errors import ConfigError
 from instructrl.models.config import ModelConfig
 from instructrl.stages.train_state import abstract_state, init_params, make_optimizer, state_shardings
 from instructrl.stages.world import world_fingerprint
+
+
+def rm_shape(config) -> dict:
+  """rm.model_shape as a dict: the model fields where the RM (and PPO's value function, initialised from
+  it) differs from the policy, e.g. the paper's 6B RM for a 1.3B policy; {}: the policy's model."""
+  return dict(config.rm.get("model_shape", None) or {})
 
 
 def load_policy(config, workdir: Path, mesh, rules, stage: str = "sft", directory: Path | None = None,
