@@ -64,3 +64,25 @@ def randomize_weights(model, seed: int = 0):
         emb = any(e in name for e in ("wte", "wpe", "embed"))
         p.copy_(torch.randn_like(p) * (emb_scale if emb else 1.5 / min(p.shape) ** 0.5))
   return model.eval()
+
+
+def assert_greedy_equals_generate(model, params, cfg, tokens, lengths, n_new: int) -> None:
+  """Our greedy sampler on a left-padded batch (row i: the first lengths[i] of tokens[i]) gives the tokens
+  transformers' `generate(do_sample=False)` gives, and those are not degenerate."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  from instructrl.models.sampling import sample
+  P = max(lengths)
+  prompt, mask = np.zeros((len(lengths), P), np.int64), np.zeros((len(lengths), P), np.int64)
+  for i, n in enumerate(lengths):
+    prompt[i, P - n:], mask[i, P - n:] = tokens[i, :n], 1
+  with torch.no_grad():
+    ref = model.generate(torch.tensor(prompt), attention_mask=torch.tensor(mask), do_sample=False,
+                         max_new_tokens=n_new, min_new_tokens=n_new, eos_token_id=None, pad_token_id=0).numpy()[:, P:]
+  out = sample(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(mask, bool), jax.random.key(0),
+               cfg=cfg, max_new_tokens=n_new, temperature=0.0, eos_id=-1, pad_id=0)
+  assert len(set(ref.ravel().tolist())) > 5, f"degenerate greedy output {ref}"
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref)

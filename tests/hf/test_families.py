@@ -129,17 +129,7 @@ def test_greedy_sampler_equals_generate(checkpoint):
     pytest.skip("covered by its family's other variant")
   params, cfg = hf.load(d)
   lengths, n_new = [7, 4, 6], 24
-  P = max(lengths)
-  prompt, mask = np.zeros((3, P), np.int64), np.zeros((3, P), np.int64)
-  for i, n in enumerate(lengths):
-    prompt[i, P - n:], mask[i, P - n:] = TOKENS[i, :n], 1
-  with torch.no_grad():
-    ref = model.generate(torch.tensor(prompt), attention_mask=torch.tensor(mask), do_sample=False,
-                         max_new_tokens=n_new, min_new_tokens=n_new, eos_token_id=None, pad_token_id=0).numpy()[:, P:]
-  out = sample(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(mask, bool), jax.random.key(0),
-               cfg=cfg, max_new_tokens=n_new, temperature=0.0, eos_id=-1, pad_id=0)
-  assert len(set(ref.ravel().tolist())) > 5, f"degenerate greedy output {ref}"
-  np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+  helpers.assert_greedy_equals_generate(model, params, cfg, TOKENS, lengths, n_new)
 
 
 # ----------------------------------------------------------------------------- the pieces, on their own

@@ -19,9 +19,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="HF parity tests need the `hf` extra (torch, transformers)")
 transformers = pytest.importorskip("transformers", reason="HF parity tests need the `hf` extra")
 
+import hf_fixtures as helpers  # noqa: E402
 from instructrl import parallel  # noqa: E402
 from instructrl.models import hf  # noqa: E402
-from instructrl.models.sampling import sample  # noqa: E402
 from instructrl.models.transformer import Decoder  # noqa: E402
 
 V = 101
@@ -115,17 +115,7 @@ def test_greedy_sampler_equals_generate(checkpoint):
   kind, d, model = checkpoint
   params, cfg = hf.load(d)
   lengths, n_new = [7, 4, 6], 20
-  P = max(lengths)
-  prompt, mask = np.zeros((3, P), np.int64), np.zeros((3, P), np.int64)
-  for i, n in enumerate(lengths):
-    prompt[i, P - n:], mask[i, P - n:] = TOKENS[i, :n], 1
-  with torch.no_grad():
-    ref = model.generate(torch.tensor(prompt), attention_mask=torch.tensor(mask), do_sample=False,
-                         max_new_tokens=n_new, min_new_tokens=n_new, eos_token_id=None, pad_token_id=0).numpy()[:, P:]
-  out = sample(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(mask, bool), jax.random.key(0),
-               cfg=cfg, max_new_tokens=n_new, temperature=0.0, eos_id=-1, pad_id=0)
-  assert len(set(ref.ravel().tolist())) > 5, f"degenerate greedy output {ref}"
-  np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+  helpers.assert_greedy_equals_generate(model, params, cfg, TOKENS, lengths, n_new)
 
 
 def test_load_places_weights_with_logical_shardings(tmp_path):
