@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple
 
 from instructrl.errors import ConfigError
 
-STAGES = ("world", "pretrain", "sft", "rm", "ppo", "ppo_noptx", "eval")
+STAGES = ("world", "import", "pretrain", "sft", "rm", "ppo", "ppo_noptx", "eval")
 
 
 class Rule(NamedTuple):
@@ -128,7 +128,7 @@ PIPELINE = {
     "ppo": PPO_STAGE,
     "eval": EVAL,
 }
-CHECKED_APART = {"mesh.shape", "mesh.rules", "world", "pretrain.model_overrides", "sft.model_overrides",
+CHECKED_APART = {"mesh.shape", "mesh.rules", "world", "data", "pretrain.model_overrides", "sft.model_overrides",
                  "rm.model_overrides", "rm.model_shape", "rm.source_mix", "rm.k_choices"}
 
 # The model fields rm.model_shape may set: the trunk's size. The RM reads the policy's token sequences, so
@@ -218,6 +218,7 @@ def check_config(config, n_devices: int | None = None, stages=None) -> None:
   if stages is None:
     stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
 
+  files = _check_source(config, stages)
   from instructrl.data import world as world_lib
   try:
     world_lib.validate(config.world)
@@ -227,7 +228,7 @@ def check_config(config, n_devices: int | None = None, stages=None) -> None:
   for name in ("pretrain", "sft", "rm"):
     _model(config, config[name].get("model_overrides", {}), f"{name}.model_overrides")
   _check_rm_shape(config, model, stages)
-  if config.tokenizer.vocab_size > model.vocab_size:
+  if not files and config.tokenizer.vocab_size > model.vocab_size:
     raise ConfigError(f"tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds model.vocab_size="
                       f"{model.vocab_size}; expected at most the model's vocabulary")
 
@@ -322,6 +323,47 @@ def _check_rm_shape(config, model, stages) -> None:
 
 
 # ----------------------------------------------------------------------------- public-data runs
+
+DATA = {"source": choice("world", "files"), "hf_dir": TEXT, "tokenizer": TEXT, "bos_id": integer(-1),
+        "eos_id": integer(-1), "pad_id": integer(-1), "demos": TEXT, "rankings": TEXT, "prompts": TEXT,
+        "eval_prompts": TEXT, "ptx": TEXT, "prompt_template": TEXT, "on_invalid": choice("raise", "skip"),
+        "valid_fraction": OPEN_UNIT, "judge_fraction": OPEN_UNIT, "eval_fraction": OPEN_UNIT,
+        "dev_fraction": OPEN_UNIT}
+
+
+def _check_source(config, stages) -> bool:
+  """config.data (absent: the world). Returns whether the run reads public files."""
+  if "data" not in config:
+    if "import" in stages:
+      fail("stages", ",".join(stages), "no 'import' stage without a data block (configs/public.py has one)")
+    return False
+  check_table(config, {"data": DATA})
+  d = config.data
+  if d.source == "world":
+    if "import" in stages:
+      fail("stages", ",".join(stages), "no 'import' stage with data.source='world' (its data is the world stage's)")
+    return False
+  wrong = [s for s in stages if s in ("world", "pretrain")]
+  if wrong:
+    fail("stages", ",".join(stages), f"no {wrong} with data.source='files': the import stage brings the released "
+         f"checkpoint as W/pretrain and the files as W/data")
+  try:
+    d.prompt_template.format(prompt="")
+  except (KeyError, IndexError, ValueError) as e:
+    fail("data.prompt_template", d.prompt_template, f"a template whose only field is {{prompt}} ({e!r})")
+  if "{prompt}" not in d.prompt_template:
+    fail("data.prompt_template", d.prompt_template, "a template containing {prompt}")
+  if not d.hf_dir:
+    fail("data.hf_dir", d.hf_dir, "a transformers save_pretrained directory (config.json, *.safetensors)")
+  needed = [f for f in ("demos", "rankings", "ptx") if not d[f]]
+  if needed:
+    fail(f"data.{needed[0]}", d[needed[0]], "a file (or several, comma-separated): demos for SFT, rankings for "
+         "the two RMs, text for PPO-ptx and the alignment-tax loss")
+  if config.rm.formulation != "per_prompt":
+    fail("rm.formulation", config.rm.formulation, "'per_prompt' with data.source='files'")
+  if config.ppo.get("reward", "rm") != "rm":
+    fail("ppo.reward", config.ppo.reward, "'rm' with data.source='files' (public data has no gold judge)")
+  return True
 
 FINETUNE = {
     "": {"task": choice("sft", "rm"), "seed": NONNEG_INT, "prompt_template": TEXT},

@@ -62,11 +62,14 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
   stage to run and of every finished stage they read. Reads files only; the stages check again."""
   from instructrl import checkpoints
   from instructrl.models.config import ModelConfig
-  from instructrl.stages import rm_models, world
+  from instructrl.stages import data_import, rm_models, source, world
   if not workdir.is_dir():
     return
   if "world" in stages and (workdir / "world" / "COMPLETE").exists():
     world.check_marker(config, workdir / "world")
+  files = source.kind(config) == "files"
+  if files and (workdir / "data" / "COMPLETE").exists():
+    data_import.check_marker(config, workdir / "data")
   world_id = world.world_fingerprint(workdir)
   policy = ModelConfig.from_dict(config.model).to_dict()
   rm, ppo = config.rm, config.ppo
@@ -100,7 +103,10 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
     elif stage == "rm":
       # W/rm, then the ensemble's other members (W/rm_ensemble/member{i}, as the RM stage names them).
       members = [workdir / "rm"] + [workdir / "rm_ensemble" / f"member{i}" for i in range(1, rm.ensemble_size)]
-      for i, where in enumerate(members):
+      if files:   # the policy's RM and the judge RM (stages/rm_files.py)
+        for where in (workdir / "rm", workdir / "rm_judge"):
+          check(where, rm_model, block(rm, "steps"), "rm")
+      for i, where in enumerate([] if files else members):
         # The stage records the group it holds out (world.heldout_group) with its settings.
         check(where, rm_model, {**block(rm, "steps", "ensemble_size", *(() if i else ("ensemble_bootstrap",))),
                                 "heldout_group": config.world.heldout_group}, "rm")
@@ -125,7 +131,7 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   import jax
   from instructrl import parallel, progress, workdir_lock
-  from instructrl.stages import evaluate, ppo, pretrain, reward, sft, world
+  from instructrl.stages import data_import, evaluate, ppo, pretrain, proxy_eval, reward, rm_files, sft, source, world
 
   from instructrl import distributed
   # Before anything touches a device: afterwards jax.devices() spans every host.
@@ -133,6 +139,9 @@ def main(argv):
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value)
   stages = parse_stages(_STAGES.value or config.stages)
+  files = source.kind(config) == "files"
+  if files:   # the model is the released checkpoint's (its config.json, or what the import recorded)
+    data_import.fill_model(config, workdir)
   check_config(config, stages=stages)
   workdir_lock.check_workdir(workdir)
   # One writer per workdir (process 0 speaks for a multi-host run); released at exit, even on SIGKILL.
@@ -155,14 +164,15 @@ def main(argv):
   logging.info("stages %s on mesh %s in %s", stages, dict(mesh.shape), workdir)
   # Each stage's run gets `report`, the (done, total) callback its training loop moves the outer bar with.
   run = {"world": lambda report: distributed.primary_first("world", lambda: world.run(config, workdir)),
+         "import": lambda report: distributed.primary_first("import", lambda: data_import.run(config, workdir)),
          "pretrain": lambda report: pretrain.run(config, workdir, mesh, rules, progress=report),
          "sft": lambda report: sft.run(config, workdir, mesh, rules, progress=report),
-         "rm": lambda report: reward.run(config, workdir, mesh, rules, progress=report),
+         "rm": lambda report: (rm_files if files else reward).run(config, workdir, mesh, rules, progress=report),
          "ppo": lambda report: ppo.run(config, workdir, mesh, rules, progress=report),
          # The paper's "PPO" next to "PPO-ptx": the same config with the pretraining mix off.
          "ppo_noptx": lambda report: ppo.run(ppo.without_ptx(config), workdir, mesh, rules, name="ppo_noptx",
                                              progress=report),
-         "eval": lambda report: evaluate.run(config, workdir, mesh, rules)}
+         "eval": lambda report: (proxy_eval if files else evaluate).run(config, workdir, mesh, rules)}
   try:
     # The outer bar and a line per stage (skipped / resumed / running); process 0 speaks.
     with progress.Pipeline(config, workdir, stages, enabled=jax.process_index() == 0) as pipeline:

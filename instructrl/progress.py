@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from instructrl.checkpoints import MANIFEST
-from instructrl.stages import evaluate, ppo, pretrain, reward, rm_ensemble, sft
+from instructrl.stages import evaluate, ppo, pretrain, reward, rm_ensemble, sft, source
 
 _CHECKPOINTED = ("pretrain", "sft", "rm", "ppo", "ppo_noptx")
 
@@ -69,10 +69,15 @@ def checkpoint_state(stage_dir: Path) -> tuple[str, int]:
 
 def stage_state(stage: str, workdir: Path, upstream_runs: bool, config) -> tuple[str, int]:
   workdir = Path(workdir)
-  if stage == "world":
-    return ("complete" if (workdir / "world" / "COMPLETE").exists() else "new"), 0
-  if stage == "rm":   # the RM ensemble's members train in turn: its step is theirs summed
-    states = [checkpoint_state(d) for d in rm_ensemble.trained_member_dirs(config, workdir)]
+  if stage in ("world", "import"):
+    done = (workdir / ("world" if stage == "world" else "data") / "COMPLETE").exists()
+    if stage == "import":
+      done = done and checkpoint_state(workdir / "pretrain")[0] == "complete"
+    return ("complete" if done else "new"), 0
+  if stage == "rm":   # the RM ensemble's members (or the policy RM and the judge RM) train in turn
+    dirs = ([workdir / "rm", workdir / "rm_judge"] if source.kind(config) == "files"
+            else rm_ensemble.trained_member_dirs(config, workdir))
+    states = [checkpoint_state(d) for d in dirs]
     if all(st == "complete" for st, _ in states):
       return "complete", sum(step for _, step in states)
     return ("new", 0) if all(st == "new" for st, _ in states) else ("resume", sum(step for _, step in states))

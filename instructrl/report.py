@@ -126,7 +126,8 @@ def _nan(x) -> float:
   return float("nan") if x is None else x   # not measured: no bar
 
 
-def win_rates_figure(rep: dict) -> Figure:
+def win_rates_figure(rep: dict, title: str = "Preference of held-out labelers",
+                     xlabel: str = "win rate against SFT (95% interval)") -> Figure:
   """Win rate against SFT by model (the paper's Fig. 1), horizontal bars in the report's order from the
   top, the 95% interval as error bars, the SFT baseline (50%) dashed. Names on the y axis stay readable
   however long they are."""
@@ -149,8 +150,8 @@ def win_rates_figure(rep: dict) -> Figure:
   ax.set_xlim(0, 1.12)
   ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
   ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-  ax.set_xlabel("win rate against SFT (95% interval); dashed: SFT, 50%")
-  ax.set_title("Preference of held-out labelers")
+  ax.set_xlabel(f"{xlabel}; dashed: SFT, 50%")
+  ax.set_title(title)
   fig.tight_layout()
   return fig
 
@@ -182,14 +183,14 @@ def plot_alignment_tax(rep: dict, path: Path) -> None:
   alignment_tax_figure(rep).savefig(path, dpi=120)
 
 
-def ppo_curves_figure(rep: dict) -> Figure:
+def ppo_curves_figure(rep: dict, titles=("RM score", "gold score of samples", "KL to SFT (nats/episode)")) -> Figure:
   curves = {k: v for k, v in (rep.get("ppo_curves") or {}).items() if v["step"]}
   fig = _figure(11, 3.2)
   axes = fig.subplots(1, 3)
   for name, c in curves.items():
     for ax, key in zip(axes, ("rm_score", "gold_score", "kl")):
       ax.plot(c["step"], c[key], label=name)
-  for ax, title in zip(axes, ("RM score", "gold score of samples", "KL to SFT (nats/episode)")):
+  for ax, title in zip(axes, titles):
     ax.set_title(title)
     ax.set_xlabel("PPO iteration")
   if curves:

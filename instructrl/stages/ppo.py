@@ -33,15 +33,15 @@ import numpy as np
 import optax
 
 from instructrl import checkpoints, distributed, measures, objectives, parallel
-from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, left_pad_prompts, pack_texts
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import process_logits, sample
 from instructrl.models.transformer import Decoder, left_pad_positions
-from instructrl.stages import costs, loop, rm_ensemble, rm_models, select
+from instructrl.stages import costs, loop, proxy_eval, rm_ensemble, rm_models, select
 from instructrl.stages.train_state import abstract_state, guarded_update, process_batch, state_shardings
-from instructrl.stages.world import load_tokenizer, world_fingerprint
+from instructrl.stages.source import open_source
+from instructrl.stages.world import world_fingerprint
 
 ScoreFn = Callable  # (seq_bs, last_index_b, response_bt, response_mask_bt) -> score_b
 
@@ -351,22 +351,23 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   total) after each iteration (main.py: the pipeline's bar)."""
   cfg = config.ppo
   workdir = Path(workdir)
-  world_dir = workdir / "world"
-  tokenizer = load_tokenizer(workdir)
+  src = open_source(config, workdir)   # the task world, or public files (stages/source.py)
+  world_dir, tokenizer, world = src.dir, src.tokenizer, src.world
   model_dict = ModelConfig.from_dict(config.model).to_dict()
   rm_dict = rm_models.trained_rm_model(config, workdir)   # the RM's and the value's model (larger: rm.base_workdir)
   world_id = world_fingerprint(workdir)
-  world = world_lib.World.load(world_dir)
 
   # ------------------------------------------------------------------ data: prompts and pretraining windows
   records = load_jsonl(world_dir / "prompts_ppo.jsonl", "eval")[:cfg.n_prompts]
-  prompts, prompt_mask, keep = left_pad_prompts(tokenizer, [world.format_prompt(r["prompt"]) for r in records],
+  prompts, prompt_mask, keep = left_pad_prompts(tokenizer, [src.format_prompt(r["prompt"]) for r in records],
                                                 cfg.prompt_len)
   records = [records[i] for i in keep]
   reward_source = cfg.get("reward", "rm")
   if reward_source not in ("rm", "gold"):
     raise ValueError(f"ppo.reward={reward_source!r}: expected 'rm' (the trained reward model) or 'gold' (the "
                      f"task world's gold judge, an oracle for diagnostics)")
+  if reward_source == "gold" and not src.has_gold:
+    raise ValueError("ppo.reward=gold needs the task world's gold judge; public data has none (data.source=files)")
   if reward_source == "gold" and score_fn is None:
     if jax.process_count() > 1:
       raise ValueError("ppo.reward=gold scores on the host of a single process; run it without multi-host")
@@ -427,6 +428,8 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
 
   # ------------------------------------------------------------------ steps
   seed = config.seed + 7
+  judge = None if world is not None else proxy_eval.RMScorer(config, workdir, "rm_judge", tokenizer, mesh, rules)
+  gold_key = "objective/gold_score" if world is not None else "objective/judge_score"
 
   def iteration(state, batch, rng):
     key = jax.random.fold_in(rng, state["step"])
@@ -443,14 +446,17 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
     jax.block_until_ready(metrics)
     t2 = time.perf_counter()
     texts = [tokenizer.decode(t) for t in distributed.to_host(tokens)]
-    gold = [world.judge(records[i], a).score for i, a in zip(batch["index"], texts)]
+    # The reference judge of the samples, never trained on: the world's gold judge, or the judge RM that
+    # stands in for it on public data (the over-optimisation curve: RM score up, this down).
+    gold = ([world.judge(records[i], a).score for i, a in zip(batch["index"], texts)] if world is not None else
+            judge.score([records[i]["prompt"] for i in batch["index"]], texts))
     if cfg.sample_every and int(state["step"]) % cfg.sample_every == 0:
       # A few samples in the log: reward hacking shows here long before the gold curve is plotted.
       raw = distributed.to_host(ro["score"])
       for j in range(min(2, len(texts))):
         logging.info("ppo: sample (iteration %d) RM %.4f gold %.2f | %r -> %r", int(state["step"]), raw[j], gold[j],
                      records[batch["index"][j]]["prompt"], texts[j])
-    return state, {**metrics, **ro_metrics, "objective/gold_score": float(np.mean(gold)),
+    return state, {**metrics, **ro_metrics, gold_key: float(np.mean(gold)),
                    "ppo/policy/lr": lr,
                    "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}
 
@@ -482,7 +488,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
                      rng=jax.random.key(seed), tx=policy_tx, shardings=shardings, abstract=abstract,
                      settings_section="ppo", progress=progress)
   return loop.run(stage, mesh, rules, initial_state=initial_state, train_step=iteration, batch_at=batch_at,
-                  after_training=after_training if config.eval.n_prompts else None,
+                  after_training=after_training if config.eval.n_prompts and src.has_gold else None,
                   items_per_step=cfg.batch_size, item_name="episodes", result="ema",
                   extra_meta={"ptx_coef": cfg.ptx_coef, "kl_coef": cfg.kl_coef, "policy_init_step": init_step,
                               "reward": reward_source, "rm_ensemble_size": len(rm) if rm is not None else 0})

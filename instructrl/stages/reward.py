@@ -36,7 +36,7 @@ from instructrl.data.records import load_jsonl
 from instructrl.metrics import MetricWriter, logged_final
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
-from instructrl.stages import costs, loop
+from instructrl.stages import costs, loop, source
 from instructrl.stages.rm_collect import SPARE, collect, earlier_rounds
 from instructrl.stages.rm_ensemble import (evaluate_ensemble, load_members, logged_ensemble_size, make_ensemble_eval,
                                            trained_member_dirs)
@@ -397,6 +397,8 @@ def steps(config) -> int:
   """The training loop's step count as `run` derives it, from the config alone: the world's RM prompts cut
   to rm.n_prompts, less the validation share, for rm.epochs; the ensemble's members in turn."""
   rm = config.rm
+  if source.kind(config) == "files":   # the policy's RM and the judge RM, each rm.steps or ~ n_prompts / 2
+    return 2 * (int(rm.steps) if rm.get("steps", 0) else max(1, math.ceil(rm.epochs * rm.n_prompts / 2 / rm.batch_size)))
   n = min(rm.n_prompts, config.world.n_rm_prompts)
   train = n - int(round(rm.valid_fraction * n))
   per = rm.batch_size if rm.formulation == "per_prompt" else rm.pair_batch_size

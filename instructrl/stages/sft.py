@@ -15,28 +15,27 @@ from pathlib import Path
 import jax
 
 from instructrl import checkpoints, measures
-from instructrl.data import world as world_lib
 import numpy as np
 
 from instructrl.data.batching import TokenExamples, pack_texts, prompt_response_examples
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.stages import costs, lm
-from instructrl.stages.world import load_tokenizer, world_fingerprint
+from instructrl.stages.source import open_source
+from instructrl.stages.world import world_fingerprint
 
 
 def run(config, workdir: Path, mesh, rules, progress=None):
   """progress(done, total): called after each step (main.py: the pipeline's bar)."""
   cfg = config.sft
-  world_dir = Path(workdir) / "world"
-  tokenizer = load_tokenizer(workdir)
+  src = open_source(config, workdir)   # the task world, or public files (stages/source.py)
+  world_dir, tokenizer, world = src.dir, src.tokenizer, src.world
   model_cfg = ModelConfig.from_dict(config.model)
-  world = world_lib.World.load(world_dir)
 
   # ------------------------------------------------------------------ data
   def demos(f):
     records = load_jsonl(Path(cfg.get("demos_dir") or world_dir) / f, "demo")
-    return prompt_response_examples(tokenizer, [world.format_prompt(r["prompt"]) for r in records],
+    return prompt_response_examples(tokenizer, [src.format_prompt(r["prompt"]) for r in records],
                                     [r["response"] for r in records], cfg.seq_len, what=f)
   train, valid = demos("demos_train.jsonl"), demos("demos_valid.jsonl")
   if cfg.get("pretrain_mix", 0.0) > 0:
@@ -60,7 +59,7 @@ def run(config, workdir: Path, mesh, rules, progress=None):
     return out
 
   return lm.run("sft", config, workdir, train, valid, initial_params, mesh, rules,
-                after_training if config.eval.n_prompts else None, progress)
+                after_training if config.eval.n_prompts and src.has_gold else None, progress)
 
 
 def mix_pretraining(demos: TokenExamples, tokenizer, world_dir: Path, fraction: float, seed: int) -> TokenExamples:

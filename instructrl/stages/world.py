@@ -83,10 +83,12 @@ def verify(out: Path) -> None:
 
 def world_fingerprint(workdir: Path) -> str | None:
   """Short hash of the generated world's marker and tokenizer: what every later stage was trained on.
-  The world's files are checked against the marker first."""
+  The world's files are checked against the marker first. A public-data run: its W/data marker (which
+  holds the digests of every file and of the tokenizer)."""
   out = Path(workdir) / "world"
   if not (out / "COMPLETE").exists():
-    return None
+    data = Path(workdir) / "data" / "COMPLETE"   # a public-data run (stages/data_import.py): its marker
+    return hashlib.sha256(data.read_bytes()).hexdigest()[:16] if data.exists() else None
   verify(out)
   h = hashlib.sha256((out / "COMPLETE").read_bytes() + (out / TOKENIZER_FILE).read_bytes())
   return h.hexdigest()[:16]
