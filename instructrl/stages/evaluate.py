@@ -78,7 +78,9 @@ def is_judged(config, workdir: Path) -> bool:
   out_dir = report_dir(workdir, config.eval.get("split", "test"))
   if not (out_dir / "report.json").exists() or not (out_dir / JUDGED).exists():
     return False
-  return json.loads((out_dir / JUDGED).read_text()) == judged_record(config, eval_models(config, workdir))
+  from instructrl.stages import proxy_eval, source
+  models = proxy_eval.models(workdir) if source.kind(config) == "files" else eval_models(config, workdir)
+  return json.loads((out_dir / JUDGED).read_text()) == judged_record(config, models)
 
 
 def checkpoint_id(workdir: Path, stage: str, step: int, entry: str = "params") -> str:

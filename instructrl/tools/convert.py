@@ -50,7 +50,7 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, stage: str = "pretrain", 
   return cfg
 
 
-RM_STAGES = ("rm", "rm_ensemble")     # scalar-head stages: W/rm and W/rm_ensemble/member{i}
+RM_STAGES = ("rm", "rm_ensemble", "rm_judge")   # scalar-head stages: W/rm, W/rm_ensemble/member{i}, W/rm_judge
 ENTRIES = ("params", "ema")
 
 
