@@ -1,4 +1,4 @@
-"""One place for the absl flags of the command-line modules (main, plan, rm_cv, sweep, finetune).
+"""One place for the absl flags of the command-line modules (main, plan, rm_cv, sweep, best_of_n).
 
 Several of them end up imported into one process (a test worker imports `main` for its config
 checks and `sweep` for its planner), and absl refuses a flag defined twice. `define` returns the

@@ -1,10 +1,9 @@
 """Every user-settable config field checked before any work: type, sign, range, and the relations
 between fields (divisibility, lengths within the model's context, the mesh's device count).
 
-`check_config` is the check of the task-world pipeline (`instructrl.main`, configs/instructgpt.py);
-`check_finetune_config` the one of the public-data runs (`instructrl.tools.finetune`,
-configs/alpaca_sft.py, configs/hh_rlhf.py). Both raise ConfigError naming the field, its value and
-what was expected. Per-field rules live in tables (field -> rule); what relates two fields follows.
+`check_config` is the check of the pipeline (`instructrl.main`): configs/instructgpt.py, and
+configs/public.py with its `data` block (`_check_source`). It raises ConfigError naming the field,
+its value and what was expected. Per-field rules live in tables (field -> rule); what relates two fields follows.
 """
 
 from __future__ import annotations
@@ -365,36 +364,3 @@ def _check_source(config, stages) -> bool:
     fail("ppo.reward", config.ppo.reward, "'rm' with data.source='files' (public data has no gold judge)")
   return True
 
-FINETUNE = {
-    "": {"task": choice("sft", "rm"), "seed": NONNEG_INT, "prompt_template": TEXT},
-    "init": {"hf_dir": TEXT, "stage": TEXT},
-    "tokenizer": {"path": TEXT, "bos_id": integer(-1), "eos_id": integer(-1), "pad_id": integer(-1)},
-    "data": {"train": TEXT, "valid": TEXT, "schema": TEXT, "valid_fraction": OPEN_UNIT,
-             "on_invalid": choice("raise", "skip")},
-    "sft": LM_STAGE,
-    "rm": {**LM_STAGE, "steps": NONNEG_INT,   # 0: derived from rm.epochs
-           "epochs": POSITIVE, "init_stage": choice("pretrain", "sft"), "format_prompts": BOOL},
-}
-
-
-def check_finetune_config(config, n_devices: int | None = None) -> None:
-  """configs/alpaca_sft.py / configs/hh_rlhf.py, before any file is written. The model comes from the
-  imported checkpoint later, so lengths are checked against it there."""
-  check_table(config, FINETUNE)
-  stage = config[config.task]
-  if stage.steps and not stage.warmup_steps < stage.steps:
-    fail(f"{config.task}.warmup_steps", stage.warmup_steps, f"0 <= warmup_steps < {config.task}.steps={stage.steps}")
-  if "{prompt}" not in config.prompt_template:
-    fail("prompt_template", config.prompt_template, "a template containing {prompt}")
-  from instructrl.data import readers
-  if config.data.schema != "auto" and config.data.schema not in readers.SCHEMAS:
-    fail("data.schema", config.data.schema, f"'auto' or one of {tuple(readers.SCHEMAS)}")
-  if n_devices is None:
-    import jax
-    n_devices = jax.device_count()
-  shape = mesh_shape(config.mesh.shape, n_devices)
-  dp = data_parallel_size(config, shape)
-  for field in ("batch_size", "eval_batch_size"):
-    if stage[field] % dp:
-      raise ConfigError(f"{config.task}.{field}={stage[field]} is not divisible by the {dp} data-parallel shards "
-                        f"of mesh.shape={shape}; expected a multiple of {dp}")

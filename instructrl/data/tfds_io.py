@@ -9,8 +9,8 @@ read (the role Grain's index sampler plays elsewhere; no iterator state to check
 
   python -m instructrl.tools.prepare_tfds --kind=demo --name=alpaca --data_dir=tfds \
       --split=train=alpaca_data.json
-  python -m instructrl.tools.finetune --config=configs/alpaca_sft.py --workdir=runs/a \
-      --config.data.train=tfds/alpaca/1.0.0 ...
+  python -m instructrl.main --config=configs/public.py --workdir=runs/a \
+      --config.data.demos=tfds/alpaca/1.0.0 ...
 
 Features by kind (fields outside these are not stored):
   text {text}; demo {prompt, response}; prompt {prompt}; ranked {prompt, responses[], ranking[]};

@@ -282,8 +282,8 @@ def run(config, workdir: Path) -> Path:
 
 def imported_model(config, workdir: Path) -> dict:
   """The model config a files run trains: what the import recorded, else the checkpoint's config.json."""
-  from instructrl.stages import source
-  m = source.marker(workdir)
+  path = Path(workdir) / "data" / "COMPLETE"
+  m = json.loads(path.read_text()) if path.exists() else None
   if m and m.get("model"):
     return m["model"]
   return hf_model_config(Path(config.data.hf_dir).expanduser())[0].to_dict()

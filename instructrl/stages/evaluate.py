@@ -78,8 +78,8 @@ def is_judged(config, workdir: Path) -> bool:
   out_dir = report_dir(workdir, config.eval.get("split", "test"))
   if not (out_dir / "report.json").exists() or not (out_dir / JUDGED).exists():
     return False
-  from instructrl.stages import proxy_eval, source
-  models = proxy_eval.models(workdir) if source.kind(config) == "files" else eval_models(config, workdir)
+  from instructrl.stages import source
+  models = proxy_models(workdir) if source.kind(config) == "files" else eval_models(config, workdir)
   return json.loads((out_dir / JUDGED).read_text()) == judged_record(config, models)
 
 
@@ -145,6 +145,14 @@ def eval_models(config, workdir: Path) -> list[dict]:
       t = ecfg.baseline_temperature
       models.insert(at[0] + 1, {**models[at[0]], "name": f"SFT (T={t:g})", "temperature": t, "index": n + 2})
   return models
+
+
+def proxy_models(workdir: Path) -> list[dict]:
+  """The public-data eval's models (stages/proxy_eval.py): GPT, SFT, PPO, PPO-ptx, the finished ones."""
+  out = [m for m in available_models(workdir) if m["name"] != "GPT prompted"]
+  for i, m in enumerate(out):
+    m["index"] = i
+  return out
 
 
 def available_models(workdir: Path) -> list[dict]:

@@ -38,7 +38,7 @@ from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import process_logits, sample
 from instructrl.models.transformer import Decoder, left_pad_positions
-from instructrl.stages import costs, loop, proxy_eval, rm_ensemble, rm_models, select
+from instructrl.stages import costs, loop, rm_ensemble, rm_models, select
 from instructrl.stages.train_state import abstract_state, guarded_update, process_batch, state_shardings
 from instructrl.stages.source import open_source
 from instructrl.stages.world import world_fingerprint
@@ -428,7 +428,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
 
   # ------------------------------------------------------------------ steps
   seed = config.seed + 7
-  judge = None if world is not None else proxy_eval.RMScorer(config, workdir, "rm_judge", tokenizer, mesh, rules)
+  judge = None if world is not None else rm_models.RMScorer(config, workdir, "rm_judge", tokenizer, mesh, rules)
   gold_key = "objective/gold_score" if world is not None else "objective/judge_score"
 
   def iteration(state, batch, rng):

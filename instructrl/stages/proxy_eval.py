@@ -22,83 +22,24 @@ Answers are cached per model in <out>/answers/ (keyed on checkpoint and decoding
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from instructrl import checkpoints, distributed, measures, parallel
+from instructrl import checkpoints, measures, parallel
 from instructrl.data.batching import TokenExamples, pack_texts
 from instructrl.data.records import load_jsonl
 from instructrl.metrics import read_metrics
 from instructrl.models.config import ModelConfig
-from instructrl.models.transformer import Decoder
-from instructrl.stages.rm_models import rm_scores
+from instructrl.stages.rm_models import RMScorer, scored_examples
 from instructrl.stages.train_state import abstract_state, make_optimizer, state_shardings
 from instructrl.stages.world import world_fingerprint
 
-JUDGE, POLICY_RM = "rm_judge", "rm"
-
-
-def scored_examples(tokenizer, prompts: list[str], responses: list[str], seq_len: int) -> tuple[TokenExamples,
-                                                                                                np.ndarray]:
-  """BOS + prompt + response + EOS for every row (as the RM trained on them), right-padded to seq_len + 1;
-  a row too long loses the start of its prompt, never its response's end. Returns the examples (loss
-  mask on the response and EOS) and each row's EOS index, where an RM reads its score."""
-  bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-  p_ids, r_ids = tokenizer.encode_batch(list(prompts)), tokenizer.encode_batch(list(responses))
-  L = seq_len + 1
-  toks = np.full((len(p_ids), L), pad, np.int32)
-  mask = np.zeros((len(p_ids), L), bool)
-  last = np.zeros(len(p_ids), np.int32)
-  for i, (p, r) in enumerate(zip(p_ids, r_ids)):
-    r = r[:L - 2]
-    p = p[max(0, len(p) - (L - 2 - len(r))):]
-    seq = [bos, *p, *r, eos]
-    toks[i, :len(seq)] = seq
-    mask[i, 1 + len(p):len(seq)] = True
-    last[i] = len(seq) - 1
-  return TokenExamples(toks, mask), last
-
-
-@functools.lru_cache(maxsize=4)
-def _score_fn(model_cfg: ModelConfig):
-  model = Decoder(model_cfg, head="scalar")
-  return jax.jit(lambda params, tokens, last: rm_scores(model, params, tokens, last))
-
-
-class RMScorer:
-  """A finished RM stage (W/rm, W/rm_judge) scoring (prompt, response) texts."""
-
-  def __init__(self, config, workdir: Path, stage: str, tokenizer, mesh, rules):
-    where = Path(workdir) / stage
-    meta = checkpoints.recorded_meta(where)
-    if not meta or not meta.get("complete"):
-      raise checkpoints.StageMissing(f"{where}: no finished reward model; run the rm stage first")
-    self.model_cfg = ModelConfig.from_dict(meta["model"])
-    tx, _ = make_optimizer(config.sft, 1)
-    abstract = abstract_state(self.model_cfg, tx, state_shardings(self.model_cfg, tx, mesh, rules, head="scalar"),
-                              head="scalar")["params"]
-    self.params, _ = checkpoints.load_params(where, abstract, self.model_cfg.to_dict(), world_fingerprint(workdir))
-    self.tokenizer, self.seq_len, self.batch_size = tokenizer, int(config.rm.seq_len), int(config.rm.eval_batch_size)
-    self.mesh, self.rules = mesh, rules
-
-  def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-    ex, last = scored_examples(self.tokenizer, prompts, responses, self.seq_len - 1)   # rows of rm.seq_len tokens
-    n, fill = len(last), -len(last) % self.batch_size
-    tokens = np.concatenate([ex.tokens, np.repeat(ex.tokens[:1], fill, 0)])
-    last = np.concatenate([last, np.repeat(last[:1], fill, 0)])
-    score = _score_fn(self.model_cfg)
-    out = []
-    with parallel.activate(self.mesh, self.rules):
-      for s in range(0, len(tokens), self.batch_size):
-        out.append(distributed.to_host(score(self.params, tokens[s:s + self.batch_size], last[s:s + self.batch_size])))
-    return [float(x) for x in np.concatenate(out)[:n]]
+JUDGE, POLICY_RM = "rm_judge", "rm"   # the judge RM (stages/rm_files.py) and PPO's reward
 
 
 def win_rate(scores: list[float], baseline: list[float]) -> dict:
@@ -121,22 +62,13 @@ def ppo_curve(path: Path) -> dict:
           "gold_score": pick("objective/judge_score"), "kl": pick("objective/kl")}
 
 
-def models(workdir: Path) -> list[dict]:
-  """GPT, SFT, PPO, PPO-ptx: the finished stages among them, in the paper's order."""
-  from instructrl.stages import evaluate
-  out = [m for m in evaluate.available_models(workdir) if m["name"] != "GPT prompted"]
-  for i, m in enumerate(out):
-    m["index"] = i
-  return out
-
-
 def run(config, workdir: Path, mesh, rules) -> dict:
   from instructrl.stages import evaluate
   from instructrl.stages.source import open_source
   workdir = Path(workdir)
   split = config.eval.get("split", "test")
   out_dir = evaluate.report_dir(workdir, split)
-  ms = models(workdir)
+  ms = evaluate.proxy_models(workdir)
   if not any(m["name"] == "SFT" for m in ms):
     raise checkpoints.StageMissing(f"{workdir}/sft: no finished SFT checkpoint; the eval stage compares against SFT")
   if evaluate.is_judged(config, workdir):

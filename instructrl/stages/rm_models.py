@@ -7,12 +7,16 @@ each sequence's last real token, its EOS.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructrl import checkpoints
+from instructrl import checkpoints, distributed, parallel
+from instructrl.data.batching import TokenExamples
+from instructrl.models.transformer import Decoder
 from instructrl.errors import ConfigError
 from instructrl.models.config import ModelConfig
 from instructrl.stages.train_state import abstract_state, init_params, make_optimizer, state_shardings
@@ -109,3 +113,61 @@ def rm_scores(model, params, tokens_nt, last_n, rng=None):
 def eos_index(examples) -> np.ndarray:
   """Each prompt + response example's last trained position, its EOS: where the RM reads the score."""
   return (examples.loss_mask.shape[1] - 1 - np.argmax(examples.loss_mask[:, ::-1], axis=1)).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- scoring texts
+
+def scored_examples(tokenizer, prompts: list[str], responses: list[str], seq_len: int) -> tuple[TokenExamples,
+                                                                                                np.ndarray]:
+  """BOS + prompt + response + EOS for every row (as the RM trained on them), right-padded to seq_len + 1;
+  a row too long loses the start of its prompt, never its response's end. Returns the examples (loss
+  mask on the response and EOS) and each row's EOS index, where an RM reads its score."""
+  bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+  p_ids, r_ids = tokenizer.encode_batch(list(prompts)), tokenizer.encode_batch(list(responses))
+  L = seq_len + 1
+  toks = np.full((len(p_ids), L), pad, np.int32)
+  mask = np.zeros((len(p_ids), L), bool)
+  last = np.zeros(len(p_ids), np.int32)
+  for i, (p, r) in enumerate(zip(p_ids, r_ids)):
+    r = r[:L - 2]
+    p = p[max(0, len(p) - (L - 2 - len(r))):]
+    seq = [bos, *p, *r, eos]
+    toks[i, :len(seq)] = seq
+    mask[i, 1 + len(p):len(seq)] = True
+    last[i] = len(seq) - 1
+  return TokenExamples(toks, mask), last
+
+
+@functools.lru_cache(maxsize=4)
+def _score_fn(model_cfg: ModelConfig):
+  model = Decoder(model_cfg, head="scalar")
+  return jax.jit(lambda params, tokens, last: rm_scores(model, params, tokens, last))
+
+
+class RMScorer:
+  """A finished RM stage (W/rm, W/rm_judge) scoring (prompt, response) texts."""
+
+  def __init__(self, config, workdir: Path, stage: str, tokenizer, mesh, rules):
+    where = Path(workdir) / stage
+    meta = checkpoints.recorded_meta(where)
+    if not meta or not meta.get("complete"):
+      raise checkpoints.StageMissing(f"{where}: no finished reward model; run the rm stage first")
+    self.model_cfg = ModelConfig.from_dict(meta["model"])
+    tx, _ = make_optimizer(config.sft, 1)
+    abstract = abstract_state(self.model_cfg, tx, state_shardings(self.model_cfg, tx, mesh, rules, head="scalar"),
+                              head="scalar")["params"]
+    self.params, _ = checkpoints.load_params(where, abstract, self.model_cfg.to_dict(), world_fingerprint(workdir))
+    self.tokenizer, self.seq_len, self.batch_size = tokenizer, int(config.rm.seq_len), int(config.rm.eval_batch_size)
+    self.mesh, self.rules = mesh, rules
+
+  def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    ex, last = scored_examples(self.tokenizer, prompts, responses, self.seq_len - 1)   # rows of rm.seq_len tokens
+    n, fill = len(last), -len(last) % self.batch_size
+    tokens = np.concatenate([ex.tokens, np.repeat(ex.tokens[:1], fill, 0)])
+    last = np.concatenate([last, np.repeat(last[:1], fill, 0)])
+    score = _score_fn(self.model_cfg)
+    out = []
+    with parallel.activate(self.mesh, self.rules):
+      for s in range(0, len(tokens), self.batch_size):
+        out.append(distributed.to_host(score(self.params, tokens[s:s + self.batch_size], last[s:s + self.batch_size])))
+    return [float(x) for x in np.concatenate(out)[:n]]

@@ -5,6 +5,5 @@ sweep      ablation sweeps: shared stages, per-member commands, aggregate table 
 best_of_n  the RM's best-of-n curve against the gold judge
 rm_cv      RM cross-validation over held-out labeler groups (the paper's 5-fold)
 convert    HF checkpoint <-> stage checkpoint (import / export)
-finetune   SFT / RM on public data files from an imported checkpoint
 prepare_tfds  a public dataset written as a TFDS array_record copy
 """

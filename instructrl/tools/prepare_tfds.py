@@ -2,8 +2,8 @@
 
   python -m instructrl.tools.prepare_tfds --kind=demo --name=alpaca --data_dir=tfds \
       --split=train=alpaca_data.json
-  python -m instructrl.tools.finetune --config=configs/alpaca_sft.py --workdir=runs/a \
-      --config.data.train=tfds/alpaca/1.0.0 ...
+  python -m instructrl.main --config=configs/public.py --workdir=runs/a \
+      --config.data.demos=tfds/alpaca/1.0.0 ...
 
 Each --split is read, converted and validated whole before anything is written; a bad record stops
 the command with its file:line (--on_invalid=skip drops bad records instead, logging each one).

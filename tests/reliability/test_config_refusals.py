@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from configs import alpaca_sft, hh_rlhf, instructgpt
-from instructrl.config_check import check_config, check_finetune_config
+from configs import instructgpt
+from instructrl.config_check import check_config
 from instructrl.errors import ConfigError
 from tests.cli_helpers import cli_env
 
@@ -164,45 +164,49 @@ def test_batches_must_split_over_the_data_parallel_devices():
     check_config(c, n_devices=2)
 
 
-FINETUNE = [
-    (alpaca_sft, "sft.learning_rate", -2e-5, "sft.learning_rate=-2e-05"),
-    (alpaca_sft, "sft.steps", 0, "sft.steps=0"),
-    (alpaca_sft, "sft.warmup_steps", 5000, "sft.warmup_steps=5000"),
-    (alpaca_sft, "data.valid_fraction", 1.0, "data.valid_fraction=1.0"),
-    (alpaca_sft, "data.on_invalid", "ignore", "data.on_invalid='ignore'"),
-    (alpaca_sft, "data.schema", "csv", "data.schema='csv'"),
-    (alpaca_sft, "prompt_template", "Human: ", "prompt_template"),
-    (alpaca_sft, "tokenizer.eos_id", -2, "tokenizer.eos_id=-2"),
-    (alpaca_sft, "task", "ppo", "task='ppo'"),
-    (alpaca_sft, "mesh.shape", (2, 1, 1), "mesh.shape=(2, 1, 1)"),
-    (hh_rlhf, "rm.epochs", 0.0, "rm.epochs=0.0"),
-    (hh_rlhf, "rm.steps", -1, "rm.steps=-1"),
-    (hh_rlhf, "rm.batch_size", 0, "rm.batch_size=0"),
-    (hh_rlhf, "rm.init_stage", "", "rm.init_stage=''"),
+PUBLIC = [
+    ("data.source", "web", "data.source='web'"),
+    ("data.valid_fraction", 1.0, "data.valid_fraction=1.0"),
+    ("data.judge_fraction", 0.0, "data.judge_fraction=0.0"),
+    ("data.on_invalid", "ignore", "data.on_invalid='ignore'"),
+    ("data.prompt_template", "Human: ", "data.prompt_template"),
+    ("data.prompt_template", "{user}: {prompt}", "data.prompt_template"),
+    ("data.eos_id", -2, "data.eos_id=-2"),
+    ("data.rankings", "", "data.rankings"),
+    ("data.ptx", "", "data.ptx"),
+    ("rm.formulation", "shuffled_pairs", "rm.formulation"),
+    ("ppo.reward", "gold", "ppo.reward"),
+    ("stages", "import,pretrain,sft", "stages"),
+    ("sft.learning_rate", -2e-5, "sft.learning_rate=-2e-05"),
+    ("rm.epochs", 0.0, "rm.epochs=0.0"),
 ]
 
 
-@pytest.mark.parametrize("module, field, value, needle", FINETUNE, ids=[f"{m.__name__}:{f}" for m, f, _, _ in FINETUNE])
-def test_public_data_configs_are_checked(module, field, value, needle):
-  check_finetune_config(module.get_config(""), n_devices=1)
-  c = module.get_config("")
+def public_config():
+  from configs import public
+  c = public.get_config("smoke")
+  c.data.update(hf_dir="gpt2", demos="d.jsonl", rankings="r.jsonl", ptx="t.txt")
+  c.model.max_len = 512   # what main's fill_model would set from a GPT-2 checkpoint with 512 positions
+  return c
+
+
+@pytest.mark.parametrize("field, value, needle", PUBLIC, ids=[f"{f}={v!r}" for f, v, _ in PUBLIC])
+def test_public_data_configs_are_checked(field, value, needle):
+  check_config(public_config(), n_devices=1)
+  c = public_config()
   *blocks, name = field.split(".")
   section = c
   for b in blocks:
     section = section[b]
   section[name] = value
   with pytest.raises(ConfigError) as e:
-    check_finetune_config(c, n_devices=1)
+    check_config(c, n_devices=1)
   assert needle in str(e.value), str(e.value)
 
 
-def test_finetune_refuses_before_writing(tmp_path):
-  from instructrl.tools import finetune
-  c = alpaca_sft.get_config("")
-  c.sft.learning_rate = -1.0
-  with pytest.raises(ConfigError, match="sft.learning_rate"):
-    finetune.run(c, tmp_path / "w")
-  assert not (tmp_path / "w").exists()
+def test_import_stage_needs_a_data_block():
+  with pytest.raises(ConfigError, match="import"):
+    check_config(instructgpt.get_config("smoke"), n_devices=1, stages=["import", "sft"])
 
 
 # ----------------------------------------------------------------------------- through the CLI
@@ -249,7 +253,7 @@ REFUSED = [
     (["--stages=world", "--config.ppo.max_new_tokens=0"], ["ppo.max_new_tokens=0"]),
     (["--stages=world", "--config.rm.k_choices=(1,)"], ["rm.k_choices=(1,)"]),
     (["--stages=world", "--config.mesh.shape=(3,1,1)"], ["mesh.shape=(3, 1, 1) needs 3 devices, 1 available"]),
-    (["--stages=world,rlhf"], ["rlhf", "expected names among world,pretrain"]),
+    (["--stages=world,rlhf"], ["rlhf", "expected names among world,import,pretrain"]),
 ]
 
 
@@ -291,12 +295,12 @@ def test_verbose_shows_the_traceback(tmp_path):
   assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError: ppo.kl_coef" in out.stderr
 
 
-def test_finetune_cli_bad_value_is_one_line(tmp_path):
-  """The public-data tool shares main's error path: one `error:` line, exit 2, nothing written."""
-  cmd = [sys.executable, "-m", "instructrl.tools.finetune", "--config=configs/alpaca_sft.py",
-         f"--workdir={tmp_path / 'w'}", "--config.sft.learning_rate=-0.001"]
+def test_public_cli_bad_value_is_one_line(tmp_path):
+  """The public-data pipeline shares main's error path: one `error:` line, exit 2, nothing written."""
+  cmd = [sys.executable, "-m", "instructrl.main", "--config=configs/public.py:smoke", f"--workdir={tmp_path / 'w'}",
+         f"--config.data.hf_dir={tmp_path / 'missing'}"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
-  assert_one_error_line(out, "sft.learning_rate")
+  assert_one_error_line(out, "data.hf_dir")
   assert not (tmp_path / "w").exists()
 
 
