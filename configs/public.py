@@ -56,7 +56,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.stages = "import,sft,rm,ppo,ppo_noptx,eval"
   c.data = data_block()
   c.rm.init_stage = ""           # the RM's trunk: rm.policy, the SFT model (paper 3.5)
-  c.eval.update(few_shot=0, prompted_at_policy_temperature=False, sft_at_baseline_temperature=False)
+  # No prompted-GPT row (its few-shot prefix is the world's Q/A format): no prefix room either.
+  c.eval.update(few_shot=0, prefix_len=0, prompted_at_policy_temperature=False, sft_at_baseline_temperature=False)
   if preset == "smoke":
     c.sft.update(steps=6, batch_size=4, seq_len=320, log_every=2, eval_every=6, checkpoint_every=3, eval_batch_size=2)
     c.rm.update(batch_size=2, eval_batch_size=2, seq_len=480, epochs=1.0, log_every=1, eval_every=100,
@@ -67,7 +68,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   elif preset == "tiny":
     c.sft.update(steps=300, batch_size=16, seq_len=160, learning_rate=3e-4, log_every=25, eval_every=100,
                  checkpoint_every=100, eval_batch_size=16, pretrain_mix=0.0)
-    c.rm.update(batch_size=8, eval_batch_size=8, seq_len=160, learning_rate=1e-4, epochs=1.0, log_every=10,
+    c.rm.update(batch_size=8, eval_batch_size=8, seq_len=190, learning_rate=1e-4, epochs=1.0, log_every=10,
                 eval_every=50, checkpoint_every=50)
     c.ppo.update(total_episodes=32 * 40, batch_size=32, minibatch_size=8, ptx_batch_size=16, ptx_seq_len=128,
                  prompt_len=96, max_new_tokens=48, checkpoint_every=10)

@@ -28,9 +28,11 @@ class TokenExamples:
     return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "mask": mask[:, 1:]}
 
 
-def pack_texts(token_lists, seq_len: int) -> TokenExamples:
-  """Concatenate BOS + text + EOS streams and cut into windows of seq_len + 1 (pretraining)."""
-  stream = np.fromiter((t for ids in token_lists for t in (BOS_ID, *ids, EOS_ID)), dtype=np.int32)
+def pack_texts(token_lists, seq_len: int, tokenizer=None) -> TokenExamples:
+  """Concatenate BOS + text + EOS streams and cut into windows of seq_len + 1 (pretraining). The
+  tokenizer's own BOS / EOS ids (a released checkpoint's), else the project's."""
+  bos, eos, _ = _specials(tokenizer)
+  stream = np.fromiter((t for ids in token_lists for t in (bos, *ids, eos)), dtype=np.int32)
   n = (len(stream) - 1) // seq_len
   if n < 1:
     raise ValueError(f"corpus has {len(stream)} tokens, fewer than one window of seq_len={seq_len} + 1")

@@ -103,7 +103,8 @@ class HFTokenizer(_Common):
 class SentencePieceTokenizer(_Common):
   """A released sentencepiece `.model` (LLaMA-1/2 style) with the special ids it defines."""
 
-  def __init__(self, path: str | Path, *, pad_id: int | None = None):
+  def __init__(self, path: str | Path, *, pad_id: int | None = None, bos_id: int | None = None,
+               eos_id: int | None = None):
     import sentencepiece as spm
     path = Path(path)
     if not path.is_file():
@@ -113,7 +114,8 @@ class SentencePieceTokenizer(_Common):
     except (RuntimeError, OSError) as e:
       raise ValueError(f"{path}: not a valid sentencepiece model ({e})") from None
     self.path = path
-    self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+    self.bos_id = bos_id if bos_id is not None else self.sp.bos_id()
+    self.eos_id = eos_id if eos_id is not None else self.sp.eos_id()
     self.pad_id = pad_id if pad_id is not None else (self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id)
     self._check_ids(path)
 
@@ -129,8 +131,11 @@ class SentencePieceTokenizer(_Common):
 
 
 def load(path: str | Path, **special):
-  """tokenizer.json (or a directory holding one) -> HFTokenizer; *.model -> SentencePieceTokenizer."""
+  """tokenizer.json (or a directory holding one) -> HFTokenizer; *.model (or a directory holding a
+  tokenizer.model and no tokenizer.json) -> SentencePieceTokenizer."""
   path = Path(path)
+  if path.is_dir() and not (path / "tokenizer.json").is_file() and (path / "tokenizer.model").is_file():
+    path = path / "tokenizer.model"   # a save_pretrained directory of a sentencepiece model (LLaMA-1/2)
   if path.suffix == ".model":
     return SentencePieceTokenizer(path, **special)
   if path.suffix == ".json" or (path / "tokenizer.json").is_file():

@@ -231,6 +231,8 @@ def copy_tokenizer(tok_path: Path, out: Path) -> str:
   """The tokenizer files into out/tokenizer; returns the file load_tokenizer opens."""
   dest = out / TOKENIZER_DIR
   dest.mkdir(parents=True)
+  if tok_path.is_dir() and not (tok_path / "tokenizer.json").is_file() and (tok_path / "tokenizer.model").is_file():
+    tok_path = tok_path / "tokenizer.model"
   if tok_path.suffix == ".model":
     shutil.copy2(tok_path, dest / tok_path.name)
     return tok_path.name

@@ -64,14 +64,16 @@ def make_steps(model_cfg: ModelConfig, tx, schedule, shardings, mesh, rules):
 
 
 def evaluate(eval_step, params, examples: TokenExamples, batch_size: int, mesh, rules) -> dict[str, float]:
-  """Mean NLL / perplexity / accuracy over whole batches of `examples` (the tail is dropped: static shapes)."""
-  n_batches = len(examples) // batch_size
-  if n_batches == 0:
-    raise ValueError(f"{len(examples)} eval examples: fewer than one batch of {batch_size}")
+  """Mean NLL / perplexity / accuracy over EVERY example: the last batch (static shape) is filled up with
+  copies of row 0 whose loss mask is off, so they add nothing to any sum."""
+  if len(examples) == 0:
+    raise ValueError("no eval examples")
   tot = {"nll_sum": 0.0, "count": 0.0, "hits": 0.0}
-  for b in range(n_batches):
-    out = eval_step(params, device_batch(examples.batch(np.arange(b * batch_size, (b + 1) * batch_size)),
-                                         mesh, rules))
+  for start in range(0, len(examples), batch_size):
+    idx = np.arange(start, min(start + batch_size, len(examples)))
+    batch = examples.batch(np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)]))
+    batch["mask"] = np.where(np.arange(batch_size)[:, None] < len(idx), batch["mask"], 0).astype(batch["mask"].dtype)
+    out = eval_step(params, device_batch(batch, mesh, rules))
     for k in tot:
       tot[k] += float(out[k])
   nll = tot["nll_sum"] / max(tot["count"], 1.0)

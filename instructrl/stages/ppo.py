@@ -373,7 +373,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
       raise ValueError("ppo.reward=gold scores on the host of a single process; run it without multi-host")
     score_fn = gold_score_fn(world, tokenizer, records, prompts, prompt_mask)
   ptx = pack_texts(tokenizer.encode_batch([r["text"] for r in load_jsonl(world_dir / "corpus_train.jsonl", "text")]),
-                   cfg.ptx_seq_len)
+                   cfg.ptx_seq_len, tokenizer)
   stage_cfg = ml_collections.ConfigDict(cfg.to_dict())
   stage_cfg.steps = steps(config)
   logging.info("ppo: %d prompts, %d iterations of %d episodes (minibatch %d, %d epoch(s)), ptx_coef %g",

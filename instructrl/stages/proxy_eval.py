@@ -88,7 +88,7 @@ def run(config, workdir: Path, mesh, rules) -> dict:
   judge = RMScorer(config, workdir, JUDGE, tok, mesh, rules)
   policy_rm = RMScorer(config, workdir, POLICY_RM, tok, mesh, rules)
   texts = [r["text"] for r in load_jsonl(src.dir / "corpus_valid.jsonl", "text")]
-  valid_lm = pack_texts(tok.encode_batch(texts), min(config.ppo.ptx_seq_len, model_cfg.max_len - 1)) if texts else None
+  valid_lm = pack_texts(tok.encode_batch(texts), min(config.ppo.ptx_seq_len, model_cfg.max_len - 1), tok) if texts else None
   seq_len = ecfg.prompt_len + ecfg.max_new_tokens
 
   answers, rows, sft_params = {}, {}, None

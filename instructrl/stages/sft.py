@@ -71,7 +71,7 @@ def mix_pretraining(demos: TokenExamples, tokenizer, world_dir: Path, fraction: 
   if not 0.0 < fraction < 1.0:
     raise ValueError(f"sft.pretrain_mix={fraction}: expected a fraction in [0, 1)")
   corpus = pack_texts(tokenizer.encode_batch([r["text"] for r in load_jsonl(world_dir / "corpus_train.jsonl", "text")]),
-                      demos.tokens.shape[1] - 1)
+                      demos.tokens.shape[1] - 1, tokenizer)
   n = int(round(len(demos) * fraction / (1.0 - fraction)))
   if n > len(corpus):
     raise ValueError(f"sft.pretrain_mix={fraction} needs {n} pretraining windows; the corpus has {len(corpus)}")
