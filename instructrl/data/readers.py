@@ -148,6 +148,28 @@ def _oasst(r, where):
   return out
 
 
+def _oasst_prompts(r, where):
+  """Every prompter turn of an OpenAssistant tree as a prompt (PPO's prompts: answered or not, ranked or
+  not), its context the path from the root as a Human/Assistant transcript, as `_oasst` builds it."""
+  out = []
+
+  def walk(msg, context, path):
+    text = _need(msg, "text", str, f"{where}: {path}", "oasst")
+    role = _need(msg, "role", str, f"{where}: {path}", "oasst")
+    turn = (HH_HUMAN if role == "prompter" else HH_ASSISTANT) + " " + text
+    if role == "prompter" and not msg.get("deleted") and text.strip():
+      out.append({"prompt": context + turn + HH_ASSISTANT})
+    for i, m in enumerate(_need(msg, "replies", list, f"{where}: {path}", "oasst", optional=True) or []):
+      walk(m, context + turn, f"{path}.replies[{i}]")
+
+  walk(_need(r, "prompt", dict, where, "oasst"), "", "prompt")
+  return out
+
+
+# Schemas read as another kind: an OpenAssistant tree read for prompts gives its prompter turns.
+VIEWS = {("oasst", "prompt"): _oasst_prompts}
+
+
 class Schema:
   def __init__(self, kind: str, convert: Callable[[Any, str], list[dict]], doc: str,
                detect: Callable[[Any], bool]):
@@ -262,7 +284,7 @@ def read(path: str | Path, schema: str = "auto", *, kind: str | None = None, on_
     raise ValueError(f"on_invalid={on_invalid!r}: expected 'raise' or 'skip'")
   if schema not in ("auto", "txt", *SCHEMAS):
     raise ValueError(f"unknown schema {schema!r}; known: {['auto', 'txt', *SCHEMAS]}")
-  if kind is not None and schema in SCHEMAS and SCHEMAS[schema].kind != kind:
+  if kind is not None and schema in SCHEMAS and SCHEMAS[schema].kind != kind and (schema, kind) not in VIEWS:
     raise ValueError(f"schema {schema!r} gives {SCHEMAS[schema].kind} records, not {kind}")
   if path.is_dir():   # a prepared TFDS dataset (tfds_io.write): records of one kind already
     from instructrl.data import tfds_io
@@ -279,10 +301,10 @@ def read(path: str | Path, schema: str = "auto", *, kind: str | None = None, on_
     try:
       if schema == "auto":
         schema = detect_schema(record, where)
-        if kind is not None and SCHEMAS[schema].kind != kind:
+        if kind is not None and SCHEMAS[schema].kind != kind and (schema, kind) not in VIEWS:
           raise RecordError(f"{where}: this file holds {schema!r} records ({SCHEMAS[schema].kind}), "
                             f"expected {kind} records")
-      out.extend(SCHEMAS[schema].convert(record, where))
+      out.extend((VIEWS.get((schema, kind)) or SCHEMAS[schema].convert)(record, where))
     except RecordError as e:
       if on_invalid == "raise" or schema == "auto":
         raise

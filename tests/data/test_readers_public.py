@@ -42,6 +42,20 @@ def test_oasst_prompts():
   assert len(readers.read_prompts(DATA / "oasst/prompt_lottery_en_250_text.jsonl")) == 250
 
 
+def test_oasst_trees_read_as_prompts_give_every_prompter_turn():
+  """PPO's prompts from the trees: each prompter message, answered or not (README: 1,167 messages)."""
+  path = DATA / "oasst/en_100_tree.jsonl"
+  prompts = readers.read_prompts(path)
+
+  def turns(msg):
+    own = msg["role"] == "prompter" and not msg.get("deleted") and bool(msg["text"].strip())
+    return own + sum(turns(m) for m in msg.get("replies") or [])
+
+  assert len(prompts) == sum(turns(json.loads(l)["prompt"]) for l in path.read_text().splitlines())
+  assert {r["prompt"] for r in readers.read_rankings(path)} <= {p["prompt"] for p in prompts}
+  assert all(p["prompt"].startswith("\n\nHuman: ") and p["prompt"].endswith("\n\nAssistant:") for p in prompts)
+
+
 def test_self_instruct_demos():
   assert len(readers.read_demos(DATA / "self-instruct/seed_tasks.jsonl")) == 175
   assert len(readers.read_demos(DATA / "self-instruct/user_oriented_instructions.jsonl")) == 252
