@@ -413,6 +413,8 @@ def cost(config) -> tuple[float, float, float]:
   source its share of the K responses plus SPARE spares per prompt), then every member's training."""
   rm = config.rm
   k = sum(rm.k_choices) / len(rm.k_choices)
+  if source.kind(config) == "files":   # nothing sampled: the two RMs' training on the files' rankings
+    return 0.0, costs.TRAIN_COST * steps(config) * rm.batch_size * k * rm.seq_len, 0.0
   sources = sum(1 for w in dict(rm.get("source_mix", {"policy": 1.0})).values() if w > 0)
   sampling = rm.n_prompts * (k + SPARE * sources) * rm.max_new_tokens * costs.SAMPLE_COST
   members = int(rm.get("ensemble_size", 1))
