@@ -10,12 +10,13 @@ tokenizer and checks it against the checkpoint's config, and only then writes an
 - W/pretrain: the checkpoint, imported once (`tools/convert.import_hf`).
 
 Splits (all seeded by `config.seed`, so a rerun writes the same files):
+- the report's held-out prompts: `data.eval_prompts`, or `data.eval_fraction` of the prompt pool
+  (`data.prompts`, or the rankings' prompts when that is empty); `data.dev_fraction` of the rest
+  is the dev split. Their rankings are dropped: neither RM nor PPO trains on a held-out or dev prompt.
 - rankings are split by prompt: `data.judge_fraction` of the distinct prompts train the judge RM
   (the proxy gold of stages/proxy_eval.py), the rest the policy's RM; each side keeps
   `data.valid_fraction` for validation. No prompt is on both sides.
-- PPO prompts: `data.prompts`, or the policy RM's training prompts when empty. The report's
-  held-out prompts: `data.eval_prompts`, or `data.eval_fraction` of that pool; `data.dev_fraction`
-  more is the dev split. Evaluation prompts never appear in PPO's or either RM's training data.
+- PPO prompts: the rest of `data.prompts`, or the policy RM's prompts when that is empty.
 - demonstrations and ptx text: `data.valid_fraction` held out.
 
 Bare prompts (instructions, the prompt lottery) are put in the model's format with
@@ -186,34 +187,39 @@ def build(config) -> tuple[dict[str, list[dict]], object, Path, dict]:
   demos = [{"prompt": model_prompt(r["prompt"], t), "response": model_response(r["response"])} for r in demos]
   rankings = [{**r, "prompt": model_prompt(r["prompt"], t), "responses": [model_response(x) for x in r["responses"]]}
               for r in rankings]
-  policy_rankings, judge_rankings = split_by_prompt(rankings, d.judge_fraction, rng)
-  # Evaluation prompts: never a prompt either RM or PPO trains on.
-  pool = [{"prompt": model_prompt(r["prompt"], t)} for r in prompts] if prompts is not None else \
-      [{"prompt": p} for p in sorted({r["prompt"] for r in policy_rankings})]
-  pool = list({r["prompt"]: r for r in pool}.values())
+  # Held-out prompts first (data.eval_prompts, or a share of the prompt pool), then the dev split: their
+  # rankings are dropped, so neither RM, nor PPO, trains on a prompt the report or the tuning reads.
+  from_rankings = prompts is None
+  pool = sorted({r["prompt"] for r in rankings}) if from_rankings else \
+      list({model_prompt(r["prompt"], t): None for r in prompts})
   if eval_prompts is not None:
     held = list({model_prompt(r["prompt"], t): None for r in eval_prompts})
-    ppo_pool, dev = split(pool, d.dev_fraction, rng)
+    rest = pool
   else:
-    ppo_pool, held = split(pool, d.eval_fraction, rng)
-    held = [r["prompt"] for r in held]
-    ppo_pool, dev = split(ppo_pool, d.dev_fraction, rng)
-  trained = {r["prompt"] for r in rankings} | {r["prompt"] for r in ppo_pool}
+    rest, held = split(pool, d.eval_fraction, rng)
+  rest, dev = split(rest, d.dev_fraction, rng)
+  kept_out = set(held) | set(dev)
+  rankings = [r for r in rankings if r["prompt"] not in kept_out]
+  policy_rankings, judge_rankings = split_by_prompt(rankings, d.judge_fraction, rng)
+  # PPO's prompts: the file's, or the policy RM's own training prompts.
+  ppo_pool = [p for p in rest if p not in {r["prompt"] for r in judge_rankings}] if from_rankings else \
+      [p for p in rest if p not in kept_out]
+  trained = {r["prompt"] for r in rankings} | set(ppo_pool)
   held = [p for p in held if p not in trained]
-  dev = [r for r in dev if r["prompt"] not in trained]
+  dev = [p for p in dev if p not in trained and p not in set(held)]
   if not held:
     raise ConfigError(f"data.eval_prompts={d.eval_prompts!r}: no held-out prompt is left once the prompts of "
                       f"the rankings and of PPO are removed; expected prompts that no stage trains on")
   if not ppo_pool:
-    raise ConfigError(f"data.prompts={d.prompts!r}: no PPO prompt is left after the held-out split")
+    raise ConfigError(f"data.prompts={d.prompts!r}: no PPO prompt is left after the held-out and dev splits")
   files = {}
   files["demos_train"], files["demos_valid"] = split(demos, d.valid_fraction, rng)
   files["rankings_train"], files["rankings_valid"] = split_by_prompt(policy_rankings, d.valid_fraction, rng)
   files["rankings_judge_train"], files["rankings_judge_valid"] = split_by_prompt(judge_rankings, d.valid_fraction,
                                                                                  rng)
   family = "public"
-  files["prompts_ppo"] = [{"prompt": r["prompt"], "family": family} for r in ppo_pool]
-  files["prompts_dev"] = [{"prompt": r["prompt"], "family": family} for r in dev]
+  files["prompts_ppo"] = [{"prompt": p, "family": family} for p in ppo_pool]
+  files["prompts_dev"] = [{"prompt": p, "family": family} for p in dev]
   files["prompts_eval"] = [{"prompt": p, "family": family} for p in held]
   if ptx:
     files["corpus_train"], files["corpus_valid"] = split(ptx, d.valid_fraction, rng)
