@@ -3,7 +3,7 @@ r"""Will a config fit, and on how many chips? Compile the train steps ahead of t
   python -m instructrl.tools.plan --config=configs/instructgpt.py:6b --mesh=1,64,1 --target=v5p
   python -m instructrl.tools.plan --config=configs/instructgpt.py:1.3b --mesh=1,-1,1 --chips=8,16,32 --target=v4
   python -m instructrl.tools.plan --config=configs/instructgpt.py:small --mesh="8,1,1;1,8,1" --stages=sft
-  python -m instructrl.tools.plan --config=configs/instructgpt.py:1.3b --recommend --target=v4 --fit_layers=4,8
+  python -m instructrl.tools.plan --config=configs/instructgpt.py:1.3b --recommend --target=v4
 
 Every stage's step (pretrain, SFT, RM, PPO rollout, PPO update) is jitted exactly as the stage
 jits it, lowered on abstract inputs (`jax.ShapeDtypeStruct` carrying the mesh's shardings: no
@@ -58,7 +58,8 @@ _STAGES = cli_flags.define(flags.DEFINE_string, "stages", "sft,rm,ppo_rollout,pp
 _HEADROOM = cli_flags.define(flags.DEFINE_float, "headroom", 0.1, "Fraction of chip memory kept free (runtime, fragmentation).")
 _ANALYTIC_ONLY = cli_flags.define(flags.DEFINE_bool, "analytic_only", False, "Skip compiling; closed-form estimate only (175b).")
 _FIT_LAYERS = cli_flags.define(flags.DEFINE_string, "fit_layers", None, "Two depths, e.g. 2,4: compile those and extrapolate the "
-                                  "bytes linearly to model.n_layers (minutes instead of an hour for 6b/175b).")
+                                  "bytes linearly to model.n_layers (minutes instead of an hour for 6b/175b); per-layer models only, "
+                                  "a scanned one (model.scan_layers, the paper presets) compiles at full depth as fast.")
 _RECOMMEND = cli_flags.define(flags.DEFINE_bool, "recommend", False, "For each stage, search --chips x --tensor meshes "
                                  "(1, chips/t, t) and recommend the fewest chips that fit (--mesh is ignored).")
 _TENSOR = cli_flags.define(flags.DEFINE_string, "tensor", "1,2,4,8", "--recommend: tensor-axis widths to try on each chip count.")
@@ -221,7 +222,8 @@ def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config
   (2 x 12 D^2 / tensor, compute dtype), its working set b T (16 D + 3 F / tensor) and four fp32 copies
   of the attention scores b (H / tensor) T^2 (scores, masked, probabilities, their gradient), and (head
   phase, LM head only) four fp32 copies of the logits b T V / tensor (logits, exp, log-softmax, gradient).
-  The PPO rollout: the larger of sampling (KV cache and the prefill's scores and logits) and re-scoring
+  The PPO rollout: the larger of sampling (the KV cache with the prefill's scores and logits, or three
+  copies of the cache) and re-scoring
   (three fp32 copies of the full sequence's scores and the policy's and reference's response logits).
   """
   import numpy as np
@@ -250,7 +252,9 @@ def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config
     b, S, N = per_device(program.batch), program.tokens, config.ppo.max_new_tokens
     P = S - N
     kv = 2 * L * b * S * cfg.n_kv_heads / tensor * cfg.head_dim * ab
-    sampling = kv + 2 * scores(b, P, S) + b * P * V * 4
+    # The loop's cache goes in and comes out of the layer scan, with one more copy in flight (XLA:CPU's
+    # buffer assignment at 24 layers also holds fp32 copies of k and v: it runs bf16 dots in fp32).
+    sampling = max(kv + 2 * scores(b, P, S) + b * P * V * 4, 3 * kv)
     rescoring = 3 * scores(b, S + 1, S + 1) + 2 * b * N * V * 4 + head_weights
     act = max(sampling, rescoring)
   elif stage == "ppo_update":
@@ -285,7 +289,8 @@ def resolve_mesh(shape, chips: int) -> tuple:
 def _measure(stage, config, mesh, rules, shape, analytic_only, fit_layers):
   """Compiled (or only analytic) per-device bytes of one stage; with fit_layers=(l1, l2), compiled at
   those depths and extrapolated linearly to config.model.n_layers (the blocks are identical, so
-  every byte count is affine in the depth; checked against a full compile in docs/scaling.md)."""
+  every byte count is affine in the depth while the peak stays in one phase; checked against a full
+  compile in docs/scaling.md). A scanned model is compiled at full depth whatever fit_layers says."""
   import copy
   program = describe(stage, config)
   split = shape[0] * shape[1]
@@ -301,6 +306,11 @@ def _measure(stage, config, mesh, rules, shape, analytic_only, fit_layers):
   row = {"shape": program.shape, "analytic_gib": analytic_memory(stage, program, shape, config)["peak"] / GiB}
   if analytic_only:
     return row
+  if fit_layers and cfg.scan_layers:
+    # Scanned, the compile is as short at full depth as at 4 layers, and the peak can change phase with
+    # depth (the rollout's KV cache overtakes the re-scoring), which a linear fit misses.
+    fit_layers = None
+    row["full_depth"] = "scanned: --fit_layers not needed"
   if not fit_layers:
     m = compiled_memory(build(stage, config, mesh, rules), mesh, rules)
   else:
