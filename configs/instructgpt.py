@@ -361,7 +361,10 @@ def _paper(c, preset, options=()):
       **_gpt3_shape(preset),                # paper C: GPT-3 architecture (Brown et al. 2020 table 2.1)
       dtype="bfloat16",                     # paper C: fp16 activations; bf16 is the TPU equivalent
       param_dtype="float32",                # paper C: fp32 master weights
-      remat=True)
+      remat=True,
+      # One nn.scan over the blocks: under FSDP the sampler gathers one layer's weights at a time instead of
+      # keeping every layer's gathered copy of all four PPO models live through its loop (docs/scaling.md).
+      scan_layers=True)
   # Fully sharded data parallel. 175b: the SFT batch of 8 (C.1) splits at most 8 ways, so fsdp 8 and the
   # remaining chips tensor-parallel (docs/scaling.md: (1,8,8) and (1,8,16)).
   c.mesh.shape = (1, 8, -1) if preset == "175b" else (1, -1, 1)

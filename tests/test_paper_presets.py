@@ -67,6 +67,12 @@ def test_paper_numbers(preset):
   assert dict(c.rm.model_shape) == {}                     # the RM is the policy's size unless asked
 
 
+def test_pod_presets_scan_their_layers_and_the_cpu_presets_do_not():
+  """The paper presets run on pods: one scanned block, so the sampler gathers one layer's weights at a time."""
+  assert all(instructgpt.get_config(p).model.scan_layers for p in GPT3)
+  assert not any(instructgpt.get_config(p).model.scan_layers for p in ("smoke", "tiny", "small"))
+
+
 @pytest.mark.parametrize("preset", list(GPT3))
 def test_every_sequence_fits_the_context(preset):
   c = instructgpt.get_config(preset)

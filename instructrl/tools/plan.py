@@ -3,6 +3,7 @@ r"""Will a config fit, and on how many chips? Compile the train steps ahead of t
   python -m instructrl.tools.plan --config=configs/instructgpt.py:6b --mesh=1,64,1 --target=v5p
   python -m instructrl.tools.plan --config=configs/instructgpt.py:1.3b --mesh=1,-1,1 --chips=8,16,32 --target=v4
   python -m instructrl.tools.plan --config=configs/instructgpt.py:small --mesh="8,1,1;1,8,1" --stages=sft
+  python -m instructrl.tools.plan --config=configs/instructgpt.py:1.3b --recommend --target=v4
 
 Every stage's step (pretrain, SFT, RM, PPO rollout, PPO update) is jitted exactly as the stage
 jits it, lowered on abstract inputs (`jax.ShapeDtypeStruct` carrying the mesh's shardings: no
@@ -57,7 +58,14 @@ _STAGES = cli_flags.define(flags.DEFINE_string, "stages", "sft,rm,ppo_rollout,pp
 _HEADROOM = cli_flags.define(flags.DEFINE_float, "headroom", 0.1, "Fraction of chip memory kept free (runtime, fragmentation).")
 _ANALYTIC_ONLY = cli_flags.define(flags.DEFINE_bool, "analytic_only", False, "Skip compiling; closed-form estimate only (175b).")
 _FIT_LAYERS = cli_flags.define(flags.DEFINE_string, "fit_layers", None, "Two depths, e.g. 2,4: compile those and extrapolate the "
-                                  "bytes linearly to model.n_layers (minutes instead of an hour for 6b/175b).")
+                                  "bytes linearly to model.n_layers (minutes instead of an hour for 6b/175b); per-layer models only, "
+                                  "a scanned one (model.scan_layers, the paper presets) compiles at full depth as fast.")
+_RECOMMEND = cli_flags.define(flags.DEFINE_bool, "recommend", False, "For each stage, search --chips x --tensor meshes "
+                                 "(1, chips/t, t) and recommend the fewest chips that fit (--mesh is ignored).")
+_TENSOR = cli_flags.define(flags.DEFINE_string, "tensor", "1,2,4,8", "--recommend: tensor-axis widths to try on each chip count.")
+_PRUNE = cli_flags.define(flags.DEFINE_float, "prune", 2.0, "--recommend: do not compile a mesh whose closed form exceeds "
+                             "this many times the budget (0: compile all).")
+RECOMMEND_CHIPS = "8,16,32,64,128,256"
 _JSON = cli_flags.define(flags.DEFINE_string, "json", None, "Also write the rows as JSON to this file.")
 
 
@@ -72,6 +80,7 @@ class StageProgram:
   model_cfg: object
   tokens: int               # tokens per row that pass through the model
   train: bool               # backward pass and optimizer state
+  per_row: int = 1          # sequences a row holds (the RM's K responses to one prompt), `tokens` split evenly
 
 
 def _abstract(shape, dtype, sharding):
@@ -113,7 +122,7 @@ def describe(stage: str, config) -> StageProgram:
       return StageProgram(None, (), f"{cfg.batch_size} x {cfg.seq_len}", cfg.batch_size, model_cfg, cfg.seq_len, True)
     K = max(cfg.k_choices)
     return StageProgram(None, (), f"{cfg.batch_size} prompts x K={K} x {cfg.seq_len}", cfg.batch_size, model_cfg,
-                        K * cfg.seq_len, True)
+                        K * cfg.seq_len, True, per_row=K)
   cfg = config.ppo
   model_cfg = ModelConfig.from_dict(config.model)
   B, P, N = cfg.batch_size, cfg.prompt_len, cfg.max_new_tokens
@@ -156,7 +165,8 @@ def build(stage: str, config, mesh, rules) -> StageProgram:
     step, _, _ = reward.make_steps(model_cfg, "per_prompt", tx, schedule, sh, mesh, rules)
     batch = {"tokens": _abstract((B, K, T), jnp.int32, bsh(3)), "last_index": _abstract((B, K), jnp.int32, bsh(2)),
              "ranks": _abstract((B, K), jnp.int32, bsh(2)), "mask": _abstract((B, K), jnp.bool_, bsh(2))}
-    return StageProgram(step, (state, batch, key), f"{B} prompts x K={K} x {T}", B, model_cfg, K * T, True)
+    return StageProgram(step, (state, batch, key), f"{B} prompts x K={K} x {T}", B, model_cfg, K * T, True,
+                        per_row=K)
 
   # PPO: policy, reference, value and RM on the same mesh in one program each (rollout, update), made by
   # ppo.build as the stage makes them: the value function and the RM have the RM's model (rm.base_workdir's).
@@ -202,48 +212,63 @@ def compiled_memory(program: StageProgram, mesh, rules) -> dict:
 
 
 def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config) -> dict:
-  """Closed-form per-device bytes (docs/scaling.md): sharded state plus activations.
+  """Closed-form per-device bytes (docs/scaling.md, "Closed form"): sharded state plus the activations
+  live at the program's peak, which is one of a few phases that are never live together.
 
-  state: a trained model costs 16 B a parameter (fp32 params, Adam mu and nu, fp32 gradients), a
-  frozen one 4 B (PPO's reference and RM, the EMA), all split over fsdp x tensor. Activations, for
-  b = rows per device: with remat every block keeps its fp32 input [b, T, D]; one block at a time
-  holds its all-gathered weights in the compute dtype (12 D^2 / tensor, forward and backward
-  copies), its working set ~ b T (16 D + 3 F / tensor) in the compute dtype and three fp32 copies of
-  the attention scores b (H / tensor) T^2 (scores, probabilities, their gradient); the logits
-  b T V / tensor cost three fp32 copies (logits, log-softmax, gradient). Without remat every block
-  keeps its working set.
+  state: a trained model costs 16 B a parameter (fp32 params, Adam mu and nu, fp32 gradients), a frozen
+  one 4 B (PPO's reference and RM, the EMA), all split over fsdp x tensor.
+  A training pass, with b = rows per device: with remat every block keeps its input [b, T, D] in the
+  compute dtype (the scan's carry); on top, the larger of (block phase) one block's all-gathered weights
+  (2 x 12 D^2 / tensor, compute dtype), its working set b T (16 D + 3 F / tensor) and four fp32 copies
+  of the attention scores b (H / tensor) T^2 (scores, masked, probabilities, their gradient), and (head
+  phase, LM head only) four fp32 copies of the logits b T V / tensor (logits, exp, log-softmax, gradient).
+  The PPO rollout: the larger of sampling (the KV cache with the prefill's scores and logits, or three
+  copies of the cache) and re-scoring
+  (three fp32 copies of the full sequence's scores and the policy's and reference's response logits).
   """
   import numpy as np
   cfg = program.model_cfg
   data, fsdp, tensor = mesh_shape
-  shards = fsdp * tensor
   n = cfg.num_params()
   ab = np.dtype(cfg.compute_dtype).itemsize
   trained = {"pretrain": 1, "sft": 1, "rm": 1, "ppo_rollout": 0, "ppo_update": 2}[stage]   # models with Adam
   frozen = {"ppo_rollout": 4, "ppo_update": 1}.get(stage, 0)   # rollout: policy/ref/value/RM; update: the EMA
-  state = n * (trained * 16 + frozen * 4) / shards
-  D, F, L, H, V = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.n_heads, cfg.vocab_size
+  state = n * (trained * 16 + frozen * 4) / (fsdp * tensor)
+  D, F, L, H, V = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.n_heads / tensor, cfg.vocab_size / tensor
+  per_device = lambda rows: max(rows / (data * fsdp), 1.0)
+  scores = lambda b, Tq, Tk: b * H * Tq * Tk * 4
+  working = lambda b, T: b * T * (16 * D + 3 * F / tensor) * ab
+  head_weights = V * D * (4 + ab)   # the (un)embedding gathered in fp32 and cast
 
-  def acts(rows, T, backward=True):
-    b = max(rows / (data * fsdp), 1.0)
-    weights = 12 * D * D * ab / tensor * (2 if backward else 1)
-    block = b * T * (16 * D + 3 * F / tensor) * ab + 3 * b * (H / tensor) * T * T * 4
-    logits = (3 if backward else 1) * b * T * V / tensor * 4
-    if not backward:
-      return weights + block / 3 + logits
-    kept = L * b * T * D * 4 if cfg.remat else L * block
-    return kept + weights + block + logits
+  def train(rows, T, lm_head=True):
+    """(kept for the backward pass, the larger transient phase) of one forward + backward."""
+    b = per_device(rows)
+    kept = L * b * T * D * ab if cfg.remat else L * (working(b, T) + 2 * scores(b, T, T))
+    block = 2 * 12 * D * D / tensor * ab + working(b, T) + 4 * scores(b, T, T)
+    head = head_weights + 4 * b * T * V * 4 if lm_head else 0.0
+    return kept, max(block, head)
 
-  if stage == "ppo_rollout":   # forward passes only, plus the KV cache of the sampler
-    b = max(program.batch / (data * fsdp), 1.0)
-    kv = 2 * L * b * program.tokens * cfg.n_kv_heads / tensor * cfg.head_dim * ab
-    act = acts(program.batch, program.tokens, backward=False) + kv
+  if stage == "ppo_rollout":
+    b, S, N = per_device(program.batch), program.tokens, config.ppo.max_new_tokens
+    P = S - N
+    kv = 2 * L * b * S * cfg.n_kv_heads / tensor * cfg.head_dim * ab
+    # The loop's cache goes in and comes out of the layer scan, with one more copy in flight (XLA:CPU's
+    # buffer assignment at 24 layers also holds fp32 copies of k and v: it runs bf16 dots in fp32).
+    sampling = max(kv + 2 * scores(b, P, S) + b * P * V * 4, 3 * kv)
+    rescoring = 3 * scores(b, S + 1, S + 1) + 2 * b * N * V * 4 + head_weights
+    act = max(sampling, rescoring)
+  elif stage == "ppo_update":
+    # One minibatch at a time (the update's scan): the policy's gradient (episodes and, with ptx, the
+    # pretraining minibatch in one loss: both kept, the larger transient), then the value function's.
+    from instructrl.stages import ppo
+    kept, transient = train(program.batch, program.tokens)
+    if ppo.ptx_enabled(config.ppo):
+      k2, t2 = train(config.ppo.ptx_batch_size, config.ppo.ptx_seq_len)
+      kept, transient = kept + k2, max(transient, t2)
+    act = max(kept + transient, sum(train(program.batch, program.tokens, lm_head=False)))
   else:
-    act = acts(program.batch, program.tokens)
-  from instructrl.stages import ppo
-  if stage == "ppo_update" and ppo.ptx_enabled(config.ppo):
-    # The ptx minibatch is sharded on 'batch' like the episodes (ppo.run): a 1/(data x fsdp) slice a device.
-    act += acts(config.ppo.ptx_batch_size, config.ppo.ptx_seq_len)
+    rows, T = program.batch * program.per_row, program.tokens // program.per_row
+    act = sum(train(rows, T, lm_head=stage != "rm"))
   return {"state": state, "activations": act, "peak": state + act}
 
 
@@ -264,7 +289,8 @@ def resolve_mesh(shape, chips: int) -> tuple:
 def _measure(stage, config, mesh, rules, shape, analytic_only, fit_layers):
   """Compiled (or only analytic) per-device bytes of one stage; with fit_layers=(l1, l2), compiled at
   those depths and extrapolated linearly to config.model.n_layers (the blocks are identical, so
-  every byte count is affine in the depth; checked against a full compile in docs/scaling.md)."""
+  every byte count is affine in the depth while the peak stays in one phase; checked against a full
+  compile in docs/scaling.md). A scanned model is compiled at full depth whatever fit_layers says."""
   import copy
   program = describe(stage, config)
   split = shape[0] * shape[1]
@@ -280,6 +306,11 @@ def _measure(stage, config, mesh, rules, shape, analytic_only, fit_layers):
   row = {"shape": program.shape, "analytic_gib": analytic_memory(stage, program, shape, config)["peak"] / GiB}
   if analytic_only:
     return row
+  if fit_layers and cfg.scan_layers:
+    # Scanned, the compile is as short at full depth as at 4 layers, and the peak can change phase with
+    # depth (the rollout's KV cache overtakes the re-scoring), which a linear fit misses.
+    fit_layers = None
+    row["full_depth"] = "scanned: --fit_layers not needed"
   if not fit_layers:
     m = compiled_memory(build(stage, config, mesh, rules), mesh, rules)
   else:
@@ -336,6 +367,66 @@ def smallest_fitting(rows: list[dict]) -> tuple | None:
   return ok[0][1] if ok else None
 
 
+# ----------------------------------------------------------------------------- recommend
+
+def candidate_meshes(chips: list[int], tensors: list[int]) -> list[tuple]:
+  """(1, chips / t, t) for every chip count and tensor width that divides it: fewest chips first, then the
+  narrowest tensor axis (fsdp alone is tried before fsdp x tensor on the same chips)."""
+  return [(1, c // t, t) for c in sorted(chips) for t in sorted(tensors) if c % t == 0]
+
+
+def recommend(config, stages, target: str, chips: list[int], tensors: list[int], headroom: float = 0.1,
+              fit_layers: tuple | None = None, prune: float = 2.0, devices=None, on_row=None) -> dict:
+  """For each stage, the first candidate mesh (`candidate_meshes` order) whose compiled peak fits the target's
+  memory less headroom. A candidate whose closed form exceeds `prune` x that budget is not compiled (the
+  compiled peak is within 1.5x of the closed form, docs/scaling.md); prune=0 compiles every candidate.
+  Returns {"recommended": {stage: row or None}, "rows": every candidate tried, in order}."""
+  import jax
+  from instructrl import parallel
+  rules = parallel.rules_from_config(config.mesh.rules)
+  budget = TARGETS[target] * (1 - headroom)
+  available = jax.devices() if devices is None else devices
+  out = {"recommended": {}, "rows": []}
+  for stage in stages:
+    out["recommended"][stage] = None
+    for shape in candidate_meshes(chips, tensors):
+      n = math.prod(shape)
+      row = {"stage": stage, "chips": n, "mesh": list(shape), "target": target}
+      try:
+        row.update(_measure(stage, config, None, rules, shape, True, None))
+        if prune and row["analytic_gib"] * GiB > prune * budget:
+          row.update(skipped=f"closed form {row['analytic_gib']:.1f} GiB > {prune:g} x budget", fits=False)
+        else:
+          if n > len(available):
+            raise ValueError(f"mesh {shape} needs {n} devices, {len(available)} simulated devices available")
+          mesh = parallel.make_mesh(shape, devices=available[:n])
+          row.update(_measure(stage, config, mesh, rules, shape, False, fit_layers))
+          row["fits"] = bool(row["peak_gib"] * GiB <= budget)
+      except ValueError as e:
+        row.update(error=str(e), fits=False)
+      out["rows"].append(row)
+      if on_row:
+        on_row(row)
+      if row["fits"]:
+        out["recommended"][stage] = row
+        break
+  return out
+
+
+def format_recommendation(result: dict, target: str, headroom: float) -> str:
+  lines = [f"Recommended per stage on {target} ({TARGETS[target] * (1 - headroom) / GiB:.1f} GiB usable a chip): "
+           "the fewest chips, then the narrowest tensor axis, that fit",
+           f"{'stage':<12}{'chips':>6}  {'mesh':<12}{'peak':>8}{'analytic':>10}  shape"]
+  for stage, r in result["recommended"].items():
+    if r is None:
+      tried = max((x["chips"] for x in result["rows"] if x["stage"] == stage), default=0)
+      lines.append(f"{stage:<12}{'-':>6}  none fits on up to {tried} chips (micro-batches or more chips)")
+    else:
+      lines.append(f"{stage:<12}{r['chips']:>6}  {str(tuple(r['mesh'])):<12}{r['peak_gib']:8.2f}"
+                   f"{r['analytic_gib']:10.2f}  {r['shape']}")
+  return "\n".join(lines)
+
+
 def table_header(target: str, headroom: float) -> str:
   return "\n".join([
       f"target {target}: {TARGETS[target] / GiB:.1f} GiB per chip, {headroom:.0%} headroom kept "
@@ -348,6 +439,8 @@ def table_row(r: dict) -> str:
   g = lambda k: f"{r[k]:8.2f}" if k in r else f"{'-':>8}"
   if "error" in r:
     return f"{r['stage']:<12}{r['chips']:>6}  {str(tuple(r['mesh'])):<12} error: {r['error']}"
+  if "skipped" in r:
+    return f"{r['stage']:<12}{r['chips']:>6}  {str(tuple(r['mesh'])):<12} not compiled: {r['skipped']}"
   return (f"{r['stage']:<12}{r['chips']:>6}  {str(tuple(r['mesh'])):<12}{g('argument_gib')}{g('output_gib')}"
           f"{g('alias_gib')}{g('temp_gib')}{g('peak_gib')}{r['analytic_gib']:10.2f}  "
           f"{'yes' if r['fits'] else 'NO':<5} {r['shape']}")
@@ -385,13 +478,39 @@ def parse_layouts(mesh_text: str, chips_text: str | None) -> list[tuple]:
   return layouts
 
 
+def _ints(flag: str, text: str) -> list[int]:
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    raise app.UsageError(f"--{flag}={text!r}: expected comma-separated positive integers, e.g. 8,16,32")
+  return values
+
+
+def _setup_jax(n_devices: int):
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + PLAN_XLA_FLAGS
+  import jax
+  jax.config.update("jax_platforms", "cpu")
+  if n_devices:
+    jax.config.update("jax_num_cpu_devices", n_devices)
+
+
+def main_recommend(config, stages, fit):
+  chips, tensors = _ints("chips", _CHIPS.value or RECOMMEND_CHIPS), _ints("tensor", _TENSOR.value)
+  _setup_jax(max(chips))
+  print(table_header(_TARGET.value, _HEADROOM.value), flush=True)
+  result = recommend(config, stages, _TARGET.value, chips, tensors, _HEADROOM.value, fit_layers=fit,
+                     prune=_PRUNE.value, on_row=lambda r: print(table_row(r), flush=True))
+  print(format_recommendation(result, _TARGET.value, _HEADROOM.value))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=1)
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
-  try:
-    layouts = parse_layouts(_MESH.value or ",".join(map(str, config.mesh.shape)), _CHIPS.value)
-  except ValueError as e:
-    raise app.UsageError(str(e))
   stages = [s.strip() for s in (_STAGES.value or "sft,rm,ppo_rollout,ppo_update").split(",") if s.strip()]
   bad = [s for s in stages if s not in STAGES]
   if bad:
@@ -399,11 +518,13 @@ def main(argv):
   fit = tuple(int(l) for l in _FIT_LAYERS.value.split(",")) if _FIT_LAYERS.value else None
   if fit is not None and (len(fit) != 2 or fit[0] == fit[1] or min(fit) < 1):
     raise app.UsageError(f"--fit_layers={_FIT_LAYERS.value}: expected two different depths >= 1, e.g. 2,4")
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + PLAN_XLA_FLAGS
-  import jax
-  jax.config.update("jax_platforms", "cpu")
-  if not _ANALYTIC_ONLY.value:
-    jax.config.update("jax_num_cpu_devices", max(math.prod(m) for m in layouts))
+  if _RECOMMEND.value:
+    return main_recommend(config, stages, fit)
+  try:
+    layouts = parse_layouts(_MESH.value or ",".join(map(str, config.mesh.shape)), _CHIPS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  _setup_jax(0 if _ANALYTIC_ONLY.value else max(math.prod(m) for m in layouts))
   print(table_header(_TARGET.value, _HEADROOM.value), flush=True)
   rows = plan(config, layouts, stages, _TARGET.value, _HEADROOM.value, _ANALYTIC_ONLY.value, fit_layers=fit,
               on_row=lambda r: print(table_row(r), flush=True))
