@@ -10,6 +10,10 @@
   # the reward model as *ForSequenceClassification, scored at each row's last token that is not --pad_id
   python -m instructrl.tools.convert export --workdir=runs/hh --stage=rm --out=exported/rm --pad_id=0
 
+An export carries the run's tokenizer (the world's tokenizer.model, or the one a public-data run
+imported) and, unless --bos_id / --eos_id say otherwise, its special ids: the directory is a checkpoint
+`configs/public.py` starts from (`--config.data.hf_dir=exported/...`).
+
 The same from Python: `import_hf(hf_dir, workdir, stage)` and `export_hf(workdir, stage, out, ...)`;
 `instructrl.models.hf.load / save` work on params directly. Neither needs torch or transformers.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import logging
 import sys
 from pathlib import Path
@@ -101,13 +106,35 @@ def export_hf(workdir: str | Path, stage: str, out: str | Path, *, bos_id: int |
   if entry == "ema" and not Path(stage).parts[0].startswith("ppo"):
     raise ValueError(f"entry='ema': only PPO stages keep an EMA policy; stage {stage!r} has 'params' only")
   params, cfg = load_stage_params(workdir, stage, head=head, entry=entry)
+  tokenizer = run_tokenizer(workdir)
+  if tokenizer is not None:   # the run's own special ids unless told otherwise
+    bos_id = tokenizer[1]["bos_id"] if bos_id is None else bos_id
+    eos_id = tokenizer[1]["eos_id"] if eos_id is None else eos_id
   if head == "scalar":
     left = hf.save_rm(out, params, cfg, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, max_shard_bytes=max_shard_bytes)
     logging.info("exported the RM %s/%s to %s (transformers' score = ours - %g)", workdir, stage, out, left)
   else:
     hf.save(out, params, cfg, bos_id=bos_id, eos_id=eos_id, max_shard_bytes=max_shard_bytes)
     logging.info("exported %s/%s (%s) to %s", workdir, stage, entry, out)
+  if tokenizer is not None:   # beside the weights, so the directory is a checkpoint another run can start from
+    for f in tokenizer[0]:
+      shutil.copy2(f, Path(out) / f.name)
   return cfg
+
+
+def run_tokenizer(workdir: str | Path) -> tuple[list[Path], dict] | None:
+  """(files, special ids) of the tokenizer a run trained with: the world's sentencepiece model, or the
+  one a public-data run imported (W/data/tokenizer); None for a workdir with neither."""
+  workdir = Path(workdir)
+  world = workdir / "world" / "tokenizer.model"
+  if world.is_file():
+    from instructrl.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+    return [world], {"bos_id": BOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID}
+  marker = workdir / "data" / "COMPLETE"
+  if marker.is_file():
+    tok = json.loads(marker.read_text())["tokenizer"]
+    return sorted(p for p in (workdir / "data" / "tokenizer").iterdir() if p.is_file()), tok
+  return None
 
 
 def _exported_bias(out) -> dict:

@@ -168,3 +168,21 @@ def test_cli_exports_rm_and_ppo(tmp_path):
   assert r.returncode == 0, r.stderr
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ppo").eval()
   np.testing.assert_allclose(hf_logits(model, TOKENS), logits(lm, cfg, TOKENS), atol=1e-4, rtol=0)
+
+
+def test_export_of_a_world_run_carries_its_tokenizer(tmp_path):
+  """A world run's export is a checkpoint a public-data run starts from: tokenizer.model beside the
+  weights, the world's BOS/EOS in config.json, and the same token ids read back through
+  pretrained_tokenizer (what the import stage loads)."""
+  from instructrl.data import pretrained_tokenizer
+  from instructrl.data import tokenizer as tokenizer_lib
+  texts = [f"the capital of land {i} is city {i * 7 % 13}, and its colour is blue." for i in range(300)]
+  world_tok = tokenizer_lib.train(texts, 128, tmp_path / "w" / "world" / "tokenizer.model")
+  params, cfg = lm_params("llama", tmp_path)
+  save_stage(tmp_path / "w" / "pretrain", {"params": params}, cfg)
+  convert.export_hf(tmp_path / "w", "pretrain", tmp_path / "out")
+  hf_cfg = json.loads((tmp_path / "out" / hf.CONFIG).read_text())
+  assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"]) == (tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID)
+  loaded = pretrained_tokenizer.load(tmp_path / "out")
+  assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (world_tok.bos_id, world_tok.eos_id, world_tok.pad_id)
+  assert loaded.encode_batch(texts[:5]) == world_tok.encode_batch(texts[:5])
