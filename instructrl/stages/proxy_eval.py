@@ -175,8 +175,9 @@ def markdown(rep: dict) -> str:
            "second reward model (the judge RM), trained on rankings of prompts disjoint from those of the RM "
            "that PPO optimised (Gao et al. 2022). It says how another RM trained on the same kind of human "
            "rankings ranks the answers, not what people prefer.", "",
-           f"{rep['n_prompts']['eval']} held-out prompts; the SFT row compares a second SFT sample with the first "
-           f"(the noise floor).", "",
+           f"{rep['n_prompts']['eval']} held-out prompts, {rep['n_prompts']['answered'].get('SFT', 0)} of them within "
+           f"eval.prompt_len (the rest are skipped, as the paper drops over-long prompts); the SFT row compares a "
+           f"second SFT sample with the first (the noise floor).", "",
            "| model | T | win rate vs SFT (judge RM, 95% CI) | judge RM score | policy RM score | KL to SFT (nats) "
            "| response tokens | held-out text loss |",
            "|---|---|---|---|---|---|---|---|"]
@@ -204,7 +205,7 @@ def write(rep: dict, out_dir: Path) -> None:
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "report.md").write_text(markdown(rep))
   report.win_rates_figure(rep, title="Judge RM's preference (proxy)",
-                          xlabel="win rate against SFT by the judge RM (95% interval)").savefig(
+                          xlabel="judge RM win rate vs SFT (95% CI)").savefig(
                               out_dir / "win_rates.png", dpi=120)
   report.ppo_curves_figure(rep, titles=("policy RM score", "judge RM score of samples",
                                         "KL to SFT (nats/episode)")).savefig(out_dir / "ppo_curves.png", dpi=120)
