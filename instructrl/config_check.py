@@ -9,6 +9,7 @@ its value and what was expected. Per-field rules live in tables (field -> rule);
 from __future__ import annotations
 
 import math
+import string
 from typing import Any, Callable, NamedTuple
 
 from instructrl.errors import ConfigError
@@ -330,6 +331,23 @@ DATA = {"source": choice("world", "files"), "hf_dir": TEXT, "tokenizer": TEXT, "
         "dev_fraction": OPEN_UNIT}
 
 
+def _check_template(template: str) -> None:
+  """str.format's own parse: "{{prompt}}" is a literal (every prompt would become the same text), and
+  "{prompt.x}" or "{prompt[0]}" read attributes or items of the prompt, so only plain {prompt} fields pass."""
+  try:
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+  except ValueError as e:
+    fail("data.prompt_template", template, f"a str.format template with {{prompt}} ({e})")
+  if not fields or any(f != "prompt" for f in fields):
+    other = sorted({f"{{{f}}}" for f in fields if f != "prompt"})
+    fail("data.prompt_template", template, "a template containing {prompt} and no other field"
+         + (f" (it has {', '.join(other)})" if other else ""))
+  try:   # a nested field or a bad conversion in the format spec: "{prompt:{width}}", "{prompt!z}"
+    template.format(prompt="")
+  except (KeyError, IndexError, ValueError) as e:
+    fail("data.prompt_template", template, f"a template whose only field is {{prompt}} ({e!r})")
+
+
 def _check_source(config, stages) -> bool:
   """config.data (absent: the world). Returns whether the run reads public files."""
   if "data" not in config:
@@ -346,12 +364,7 @@ def _check_source(config, stages) -> bool:
   if wrong:
     fail("stages", ",".join(stages), f"no {wrong} with data.source='files': the import stage brings the released "
          f"checkpoint as W/pretrain and the files as W/data")
-  try:
-    d.prompt_template.format(prompt="")
-  except (KeyError, IndexError, ValueError) as e:
-    fail("data.prompt_template", d.prompt_template, f"a template whose only field is {{prompt}} ({e!r})")
-  if "{prompt}" not in d.prompt_template:
-    fail("data.prompt_template", d.prompt_template, "a template containing {prompt}")
+  _check_template(d.prompt_template)
   if not d.hf_dir:
     fail("data.hf_dir", d.hf_dir, "a transformers save_pretrained directory (config.json, *.safetensors)")
   needed = [f for f in ("demos", "rankings", "ptx") if not d[f]]
