@@ -27,6 +27,7 @@ transcript answers do, so every response follows "Assistant:" the same way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -63,8 +64,21 @@ def paths(field: str, value: str) -> list[Path]:
 def read_all(field: str, value: str, kind: str, on_invalid: str) -> list[dict]:
   out = []
   for p in paths(field, value):
-    out += readers.read(p, kind=kind, on_invalid=on_invalid)
+    with named_field(f"data.{field}"):
+      out += readers.read(p, kind=kind, on_invalid=on_invalid)
   return out
+
+
+@contextlib.contextmanager
+def named_field(field: str):
+  """The readers' and tokenizer loaders' plain ValueError / OSError (a .txt file of prompts, a folder that is no
+  TFDS dataset, a tokenizer without the ids asked for) as a ConfigError naming the field: one `error:` line."""
+  try:
+    yield
+  except UserError:
+    raise
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"{field}: {e}") from e
 
 
 def is_transcript(prompt: str) -> bool:
@@ -179,7 +193,8 @@ def build(config) -> tuple[dict[str, list[dict]], object, Path, dict]:
 
   from instructrl.data import pretrained_tokenizer
   tok_path = tokenizer_source(d)
-  tokenizer = pretrained_tokenizer.load(tok_path, **special_ids(d))
+  with named_field("data.tokenizer" + "".join(f", data.{k}={v}" for k, v in special_ids(d).items())):
+    tokenizer = pretrained_tokenizer.load(tok_path, **special_ids(d))
   check_tokenizer(tokenizer, model_cfg, hf_config, f"data.tokenizer={str(tok_path)!r}")
 
   t = d.prompt_template
