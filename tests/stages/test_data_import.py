@@ -214,3 +214,18 @@ def test_a_training_setting_is_not_a_data_change(hf_dir, imported):
   before = tree(imported)
   data_import.run(c, imported)
   assert tree(imported) == before
+
+
+def test_an_interrupted_import_starts_over(hf_dir, imported, tmp_path):
+  """What a kill leaves (a half-written W/data.tmp, a W/pretrain without a complete step) is replaced, and the
+  result is the uninterrupted import's."""
+  w = tmp_path / "w"
+  (w / "data.tmp" / "tokenizer").mkdir(parents=True)
+  (w / "data.tmp" / "demos_train.jsonl").write_text('{"prompt": "half')
+  (w / "pretrain" / "0").mkdir(parents=True)
+  data_import.run(make_config(hf_dir), w)
+  assert sorted(p.name for p in w.iterdir()) == ["data", "pretrain"]
+  strip = lambda t: {k: v[0] for k, v in t.items()}
+  assert strip(tree(w / "data")) == strip(tree(imported / "data"))
+  from instructrl import checkpoints
+  assert checkpoints.recorded_meta(w / "pretrain")["complete"]
