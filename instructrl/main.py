@@ -63,11 +63,13 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
   from instructrl import checkpoints
   from instructrl.models.config import ModelConfig
   from instructrl.stages import data_import, rm_models, source, world
+  files = source.kind(config) == "files"
+  if files and "import" in stages and not (workdir / "data" / "COMPLETE").exists():
+    data_import.build(config)   # every data file read and checked: a bad record is refused before any write
   if not workdir.is_dir():
     return
   if "world" in stages and (workdir / "world" / "COMPLETE").exists():
     world.check_marker(config, workdir / "world")
-  files = source.kind(config) == "files"
   if files and (workdir / "data" / "COMPLETE").exists():
     data_import.check_marker(config, workdir / "data")
   world_id = world.world_fingerprint(workdir)

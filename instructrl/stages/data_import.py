@@ -13,9 +13,10 @@ Splits (all seeded by `config.seed`, so a rerun writes the same files):
 - the report's held-out prompts: `data.eval_prompts`, or `data.eval_fraction` of the prompt pool
   (`data.prompts`, or the rankings' prompts when that is empty); `data.dev_fraction` of the rest
   is the dev split. Their rankings are dropped: neither RM nor PPO trains on a held-out or dev prompt.
-- rankings are split by prompt: `data.judge_fraction` of the distinct prompts train the judge RM
-  (the proxy gold of stages/proxy_eval.py), the rest the policy's RM; each side keeps
-  `data.valid_fraction` for validation. No prompt is on both sides.
+- rankings are split by conversation (a transcript's first Human turn: the turns of one OpenAssistant
+  tree go together): `data.judge_fraction` of them train the judge RM (the proxy gold of
+  stages/proxy_eval.py), the rest the policy's RM; each side keeps `data.valid_fraction` for validation.
+  No conversation is on both sides, and the held-out and dev splits take whole conversations too.
 - PPO prompts: the rest of `data.prompts`, or the policy RM's prompts when that is empty.
 - demonstrations and ptx text: `data.valid_fraction` held out.
 
@@ -102,12 +103,23 @@ def split(items: list, fraction: float, rng: np.random.Generator) -> tuple[list,
   return [items[i] for i in order[n_out:]], [items[i] for i in order[:n_out]]
 
 
-def split_by_prompt(records: list[dict], fraction: float, rng) -> tuple[list[dict], list[dict]]:
-  """Like split, over distinct prompts: records of one prompt land on one side."""
-  prompts = sorted({r["prompt"] for r in records})
-  keep, out = split(prompts, fraction, rng)
+def conversation(prompt: str) -> str:
+  """What the splits keep on one side: a transcript's first Human turn, so that the turns of one
+  OpenAssistant tree, and HH-RLHF conversations that open alike, are not trained on one side of a split and
+  held out (or judged) on the other; a prompt in another format is its own conversation."""
+  return prompt.split(HH_ASSISTANT, 1)[0] if prompt.startswith(HH_HUMAN) else prompt
+
+
+def split_conversations(items: list, fraction: float, rng, key=conversation) -> tuple[list, list]:
+  """Like split, over distinct conversations (key(item)): the items of one land on one side."""
+  keep, out = split(sorted({key(x) for x in items}), fraction, rng)
   out = set(out)
-  return [r for r in records if r["prompt"] not in out], [r for r in records if r["prompt"] in out]
+  return [x for x in items if key(x) not in out], [x for x in items if key(x) in out]
+
+
+def split_by_prompt(records: list[dict], fraction: float, rng) -> tuple[list[dict], list[dict]]:
+  """Ranking records split by conversation: records of one prompt, or of one conversation, land on one side."""
+  return split_conversations(records, fraction, rng, key=lambda r: conversation(r["prompt"]))
 
 
 # ----------------------------------------------------------------------------- tokenizer and model
@@ -211,17 +223,17 @@ def build(config) -> tuple[dict[str, list[dict]], object, Path, dict]:
     held = list({model_prompt(r["prompt"], t): None for r in eval_prompts})
     rest = pool
   else:
-    rest, held = split(pool, d.eval_fraction, rng)
-  rest, dev = split(rest, d.dev_fraction, rng)
-  kept_out = set(held) | set(dev)
-  rankings = [r for r in rankings if r["prompt"] not in kept_out]
+    rest, held = split_conversations(pool, d.eval_fraction, rng)
+  rest, dev = split_conversations(rest, d.dev_fraction, rng)
+  kept_out = {conversation(p) for p in held + dev}
+  rankings = [r for r in rankings if conversation(r["prompt"]) not in kept_out]
   policy_rankings, judge_rankings = split_by_prompt(rankings, d.judge_fraction, rng)
   # PPO's prompts: the file's, or the policy RM's own training prompts.
-  ppo_pool = [p for p in rest if p not in {r["prompt"] for r in judge_rankings}] if from_rankings else \
-      [p for p in rest if p not in kept_out]
-  trained = {r["prompt"] for r in rankings} | set(ppo_pool)
-  held = [p for p in held if p not in trained]
-  dev = [p for p in dev if p not in trained and p not in set(held)]
+  judged = {conversation(r["prompt"]) for r in judge_rankings} if from_rankings else set()
+  ppo_pool = [p for p in rest if conversation(p) not in kept_out | judged]
+  trained = {conversation(p) for p in [r["prompt"] for r in rankings] + ppo_pool}
+  held = [p for p in held if conversation(p) not in trained]
+  dev = [p for p in dev if conversation(p) not in trained | {conversation(p) for p in held}]
   if not held:
     raise ConfigError(f"data.eval_prompts={d.eval_prompts!r}: no held-out prompt is left once the prompts of "
                       f"the rankings and of PPO are removed; expected prompts that no stage trains on")

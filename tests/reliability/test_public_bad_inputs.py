@@ -179,9 +179,14 @@ def test_cli_refuses_a_bad_template_leaving_the_workdir_as_it_was(hf_dir, tmp_pa
 
 
 def test_cli_refuses_a_bad_rankings_file_naming_its_line(hf_dir, tmp_path):
-  """A bad record is found by the import stage, after main has taken the workdir (its lock and config.json):
-  the import itself writes nothing."""
-  w = tmp_path / "w"
+  """A bad record is found by main's pre-flight (it reads every data file before the lock and config.json):
+  a new workdir is not made, an existing one is left as it was."""
   bad = write(tmp_path / "k1.jsonl", K1)
+  assert_one_error_line(cli(tmp_path / "new", hf_dir, rankings=bad), f"{bad}:2:", "K=1")
+  assert not (tmp_path / "new").exists()
+  w = tmp_path / "w"
+  w.mkdir()
+  (w / "notes.txt").write_text("the user's")
+  before = tree(w)
   assert_one_error_line(cli(w, hf_dir, rankings=bad), f"{bad}:2:", "K=1")
-  assert not {"data", "data.tmp", "pretrain"} & {p.name for p in w.iterdir()}
+  assert tree(w) == before

@@ -229,3 +229,20 @@ def test_an_interrupted_import_starts_over(hf_dir, imported, tmp_path):
   assert strip(tree(w / "data")) == strip(tree(imported / "data"))
   from instructrl import checkpoints
   assert checkpoints.recorded_meta(w / "pretrain")["complete"]
+
+
+def first_turn(prompt: str) -> str:
+  return prompt.split("\n\nAssistant:", 1)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_splits_keep_conversations_apart(hf_dir, seed):
+  """OpenAssistant trees as the prompt pool (every prompter turn, as docs/real_data.md's recipe reads them):
+  a held-out prompt's conversation (its first Human turn) is trained on by no stage, and the judge RM's
+  conversations are not the policy RM's."""
+  files = data_import.build(make_config(hf_dir, seed, prompts=str(RANKINGS[0])))[0]
+  turns = lambda *names: {first_turn(r["prompt"]) for n in names for r in files[n]}
+  trained = turns(*RANKING_FILES, "prompts_ppo")
+  assert turns("prompts_eval") and not turns("prompts_eval") & (trained | turns("prompts_dev"))
+  assert not turns("prompts_dev") & trained
+  assert not turns(*RANKING_FILES[2:]) & turns(*RANKING_FILES[:2])
