@@ -135,3 +135,21 @@ def test_compile_time_reports_both_layouts_at_both_depths():
   by = {(x["layers"], x["scan_layers"]): x for x in r["results"]}
   assert by[(3, True)]["params"] == by[(3, False)]["params"] > by[(1, True)]["params"]
   assert set(r["ratio_3_over_1"]) == {"scan", "loop"} and r["env"]["n_devices"] == 8
+
+
+def test_eos_hazard_puts_that_probability_on_eos():
+  import flax.linen as nn
+
+  from benchmarks.sampler import with_eos_hazard
+  from instructrl.data.tokenizer import EOS_ID
+  from instructrl.models.sampling import process_logits
+  cfg = ModelConfig(style="gpt", vocab_size=512, max_len=24, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2,
+                    head_dim=32, d_ff=128)
+  params = nn.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  toks = jnp.asarray(np.random.default_rng(0).integers(4, 512, (8, 16)), jnp.int32)
+  for hazard in (0.01, 0.2):
+    logits, _ = Decoder(cfg).apply({"params": with_eos_hazard(params, cfg, hazard)}, toks)
+    p_eos = np.exp(np.asarray(process_logits(logits)[..., EOS_ID]))
+    np.testing.assert_allclose(p_eos.mean(), hazard, rtol=0.15)
+  with pytest.raises(ValueError, match="eos_hazard"):
+    with_eos_hazard(params, cfg, 1.0)

@@ -74,8 +74,11 @@ def sample(params, prompt_bp, prompt_mask_bp, rng, *, cfg: ModelConfig, max_new_
   positions_bp = left_pad_positions(prompt_mask_bp)
   kv_mask_bs = jnp.concatenate([prompt_mask_bp, jnp.ones((B, N), bool)], axis=1)
 
-  logits_bpv, cache = model.apply({"params": params}, prompt_bp, positions_bp, kv_mask_bs=kv_mask_bs,
-                                  cache=init_cache(cfg, B, P + N), cache_index=0)
+  # The prefill attends over the prompt's P slots only (not P + N, most of them empty at paper lengths);
+  # the N answer slots are appended after it, so the loop's cache is P + N whatever model.max_len is.
+  logits_bpv, cache = model.apply({"params": params}, prompt_bp, positions_bp, kv_mask_bs=prompt_mask_bp,
+                                  cache=init_cache(cfg, B, P), cache_index=0, last_only=True)
+  cache = jax.tree.map(lambda c: jnp.pad(c, [(0, 0)] * (c.ndim - 2) + [(0, N), (0, 0)]), cache)
   row_keys = jax.random.split(rng, B)
 
   def draw(logits_bv, i):

@@ -9,7 +9,10 @@ D d_model, N query heads, K kv heads, G = N // K, H head_dim, F d_ff, V vocab.
 
 The KV cache is an explicit argument and result, not a mutable collection, so the sampler's
 `lax.while_loop` carries it like any other array: a tuple of per-layer {"k", "v"} dicts, or with
-`scan_layers` one dict of stacked [n_layers, B, S, K, H] arrays that the scan slices per layer.
+`scan_layers` one dict of stacked [n_layers, B, K, S, H] arrays that the scan slices per layer.
+The cache keeps the kv heads before the slots: each head's keys are one contiguous [S, H] matrix,
+which a decode step's two dots read where it lies (slots before heads made XLA:CPU transpose the
+whole cache of every layer at every step: 3x the attention's time at S = 2048).
 
 With `scan_layers` the blocks are one `nn.scan` over a single Block whose weights carry a leading
 "layers" axis (params["layers"][...] instead of params["layer_{i}"][...]; models/layout.py converts),
@@ -30,7 +33,7 @@ import numpy as np
 
 from instructrl.models.config import ModelConfig
 
-Cache = tuple | dict  # per-layer {"k": [B, S, K, H], "v": ...} (tuple), or stacked [L, B, S, K, H] (scan_layers)
+Cache = tuple | dict  # per-layer {"k": [B, K, S, H], "v": ...} (tuple), or stacked [L, B, K, S, H] (scan_layers)
 STACKED = "layers"     # the params key (and logical axis name) of the scanned layers
 
 
@@ -84,7 +87,7 @@ def constrain(x, axes: tuple):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
-  shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
   if cfg.scan_layers:
     z = jnp.zeros((cfg.n_layers,) + shape, cfg.compute_dtype)
     return {"k": z, "v": z}
@@ -180,16 +183,20 @@ class Attention(nn.Module):
     # Write the new keys/values into the cache at slot `cache_index`; without a cache the
     # new tokens are the whole key set. Either way query t sits at slot cache_index + t.
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], jnp.swapaxes(k, 1, 2).astype(cache["k"].dtype),
+                                              cache_index, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], jnp.swapaxes(v, 1, 2).astype(cache["v"].dtype),
+                                              cache_index, axis=2)
       new_cache = {"k": k, "v": v}
+      kv_axes, kv_spec = ("batch", "kv_heads", "length", "kv"), "bksh"
     else:
       new_cache = None
-    k = constrain(k, ("batch", "length", "kv_heads", "kv"))
-    v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+      kv_axes, kv_spec = ("batch", "length", "kv_heads", "kv"), "bskh"
+    k = constrain(k, kv_axes)
+    v = constrain(v, kv_axes)
 
     B, T = x_btd.shape[:2]
-    S = k.shape[1]
+    S = k.shape[kv_spec.index("s")]
     q_slot_t = cache_index + jnp.arange(T)
     allowed_bts = (jnp.arange(S)[None, :] <= q_slot_t[:, None])[None]              # causal
     if cfg.sliding_window:   # slots, not positions: left padding sits before the window, as in transformers
@@ -202,19 +209,21 @@ class Attention(nn.Module):
       # No cache and no padding: plain causal, which lets cuDNN skip the masked blocks. Fully-masked
       # rows (left-pad queries) get a finite fill there too; their outputs are unused.
       plain_causal = cache is None and kv_mask_bs is None and not cfg.sliding_window
+      if cache is not None:   # its [B, S, K, H] layout
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
       out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
                                          mask=None if plain_causal else allowed_bts[:, None],
                                          is_causal=plain_causal)
     else:
       qg = q.reshape(B, T, K, N // K, H)
-      logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * scale
+      logits = jnp.einsum(f"btkgh,{kv_spec}->bkgts", qg, k).astype(jnp.float32) * scale
       if cfg.attn_softcap:
         logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
       # A finite fill keeps fully-masked rows (left-pad queries) NaN-free; their outputs are unused.
       logits = jnp.where(allowed_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(logits, axis=-1).astype(dt)
       probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=deterministic)
-      out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+      out = jnp.einsum(f"bkgts,{kv_spec}->btkgh", probs, v).reshape(B, T, N, H)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     y = linear("btnh,nhd->btd", out, wo.astype(dt))
     if cfg.style == "gpt":
@@ -304,7 +313,9 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_bt, positions_bt=None, *, kv_mask_bs=None, cache: Optional[Cache] = None,
-               cache_index=0, deterministic: bool = True, return_hidden: bool = False):
+               cache_index=0, deterministic: bool = True, return_hidden: bool = False, last_only: bool = False):
+    """last_only: the head reads the last position only ([B, 1, ...] out): a sampler's prefill needs no
+    other, and the unembedding of every prompt position is a [B, T, V] matmul for nothing."""
     cfg = self.cfg
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
@@ -332,7 +343,7 @@ class Decoder(nn.Module):
                                                                 positions_bt, kv_mask_bs, cache_index)
         new_cache.append(c)
       new_cache = None if cache is None else tuple(new_cache)
-    h = Norm(cfg, name="norm_final")(x)
+    h = Norm(cfg, name="norm_final")(x[:, -1:] if last_only else x)
     if return_hidden:
       return h, new_cache
 

@@ -254,7 +254,8 @@ def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config
     kv = 2 * L * b * S * cfg.n_kv_heads / tensor * cfg.head_dim * ab
     # The loop's cache goes in and comes out of the layer scan, with one more copy in flight (XLA:CPU's
     # buffer assignment at 24 layers also holds fp32 copies of k and v: it runs bf16 dots in fp32).
-    sampling = max(kv + 2 * scores(b, P, S) + b * P * V * 4, 3 * kv)
+    # The prefill attends over the prompt's P slots and unembeds its last position only.
+    sampling = max(kv + 2 * scores(b, P, P) + b * V * 4, 3 * kv)
     rescoring = 3 * scores(b, S + 1, S + 1) + 2 * b * N * V * 4 + head_weights
     act = max(sampling, rescoring)
   elif stage == "ppo_update":

@@ -143,7 +143,7 @@ def test_scanned_cache_is_stacked_and_equals_the_loops(style):
   _, want = Decoder(cfg).apply({"params": params}, toks, cache=init_cache(cfg, 3, 8), cache_index=0)
   _, got = Decoder(scanned(cfg)).apply({"params": layout.stack_layers(params)}, toks,
                                         cache=init_cache(scanned(cfg), 3, 8), cache_index=0)
-  assert got["k"].shape == (cfg.n_layers, 3, 8, cfg.n_kv_heads, cfg.head_dim)
+  assert got["k"].shape == (cfg.n_layers, 3, cfg.n_kv_heads, 8, cfg.head_dim)
   for i in range(cfg.n_layers):
     np.testing.assert_allclose(np.asarray(got["k"][i]), np.asarray(want[i]["k"]), rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got["v"][i]), np.asarray(want[i]["v"]), rtol=0, atol=1e-5)

@@ -265,7 +265,7 @@ def _prefill_then_step(cfg, params, tokens, P0, S, positions=None, kv_mask=None)
   step = jax.jit(lambda p, t, pos, c, i: model.apply({"params": p}, t, pos, kv_mask_bs=kv_mask, cache=c,
                                                       cache_index=i))
   logits, cache = step(params, tokens[:, :P0], positions[:, :P0], init_cache(cfg, B, S), 0)
-  chex.assert_shape(cache[0]["k"], (B, S, cfg.n_kv_heads, cfg.head_dim))
+  chex.assert_shape(cache[0]["k"], (B, cfg.n_kv_heads, S, cfg.head_dim))
   outs = [logits]
   for t in range(P0, T):
     lg, cache = step(params, tokens[:, t:t + 1], positions[:, t:t + 1], cache, t)

@@ -136,8 +136,8 @@ def _kv_cache_shards(cfg, params, mesh, rules):
   with parallel.activate(mesh, rules):
     text = sampling.sample.lower(params, prompt, mask, jax.random.key(1), cfg=cfg, max_new_tokens=N, eos_id=3,
                                  pad_id=0).compile().as_text()
-  # The cache is [B, P + N, n_kv_heads, head_dim] globally; collect every buffer with its S and head_dim.
-  pattern = rf"f32\[(\d+),{P + N},(\d+),{cfg.head_dim}\]"
+  # The cache is [B, n_kv_heads, P + N, head_dim] globally; collect every buffer with its S and head_dim.
+  pattern = rf"f32\[(\d+),(\d+),{P + N},{cfg.head_dim}\]"
   return sorted({(int(b), int(k)) for b, k in re.findall(pattern, text)})
 
 
