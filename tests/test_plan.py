@@ -124,3 +124,45 @@ def test_ppo_programs_are_the_stages_own_with_an_rm_wider_than_the_policy(tmp_pa
   with parallel.activate(mesh, rules):   # the abstract arguments fit the jitted programs
     rollout.jitted.lower(*rollout.args)
     update.jitted.lower(*update.args)
+
+
+def test_analytic_micro_batches_hold_one_micro_batchs_activations():
+  """The closed form with *.microbatches = n: activations of rows / n (here exactly a quarter, every term
+  being linear in the rows), plus a 4 B a parameter gradient accumulator; the RM's rows are B x K
+  responses of seq_len tokens (attention within one response)."""
+  from configs import instructgpt
+  c = instructgpt.get_config("1.3b")
+  c.rm.microbatches = 1
+  one = plan.analytic_memory("rm", plan.describe("rm", c), (1, 16, 1), c)
+  c.rm.microbatches = 4
+  four = plan.analytic_memory("rm", plan.describe("rm", c), (1, 16, 1), c)
+  n = plan.describe("rm", c).model_cfg.num_params()
+  assert four["state"] - one["state"] == pytest.approx(4 * n / 16)
+  cfg = plan.describe("rm", c).model_cfg
+  K, T, b = 9, 2048, 64 * 9 / 16
+  kept = cfg.n_layers * b * T * cfg.d_model * 4
+  scores = 3 * b * cfg.n_heads * T * T * 4
+  assert one["activations"] > kept + scores       # per response: T^2, not (K T)^2
+  assert one["activations"] < 1.5 * (kept + scores)
+  weights = 2 * 12 * cfg.d_model ** 2 * 2
+  assert four["activations"] - weights == pytest.approx((one["activations"] - weights) / 4)
+
+
+def test_plan_compiles_the_configured_micro_batches():
+  """plan.build makes the step the stage runs: with sft.microbatches = 4 a lax.scan over micro-batches of 4
+  rows, whose compiled temporaries are well under the one-pass step's."""
+  import jax
+  from configs import instructgpt
+  from instructrl import parallel
+  c = instructgpt.get_config("smoke")
+  mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  rules = parallel.rules_from_config(c.mesh.rules)
+  temps = {}
+  for n in (1, 4):
+    c.sft.microbatches = n
+    prog = plan.build("sft", c, mesh, rules)
+    assert prog.microbatches == n and ("in 4 micro-batches" in prog.shape) == (n == 4)
+    with parallel.activate(mesh, rules):
+      assert ("scan" in str(jax.make_jaxpr(prog.jitted)(*prog.args))) == (n == 4)
+    temps[n] = plan.compiled_memory(prog, mesh, rules)["temp"]
+  assert temps[4] < 0.5 * temps[1], temps

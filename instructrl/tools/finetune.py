@@ -144,7 +144,8 @@ def run_rm(config, workdir: Path, mesh, rules):
     trunk, _ = checkpoints.load_params(workdir / cfg.init_stage, lm_abstract, model_dict)
     return {k: trunk[k] if k in trunk else v for k, v in rm.items()}   # the unembedding is dropped
 
-  train_step, eval_step, _ = reward.make_steps(model_cfg, "per_prompt", tx, schedule, shardings, mesh, rules)
+  train_step, eval_step, _ = reward.make_steps(model_cfg, "per_prompt", tx, schedule, shardings, mesh, rules,
+                                               microbatches=int(cfg.get("microbatches", 1)))
   seed = config.seed + 6
   return loop.run(
       stage, mesh, rules, initial_params=initial_params, train_step=train_step,
