@@ -391,10 +391,10 @@ def _paper(c, preset, options=()):
   c.sft.model_overrides.resid_dropout = 0.2  # paper C.1
   # Micro-batches (gradient accumulation; not a paper setting: the step is the paper's batch either way).
   # At these lengths one pass does not fit a chip: the RM step (64 prompts x K <= 9 x 2048) compiles to
-  # 65.7 GiB a chip on 1.3b (1,16,1) and the PPO update (its ptx minibatch of 512 x 2048) to 29.8, over a
-  # v4's 28.8 usable (docs/scaling.md). One prompt and one episode a device per micro-batch on the presets'
-  # meshes: 4 on 8 or 16 chips (1.3b, 6b; 32 chips need 2: each micro-batch's rows split over data x fsdp),
-  # 8 on 175b's fsdp 8.
+  # 65.7 GiB a chip on 1.3b (1,16,1), 26.3 in 4 micro-batches (a v4 has 28.8 usable); the PPO update's
+  # activations are mostly its ptx minibatch of 512 x 2048 (docs/scaling.md, "Micro-batches"). One prompt
+  # and one episode a device per micro-batch on the presets' meshes: 4 on 8 or 16 chips (1.3b, 6b; 32 chips
+  # need 2: each micro-batch's rows split over data x fsdp), 8 on 175b's fsdp 8.
   micro = 8 if preset == "175b" else 4
   c.rm.update(
       prompt_len=prompt,                    # paper C: prompts over 1k tokens dropped (BOS included here)
