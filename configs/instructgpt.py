@@ -33,6 +33,10 @@ def _lm_stage(**kw):
   c = ml_collections.ConfigDict()
   c.steps = 100                  # optimizer steps
   c.batch_size = 32              # sequences per step (global, across all devices)
+  # Gradient accumulation: each step's batch in this many micro-batches of batch_size / microbatches rows
+  # (a divisor; its rows still split over data x fsdp), one update after them. The step's loss, metrics and
+  # update are the whole batch's; activation memory is one micro-batch's (docs/scaling.md). 1: one pass.
+  c.microbatches = 1
   c.seq_len = 64                 # tokens per sequence (static shape)
   c.learning_rate = 1e-3         # peak learning rate
   c.warmup_steps = 0             # linear warm-up from 0
@@ -139,6 +143,10 @@ def _ppo_stage():
   c.kl_horizon = 10000           # episodes (lm-human-preferences)
   c.ptx_coef = 27.8              # paper C.4: gamma; 0 gives plain PPO
   c.ptx_batch_size = 512         # pretraining sequences per minibatch: 8x the episodes (paper C.4)
+  # Gradient accumulation inside each minibatch: its episodes and its ptx rows both split into this many
+  # micro-batches (divisors of minibatch_size and ptx_batch_size), one policy and one value update after
+  # them, equal to the minibatch's; memory of one micro-batch (docs/scaling.md). 1: one pass.
+  c.microbatches = 1
   c.ptx_seq_len = 64             # tokens per pretraining sequence
   c.ema_decay = 0.992            # paper C.4: EMA of the policy weights
   # When the EMA steps: "iteration" (once per rollout batch, after its updates: decay^n weighs n iterations
@@ -384,16 +392,25 @@ def _paper(c, preset, options=()):
   # paper C.1: 16 epochs over ~13k demos; the pretraining windows come on top (a tenth of each batch).
   c.sft.steps = math.ceil(16 * 13000 / (1 - c.sft.pretrain_mix) / c.sft.batch_size)
   c.sft.model_overrides.resid_dropout = 0.2  # paper C.1
+  # Micro-batches (gradient accumulation; not a paper setting: the step is the paper's batch either way).
+  # At these lengths one pass does not fit a chip: the RM step (64 prompts x K <= 9 x 2048) compiles to
+  # 65.7 GiB a chip on 1.3b (1,16,1), 26.3 in 4 micro-batches (a v4 has 28.8 usable); the PPO update's
+  # activations are mostly its ptx minibatch of 512 x 2048 (docs/scaling.md, "Micro-batches"). One prompt
+  # and one episode a device per micro-batch on the presets' meshes: 4 on 8 or 16 chips (1.3b, 6b; 32 chips
+  # need 2: each micro-batch's rows split over data x fsdp), 8 on 175b's fsdp 8.
+  micro = 8 if preset == "175b" else 4
   c.rm.update(
       prompt_len=prompt,                    # paper C: prompts over 1k tokens dropped (BOS included here)
       max_new_tokens=response - 1,          # paper C: responses capped at 1k tokens, the EOS included
-      seq_len=2048)                         # paper C: 2k context: BOS + prompt + response + EOS
+      seq_len=2048,                         # paper C: 2k context: BOS + prompt + response + EOS
+      microbatches=micro)
   c.ppo.update(
       policy_init="sft",                    # paper C.3: the SFT model trained with 10% pretraining data
       prompt_len=prompt,                    # paper C: prompts over 1k tokens dropped (BOS included here)
       max_new_tokens=response - 1,          # paper C: 1k-token responses; + 1 for the EOS the RM reads
       ptx_seq_len=2048,                     # paper C: 2k context for the pretraining (ptx) sequences
-      value_learning_rate=5e-6 if preset == "175b" else 9e-6)  # paper C.4: value lr 9e-6 (5e-6, 175B policy)
+      value_learning_rate=5e-6 if preset == "175b" else 9e-6,  # paper C.4: value lr 9e-6 (5e-6, 175B policy)
+      microbatches=micro)
   c.eval.update(
       prompt_len=prompt,                    # paper C: prompts over 1k tokens dropped
       # The few-shot prefix of the prompted GPT-3 baseline shares the 1k prompt budget: 1k + 1k fill the

@@ -257,7 +257,10 @@ def check_model(saved: dict, expected: dict, where: str) -> None:
 # differ between the run that saved a checkpoint and the one that restores it.
 CADENCE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
                             "keep_period", "sample_every", "on_nonfinite", "max_nonfinite_skips",
-                            "gold_probe_prompts"})
+                            "gold_probe_prompts",
+                            # micro-batches change how a step's gradient is computed, not which: the update
+                            # is the whole batch's (dropout aside), so a run may resume on a pod that needs more
+                            "microbatches"})
 
 
 # Settings added after checkpoints began recording theirs: a checkpoint without one was trained as with

@@ -65,7 +65,7 @@ LM_STAGE = {
     "final_lr_fraction": FRACTION, "b1": PROB, "b2": PROB, "weight_decay": NONNEG, "grad_clip": POSITIVE,
     "log_every": COUNT, "eval_every": COUNT, "eval_batch_size": COUNT, "checkpoint_every": COUNT,
     "keep_checkpoints": COUNT, "keep_period": NONNEG_INT, "on_nonfinite": choice("stop", "skip"),
-    "max_nonfinite_skips": NONNEG_INT,
+    "max_nonfinite_skips": NONNEG_INT, "microbatches": COUNT,
 }
 
 RM_STAGE = {
@@ -93,6 +93,7 @@ PPO_STAGE = {
     "rm_uncertainty_coef": NONNEG, "rm_runs": TEXT, "grad_clip": POSITIVE, "b1": PROB, "b2": PROB,
     "log_every": COUNT, "sample_every": NONNEG_INT, "eval_every": COUNT, "checkpoint_every": COUNT,
     "keep_checkpoints": COUNT, "on_nonfinite": choice("stop", "skip"), "max_nonfinite_skips": NONNEG_INT,
+    "microbatches": COUNT,
 }
 
 EVAL = {
@@ -303,6 +304,29 @@ def check_config(config, n_devices: int | None = None, stages=None) -> None:
     if config[block][field] % dp:
       raise ConfigError(f"{path}={config[block][field]} is not divisible by the {dp} data-parallel shards of "
                         f"mesh.shape={shape}; expected a multiple of {dp}")
+  split = {"pretrain": ["pretrain.batch_size"], "sft": ["sft.batch_size"],
+           "rm": ["rm.batch_size" if rm.formulation == "per_prompt" else "rm.pair_batch_size"],
+           "ppo": ["ppo.minibatch_size"] + (["ppo.ptx_batch_size"] if ptx_enabled(ppo) else [])}
+  for block, paths in split.items():
+    check_microbatches(config, block, paths, dp, shape)
+
+
+def check_microbatches(config, block: str, paths: list[str], dp: int, shape) -> None:
+  """`block`.microbatches splits each of the batches `paths` into whole micro-batches whose rows still
+  split over the dp data-parallel shards (stages/microbatch.py keeps each device's rows on it)."""
+  if "microbatches" not in config[block]:
+    return
+  n = config[block].microbatches
+  for path in paths:
+    b, f = path.split(".")
+    rows = config[b][f]
+    if rows % n:
+      raise ConfigError(f"{block}.microbatches={n} does not divide {path}={rows}; expected a divisor of {rows} "
+                        f"(each micro-batch takes {path} / {block}.microbatches rows)")
+    if n > 1 and (rows // n) % dp:
+      raise ConfigError(f"{block}.microbatches={n}: micro-batches of {rows // n} rows ({path} / {n}) do not split "
+                        f"over the {dp} data-parallel shards of mesh.shape={shape}; expected {path} / "
+                        f"{block}.microbatches to be a multiple of {dp}")
 
 
 def _check_rm_shape(config, model, stages) -> None:

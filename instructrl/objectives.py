@@ -43,7 +43,19 @@ def token_accuracy(logits_btv, targets_bt, mask_bt):
   return jnp.sum(hit_bt * mask_bt), jnp.sum(mask_bt)
 
 
-def ranking_loss(rewards_bk, ranks_bk, mask_bk, pair_weight_bkk=None):
+def counted_pairs(ranks_bk, mask_bk):
+  """[B, K, K] bool: pair (i, j) counts when both responses are real and rank_i < rank_j (ranking_loss)."""
+  mask_bk = mask_bk.astype(bool)
+  return mask_bk[:, :, None] & mask_bk[:, None, :] & (ranks_bk[:, :, None] < ranks_bk[:, None, :])
+
+
+def ranked_prompts(ranks_bk, mask_bk):
+  """Prompts with at least one counted pair: the count ranking_loss's batch mean divides by. It depends
+  on the labels only, so micro-batches of one batch can all divide by the batch's (see `prompts` below)."""
+  return jnp.sum(jnp.any(counted_pairs(ranks_bk, mask_bk), axis=(1, 2))).astype(jnp.float32)
+
+
+def ranking_loss(rewards_bk, ranks_bk, mask_bk, pair_weight_bkk=None, prompts=None):
   """The reward model's K-choose-2 loss, one batch element per prompt: (loss, metrics).
 
   loss = -1/C(K,2) * E_{(x, y_w, y_l)}[log sigmoid(r(x, y_w) - r(x, y_l))]   (paper, eq. 1)
@@ -62,6 +74,10 @@ def ranking_loss(rewards_bk, ranks_bk, mask_bk, pair_weight_bkk=None):
   pair_weight_bkk (not in the paper; rm.policy_pair_weight): a weight per pair (i, j); each prompt's
   loss becomes the weighted mean over its counted pairs (None: every pair weighs 1, the paper's loss).
 
+  prompts: the count the loss divides by instead of this batch's (ranked_prompts): a micro-batch passes
+  its whole batch's, so the micro-batches' losses (and gradients) add up to the batch's. Metrics are
+  always this array's own.
+
   Metrics: accuracy = fraction of all counted pairs with r_w > r_l (strictly; an exact tie in
   reward counts as wrong; unweighted), pairs and prompts counted, reward mean / std over real responses.
   """
@@ -69,7 +85,7 @@ def ranking_loss(rewards_bk, ranks_bk, mask_bk, pair_weight_bkk=None):
   # Zero the padded rewards BEFORE any arithmetic: a NaN or inf in a padded slot would otherwise
   # leak into the loss (NaN * 0 = NaN) and into the gradient; `where` selects, never multiplies.
   rewards_bk = jnp.where(mask_bk, rewards_bk.astype(jnp.float32), 0.0)
-  pair_bkk = (mask_bk[:, :, None] & mask_bk[:, None, :] & (ranks_bk[:, :, None] < ranks_bk[:, None, :]))
+  pair_bkk = counted_pairs(ranks_bk, mask_bk)
   diff_bkk = rewards_bk[:, :, None] - rewards_bk[:, None, :]      # r_i - r_j: winner minus loser
   logp_bkk = jnp.where(pair_bkk, jax.nn.log_sigmoid(diff_bkk), 0.0)
   pairs_b = jnp.sum(pair_bkk, axis=(1, 2)).astype(jnp.float32)
@@ -79,8 +95,8 @@ def ranking_loss(rewards_bk, ranks_bk, mask_bk, pair_weight_bkk=None):
   else:
     w_bkk = jnp.where(pair_bkk, pair_weight_bkk.astype(jnp.float32), 0.0)
     loss_b = -jnp.sum(w_bkk * logp_bkk, axis=(1, 2)) / jnp.maximum(jnp.sum(w_bkk, axis=(1, 2)), 1e-12)
-  prompts = jnp.sum(has_pairs_b).astype(jnp.float32)
-  loss = jnp.sum(jnp.where(has_pairs_b, loss_b, 0.0)) / jnp.maximum(prompts, 1.0)
+  prompts_here = jnp.sum(has_pairs_b).astype(jnp.float32)
+  loss = jnp.sum(jnp.where(has_pairs_b, loss_b, 0.0)) / jnp.maximum(prompts_here if prompts is None else prompts, 1.0)
 
   pairs = jnp.sum(pairs_b)
   hits = jnp.sum(pair_bkk & (diff_bkk > 0)).astype(jnp.float32)
@@ -88,18 +104,19 @@ def ranking_loss(rewards_bk, ranks_bk, mask_bk, pair_weight_bkk=None):
   n_real = jnp.maximum(jnp.sum(real), 1.0)
   mean = jnp.sum(rewards_bk * real) / n_real
   var = jnp.sum(jnp.square(rewards_bk - mean) * real) / n_real
-  metrics = {"loss": loss, "accuracy": hits / jnp.maximum(pairs, 1.0), "pairs": pairs, "prompts": prompts,
+  metrics = {"loss": loss, "accuracy": hits / jnp.maximum(pairs, 1.0), "pairs": pairs, "prompts": prompts_here,
              "reward_mean": mean, "reward_std": jnp.sqrt(var)}
   return loss, metrics
 
 
-def pairwise_loss(rewards_chosen_b, rewards_rejected_b, weight_b=None):
+def pairwise_loss(rewards_chosen_b, rewards_rejected_b, weight_b=None, total=None):
   """-log sigmoid(r_chosen - r_rejected), one row per comparison, mean over rows: (loss, metrics).
 
   This is the ablation the paper warns against (section 3.5): every comparison shuffled into
   the dataset as an independent example, so each response is forwarded and updated K - 1
   times per epoch. Also the plain formulation for K = 2 data (HH-RLHF style pairs).
-  `weight_b` (e.g. a 0/1 mask for padded rows) makes it a weighted mean.
+  `weight_b` (e.g. a 0/1 mask for padded rows) makes it a weighted mean. total: the weight the loss
+  divides by instead of this array's (a micro-batch passes its whole batch's); metrics are this array's.
   """
   chosen_b = rewards_chosen_b.astype(jnp.float32)
   rejected_b = rewards_rejected_b.astype(jnp.float32)
@@ -108,14 +125,14 @@ def pairwise_loss(rewards_chosen_b, rewards_rejected_b, weight_b=None):
   # As in ranking_loss: sanitise rows of weight 0 so garbage there cannot turn into NaN.
   chosen_b, rejected_b = jnp.where(keep_b, chosen_b, 0.0), jnp.where(keep_b, rejected_b, 0.0)
   diff_b = chosen_b - rejected_b
-  total = jnp.maximum(jnp.sum(w_b), 1e-12)
-  loss = -jnp.sum(w_b * jax.nn.log_sigmoid(diff_b)) / total
+  total_here = jnp.maximum(jnp.sum(w_b), 1e-12)
+  loss = -jnp.sum(w_b * jax.nn.log_sigmoid(diff_b)) / (total_here if total is None else jnp.maximum(total, 1e-12))
   both = jnp.concatenate([chosen_b, rejected_b])
   w2 = jnp.concatenate([w_b, w_b])
-  mean = jnp.sum(both * w2) / (2 * total)
-  var = jnp.sum(jnp.square(both - mean) * w2) / (2 * total)
-  metrics = {"loss": loss, "accuracy": jnp.sum(w_b * (diff_b > 0)) / total, "pairs": jnp.sum(w_b),
-             "margin": jnp.sum(w_b * diff_b) / total, "reward_mean": mean, "reward_std": jnp.sqrt(var)}
+  mean = jnp.sum(both * w2) / (2 * total_here)
+  var = jnp.sum(jnp.square(both - mean) * w2) / (2 * total_here)
+  metrics = {"loss": loss, "accuracy": jnp.sum(w_b * (diff_b > 0)) / total_here, "pairs": jnp.sum(w_b),
+             "margin": jnp.sum(w_b * diff_b) / total_here, "reward_mean": mean, "reward_std": jnp.sqrt(var)}
   return loss, metrics
 
 
@@ -148,10 +165,13 @@ def ranked_to_pairs(ranking) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _masked_mean(x_bt, mask_bt):
-  """Mean of x over real tokens (0 when there are none); `x_bt` must be finite where masked."""
+def _masked_mean(x_bt, mask_bt, tokens=None):
+  """Mean of x over real tokens (0 when there are none); `x_bt` must be finite where masked.
+
+  tokens: the count to divide by instead of this array's real tokens (a micro-batch passes its whole
+  batch's, so that the micro-batches' means add up to the batch's)."""
   m = mask_bt.astype(jnp.float32)
-  return jnp.sum(jnp.where(mask_bt, x_bt, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
+  return jnp.sum(jnp.where(mask_bt, x_bt, 0.0)) / jnp.maximum(jnp.sum(m) if tokens is None else tokens, 1.0)
 
 
 def _masked_var(x_bt, mask_bt):
@@ -245,7 +265,7 @@ def whiten(x_bt, mask_bt, shift_mean=True, eps=1e-8):
   return jnp.where(mask_bt, out_bt, 0.0)
 
 
-def ppo_policy_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip=0.2):
+def ppo_policy_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip=0.2, tokens=None):
   """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), masked token mean: (loss, metrics).
 
     ratio = exp(logp - old_logp),   loss = E_t[max(-A ratio, -A clip(ratio, 1 - c, 1 + c))]
@@ -257,7 +277,8 @@ def ppo_policy_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip=0.2):
   Metrics: clipfrac = fraction of real tokens whose clipped term is strictly larger (clip
   active), approxkl = 0.5 * E[(logp - old_logp)^2] (lm-human-preferences' estimator of
   KL(old || new), second order in the log-ratio), ratio_mean, tokens (the count, for callers
-  that weight microbatches).
+  that weight microbatches). tokens: the count the loss divides by instead of this array's (a
+  micro-batch passes its minibatch's, _masked_mean); the metrics are this array's.
   """
   mask_bt = mask_bt.astype(bool)
   dlogp_bt = jnp.where(mask_bt, logp_bt.astype(jnp.float32) - old_logp_bt.astype(jnp.float32), 0.0)
@@ -265,7 +286,7 @@ def ppo_policy_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip=0.2):
   ratio_bt = jnp.exp(dlogp_bt)
   pg1_bt = -adv_bt * ratio_bt
   pg2_bt = -adv_bt * jnp.clip(ratio_bt, 1.0 - clip, 1.0 + clip)
-  loss = _masked_mean(jnp.maximum(pg1_bt, pg2_bt), mask_bt)
+  loss = _masked_mean(jnp.maximum(pg1_bt, pg2_bt), mask_bt, tokens)
   metrics = {
       "policy_loss": loss,
       "clipfrac": _masked_mean((pg2_bt > pg1_bt).astype(jnp.float32), mask_bt),
@@ -276,7 +297,7 @@ def ppo_policy_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip=0.2):
   return loss, metrics
 
 
-def value_loss(values_bt, old_values_bt, returns_bt, mask_bt, clip=0.2):
+def value_loss(values_bt, old_values_bt, returns_bt, mask_bt, clip=0.2, tokens=None):
   """Clipped value loss, masked token mean: (loss, metrics).
 
     v_clip = v_old + clip(v - v_old, -c, c),   loss = 0.5 E_t[max((v - R)^2, (v_clip - R)^2)]
@@ -289,6 +310,7 @@ def value_loss(values_bt, old_values_bt, returns_bt, mask_bt, clip=0.2):
   Metrics: vf_clipfrac (fraction of real tokens where the clipped error is strictly larger),
   explained_variance = 1 - Var(R - v_old) / Var(R) over real tokens (biased variances; 0 when
   Var(R) = 0, where baselines returns NaN, so NaN checks stay quiet), value_mean, return_mean.
+  tokens: as ppo_policy_loss's (the loss only).
   """
   mask_bt = mask_bt.astype(bool)
   v_bt = jnp.where(mask_bt, values_bt.astype(jnp.float32), 0.0)
@@ -297,7 +319,7 @@ def value_loss(values_bt, old_values_bt, returns_bt, mask_bt, clip=0.2):
   v_clip_bt = v_old_bt + jnp.clip(v_bt - v_old_bt, -clip, clip)
   vf1_bt = jnp.square(v_bt - ret_bt)
   vf2_bt = jnp.square(v_clip_bt - ret_bt)
-  loss = 0.5 * _masked_mean(jnp.maximum(vf1_bt, vf2_bt), mask_bt)
+  loss = 0.5 * _masked_mean(jnp.maximum(vf1_bt, vf2_bt), mask_bt, tokens)
   var_ret = _masked_var(ret_bt, mask_bt)
   ev = jnp.where(var_ret > 0, 1.0 - _masked_var(ret_bt - v_old_bt, mask_bt) / jnp.where(var_ret > 0, var_ret, 1.0), 0.0)
   metrics = {
@@ -310,13 +332,22 @@ def value_loss(values_bt, old_values_bt, returns_bt, mask_bt, clip=0.2):
   return loss, metrics
 
 
+def token_entropy(logits_btv, temperature: float = 1.0):
+  """H(softmax(logits / T)) = -sum_v p_v log p_v per token [B, T], in nats."""
+  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32) / temperature, axis=-1)
+  return -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)
+
+
+def mean_entropy(ent_bt, mask_bt):
+  """token_entropy's mean over real tokens."""
+  return _masked_mean(ent_bt, mask_bt.astype(bool))
+
+
 def entropy_from_logits(logits_btv, mask_bt, temperature: float = 1.0):
   """Mean over real tokens of H(softmax(logits / T)) = -sum_v p_v log p_v, in nats: the entropy of the
   distribution the policy samples from at temperature T (a diagnostic: the paper uses no entropy bonus,
   nor does lm-human-preferences' default)."""
-  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32) / temperature, axis=-1)
-  ent_bt = -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)
-  return _masked_mean(ent_bt, mask_bt.astype(bool))
+  return mean_entropy(token_entropy(logits_btv, temperature), mask_bt)
 
 
 def ptx_loss(logits_btv, targets_bt, mask_bt):

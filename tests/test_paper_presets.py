@@ -86,7 +86,21 @@ def test_every_sequence_fits_the_context(preset):
 def test_check_config_accepts_the_preset_on_its_mesh(preset):
   c = instructgpt.get_config(preset)
   for n in DEVICES[preset]:
+    if n == 32:   # the RM's and PPO's 4 micro-batches of 16 rows cannot split 32 ways: 2 of 32 can
+      with pytest.raises(ConfigError, match=r"rm.microbatches=4: micro-batches of 16 rows .* 32 data-parallel"):
+        check_config(c, n_devices=n)
+      c = instructgpt.get_config(preset)
+      c.rm.microbatches = c.ppo.microbatches = 2
     check_config(c, n_devices=n)
+
+
+@pytest.mark.parametrize("preset", list(GPT3))
+def test_paper_presets_accumulate_the_rm_and_ppo_steps_over_one_row_a_device(preset):
+  """docs/scaling.md: one pass of the RM step or the PPO update does not fit a chip at the paper's lengths."""
+  c = instructgpt.get_config(preset)
+  dp = {"175b": 8}.get(preset, 16)   # the docs' meshes: (1,16,1), and 175b's fsdp 8
+  assert c.rm.batch_size // c.rm.microbatches == dp and c.ppo.minibatch_size // c.ppo.microbatches == dp
+  assert c.sft.microbatches == c.pretrain.microbatches == 1
 
 
 def test_175b_splits_its_batches_over_fsdp_only():

@@ -232,3 +232,42 @@ def test_scanned_rollout_gathers_one_layer_at_a_time():
   looped = (temp["False,6"] - temp["False,2"]) / 4
   assert looped >= per_layer_weights, temp
   assert scanned <= kv_per_layer + per_layer_weights / 4, temp
+
+
+def test_analytic_micro_batches_hold_one_micro_batchs_activations():
+  """The closed form with *.microbatches = n: the activations of a batch of rows / n (each micro-batch
+  runs alone), plus a 4 B a parameter fp32 gradient accumulator per trained model."""
+  from configs import instructgpt
+  c = instructgpt.get_config("1.3b")
+  for stage, block in (("rm", c.rm), ("sft", c.sft)):
+    block.microbatches = 1
+    one = plan.analytic_memory(stage, plan.describe(stage, c), (1, 16, 1), c)
+    block.microbatches = 4
+    four = plan.analytic_memory(stage, plan.describe(stage, c), (1, 16, 1), c)
+    n = plan.describe(stage, c).model_cfg.num_params()
+    assert four["state"] - one["state"] == pytest.approx(4 * n / 16)
+    block.microbatches, block.batch_size = 1, block.batch_size // 4
+    quarter = plan.analytic_memory(stage, plan.describe(stage, c), (1, 16, 1), c)
+    block.batch_size *= 4
+    assert four["activations"] == pytest.approx(quarter["activations"]), stage
+    assert four["activations"] < one["activations"], stage
+
+
+def test_plan_compiles_the_configured_micro_batches():
+  """plan.build makes the step the stage runs: with sft.microbatches = 4 a lax.scan over micro-batches of 4
+  rows, whose compiled temporaries are well under the one-pass step's."""
+  import jax
+  from configs import instructgpt
+  from instructrl import parallel
+  c = instructgpt.get_config("smoke")
+  mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  rules = parallel.rules_from_config(c.mesh.rules)
+  temps = {}
+  for n in (1, 4):
+    c.sft.microbatches = n
+    prog = plan.build("sft", c, mesh, rules)
+    assert prog.microbatches == n and ("in 4 micro-batches" in prog.shape) == (n == 4)
+    with parallel.activate(mesh, rules):
+      assert ("scan" in str(jax.make_jaxpr(prog.jitted)(*prog.args))) == (n == 4)
+    temps[n] = plan.compiled_memory(prog, mesh, rules)["temp"]
+  assert temps[4] < 0.5 * temps[1], temps

@@ -20,7 +20,7 @@ from instructrl import objectives, parallel
 from instructrl.data.batching import TokenExamples, batch_indices
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
-from instructrl.stages import loop
+from instructrl.stages import loop, microbatch
 from instructrl.stages.train_state import (abstract_state, device_batch, guarded_update, make_optimizer,
                                            process_batch, state_shardings)
 from instructrl.stages.world import world_fingerprint
@@ -28,24 +28,44 @@ from instructrl.stages.world import world_fingerprint
 
 # ----------------------------------------------------------------------------- steps
 
-def make_steps(model_cfg: ModelConfig, tx, schedule, shardings, mesh, rules):
-  """Jitted (train_step, eval_step) over the mesh; params donated, batch sharded over 'batch'."""
-  model = Decoder(model_cfg, head="lm")
+def make_steps(model_cfg: ModelConfig, tx, schedule, shardings, mesh, rules, microbatches: int = 1):
+  """Jitted (train_step, eval_step) over the mesh; params donated, batch sharded over 'batch'.
 
-  def loss_fn(params, batch, rng, deterministic):
+  microbatches (pretrain/sft.microbatches): the train step accumulates the gradient over that many
+  micro-batches of the batch (stages/microbatch.py), then makes one update; 1: the whole batch at once."""
+  model = Decoder(model_cfg, head="lm")
+  per_token = lambda total, count: total / jnp.maximum(count, 1.0)   # the batch's token mean
+
+  def sums(params, batch, rng, deterministic):
     logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
                             rngs=None if deterministic else {"dropout": rng})
     nll_sum, count = objectives.token_nll(logits, batch["targets"], batch["mask"])
     hits, _ = objectives.token_accuracy(logits, batch["targets"], batch["mask"])
-    return nll_sum / jnp.maximum(count, 1.0), (nll_sum, count, hits)
+    return nll_sum, count, hits
+
+  def loss_fn(params, batch, rng, deterministic):
+    nll_sum, count, hits = sums(params, batch, rng, deterministic)
+    return per_token(nll_sum, count), (nll_sum, count, hits)
+
+  def loss_and_grads(params, batch, rng):
+    if microbatches == 1:
+      (loss, (_, count, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, False)
+      return loss, count, hits, grads
+    # The token mean's count is the labels', not the params': sum the micro-batches' NLL sums and their
+    # gradients, then divide once by the batch's count.
+    share = lambda p, mb, key: (lambda s, c, h: (s, (c, h)))(*sums(p, mb, key, False))
+    grads, nll_sums, (counts, hits) = microbatch.accumulate(share, params, batch, microbatches, rng,
+                                                               shardings["params"])
+    count = jnp.sum(counts)
+    return (per_token(jnp.sum(nll_sums), count), count, jnp.sum(hits),
+            jax.tree.map(lambda g: per_token(g, count), grads))
 
   def train_step(state, batch, rng):
     with nn.logical_axis_rules(rules):
       rng = jax.random.fold_in(rng, state["step"])
-      (loss, (_, count, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state["params"], batch, rng, False)
+      loss, count, hits, grads = loss_and_grads(state["params"], batch, rng)
       new_state, finite, grad_norm = guarded_update(state, grads, loss, tx)
-      metrics = {"loss": loss, "accuracy": hits / jnp.maximum(count, 1.0), "grad_norm": grad_norm,
+      metrics = {"loss": loss, "accuracy": per_token(hits, count), "grad_norm": grad_norm,
                  "param_norm": optax.global_norm(new_state["params"]), "lr": schedule(state["step"]),
                  "tokens": count, "finite": finite}
       return new_state, metrics
@@ -99,7 +119,8 @@ def run(name: str, config, workdir: Path, train_examples: TokenExamples, valid_e
                      model_dict=ModelConfig.from_dict(config.model).to_dict(), world_id=world_fingerprint(workdir),
                      rng=jax.random.key(config.seed + {"pretrain": 1, "sft": 2}[name]), tx=tx, shardings=shardings,
                      abstract=abstract_state(model_cfg, tx, shardings), progress=progress)
-  train_step, eval_step = make_steps(model_cfg, tx, schedule, shardings, mesh, rules)
+  train_step, eval_step = make_steps(model_cfg, tx, schedule, shardings, mesh, rules,
+                                     int(stage_cfg.get("microbatches", 1)))
   seed, B = config.seed + 17 * len(name), stage_cfg.batch_size
   return loop.run(
       stage, mesh, rules,

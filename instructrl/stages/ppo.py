@@ -38,7 +38,7 @@ from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.sampling import process_logits, sample
 from instructrl.models.transformer import Decoder, left_pad_positions
-from instructrl.stages import costs, loop, rm_ensemble, rm_models, select
+from instructrl.stages import costs, loop, microbatch, rm_ensemble, rm_models, select
 from instructrl.stages.train_state import abstract_state, guarded_update, process_batch, state_shardings
 from instructrl.stages.source import open_source
 from instructrl.stages.world import world_fingerprint
@@ -164,31 +164,79 @@ def gold_score_fn(world, tokenizer, records: list[dict], prompts_np: np.ndarray,
 
 # ----------------------------------------------------------------------------- update
 
-def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int, value_cfg: ModelConfig | None = None):
+def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int, value_cfg: ModelConfig | None = None,
+                grad_shardings=None):
   """update(state, batch, ptx_mbs, rng) -> (state, metrics): epochs x minibatches in one lax.scan.
 
-  value_cfg: the value function's model when it is not the policy's (an RM from rm.base_workdir)."""
+  value_cfg: the value function's model when it is not the policy's (an RM from rm.base_workdir).
+  grad_shardings: (policy params', value params') shardings, kept on the micro-batches' gradient sums.
+  ppo.microbatches: each minibatch's policy and value gradients (episodes and ptx rows split alike) are
+  accumulated over that many micro-batches (stages/microbatch.py) before its update; 1: in one pass."""
   value_cfg = value_cfg or model_cfg
+  n_micro = int(cfg.get("microbatches", 1))
 
-  def policy_loss(params, mb, ptx):
+  def policy_forward(params, mb):
+    """The sampled tokens' log-probs and the per-token entropy [B, N], both of softmax(logits / T): the
+    distribution sampled from (the ratio's log-probs are at T too)."""
     logits = response_view(model_cfg, params, "lm", mb["seq"], mb["positions"], mb["kv_mask"], P)
     logp = jnp.take_along_axis(process_logits(logits, cfg.temperature), mb["seq"][:, P:, None], axis=-1)[..., 0]
-    pg, m = objectives.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip)
-    # Of the distribution sampled from, softmax(logits / T): the ratio's log-probs are at T too.
-    m = {**m, "entropy": objectives.entropy_from_logits(logits, mb["mask"], cfg.temperature)}
-    if ptx_enabled(cfg):
-      ptx_logits, _ = Decoder(model_cfg, head="lm").apply({"params": params}, ptx["inputs"])
-      nll_sum, count = objectives.ptx_loss(ptx_logits, ptx["targets"], ptx["mask"])
-      ptx_nll = nll_sum / jnp.maximum(count, 1.0)
-    else:
-      ptx_nll = jnp.float32(0.0)
+    return logp, objectives.token_entropy(logits, cfg.temperature)
+
+  def ptx_sums(params, ptx):
+    if not ptx_enabled(cfg):
+      return jnp.float32(0.0), jnp.float32(0.0)
+    ptx_logits, _ = Decoder(model_cfg, head="lm").apply({"params": params}, ptx["inputs"])
+    return objectives.ptx_loss(ptx_logits, ptx["targets"], ptx["mask"])
+
+  def policy_objective(logp, ent, mb, nll_sum, ptx_count, tokens=None):
+    """(loss, metrics) of the policy's outputs; tokens and ptx_count: the counts the two means divide by."""
+    pg, m = objectives.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip, tokens)
+    m = {**m, "entropy": objectives.mean_entropy(ent, mb["mask"])}
+    ptx_nll = nll_sum / jnp.maximum(ptx_count, 1.0) if ptx_enabled(cfg) else jnp.float32(0.0)
     # Paper C.4: PPO and pretraining gradients accumulated, the latter times gamma — the gradient
     # of this sum, by linearity.
     return pg + cfg.ptx_coef * ptx_nll, {**m, "pg_loss": pg, "ptx_loss": ptx_nll}
 
+  def policy_loss(params, mb, ptx):
+    logp, ent = policy_forward(params, mb)
+    return policy_objective(logp, ent, mb, *ptx_sums(params, ptx))
+
+  def value_forward(params, mb):
+    return response_view(value_cfg, params, "scalar", mb["seq"], mb["positions"], mb["kv_mask"], P)
+
+  def value_objective(values, mb, tokens=None):
+    return objectives.value_loss(values, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip, tokens)
+
   def value_loss(params, mb):
-    values = response_view(value_cfg, params, "scalar", mb["seq"], mb["positions"], mb["kv_mask"], P)
-    return objectives.value_loss(values, mb["old_values"], mb["returns"], mb["mask"], cfg.value_clip)
+    return value_objective(value_forward(params, mb), mb)
+
+  def losses_and_grads(policy, value, mb, ptx):
+    """((policy loss, metrics), policy grads, (value loss, metrics), value grads) of one minibatch."""
+    if n_micro == 1:
+      (ploss, pm), pgrads = jax.value_and_grad(policy_loss, has_aux=True)(policy, mb, ptx)
+      (vloss, vm), vgrads = jax.value_and_grad(value_loss, has_aux=True)(value, mb)
+      return (ploss, pm), pgrads, (vloss, vm), vgrads
+    # Every mean divides by the minibatch's count (tokens, ptx tokens: labels, not params), so the
+    # micro-batches' shares add up to the minibatch's losses and gradients. Policy and value share a pass:
+    # the sum's gradient is each model's own (neither loss reads the other's params).
+    tokens = jnp.sum(mb["mask"].astype(jnp.float32))
+    ptx_count = jnp.sum(ptx["mask"].astype(jnp.float32)) if ptx_enabled(cfg) else jnp.float32(0.0)
+
+    def share(params, micro, key):
+      (p, v), (m, x) = params, micro
+      logp, ent = policy_forward(p, m)
+      nll_sum, _ = ptx_sums(p, x)
+      values = value_forward(v, m)
+      ploss = policy_objective(logp, ent, m, nll_sum, ptx_count, tokens)[0]
+      return ploss + value_objective(values, m, tokens)[0], (logp, ent, values, nll_sum)
+
+    # Without ptx the update still receives a one-row stand-in per minibatch (ppo.run): nothing to split.
+    (pgrads, vgrads), _, (logp, ent, values, nll_sums) = microbatch.accumulate(
+        share, (policy, value), (mb, ptx if ptx_enabled(cfg) else None), n_micro, shardings=grad_shardings)
+    # The minibatch's losses and metrics from the micro-batches' outputs, by the same functions.
+    logp, ent, values = microbatch.join((logp, ent, values))
+    return (policy_objective(logp, ent, mb, jnp.sum(nll_sums), ptx_count), pgrads,
+            value_objective(values, mb), vgrads)
 
   ema_every = cfg.get("ema_every", "iteration")
   if ema_every not in ("update", "iteration"):
@@ -208,10 +256,9 @@ def make_update(model_cfg: ModelConfig, cfg, policy_tx, value_tx, P: int, value_
       idx, ptx = xs
       mb = jax.tree.map(lambda x: x[idx], batch)
       pol = {"step": carry["step"], "params": carry["params"], "opt_state": carry["opt_state"]}
-      (ploss, pm), pgrads = jax.value_and_grad(policy_loss, has_aux=True)(carry["params"], mb, ptx)
+      (ploss, pm), pgrads, (vloss, vm), vgrads = losses_and_grads(carry["params"], carry["value"], mb, ptx)
       pol, pfinite, pnorm = guarded_update(pol, pgrads, ploss, policy_tx)
       val = {"step": carry["step"], "params": carry["value"], "opt_state": carry["value_opt"]}
-      (vloss, vm), vgrads = jax.value_and_grad(value_loss, has_aux=True)(carry["value"], mb)
       val, vfinite, vnorm = guarded_update(val, vgrads, vloss, value_tx)
       carry = {**carry, "params": pol["params"], "opt_state": pol["opt_state"], "value": val["params"],
                "value_opt": val["opt_state"]}
@@ -337,7 +384,8 @@ def build(config, mesh, rules, *, eos_id: int, pad_id: int, rm_model: dict | Non
   rollout = jax.jit(make_rollout(model_cfg, cfg, eos_id, pad_id, score_fn, rm_cfg),
                     in_shardings=(pol_sh["params"], val_sh["params"], pol_sh["params"], members, rows, rows, repl,
                                   repl, repl))
-  update = jax.jit(make_update(model_cfg, cfg, policy_tx, value_tx, cfg.prompt_len, rm_cfg),
+  update = jax.jit(make_update(model_cfg, cfg, policy_tx, value_tx, cfg.prompt_len, rm_cfg,
+                               (pol_sh["params"], val_sh["params"])),
                    out_shardings=(shardings, repl), donate_argnums=0)
   return Programs(model_cfg=model_cfg, rm_cfg=rm_cfg, policy_tx=policy_tx, value_tx=value_tx,
                   policy_schedule=policy_sched, updates_per_iter=updates_per_iter, shardings=shardings,

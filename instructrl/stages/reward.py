@@ -36,7 +36,7 @@ from instructrl.data.records import load_jsonl
 from instructrl.metrics import MetricWriter, logged_final
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
-from instructrl.stages import costs, loop, source
+from instructrl.stages import costs, loop, microbatch, source
 from instructrl.stages.rm_collect import SPARE, collect, earlier_rounds
 from instructrl.stages.rm_ensemble import (evaluate_ensemble, load_members, logged_ensemble_size, make_ensemble_eval,
                                            trained_member_dirs)
@@ -88,41 +88,66 @@ def restrict(records: list[dict], source: str) -> list[dict]:
 
 
 def make_steps(model_cfg: ModelConfig, formulation: str, tx, schedule, shardings, mesh, rules,
-               policy_pair_weight: float = 1.0):
+               policy_pair_weight: float = 1.0, microbatches: int = 1):
   """Jitted (train_step, eval_step). eval_step always uses the per-prompt form (validation is per prompt).
 
   policy_pair_weight (rm.policy_pair_weight): in training batches that carry `own` ([B, K] bool: the
-  response is rm.policy's sample), pairs of two own responses weigh this much, every other pair 1."""
+  response is rm.policy's sample), pairs of two own responses weigh this much, every other pair 1.
+  microbatches (rm.microbatches): the train step accumulates the gradient over that many micro-batches
+  of prompts (or pairs) (stages/microbatch.py), then makes one update; 1: the whole batch at once."""
   model = Decoder(model_cfg, head="scalar")
 
-  def per_prompt(params, batch, rng):
+  # Each formulation as scores (the model: [B, K] per prompt, or the chosen and rejected rows' [P] each)
+  # and a loss of those scores; `total` is what the loss divides by when it is not this batch's own.
+  def per_prompt_scores(params, batch, rng):
     B, K, T = batch["tokens"].shape
-    r_bk = rm_scores(model, params, batch["tokens"].reshape(B * K, T), batch["last_index"].reshape(B * K),
+    return rm_scores(model, params, batch["tokens"].reshape(B * K, T), batch["last_index"].reshape(B * K),
                      rng).reshape(B, K)
+
+  def per_prompt_loss(r_bk, batch, total=None):
     weight = None
     if "own" in batch and policy_pair_weight != 1.0:
       both = batch["own"][:, :, None] & batch["own"][:, None, :]
       weight = jnp.where(both, policy_pair_weight, 1.0)
-    return objectives.ranking_loss(r_bk, batch["ranks"], batch["mask"], weight)
+    return objectives.ranking_loss(r_bk, batch["ranks"], batch["mask"], weight, total)
 
-  def shuffled_pairs(params, batch, rng):
+  def pair_scores(params, batch, rng):
     P = batch["chosen"].shape[0]
     r = rm_scores(model, params, jnp.concatenate([batch["chosen"], batch["rejected"]]),
                   jnp.concatenate([batch["chosen_last"], batch["rejected_last"]]), rng)
-    return objectives.pairwise_loss(r[:P], r[P:])
+    return r[:P], r[P:]
 
-  loss_fn = {"per_prompt": per_prompt, "shuffled_pairs": shuffled_pairs}[formulation]
+  def pair_loss(r, batch, total=None):
+    return objectives.pairwise_loss(r[0], r[1], None, total)
+
+  scores, loss_of = {"per_prompt": (per_prompt_scores, per_prompt_loss),
+                     "shuffled_pairs": (pair_scores, pair_loss)}[formulation]
+  # What the batch's loss divides by (labels only, not params): prompts with a pair, or pairs (weight 1 each).
+  batch_total = {"per_prompt": lambda b: objectives.ranked_prompts(b["ranks"], b["mask"]),
+                 "shuffled_pairs": lambda b: jnp.float32(b["chosen"].shape[0])}[formulation]
+
+  def loss_fn(params, batch, rng):
+    return loss_of(scores(params, batch, rng), batch)
+
+  def loss_and_grads(params, batch, rng):
+    if microbatches == 1:
+      return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+    total = batch_total(batch)
+    share = lambda p, mb, key: (lambda r: (loss_of(r, mb, total)[0], r))(scores(p, mb, key))
+    grads, _, r = microbatch.accumulate(share, params, batch, microbatches, rng, shardings["params"])
+    # The metrics (and the loss) of the whole batch's scores: the full batch's, by the same function.
+    return loss_of(microbatch.join(r), batch), grads
 
   def train_step(state, batch, rng):
     with nn.logical_axis_rules(rules):
       rng = jax.random.fold_in(rng, state["step"])
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+      (loss, metrics), grads = loss_and_grads(state["params"], batch, rng)
       new_state, finite, grad_norm = guarded_update(state, grads, loss, tx)
       return new_state, {**metrics, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
 
   def eval_step(params, batch):
     with nn.logical_axis_rules(rules):
-      return per_prompt(params, batch, None)[1]
+      return per_prompt_loss(per_prompt_scores(params, batch, None), batch)[1]
 
   def score_step(params, tokens, last):
     with nn.logical_axis_rules(rules):
@@ -262,7 +287,7 @@ def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | 
     raise ValueError(f"rm.policy_pair_weight={policy_pair_weight}: expected > 0, and 1 unless "
                      f"rm.formulation='per_prompt' (got {cfg.formulation!r})")
   train_step, eval_step, score_step = make_steps(model_cfg, cfg.formulation, tx, schedule, shardings, mesh, rules,
-                                                 policy_pair_weight)
+                                                 policy_pair_weight, int(cfg.get("microbatches", 1)))
   read_rows = data.batch
   if policy_pair_weight != 1.0:   # which training responses are rm.policy's own samples
     own = np.zeros(train.mask.shape, bool)

@@ -76,7 +76,8 @@ def run(config, workdir: Path, mesh, rules, progress=None):
     stage_cfg = settings(config, steps[name])
     tx, schedule = make_optimizer(stage_cfg, stage_cfg.steps)
     shardings = state_shardings(model_cfg, tx, mesh, rules, head="scalar")
-    train_step, eval_step, score_step = make_steps(model_cfg, "per_prompt", tx, schedule, shardings, mesh, rules)
+    train_step, eval_step, score_step = make_steps(model_cfg, "per_prompt", tx, schedule, shardings, mesh, rules,
+                                                   microbatches=int(cfg.get("microbatches", 1)))
     logging.info("%s: %d train / %d valid rankings (K <= %d), %d steps", name, len(train), len(valid), k_max,
                  stage_cfg.steps)
     report = None if progress is None else (

@@ -81,6 +81,7 @@ class StageProgram:
   tokens: int               # tokens per row that pass through the model
   train: bool               # backward pass and optimizer state
   per_row: int = 1          # sequences a row holds (the RM's K responses to one prompt), `tokens` split evenly
+  microbatches: int = 1     # the step's gradient accumulated over this many micro-batches of `batch` rows
 
 
 def _abstract(shape, dtype, sharding):
@@ -110,6 +111,10 @@ def _stage_model(stage: str, config) -> dict:
   return dict(config.model)
 
 
+def _micro(n: int) -> str:
+  return f" in {n} micro-batches" if n > 1 else ""
+
+
 def describe(stage: str, config) -> StageProgram:
   """The stage's shapes without tracing anything (enough for the analytic estimate)."""
   from instructrl.models.config import ModelConfig
@@ -118,11 +123,13 @@ def describe(stage: str, config) -> StageProgram:
   if stage in ("pretrain", "sft", "rm"):
     cfg = config[stage]
     model_cfg = ModelConfig.from_dict({**_stage_model(stage, config), **cfg.get("model_overrides", {})})
+    n = int(cfg.get("microbatches", 1))
     if stage != "rm":
-      return StageProgram(None, (), f"{cfg.batch_size} x {cfg.seq_len}", cfg.batch_size, model_cfg, cfg.seq_len, True)
+      return StageProgram(None, (), f"{cfg.batch_size} x {cfg.seq_len}{_micro(n)}", cfg.batch_size, model_cfg,
+                          cfg.seq_len, True, microbatches=n)
     K = max(cfg.k_choices)
-    return StageProgram(None, (), f"{cfg.batch_size} prompts x K={K} x {cfg.seq_len}", cfg.batch_size, model_cfg,
-                        K * cfg.seq_len, True, per_row=K)
+    return StageProgram(None, (), f"{cfg.batch_size} prompts x K={K} x {cfg.seq_len}{_micro(n)}", cfg.batch_size,
+                        model_cfg, K * cfg.seq_len, True, per_row=K, microbatches=n)
   cfg = config.ppo
   model_cfg = ModelConfig.from_dict(config.model)
   B, P, N = cfg.batch_size, cfg.prompt_len, cfg.max_new_tokens
@@ -130,8 +137,9 @@ def describe(stage: str, config) -> StageProgram:
     return StageProgram(None, (), f"{B} episodes x ({P} prompt + {N} new)", B, model_cfg, P + N, False)
   from instructrl.stages import ppo
   ptx_bs = cfg.ptx_batch_size if ppo.ptx_enabled(cfg) else 1
-  return StageProgram(None, (), f"{B} episodes, minibatch {cfg.minibatch_size}, ptx {ptx_bs} x {cfg.ptx_seq_len}",
-                      cfg.minibatch_size, model_cfg, P + N, True)
+  n = int(cfg.get("microbatches", 1))
+  return StageProgram(None, (), f"{B} episodes, minibatch {cfg.minibatch_size}, ptx {ptx_bs} x {cfg.ptx_seq_len}"
+                      f"{_micro(n)}", cfg.minibatch_size, model_cfg, P + N, True, microbatches=n)
 
 
 def build(stage: str, config, mesh, rules) -> StageProgram:
@@ -154,19 +162,20 @@ def build(stage: str, config, mesh, rules) -> StageProgram:
     sh = train_state.state_shardings(model_cfg, tx, mesh, rules, head=head)
     state = train_state.abstract_state(model_cfg, tx, sh, head=head)
     B, T = cfg.batch_size, cfg.seq_len
+    n = int(cfg.get("microbatches", 1))
     if stage != "rm":
-      step, _ = lm.make_steps(model_cfg, tx, schedule, sh, mesh, rules)
+      step, _ = lm.make_steps(model_cfg, tx, schedule, sh, mesh, rules, n)
       batch = {"inputs": _abstract((B, T), jnp.int32, bsh(2)), "targets": _abstract((B, T), jnp.int32, bsh(2)),
                "mask": _abstract((B, T), jnp.bool_, bsh(2))}
-      return StageProgram(step, (state, batch, key), f"{B} x {T}", B, model_cfg, T, True)
+      return StageProgram(step, (state, batch, key), f"{B} x {T}{_micro(n)}", B, model_cfg, T, True, microbatches=n)
     if cfg.formulation != "per_prompt":
       raise ValueError(f"rm.formulation={cfg.formulation!r}: plan covers the paper's per_prompt step")
     K = max(cfg.k_choices)   # ragged K is padded to K_max: the compiled shape is [B, K_max, T]
-    step, _, _ = reward.make_steps(model_cfg, "per_prompt", tx, schedule, sh, mesh, rules)
+    step, _, _ = reward.make_steps(model_cfg, "per_prompt", tx, schedule, sh, mesh, rules, microbatches=n)
     batch = {"tokens": _abstract((B, K, T), jnp.int32, bsh(3)), "last_index": _abstract((B, K), jnp.int32, bsh(2)),
              "ranks": _abstract((B, K), jnp.int32, bsh(2)), "mask": _abstract((B, K), jnp.bool_, bsh(2))}
-    return StageProgram(step, (state, batch, key), f"{B} prompts x K={K} x {T}", B, model_cfg, K * T, True,
-                        per_row=K)
+    return StageProgram(step, (state, batch, key), f"{B} prompts x K={K} x {T}{_micro(n)}", B, model_cfg, K * T,
+                        True, per_row=K, microbatches=n)
 
   # PPO: policy, reference, value and RM on the same mesh in one program each (rollout, update), made by
   # ppo.build as the stage makes them: the value function and the RM have the RM's model (rm.base_workdir's).
@@ -191,8 +200,10 @@ def build(stage: str, config, mesh, rules) -> StageProgram:
   ptx_sh = programs.ptx_sharding if ptx_on else repl   # as ppo.run's batches
   ptx = {k: _abstract((ppo.ptx_minibatches(cfg), ptx_bs, L), dt, ptx_sh)
          for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("mask", jnp.bool_))}
+  n = int(cfg.get("microbatches", 1))
   return StageProgram(programs.update, (state, batch, ptx, key), f"{B} episodes, minibatch {cfg.minibatch_size}, "
-                      f"ptx {ptx_bs} x {L}", cfg.minibatch_size, programs.model_cfg, P + N, True)
+                      f"ptx {ptx_bs} x {L}{_micro(n)}", cfg.minibatch_size, programs.model_cfg, P + N, True,
+                      microbatches=n)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -225,6 +236,8 @@ def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config
   The PPO rollout: the larger of sampling (the KV cache with the prefill's scores and logits, or three
   copies of the cache) and re-scoring
   (three fp32 copies of the full sequence's scores and the policy's and reference's response logits).
+  Micro-batches (`*.microbatches` = n): a training pass holds one micro-batch's activations (rows / n), and
+  each trained model adds a 4 B a parameter fp32 gradient accumulator.
   """
   import numpy as np
   cfg = program.model_cfg
@@ -233,7 +246,9 @@ def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config
   ab = np.dtype(cfg.compute_dtype).itemsize
   trained = {"pretrain": 1, "sft": 1, "rm": 1, "ppo_rollout": 0, "ppo_update": 2}[stage]   # models with Adam
   frozen = {"ppo_rollout": 4, "ppo_update": 1}.get(stage, 0)   # rollout: policy/ref/value/RM; update: the EMA
-  state = n * (trained * 16 + frozen * 4) / (fsdp * tensor)
+  micro = program.microbatches
+  # With micro-batches each trained model also keeps an fp32 gradient accumulator (4 B a parameter).
+  state = n * (trained * (16 + (4 if micro > 1 else 0)) + frozen * 4) / (fsdp * tensor)
   D, F, L, H, V = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.n_heads / tensor, cfg.vocab_size / tensor
   per_device = lambda rows: max(rows / (data * fsdp), 1.0)
   scores = lambda b, Tq, Tk: b * H * Tq * Tk * 4
@@ -262,13 +277,13 @@ def analytic_memory(stage: str, program: StageProgram, mesh_shape: tuple, config
     # One minibatch at a time (the update's scan): the policy's gradient (episodes and, with ptx, the
     # pretraining minibatch in one loss: both kept, the larger transient), then the value function's.
     from instructrl.stages import ppo
-    kept, transient = train(program.batch, program.tokens)
+    kept, transient = train(program.batch / micro, program.tokens)
     if ppo.ptx_enabled(config.ppo):
-      k2, t2 = train(config.ppo.ptx_batch_size, config.ppo.ptx_seq_len)
+      k2, t2 = train(config.ppo.ptx_batch_size / micro, config.ppo.ptx_seq_len)
       kept, transient = kept + k2, max(transient, t2)
-    act = max(kept + transient, sum(train(program.batch, program.tokens, lm_head=False)))
+    act = max(kept + transient, sum(train(program.batch / micro, program.tokens, lm_head=False)))
   else:
-    rows, T = program.batch * program.per_row, program.tokens // program.per_row
+    rows, T = program.batch * program.per_row / micro, program.tokens // program.per_row
     act = sum(train(rows, T, lm_head=stage != "rm"))
   return {"state": state, "activations": act, "peak": state + act}
 
@@ -295,9 +310,10 @@ def _measure(stage, config, mesh, rules, shape, analytic_only, fit_layers):
   import copy
   program = describe(stage, config)
   split = shape[0] * shape[1]
-  if program.batch % split:
-    raise ValueError(f"batch of {program.batch} rows does not split over data x fsdp = {split} devices; "
-                     f"use the tensor axis or a larger batch")
+  rows = program.batch // program.microbatches
+  if program.batch % program.microbatches or rows % split:
+    raise ValueError(f"batch of {program.batch} rows{_micro(program.microbatches)} does not split over data x "
+                     f"fsdp = {split} devices; use the tensor axis, a larger batch or fewer micro-batches")
   cfg = program.model_cfg
   for field, axis, size in (("n_heads", "tensor", shape[2]), ("n_kv_heads", "tensor", shape[2]),
                             ("d_ff", "tensor", shape[2]), ("vocab_size", "tensor", shape[2]),

@@ -23,7 +23,7 @@ LM = {"steps": [0, -5], "batch_size": [0], "seq_len": [0], "learning_rate": [-1e
       "warmup_steps": [-1], "final_lr_fraction": [-0.1, 1.5], "b1": [1.0, -0.1], "b2": [1.5],
       "weight_decay": [-0.01], "grad_clip": [0.0, -1.0], "log_every": [0], "eval_every": [0],
       "eval_batch_size": [0], "checkpoint_every": [0], "keep_checkpoints": [0], "keep_period": [-1],
-      "max_nonfinite_skips": [-1]}
+      "max_nonfinite_skips": [-1], "microbatches": [0, 3]}
 BAD = {
     "seed": [-1],
     "tokenizer.vocab_size": [0],
@@ -53,7 +53,7 @@ BAD = {
     "ppo.prompt_len": [0, 180], "ppo.max_new_tokens": [0, 170], "ppo.rm_uncertainty_coef": [-1.0, 0.5],
     "ppo.grad_clip": [0.0], "ppo.b1": [1.0], "ppo.b2": [-0.5], "ppo.log_every": [0], "ppo.sample_every": [-1],
     "ppo.eval_every": [0], "ppo.checkpoint_every": [0], "ppo.keep_checkpoints": [0],
-    "ppo.max_nonfinite_skips": [-1], "ppo.missing_eos_penalty": [float("nan")],
+    "ppo.max_nonfinite_skips": [-1], "ppo.missing_eos_penalty": [float("nan")], "ppo.microbatches": [0, 3],
     "eval.n_prompts": [-1], "eval.batch_size": [0], "eval.prompt_len": [0, 150], "eval.prefix_len": [-1],
     "eval.max_new_tokens": [0], "eval.temperature": [0.0, -1.0], "eval.baseline_temperature": [0.0],
     "eval.few_shot": [-1], "eval.report_prompts": [-1], "eval.cloze_seq_len": [0, 500], "eval.split": ["valid"],
@@ -164,6 +164,25 @@ def test_batches_must_split_over_the_data_parallel_devices():
     check_config(c, n_devices=2)
 
 
+def test_microbatches_divide_the_batch_and_their_rows_split_over_the_devices():
+  c = instructgpt.get_config("smoke")           # pretrain/sft 16 rows, rm 8 prompts, ppo minibatch 8 + ptx 8
+  c.pretrain.microbatches = c.sft.microbatches = c.rm.microbatches = c.ppo.microbatches = 4
+  check_config(c, n_devices=2)                  # 2 rows a micro-batch at least: one a device
+  c.rm.microbatches = 8
+  with pytest.raises(ConfigError, match=r"rm.microbatches=8: micro-batches of 1 rows \(rm.batch_size / 8\) do "
+                                        r"not split over the 2 data-parallel shards"):
+    check_config(c, n_devices=2)
+  check_config(c, n_devices=1)
+  c.rm.microbatches, c.ppo.ptx_batch_size = 4, 4
+  with pytest.raises(ConfigError, match=r"ppo.microbatches=4: micro-batches of 1 rows \(ppo.ptx_batch_size / 4\)"):
+    check_config(c, n_devices=2)
+  c.ppo.ptx_coef = 0.0                          # plain PPO: no pretraining rows to split
+  check_config(c, n_devices=2)
+  c.rm.formulation, c.rm.pair_batch_size = "shuffled_pairs", 6
+  with pytest.raises(ConfigError, match=r"rm.microbatches=4 does not divide rm.pair_batch_size=6"):
+    check_config(c, n_devices=2)
+
+
 PUBLIC = [
     ("data.source", "web", "data.source='web'"),
     ("data.valid_fraction", 1.0, "data.valid_fraction=1.0"),
@@ -179,6 +198,9 @@ PUBLIC = [
     ("stages", "import,pretrain,sft", "stages"),
     ("sft.learning_rate", -2e-5, "sft.learning_rate=-2e-05"),
     ("rm.epochs", 0.0, "rm.epochs=0.0"),
+    ("rm.microbatches", 0, "rm.microbatches=0"),
+    ("rm.microbatches", 3, "rm.microbatches=3 does not divide rm.batch_size"),
+    ("sft.microbatches", 3, "sft.microbatches=3 does not divide sft.batch_size"),
 ]
 
 
