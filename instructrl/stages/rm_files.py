@@ -50,6 +50,16 @@ def settings(config, steps: int) -> ml_collections.ConfigDict:
   return out
 
 
+def validation_examples(as_examples, records: list[dict], name: str):
+  """The validation rankings that fit rm.seq_len, or None (with a warning) when none does: a small
+  public split of long conversations can hold none, and the RM still trains."""
+  try:
+    return as_examples(records, f"{name} valid")
+  except ValueError as e:
+    logging.warning("%s: no validation (%s)", name, e)
+    return None
+
+
 def run(config, workdir: Path, mesh, rules, progress=None):
   cfg = config.rm
   if cfg.formulation != "per_prompt":
@@ -72,14 +82,15 @@ def run(config, workdir: Path, mesh, rules, progress=None):
   done_before = 0
   result = None
   for i, (name, (train_recs, valid_recs)) in enumerate(data.items()):
-    train, valid = as_examples(train_recs, f"{name} train"), as_examples(valid_recs, f"{name} valid")
+    train = as_examples(train_recs, f"{name} train")
+    valid = validation_examples(as_examples, valid_recs, name)
     stage_cfg = settings(config, steps[name])
     tx, schedule = make_optimizer(stage_cfg, stage_cfg.steps)
     shardings = state_shardings(model_cfg, tx, mesh, rules, head="scalar")
     train_step, eval_step, score_step = make_steps(model_cfg, "per_prompt", tx, schedule, shardings, mesh, rules,
                                                    microbatches=int(cfg.get("microbatches", 1)))
-    logging.info("%s: %d train / %d valid rankings (K <= %d), %d steps", name, len(train), len(valid), k_max,
-                 stage_cfg.steps)
+    logging.info("%s: %d train / %d valid rankings (K <= %d), %d steps", name, len(train),
+                 0 if valid is None else len(valid), k_max, stage_cfg.steps)
     report = None if progress is None else (
         lambda done, _total, base=done_before: progress(base + done, total))
     stage = loop.Stage(name=name, cfg=stage_cfg, workdir=workdir, model_dict=model_dict,
@@ -104,8 +115,8 @@ def run(config, workdir: Path, mesh, rules, progress=None):
         train_step=train_step,
         batch_at=lambda step, train=train, seed=seed: process_batch(
             train.batch, batch_indices(len(train), cfg.batch_size, step, seed), mesh, rules),
-        evaluate=lambda p, eval_step=eval_step, valid=valid: evaluate(eval_step, p, valid, cfg.eval_batch_size,
-                                                                      mesh, rules),
+        evaluate=None if valid is None else (
+            lambda p, eval_step=eval_step, valid=valid: evaluate(eval_step, p, valid, cfg.eval_batch_size, mesh, rules)),
         finalize=normalise, after_training=after_training, items_per_step=cfg.batch_size, item_name="prompts",
         extra_meta={"seed": seed, "formulation": "per_prompt", "rankings": MODELS[name][0]})
     result = params if name == "rm" else result
