@@ -77,12 +77,13 @@ def run(config, workdir: Path, mesh, rules, progress=None):
   demo_ex = prompt_response_examples(src.tokenizer, [src.format_prompt(r["prompt"]) for r in demos],
                                      [r["response"] for r in demos], cfg.seq_len - 1, what="rm bias demos")
   demo_last = eos_index(demo_ex)
-  steps = {name: n_steps(cfg, len(as_examples(recs[0], f"{name} train"))) for name, recs in data.items()}
+  trains = {name: as_examples(recs[0], f"{name} train") for name, recs in data.items()}   # tokenised once
+  steps = {name: n_steps(cfg, len(train)) for name, train in trains.items()}
   total = sum(steps.values())
   done_before = 0
   result = None
-  for i, (name, (train_recs, valid_recs)) in enumerate(data.items()):
-    train = as_examples(train_recs, f"{name} train")
+  for i, (name, (_, valid_recs)) in enumerate(data.items()):
+    train = trains[name]
     valid = validation_examples(as_examples, valid_recs, name)
     stage_cfg = settings(config, steps[name])
     tx, schedule = make_optimizer(stage_cfg, stage_cfg.steps)
