@@ -47,11 +47,14 @@ def _specials(tokenizer) -> tuple[int, int, int]:
           getattr(tokenizer, "pad_id", PAD_ID))
 
 
-def prompt_response_examples(tokenizer, prompts, responses, seq_len: int, *, what: str = "demos") -> TokenExamples:
+def prompt_response_examples(tokenizer, prompts, responses, seq_len: int, *, what: str = "demos",
+                             truncate: bool = False) -> TokenExamples:
   """BOS + prompt + response + EOS, right-padded; loss only on response tokens and the EOS.
 
   Policy: an example longer than seq_len + 1 is dropped (the paper drops over-long prompts)
   and the count is logged, never silently truncated into a response without its end.
+  truncate=True (scoring given answers, where every row needs a score) keeps every row instead: one too
+  long keeps at most seq_len - 1 response tokens and loses the start of its prompt; it still ends in EOS.
   """
   p_ids = tokenizer.encode_batch(prompts)
   r_ids = tokenizer.encode_batch(responses)
@@ -61,6 +64,9 @@ def prompt_response_examples(tokenizer, prompts, responses, seq_len: int, *, wha
   mask = np.zeros((len(p_ids), L), bool)
   keep = []
   for i, (p, r) in enumerate(zip(p_ids, r_ids)):
+    if truncate:
+      r = r[:L - 2]
+      p = p[max(0, len(p) - (L - 2 - len(r))):]
     seq = [bos, *p, *r, eos]
     if len(seq) > L:
       continue
@@ -70,7 +76,7 @@ def prompt_response_examples(tokenizer, prompts, responses, seq_len: int, *, wha
   dropped = len(p_ids) - len(keep)
   if dropped:
     logging.warning("%s: dropped %d of %d examples longer than seq_len=%d", what, dropped, len(p_ids), seq_len)
-  if not keep:
+  if not keep and not truncate:
     raise ValueError(f"{what}: every example is longer than seq_len={seq_len}; raise the seq_len")
   return TokenExamples(toks[keep], mask[keep])
 

@@ -31,11 +31,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from instructrl import checkpoints, measures, parallel
-from instructrl.data.batching import TokenExamples, pack_texts
+from instructrl.data.batching import TokenExamples, pack_texts, prompt_response_examples
 from instructrl.data.records import load_jsonl
 from instructrl.metrics import read_metrics
 from instructrl.models.config import ModelConfig
-from instructrl.stages.rm_models import RMScorer, scored_examples
+from instructrl.stages.rm_models import RMScorer
 from instructrl.stages.train_state import abstract_state, make_optimizer, state_shardings
 from instructrl.stages.world import world_fingerprint
 
@@ -104,7 +104,7 @@ def run(config, workdir: Path, mesh, rules) -> dict:
                                            config, len(ms), t)
       a = answers["SFT resample" if m is sft_model else m["name"]]
       keep = [i for i, x in enumerate(a) if x is not None]
-      ex, _ = scored_examples(tok, [prompts[i] for i in keep], [a[i] for i in keep], seq_len)
+      ex = prompt_response_examples(tok, [prompts[i] for i in keep], [a[i] for i in keep], seq_len, truncate=True)
       rows[m["name"]] = {
           "stage": m["stage"], "temperature": t,
           "heldout_lm_loss": measures.heldout_lm_loss(params, model_cfg, valid_lm, ecfg.batch_size)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructrl import distributed, objectives, parallel
+from instructrl import objectives, parallel
 from instructrl.errors import ConfigError
 from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, prompt_response_examples
@@ -40,7 +40,7 @@ from instructrl.stages import costs, loop, microbatch, source
 from instructrl.stages.rm_collect import SPARE, collect, earlier_rounds
 from instructrl.stages.rm_ensemble import (evaluate_ensemble, load_members, logged_ensemble_size, make_ensemble_eval,
                                            trained_member_dirs)
-from instructrl.stages.rm_models import eos_index, initial_rm_params, rm_model, rm_scores
+from instructrl.stages.rm_models import eos_index, initial_rm_params, rm_model, rm_scores, row_scores
 from instructrl.stages.rm_probes import (example_scores, family_accuracy, gold_probe_pairs, labeler_agreement,
                                          padded_batches, run_gold_probe, second_labeler)
 from instructrl.stages.train_state import (abstract_state, device_batch, guarded_update, make_optimizer,
@@ -173,18 +173,6 @@ def evaluate(eval_step, params, examples, batch_size: int, mesh, rules) -> dict:
     loss += float(m["loss"]) * float(m["prompts"])    # the batch's mean over its prompts with a pair
     prompts += float(m["prompts"])
   return {"accuracy": hits / max(pairs, 1.0), "loss": loss / max(prompts, 1.0), "pairs": pairs}
-
-
-def row_scores(score_step, params, tokens, last, batch_size: int, mesh, rules) -> np.ndarray:
-  """The score of EVERY row: the last batch is filled up with copies of row 0 (static shape), dropped after."""
-  n, fill = len(tokens), -len(tokens) % batch_size
-  tokens = np.concatenate([tokens, np.repeat(tokens[:1], fill, axis=0)])
-  last = np.concatenate([last, np.repeat(last[:1], fill, axis=0)])
-  out = []
-  for b in range(len(tokens) // batch_size):
-    sl = slice(b * batch_size, (b + 1) * batch_size)
-    out.append(distributed.to_host(score_step(params, *device_batch({"t": tokens[sl], "l": last[sl]}, mesh, rules).values())))
-  return np.concatenate(out)[:n].astype(np.float64)
 
 
 def mean_score(score_step, params, tokens, last, batch_size: int, mesh, rules) -> float:

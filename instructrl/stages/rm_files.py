@@ -25,8 +25,8 @@ from instructrl.data.rankings import load_ranked, ranked_examples
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.stages import loop
-from instructrl.stages.reward import evaluate, make_steps, mean_score, row_scores
-from instructrl.stages.rm_models import eos_index, initial_rm_params, rm_model
+from instructrl.stages.reward import evaluate, make_steps, mean_score
+from instructrl.stages.rm_models import eos_index, initial_rm_params, rm_model, row_scores
 from instructrl.stages.source import open_source
 from instructrl.stages.train_state import abstract_state, make_optimizer, process_batch, state_shardings
 from instructrl.stages.world import world_fingerprint

@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from instructrl import checkpoints, distributed, parallel
-from instructrl.data.batching import TokenExamples
+from instructrl.data.batching import prompt_response_examples
 from instructrl.models.transformer import Decoder
 from instructrl.errors import ConfigError
 from instructrl.models.config import ModelConfig
-from instructrl.stages.train_state import abstract_state, init_params, make_optimizer, state_shardings
+from instructrl.stages.train_state import (abstract_state, device_batch, init_params, make_optimizer,
+                                           state_shardings)
 from instructrl.stages.world import world_fingerprint
 
 
@@ -117,25 +118,17 @@ def eos_index(examples) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- scoring texts
 
-def scored_examples(tokenizer, prompts: list[str], responses: list[str], seq_len: int) -> tuple[TokenExamples,
-                                                                                                np.ndarray]:
-  """BOS + prompt + response + EOS for every row (as the RM trained on them), right-padded to seq_len + 1;
-  a row too long loses the start of its prompt, never its response's end. Returns the examples (loss
-  mask on the response and EOS) and each row's EOS index, where an RM reads its score."""
-  bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-  p_ids, r_ids = tokenizer.encode_batch(list(prompts)), tokenizer.encode_batch(list(responses))
-  L = seq_len + 1
-  toks = np.full((len(p_ids), L), pad, np.int32)
-  mask = np.zeros((len(p_ids), L), bool)
-  last = np.zeros(len(p_ids), np.int32)
-  for i, (p, r) in enumerate(zip(p_ids, r_ids)):
-    r = r[:L - 2]
-    p = p[max(0, len(p) - (L - 2 - len(r))):]
-    seq = [bos, *p, *r, eos]
-    toks[i, :len(seq)] = seq
-    mask[i, 1 + len(p):len(seq)] = True
-    last[i] = len(seq) - 1
-  return TokenExamples(toks, mask), last
+def row_scores(score_step, params, tokens, last, batch_size: int, mesh, rules) -> np.ndarray:
+  """The score of EVERY row: the last batch is filled up with copies of row 0 (static shape), dropped after."""
+  n, fill = len(tokens), -len(tokens) % batch_size
+  tokens = np.concatenate([tokens, np.repeat(tokens[:1], fill, axis=0)])
+  last = np.concatenate([last, np.repeat(last[:1], fill, axis=0)])
+  out = []
+  for b in range(len(tokens) // batch_size):
+    sl = slice(b * batch_size, (b + 1) * batch_size)
+    batch = device_batch({"tokens": tokens[sl], "last": last[sl]}, mesh, rules)
+    out.append(distributed.to_host(score_step(params, batch["tokens"], batch["last"])))
+  return np.concatenate(out)[:n].astype(np.float64)
 
 
 @functools.lru_cache(maxsize=4)
@@ -161,13 +154,9 @@ class RMScorer:
     self.mesh, self.rules = mesh, rules
 
   def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-    ex, last = scored_examples(self.tokenizer, prompts, responses, self.seq_len - 1)   # rows of rm.seq_len tokens
-    n, fill = len(last), -len(last) % self.batch_size
-    tokens = np.concatenate([ex.tokens, np.repeat(ex.tokens[:1], fill, 0)])
-    last = np.concatenate([last, np.repeat(last[:1], fill, 0)])
-    score = _score_fn(self.model_cfg)
-    out = []
+    # Rows of rm.seq_len tokens; an over-long row is cut, not dropped: every answer gets a score.
+    ex = prompt_response_examples(self.tokenizer, prompts, responses, self.seq_len - 1, truncate=True)
     with parallel.activate(self.mesh, self.rules):
-      for s in range(0, len(tokens), self.batch_size):
-        out.append(distributed.to_host(score(self.params, tokens[s:s + self.batch_size], last[s:s + self.batch_size])))
-    return [float(x) for x in np.concatenate(out)[:n]]
+      scores = row_scores(_score_fn(self.model_cfg), self.params, ex.tokens, eos_index(ex), self.batch_size,
+                          self.mesh, self.rules)
+    return scores.tolist()

@@ -29,7 +29,7 @@ from instructrl.data.batching import prompt_response_examples
 from instructrl.data.records import load_jsonl
 from instructrl.models.config import ModelConfig
 from instructrl.models.transformer import Decoder
-from instructrl.stages import reward, rm_ensemble, rm_models
+from instructrl.stages import rm_ensemble, rm_models
 from instructrl.stages.world import load_tokenizer
 
 
@@ -101,7 +101,7 @@ def run(config, workdir: Path, n: int, policy: str = "sft", temperature: float |
     ex = prompt_response_examples(tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep],
                                   config.rm.seq_len - 1, what="best-of-n samples")
     with parallel.activate(mesh, rules):
-      scores[:, j] = reward.row_scores(score, members, ex.tokens, rm_models.eos_index(ex), bs, mesh, rules)
+      scores[:, j] = rm_models.row_scores(score, members, ex.tokens, rm_models.eos_index(ex), bs, mesh, rules)
     for row, i in enumerate(keep):
       gold[row, j] = world.judge(records[i], answers[i]).score
       win[row, j] = preference(world, records[i], answers[i], baseline[i], raters[i % len(raters)])

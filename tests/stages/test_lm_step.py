@@ -102,6 +102,21 @@ def test_prompt_response_exact_fit_kept_and_all_too_long_raises():
     batching.prompt_response_examples(CharTokenizer(), ["abcd"], ["de"], seq_len=6)
 
 
+def test_prompt_response_truncate_keeps_every_row_and_its_eos():
+  from instructrl.stages.rm_models import eos_index
+  # seq_len=6: 7 tokens, room for 5 prompt + response tokens between BOS and EOS
+  ex = batching.prompt_response_examples(CharTokenizer(), ["abcd", "ab", "x"], ["ef", "ghijklm", "y"], seq_len=6,
+                                         truncate=True)
+  np.testing.assert_array_equal(ex.tokens, [[BOS_ID, 11, 12, 13, 14, 15, EOS_ID],      # prompt loses its start
+                                            [BOS_ID, 16, 17, 18, 19, 20, EOS_ID],      # response cut to 5, no prompt
+                                            [BOS_ID, 33, 34, EOS_ID, PAD_ID, PAD_ID, PAD_ID]])
+  np.testing.assert_array_equal(ex.loss_mask, [[0, 0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(eos_index(ex), [6, 6, 3])
+  # rows that fit are what the dropping policy makes of them
+  fits = batching.prompt_response_examples(CharTokenizer(), ["x"], ["y"], seq_len=6)
+  np.testing.assert_array_equal(ex.tokens[2:], fits.tokens)
+
+
 def test_pack_texts_windows():
   ex = batching.pack_texts([[10, 11], [12, 13, 14]], seq_len=4)
   # stream: BOS 10 11 EOS BOS 12 13 14 EOS (9 tokens) -> (9 - 1) // 4 = 2 windows of 5 overlapping by one
