@@ -155,7 +155,12 @@ def matmul_ratios(out: dict) -> dict:
 
 
 def part_sft(args, counter, shape):
-  s = train_step_bench.build(shape, dtype=args.dtype, steps=1000)
+  if args.side == "torch":            # a torch-only child needs the shape, not a compiled JAX state
+    preset, model_over, B, T = SHAPES[shape]
+    s = setup(preset, dtype=args.dtype, min_len=T, model=model_over)
+    s.B, s.T, s.state = B, T, None
+  else:
+    s = train_step_bench.build(shape, dtype=args.dtype, steps=1000)
   cfg, B, T = s.cfg, s.B, s.T
   model = torch_lm(cfg)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
@@ -233,12 +238,7 @@ def part_rm(args, counter):
   s = setup(args.preset, dtype=args.dtype, min_len=T,
             stage_overrides=dict(instructgpt.get_config(args.preset).rm.get("model_overrides", {})))
   cfg, mesh, rules = s.cfg, s.mesh, s.rules
-  tx, schedule = train_state.make_optimizer(s.config.rm, 1000)
-  sh = train_state.state_shardings(cfg, tx, mesh, rules, head="scalar")
-  host = jax.tree.map(np.asarray, train_state.init_params(cfg, jax.random.key(0), sh["params"], mesh, rules, "scalar"))
-  forms = ("per_prompt", "shuffled_pairs")
-  steps = {f: reward.make_steps(cfg, f, tx, schedule, sh, mesh, rules)[0] for f in forms}
-  states = {f: train_state.new_state(jax.device_put(host, sh["params"]), tx, sh, mesh) for f in forms}
+  steps, states = rm_programs(cfg, s.config.rm, mesh, rules) if args.side != "torch" else ({}, {})
   tmodel = TorchScalar(cfg).train()
   topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
   rng = np.random.default_rng(0)
@@ -286,6 +286,17 @@ def part_rm(args, counter):
           "steps_per_timing": args.steps, "results": rows}
 
 
+def rm_programs(cfg, rm_config, mesh, rules):
+  """Our two RM steps (per prompt, shuffled pairs), each with its own state from the same random init."""
+  tx, schedule = train_state.make_optimizer(rm_config, 1000)
+  sh = train_state.state_shardings(cfg, tx, mesh, rules, head="scalar")
+  host = jax.tree.map(np.asarray, train_state.init_params(cfg, jax.random.key(0), sh["params"], mesh, rules, "scalar"))
+  forms = ("per_prompt", "shuffled_pairs")
+  steps = {f: reward.make_steps(cfg, f, tx, schedule, sh, mesh, rules)[0] for f in forms}
+  states = {f: train_state.new_state(jax.device_put(host, sh["params"]), tx, sh, mesh) for f in forms}
+  return steps, states
+
+
 def part_ppo(args, counter):
   from configs import instructgpt
   pc = instructgpt.get_config(args.preset).ppo
@@ -294,19 +305,19 @@ def part_ppo(args, counter):
   s = setup(args.preset, dtype=args.dtype, min_len=max(P + N, pc.ptx_seq_len))
   cfg = s.cfg
   # EOS disabled on both sides: a random policy's response lengths would otherwise differ by framework.
-  st = ppo_setup(s, pc, eos_id=NO_EOS)                       # the stage's own programs (ppo.build)
-  batch, ptx, _ = ppo_data(s, pc, np.random.default_rng(0), st.programs)
-  rollout, update = st.rollout, st.update
-  state = [st.state]
+  # The stage's own programs (ppo.build); a torch-only child builds none (ptx is off: ppo_data needs no programs).
+  st = ppo_setup(s, pc, eos_id=NO_EOS) if args.side != "torch" else None
+  batch, ptx, _ = ppo_data(s, pc, np.random.default_rng(0), st and st.programs)
+  state = [st and st.state]
   it = [0]
 
   def jax_iter():
     with parallel.activate(s.mesh, s.rules):
       key = jax.random.fold_in(jax.random.key(0), it[0])
       it[0] += 1
-      ro, _, _ = rollout(state[0]["params"], state[0]["value"], st.ref, st.rm, batch["prompt"], batch["prompt_mask"],
+      ro, _, _ = st.rollout(state[0]["params"], state[0]["value"], st.ref, st.rm, batch["prompt"], batch["prompt_mask"],
                          key, state[0]["kl_coef"], state[0]["score_gain"])
-      state[0], m = update(state[0], ro, ptx, jax.random.fold_in(key, 1))
+      state[0], m = st.update(state[0], ro, ptx, jax.random.fold_in(key, 1))
       jax.block_until_ready(m)
 
   # ---- torch, TRL-style

@@ -56,15 +56,18 @@ ENV_KEYS = {"backend", "device", "jax", "loadavg", "xla_flags"}
 
 
 @pytest.mark.slow
-def test_run_all_quick_writes_one_json_with_every_benchmark(tmp_path):
+def test_run_all_smoke_writes_one_json_with_every_benchmark(tmp_path):
+  """--smoke: each script once after its warm-up, with run_all's own plumbing (the --quick and full tiers pass
+  their flags the same way; their timings are what BENCHMARKS.md quotes)."""
   names = ["matmul_peak", "train_step_tiny", "sampler", "rm_step", "ppo_iteration"]
   if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
     names.append("compare_torch")
   out = tmp_path / "r.json"
-  p = subprocess.run([sys.executable, str(ROOT / "benchmarks/run_all.py"), "--quick", f"--out={out}",
+  p = subprocess.run([sys.executable, str(ROOT / "benchmarks/run_all.py"), "--smoke", f"--out={out}",
                       f"--only={','.join(names)}"], capture_output=True, text=True, cwd=ROOT, timeout=900)
   doc = json.loads(out.read_text())
   assert p.returncode == 0, (doc["failed"], p.stderr[-3000:])
+  assert doc["smoke"] and not doc["quick"]
   r = doc["results"]
   assert set(r) == set(names)
   for name in names:

@@ -24,7 +24,7 @@ import pytest
 from instructrl import objectives, parallel
 from instructrl.models.config import ModelConfig
 from instructrl.stages import reward, rm_collect, rm_models, rm_probes, train_state
-from tests.cli_helpers import final_params, run_worker_on_8_devices, sigkill_when_exists
+from tests.cli_helpers import cli_env, final_params, run_worker_on_8_devices, sigkill_when_exists
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
@@ -549,7 +549,7 @@ STAGES = "world,pretrain,sft,rm"
 def cli(workdir, *extra, stages=STAGES, timeout=300):
   cmd = [sys.executable, "-m", "instructrl.main", "--config=configs/instructgpt.py:smoke", f"--workdir={workdir}",
          f"--stages={stages}", *FAST, *extra]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cli_env())
   if out.returncode:
     raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
   return out
@@ -708,7 +708,7 @@ def test_best_of_n_cli_writes_the_curve(reference_run):
   w, _ = reference_run
   out = subprocess.run([sys.executable, "-m", "instructrl.tools.best_of_n", "--config=configs/instructgpt.py:smoke",
                         f"--workdir={w}", "--n=4", "--config.eval.report_prompts=16"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.loads((w / "analysis" / "best_of_n.json").read_text())
   assert got["n"] == [1, 2, 4] and got["samples"] == 4 and 0 < got["prompts"] <= 16
@@ -758,7 +758,7 @@ def test_rm_resume_after_sigkill_gives_identical_params(reference_run, tmp_path)
     shutil.copytree(ref / stage, w / stage)
   cmd = [sys.executable, "-m", "instructrl.main", "--config=configs/instructgpt.py:smoke", f"--workdir={w}",
          "--stages=rm", *FAST]
-  sigkill_when_exists(cmd, w / "rm" / "2", cwd=ROOT)
+  sigkill_when_exists(cmd, w / "rm" / "2", cwd=ROOT, env=cli_env())
   assert not (w / "rm" / "12").exists(), "the kill landed after rm finished"
   killed_at = max(int(p.name) for p in (w / "rm").iterdir() if p.name.isdigit())
   assert killed_at < 12
@@ -832,9 +832,11 @@ def test_labeler_group_cross_validation_runs_every_fold(reference_run, tmp_path)
   w = tmp_path / "cv"
   for d in ("world", "sft", "comparisons"):
     shutil.copytree(ref / d, w / d, symlinks=True)
+  # One epoch per fold: what is checked is that every fold trains, validates on its held-out group and enters
+  # the summary, not how well five RMs learn.
   cmd = [sys.executable, "-m", "instructrl.tools.rm_cv", "--config=configs/instructgpt.py:smoke", f"--workdir={w}",
-         *[f for f in FAST if f.startswith("--config.rm")]]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+         "--config.rm.epochs=1"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=cli_env())
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads((w / "rm_cv" / "summary.json").read_text())
   assert sorted(summary["folds"]) == ["0", "1", "2", "3", "4"]
