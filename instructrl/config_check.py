@@ -14,7 +14,8 @@ from typing import Any, Callable, NamedTuple
 
 from instructrl.errors import ConfigError
 
-STAGES = ("world", "import", "pretrain", "sft", "rm", "ppo", "ppo_noptx", "eval")
+# rm_round1, ppo_round1: round one of two rounds of comparisons (rm.rounds=2, stages/rounds.py).
+STAGES = ("world", "import", "pretrain", "sft", "rm_round1", "ppo_round1", "rm", "ppo", "ppo_noptx", "eval")
 
 
 class Rule(NamedTuple):
@@ -77,6 +78,7 @@ RM_STAGE = {
     "collect_batch_prompts": COUNT, "rankings_per_prompt": COUNT, "policy_pair_weight": POSITIVE,
     "gold_probe_prompts": NONNEG_INT, "ensemble_size": COUNT,
     "ensemble_bootstrap": BOOL,
+    "rounds": Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v in (1, 2), "1 or 2"),
 }
 
 PPO_STAGE = {
@@ -130,7 +132,7 @@ PIPELINE = {
     "eval": EVAL,
 }
 CHECKED_APART = {"mesh.shape", "mesh.rules", "world", "data", "pretrain.model_overrides", "sft.model_overrides",
-                 "rm.model_overrides", "rm.model_shape", "rm.source_mix", "rm.k_choices"}
+                 "rm.model_overrides", "rm.model_shape", "rm.source_mix", "rm.round2_mix", "rm.k_choices"}
 
 # The model fields rm.model_shape may set: the trunk's size. The RM reads the policy's token sequences, so
 # its vocabulary, context and architecture style stay the policy's.
@@ -275,6 +277,7 @@ def check_config(config, n_devices: int | None = None, stages=None) -> None:
                       f"(sources: policy, pretrain, pretrain_few_shot, ppo, mismatched)")
   if float(mix.get("ppo", 0.0)) > 0 and not rm.ppo_source:
     raise ConfigError("rm.source_mix.ppo > 0 needs rm.ppo_source: an earlier run's finished ppo stage dir")
+  _check_rounds(config, stages, files)
   if "heldout_group" in rm:
     raise ConfigError(f"rm.heldout_group={_plain(rm.heldout_group)!r}: this field was removed; the RM holds out "
                       f"world.heldout_group, the labeler group that judges the evaluation (one field, so the RM "
@@ -309,6 +312,30 @@ def check_config(config, n_devices: int | None = None, stages=None) -> None:
            "ppo": ["ppo.minibatch_size"] + (["ppo.ptx_batch_size"] if ptx_enabled(ppo) else [])}
   for block, paths in split.items():
     check_microbatches(config, block, paths, dp, shape)
+
+
+def _check_rounds(config, stages, files: bool) -> None:
+  """rm.rounds and round two's source mix (stages/rounds.py); round one's stages only with two rounds."""
+  rm = config.rm
+  mix = dict(rm.get("round2_mix", {}))
+  unknown = sorted(set(mix) - {"policy", "pretrain", "pretrain_few_shot", "ppo", "mismatched"})
+  if unknown:
+    fail("rm.round2_mix", mix, f"weights of the sources policy, pretrain, pretrain_few_shot, ppo, mismatched "
+         f"(not {unknown})")
+  for source, weight in mix.items():
+    if not (_real(weight) and weight >= 0):
+      fail(f"rm.round2_mix.{source}", weight, "a non-negative weight (the share of round two's ranked responses)")
+  rounds = rm.get("rounds", 1)
+  round_one = [s for s in stages if s in ("rm_round1", "ppo_round1")]
+  if rounds != 2:
+    if round_one:
+      fail("rm.rounds", rounds, f"2 to run the stages {round_one} (round one of two rounds of comparisons)")
+    return
+  if files:
+    fail("rm.rounds", rounds, "1 with data.source='files' (round two ranks new samples: the task world's labelers)")
+  if not float(mix.get("ppo", 0.0)) > 0:
+    fail("rm.round2_mix.ppo", mix.get("ppo", 0.0), "> 0 with rm.rounds=2 (round two ranks round one's PPO-ptx "
+         "samples)")
 
 
 def check_microbatches(config, block: str, paths: list[str], dp: int, shape) -> None:

@@ -36,7 +36,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 STAGES = config_check.STAGES
 # Where the pipeline's stages write, and what each one reads of the stages before it (checked by the pre-flight).
-_READS = {"pretrain": (), "sft": ("pretrain",), "ppo": ("rm",), "ppo_noptx": ("rm",),
+_READS = {"pretrain": (), "sft": ("pretrain",), "ppo_round1": ("rm_round1",), "ppo": ("rm",), "ppo_noptx": ("rm",),
           "eval": ("pretrain", "sft", "ppo", "ppo_noptx")}
 
 
@@ -62,8 +62,9 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
   stage to run and of every finished stage they read. Reads files only; the stages check again."""
   from instructrl import checkpoints
   from instructrl.models.config import ModelConfig
-  from instructrl.stages import data_import, rm_models, source, world
+  from instructrl.stages import data_import, rm_models, rounds, source, world
   files = source.kind(config) == "files"
+  check_round_one(config, workdir, stages)
   if files and "import" in stages and not (workdir / "data" / "COMPLETE").exists():
     data_import.build(config)   # every data file read and checked: a bad record is refused before any write
   if not workdir.is_dir():
@@ -74,7 +75,7 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
     data_import.check_marker(config, workdir / "data")
   world_id = world.world_fingerprint(workdir)
   policy = ModelConfig.from_dict(config.model).to_dict()
-  rm, ppo = config.rm, config.ppo
+  rm = config.rm
   # The RM's model: the policy's, or the size rm.model_shape declares.
   rm_model = ModelConfig.from_dict({**config.model, **rm_models.rm_shape(config)}).to_dict()
   if rm.get("base_workdir", ""):
@@ -100,11 +101,15 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
   block = lambda cfg, *drop: {k: v for k, v in cfg.to_dict().items() if k not in drop}
   reads = set()
   for stage in stages:
+    # Round one's stages (rm_round1, ppo_round1) are the rm and ppo stages under W/round1 (stages/rounds.py).
+    base, root = rounds.base_stage(stage), rounds.out_root(workdir, stage)
+    cfg = rounds.stage_config(config, workdir, stage)
+    rm, ppo = cfg.rm, cfg.ppo
     if stage in ("pretrain", "sft"):
       check(workdir / stage, policy, block(config[stage]), stage)
-    elif stage == "rm":
+    elif base == "rm":
       # W/rm, then the ensemble's other members (W/rm_ensemble/member{i}, as the RM stage names them).
-      members = [workdir / "rm"] + [workdir / "rm_ensemble" / f"member{i}" for i in range(1, rm.ensemble_size)]
+      members = [root / "rm"] + [root / "rm_ensemble" / f"member{i}" for i in range(1, rm.ensemble_size)]
       if files:   # the policy's RM and the judge RM (stages/rm_files.py)
         for where in (workdir / "rm", workdir / "rm_judge"):
           check(where, rm_model, block(rm, "steps"), "rm")
@@ -114,17 +119,33 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
                                 "heldout_group": config.world.heldout_group}, "rm")
       if not rm.get("base_workdir", ""):
         reads |= {rm.get("init_stage", "") or rm.policy, rm.policy}
-    elif stage in ("ppo", "ppo_noptx"):
+      if stage == "rm" and rounds.n_rounds(config) == 2:
+        reads.add("ppo_round1")   # round two samples it
+    elif base in ("ppo", "ppo_noptx"):
       from instructrl.stages.ppo import stage_config
       from instructrl.stages.rm_ensemble import n_members
       # ppo_noptx: ptx off. The stage records how many RMs scored it beside its config block.
-      cfg = {**block(stage_config(config, stage).ppo, "steps"), "rm_ensemble_size": n_members(config)}
-      check(workdir / stage, policy, cfg, "ppo")
+      settings = {**block(stage_config(cfg, base).ppo, "steps"), "rm_ensemble_size": n_members(cfg)}
+      check(rounds.stage_dir(workdir, stage), policy, settings, "ppo")
       reads.add(ppo.policy_init)
     reads |= set(_READS.get(stage, ()))
   for stage in sorted(reads - set(stages)):
     # The RM's (and value's) model is read from its own checkpoint by the stages after it: world only.
-    check(workdir / stage, None if stage == "rm" else policy, finished_only=True)
+    check(rounds.stage_dir(workdir, stage), None if rounds.base_stage(stage) == "rm" else policy, finished_only=True)
+
+
+def check_round_one(config, workdir: Path, stages: list[str]) -> None:
+  """With rm.rounds=2 the rm stage samples round one's PPO-ptx and reads round one's comparisons: refuse a run
+  of it without them, finished or run first (stages/rounds.py)."""
+  from instructrl import checkpoints
+  from instructrl.stages import rounds
+  if rounds.n_rounds(config) != 2 or "rm" not in stages or "ppo_round1" in stages:
+    return
+  meta = checkpoints.recorded_meta(rounds.stage_dir(workdir, "ppo_round1"))
+  if not (meta and meta.get("complete")):
+    raise ConfigError(f"rm.rounds=2: the rm stage (round two) samples round one's PPO-ptx, but "
+                      f"{rounds.stage_dir(workdir, 'ppo_round1')} is not finished; run the stages rm_round1,ppo_round1 "
+                      f"first (--stages=...,rm_round1,ppo_round1,rm,...; the presets' `,round2` option lists them)")
 
 
 def main(argv):
@@ -133,7 +154,8 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   import jax
   from instructrl import parallel, progress, workdir_lock
-  from instructrl.stages import data_import, evaluate, ppo, pretrain, proxy_eval, reward, rm_files, sft, source, world
+  from instructrl.stages import (data_import, evaluate, ppo, pretrain, proxy_eval, reward, rm_files, rounds, sft,
+                                 source, world)
 
   from instructrl import distributed
   # Before anything touches a device: afterwards jax.devices() spans every host.
@@ -164,16 +186,23 @@ def main(argv):
   mesh = parallel.make_mesh(config.mesh.shape)
   rules = parallel.rules_from_config(config.mesh.rules)
   logging.info("stages %s on mesh %s in %s", stages, dict(mesh.shape), workdir)
-  # Each stage's run gets `report`, the (done, total) callback its training loop moves the outer bar with.
+  # Each stage's run gets `report`, the (done, total) callback its training loop moves the outer bar with. The RM
+  # and PPO stages run under their round's config, writing under their round's root (stages/rounds.py).
+  cfg = lambda stage: rounds.stage_config(config, workdir, stage)
+  out = lambda stage: rounds.out_root(workdir, stage)
   run = {"world": lambda report: distributed.primary_first("world", lambda: world.run(config, workdir)),
          "import": lambda report: distributed.primary_first("import", lambda: data_import.run(config, workdir)),
          "pretrain": lambda report: pretrain.run(config, workdir, mesh, rules, progress=report),
          "sft": lambda report: sft.run(config, workdir, mesh, rules, progress=report),
-         "rm": lambda report: (rm_files if files else reward).run(config, workdir, mesh, rules, progress=report),
-         "ppo": lambda report: ppo.run(config, workdir, mesh, rules, progress=report),
+         "rm_round1": lambda report: reward.run(cfg("rm_round1"), workdir, mesh, rules, progress=report,
+                                                out=out("rm_round1")),
+         "ppo_round1": lambda report: ppo.run(cfg("ppo_round1"), workdir, mesh, rules, progress=report,
+                                              out=out("ppo_round1")),
+         "rm": lambda report: (rm_files if files else reward).run(cfg("rm"), workdir, mesh, rules, progress=report),
+         "ppo": lambda report: ppo.run(cfg("ppo"), workdir, mesh, rules, progress=report),
          # The paper's "PPO" next to "PPO-ptx": the same config with the pretraining mix off.
-         "ppo_noptx": lambda report: ppo.run(ppo.without_ptx(config), workdir, mesh, rules, name="ppo_noptx",
-                                             progress=report),
+         "ppo_noptx": lambda report: ppo.run(ppo.without_ptx(cfg("ppo_noptx")), workdir, mesh, rules,
+                                             name="ppo_noptx", progress=report),
          "eval": lambda report: (proxy_eval if files else evaluate).run(config, workdir, mesh, rules)}
   try:
     # The outer bar and a line per stage (skipped / resumed / running); process 0 speaks.

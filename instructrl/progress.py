@@ -24,15 +24,18 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from instructrl.checkpoints import MANIFEST
-from instructrl.stages import evaluate, ppo, pretrain, reward, rm_ensemble, sft, source
+from instructrl.stages import evaluate, ppo, pretrain, reward, rm_ensemble, rounds, sft, source
 
-_CHECKPOINTED = ("pretrain", "sft", "rm", "ppo", "ppo_noptx")
+_CHECKPOINTED = ("pretrain", "sft", "rm", "ppo", "ppo_noptx", "ppo_round1")
 
 
 # ----------------------------------------------------------------------------- each stage's work
 
 def stage_steps(stage: str, config) -> int:
   """The loop's step count as the stage will derive it (0: a stage without a training loop)."""
+  # Round one's stages count as the rm and ppo stages they run, under their round's config (round two's RM
+  # trains on both rounds' comparisons); the paths in it change no count.
+  config, stage = rounds.stage_config(config, Path("."), stage), rounds.base_stage(stage)
   steps = {"pretrain": pretrain.steps, "sft": sft.steps, "rm": reward.steps, "ppo": ppo.steps,
            "ppo_noptx": ppo.steps}.get(stage)
   return steps(config) if steps else 0
@@ -40,6 +43,8 @@ def stage_steps(stage: str, config) -> int:
 
 def stage_cost(stage: str, config, n_models: int = 0) -> tuple[float, float, float]:
   """(before the loop, the loop, after the loop) in token passes; n_models: the eval stage's answer sets."""
+  # Under its round's config (round two's RM samples more sources); the paths in it change no cost.
+  config, stage = rounds.stage_config(config, Path("."), stage), rounds.base_stage(stage)
   if stage in ("ppo", "ppo_noptx"):
     return ppo.cost(config, stage)
   if stage == "eval":
@@ -74,15 +79,15 @@ def stage_state(stage: str, workdir: Path, upstream_runs: bool, config) -> tuple
     if stage == "import":
       done = done and checkpoint_state(workdir / "pretrain")[0] == "complete"
     return ("complete" if done else "new"), 0
-  if stage == "rm":   # the RM ensemble's members (or the policy RM and the judge RM) train in turn
+  if stage in ("rm", "rm_round1"):   # the RM ensemble's members (or the policy RM and the judge RM) train in turn
     dirs = ([workdir / "rm", workdir / "rm_judge"] if source.kind(config) == "files"
-            else rm_ensemble.trained_member_dirs(config, workdir))
+            else rm_ensemble.trained_member_dirs(config, rounds.out_root(workdir, stage)))
     states = [checkpoint_state(d) for d in dirs]
     if all(st == "complete" for st, _ in states):
       return "complete", sum(step for _, step in states)
     return ("new", 0) if all(st == "new" for st, _ in states) else ("resume", sum(step for _, step in states))
   if stage in _CHECKPOINTED:
-    return checkpoint_state(workdir / stage)
+    return checkpoint_state(rounds.stage_dir(workdir, stage))
   if stage == "eval":
     if upstream_runs:
       return "new", 0

@@ -61,6 +61,40 @@ def test_costs_scale_with_the_work_and_ptx_costs_extra():
   assert total["pretrain"] < 0.6 * sum(total.values()) and min(total.values()) > 0
 
 
+def test_two_rounds_count_round_one_under_its_own_directory(tmp_path):
+  one, two = instructgpt.get_config("smoke"), instructgpt.get_config("smoke,round2")
+  # Round one's stages are the rm and ppo stages again: the same steps; round two's RM samples the extra
+  # "ppo" source (one more source's spare samples per prompt) on top of round one's four.
+  assert progress.stage_steps("rm_round1", two) == progress.stage_steps("rm", one)
+  # Round two's RM trains on both rounds' comparisons: "rm: 64 train prompts ..., 8 steps of 8" in the log.
+  assert progress.stage_steps("rm", two) == 2 * progress.stage_steps("rm", one) == 8
+  assert progress.stage_steps("ppo_round1", two) == progress.stage_steps("ppo", one)
+  assert progress.stage_cost("rm_round1", two) == progress.stage_cost("rm", one)
+  assert progress.stage_cost("ppo_round1", two) == progress.stage_cost("ppo", one)
+  assert progress.stage_cost("rm", two)[1] == 2 * progress.stage_cost("rm", one)[1]
+  sampling = lambda c, s: progress.stage_cost(s, c)[0]
+  sources = lambda mix: sum(1 for w in dict(mix).values() if w > 0)
+  k = sum(two.rm.k_choices) / len(two.rm.k_choices)
+  per_source = two.rm.n_prompts * 2 * two.rm.max_new_tokens * costs.SAMPLE_COST   # SPARE = 2 a source
+  assert sampling(two, "rm") - sampling(two, "rm_round1") == pytest.approx(
+      per_source * (sources(two.rm.round2_mix) - sources(two.rm.source_mix)))
+  assert sampling(two, "rm_round1") == pytest.approx(two.rm.n_prompts * (k + 2) * two.rm.max_new_tokens
+                                                     * costs.SAMPLE_COST)
+  # Their checkpoints are read under W/round1, the final round's under W.
+  fake_checkpoint(tmp_path / "round1" / "rm", 4, complete=True)
+  fake_checkpoint(tmp_path / "round1" / "ppo", 2, complete=False)
+  assert progress.stage_state("rm_round1", tmp_path, False, two) == ("complete", 4)
+  assert progress.stage_state("ppo_round1", tmp_path, False, two) == ("resume", 2)
+  assert progress.stage_state("rm", tmp_path, False, two) == ("new", 0)
+  # The bar's total counts both rounds: what is left of round one, then all of round two.
+  stages = ["rm_round1", "ppo_round1", "rm", "ppo"]
+  with progress.Pipeline(two, tmp_path, stages, enabled=False) as p:
+    pre, loop, post = progress.stage_cost("ppo", two)
+    assert p.left["rm_round1"] == 0.0 and p.left["ppo_round1"] == pytest.approx(loop / 2 + post)
+    assert p.left["rm"] == pytest.approx(sum(progress.stage_cost("rm", two)))
+    assert p.bar.total == pytest.approx(sum(p.left.values()))
+
+
 def test_checkpoint_state_reads_the_newest_committed_step(tmp_path):
   d = tmp_path / "sft"
   assert progress.checkpoint_state(d) == ("new", 0)

@@ -394,15 +394,19 @@ def build(config, mesh, rules, *, eos_id: int, pad_id: int, rm_model: dict | Non
 
 # ----------------------------------------------------------------------------- stage
 
-def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, name: str = "ppo", progress=None):
-  """Train and save under workdir/<name> (the `ppo_noptx` stage is this with ptx_coef 0); progress(done,
-  total) after each iteration (main.py: the pipeline's bar)."""
+def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, name: str = "ppo", progress=None,
+        out: Path | None = None):
+  """Train and save under out/<name> (the `ppo_noptx` stage is this with ptx_coef 0); progress(done,
+  total) after each iteration (main.py: the pipeline's bar). out: where the RM is read from (out/rm) and the
+  stage written, default the workdir (W/round1 for round one, stages/rounds.py); the policy stages and the
+  data are always the workdir's."""
   cfg = config.ppo
   workdir = Path(workdir)
+  out = Path(out) if out is not None else workdir
   src = open_source(config, workdir)   # the task world, or public files (stages/source.py)
   world_dir, tokenizer, world = src.dir, src.tokenizer, src.world
   model_dict = ModelConfig.from_dict(config.model).to_dict()
-  rm_dict = rm_models.trained_rm_model(config, workdir)   # the RM's and the value's model (larger: rm.base_workdir)
+  rm_dict = rm_models.trained_rm_model(config, out)   # the RM's and the value's model (larger: rm.base_workdir)
   world_id = world_fingerprint(workdir)
 
   # ------------------------------------------------------------------ data: prompts and pretraining windows
@@ -428,7 +432,8 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
                len(records), stage_cfg.steps, cfg.batch_size, cfg.minibatch_size, cfg.ppo_epochs, cfg.ptx_coef)
 
   # ------------------------------------------------------------------ programs and state
-  rm = rm_ensemble.load_members(config, workdir, mesh, rules) if score_fn is None else None   # the RM ensemble
+  # The RM ensemble (its first member: out/rm).
+  rm = rm_ensemble.load_members(config, workdir, mesh, rules, rm_root=out) if score_fn is None else None
   programs = build(config, mesh, rules, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, rm_model=rm_dict,
                    n_rm=len(rm) if rm is not None else 0, score_fn=score_fn)
   rollout, update, shardings, abstract = programs.rollout, programs.update, programs.shardings, programs.abstract
@@ -436,10 +441,11 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
   updates_per_iter = programs.updates_per_iter
   repl = parallel.replicated(mesh)
   load = lambda stage, abs_params, step=None: checkpoints.load_params(
-      workdir / stage, abs_params, rm_dict if stage == "rm" else model_dict, world_id, step=step)[0]
+      (out if stage == "rm" else workdir) / stage, abs_params, rm_dict if stage == "rm" else model_dict, world_id,
+      step=step)[0]
   init_step = None   # the policy stage's final step, or the SFT candidate the RM scores best (paper C.1)
   if cfg.select_sft_by_rm and cfg.policy_init == "sft" and score_fn is None:
-    init_step = select.select_sft(config, workdir, mesh, rules, abstract["params"], abstract["value"])
+    init_step = select.select_sft(config, workdir, mesh, rules, abstract["params"], abstract["value"], rm_root=out)
   ref = load(cfg.policy_init, abstract["params"], init_step)     # frozen: the KL anchor (paper: the SFT model)
   stage_cfg.rm_ensemble_size = len(rm) if rm is not None else 0     # checked on resume/skip with the ppo block
   if cfg.rm_uncertainty_coef and (rm is None or len(rm) < 2):
@@ -532,7 +538,7 @@ def run(config, workdir: Path, mesh, rules, score_fn: ScoreFn | None = None, nam
                  100 * out["acceptable_rate"], 100 * out["correct_rate"])
     return out
 
-  stage = loop.Stage(name=name, cfg=stage_cfg, workdir=workdir, model_dict=model_dict, world_id=world_id,
+  stage = loop.Stage(name=name, cfg=stage_cfg, workdir=out, model_dict=model_dict, world_id=world_id,
                      rng=jax.random.key(seed), tx=policy_tx, shardings=shardings, abstract=abstract,
                      settings_section="ppo", progress=progress)
   return loop.run(stage, mesh, rules, initial_state=initial_state, train_step=iteration, batch_at=batch_at,

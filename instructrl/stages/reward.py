@@ -211,13 +211,15 @@ def heldout_group_of(config, world=None) -> int:
   return group
 
 
-def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | None = None):
+def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | None = None, out: Path | None = None):
   """progress(done, total): called after each step, over every member's steps in turn (main.py: the
   pipeline's bar). heldout_group: the group to hold out instead of the world's (tools/rm_cv.py's folds,
-  which measure every group held out in turn and evaluate nothing else)."""
+  which measure every group held out in turn and evaluate nothing else). out: where the comparisons, the
+  RM's checkpoints and its metrics go (default the workdir; W/round1 for round one, stages/rounds.py)."""
   cfg = config.rm
   workdir = Path(workdir)
-  comparisons = collect(config, workdir, mesh, rules)
+  out = Path(out) if out is not None else workdir
+  comparisons = collect(config, workdir, mesh, rules, out=out)
   world = world_lib.World.load(workdir / "world")
   tokenizer = load_tokenizer(workdir)
   model_dict = rm_model(config)     # the policy's model, or rm.base_workdir's (a larger RM)
@@ -241,7 +243,7 @@ def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | 
   # Collected by this stage (or an earlier round of it): an empty response is a sample the labelers ranked.
   read = lambda d, split: load_ranked(d / f"{split}.jsonl", allow_empty_response=True)
   train_all, valid_all = read(comparisons, "train"), read(comparisons, "valid")
-  for extra in earlier_rounds(config, workdir):
+  for extra in earlier_rounds(config, workdir, out=out):
     train_all, valid_all = train_all + read(extra, "train"), valid_all + read(extra, "valid")
   k_max = max(cfg.k_choices)
   as_examples = lambda recs, what: ranked_examples(tokenizer, recs, cfg.seq_len, k_max, world.format_prompt,
@@ -312,11 +314,11 @@ def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | 
   if n_members < 1:
     raise ValueError(f"rm.ensemble_size={n_members}: expected >= 1 (1: a single RM, the paper's setting)")
   steps_per_member = stage_cfg.steps
-  ensemble_due = n_members > 1 and logged_ensemble_size(workdir, steps_per_member) != n_members
+  ensemble_due = n_members > 1 and logged_ensemble_size(out, steps_per_member) != n_members
   # Sampled up front, outside the training loop's mesh context (restoring a checkpoint inside it fails),
   # and only when member 0's end-of-stage metrics or the ensemble's are still to be written.
   probe = (gold_probe_pairs(config, workdir, mesh, rules, world, tokenizer)
-           if ensemble_due or not logged_final(workdir, "rm", steps_per_member) else None)
+           if ensemble_due or not logged_final(out, "rm", steps_per_member) else None)
 
   def gold_probe(score_rows) -> dict:
     out = run_gold_probe(probe, score_rows)
@@ -361,7 +363,7 @@ def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | 
     order = (np.random.default_rng([config.seed, 407, i]).integers(len(data), size=len(data))
              if i > 0 and cfg.get("ensemble_bootstrap", True) else np.arange(len(data)))
     member_seed = seed + 1000 * i
-    where = trained_member_dirs(config, workdir)[i]
+    where = trained_member_dirs(config, out)[i]
     # The settings a member's checkpoint is checked against: the ensemble's size changes no member, and
     # bootstrapping only the members after the first (so a finished single RM joins a larger ensemble).
     member_cfg = ml_collections.ConfigDict({k: v for k, v in stage_cfg.to_dict().items()
@@ -388,7 +390,7 @@ def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | 
                     "member": i})
     result = params if i == 0 else result
   if ensemble_due:
-    members = load_members(config, workdir, mesh, rules)
+    members = load_members(config, workdir, mesh, rules, rm_root=out)
     ens_eval = make_ensemble_eval(model_cfg, mesh, rules)
     out = {"size": n_members}
     for what, examples in (("valid", valid), ("valid/heldout_group", valid_heldout), ("valid/policy_pairs", valid_policy)):
@@ -398,7 +400,7 @@ def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | 
     out.update(gold_probe(lambda t, l: np.mean([row_scores(score_step, p, t, l, cfg.eval_batch_size, mesh, rules)
                                                for p in members], axis=0)))
     logging.info("rm: ensemble of %d: %s", n_members, out)
-    writer = MetricWriter(workdir, "rm", resume_step=steps_per_member)
+    writer = MetricWriter(out, "rm", resume_step=steps_per_member)
     writer.write(steps_per_member, out, prefix="final/ensemble/")
     writer.close()
   return result
@@ -408,12 +410,13 @@ def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | 
 
 def steps(config) -> int:
   """The training loop's step count as `run` derives it, from the config alone: the world's RM prompts cut
-  to rm.n_prompts, less the validation share, for rm.epochs; the ensemble's members in turn."""
+  to rm.n_prompts, less the validation share, for rm.epochs; the ensemble's members in turn. Each set of
+  rm.extra_comparisons counts as one more of this size (exact for round one of the same run)."""
   rm = config.rm
   if source.kind(config) == "files":   # the policy's RM and the judge RM, each rm.steps or ~ n_prompts / 2
     return 2 * (int(rm.steps) if rm.get("steps", 0) else max(1, math.ceil(rm.epochs * rm.n_prompts / 2 / rm.batch_size)))
   n = min(rm.n_prompts, config.world.n_rm_prompts)
-  train = n - int(round(rm.valid_fraction * n))
+  train = (n - int(round(rm.valid_fraction * n))) * comparison_sets(config)
   per = rm.batch_size if rm.formulation == "per_prompt" else rm.pair_batch_size
   if rm.formulation != "per_prompt":   # shuffled pairs: every comparison of every prompt, C(K, 2) of them
     k = sum(rm.k_choices) / len(rm.k_choices)
@@ -431,5 +434,10 @@ def cost(config) -> tuple[float, float, float]:
   sources = sum(1 for w in dict(rm.get("source_mix", {"policy": 1.0})).values() if w > 0)
   sampling = rm.n_prompts * (k + SPARE * sources) * rm.max_new_tokens * costs.SAMPLE_COST
   members = int(rm.get("ensemble_size", 1))
-  return (sampling, costs.TRAIN_COST * members * rm.epochs * rm.n_prompts * (1 - rm.valid_fraction) * k * rm.seq_len,
-          0.0)
+  train = rm.n_prompts * comparison_sets(config) * (1 - rm.valid_fraction)
+  return sampling, costs.TRAIN_COST * members * rm.epochs * train * k * rm.seq_len, 0.0
+
+
+def comparison_sets(config) -> int:
+  """The comparison sets the RM trains on: its own and those of rm.extra_comparisons (earlier rounds)."""
+  return 1 + sum(1 for p in str(config.rm.get("extra_comparisons", "")).split(",") if p.strip())

@@ -86,7 +86,7 @@ def _source_sampler(config, params, world, tokenizer, model_cfg, source: str, po
   return texts
 
 
-def collect(config, workdir: Path, mesh, rules) -> Path:
+def collect(config, workdir: Path, mesh, rules, out: Path | None = None) -> Path:
   """Sample K responses per RM prompt and have every labeler group rank them.
 
   Responses come from rm.source_mix (default: the SFT policy only); each of a prompt's K slots
@@ -94,9 +94,10 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
   workdir/comparisons/{train,valid}.jsonl in the `ranked` schema (one line per prompt and labeler
   group) and a COMPLETE marker. Policy: duplicate samples are dropped before ranking (a labeler cannot
   rank a response against itself), empty ones too unless rm.keep_empty; a prompt left with < 2 is skipped.
+  out: the directory to write `comparisons` under instead of the workdir (W/round1 for round one).
   """
   cfg = config.rm
-  out = Path(workdir) / COMPARISONS
+  out = Path(out if out is not None else workdir) / COMPARISONS
   wanted = collection_key(config)
   if (out / "COMPLETE").exists():
     have = json.loads((out / "COMPLETE").read_text()).get("key")   # absent in sets collected before the check
@@ -173,13 +174,17 @@ def collect(config, workdir: Path, mesh, rules) -> Path:
     logging.warning("rm: skipped %d prompts with fewer than 2 distinct non-empty samples", skipped)
   for split, recs in rows.items():
     write_jsonl(out / f"{split}.jsonl", recs)
-  (out / "COMPLETE").write_text(json.dumps({"prompts": len(records), "skipped": skipped, "key": wanted}) + "\n")
+  # The world it was collected on: a set outside a run's root (W/round1/comparisons) is checked by it.
+  (out / "COMPLETE").write_text(json.dumps({"prompts": len(records), "skipped": skipped, "key": wanted,
+                                            "world": world_fingerprint(workdir)}) + "\n")
   return out
 
 
-def earlier_rounds(config, workdir: Path) -> list[Path]:
-  """rm.extra_comparisons as checked paths: complete comparison sets collected on this run's world."""
-  out = []
+def earlier_rounds(config, workdir: Path, out: Path | None = None) -> list[Path]:
+  """rm.extra_comparisons as checked paths: complete comparison sets collected on this run's world (out: where
+  this round's own set is, as for collect)."""
+  own = (Path(out if out is not None else workdir) / COMPARISONS).resolve()
+  found = []
   for part in (p.strip() for p in str(config.rm.get("extra_comparisons", "")).split(",")):
     if not part:
       continue
@@ -187,13 +192,15 @@ def earlier_rounds(config, workdir: Path) -> list[Path]:
     if not (d / "COMPLETE").exists():
       raise FileNotFoundError(f"rm.extra_comparisons: {d} is not a finished comparisons set (no {d / 'COMPLETE'}); "
                               f"expected the `comparisons` dir of an earlier run's rm stage")
-    if d.resolve() == (Path(workdir) / COMPARISONS).resolve():
+    if d.resolve() == own:
       raise ValueError(f"rm.extra_comparisons: {d} is this run's own comparisons set")
-    if world_fingerprint(d.parent) != world_fingerprint(workdir):
-      raise ValueError(f"rm.extra_comparisons: {d} was collected on world {world_fingerprint(d.parent)}, "
+    # Sets collected before the marker recorded their world: the world of the run they sit in.
+    world = json.loads((d / "COMPLETE").read_text()).get("world") or world_fingerprint(d.parent)
+    if world != world_fingerprint(workdir):
+      raise ValueError(f"rm.extra_comparisons: {d} was collected on world {world}, "
                        f"not this run's {world_fingerprint(workdir)}")
-    out.append(d)
-  return out
+    found.append(d)
+  return found
 
 
 def _used_sources(mix: dict) -> dict:

@@ -80,15 +80,17 @@ def rm_run_dirs(config, workdir: Path) -> list[Path]:
   return out
 
 
-def load_members(config, workdir: Path, mesh, rules) -> tuple:
-  """Every member's params (a tuple; one entry for a single RM), checked against W/rm's model and the world."""
-  rm_dict = trained_rm_model(config, workdir)
+def load_members(config, workdir: Path, mesh, rules, rm_root: Path | None = None) -> tuple:
+  """Every member's params (a tuple; one entry for a single RM), checked against W/rm's model and the world.
+  rm_root: the directory holding this run's rm (and rm_ensemble) instead of the workdir (W/round1)."""
+  root = Path(rm_root) if rm_root is not None else Path(workdir)
+  rm_dict = trained_rm_model(config, root)
   model_cfg = ModelConfig.from_dict(rm_dict)
   tx, _ = make_optimizer(config.sft, 1)
   abstract = abstract_state(model_cfg, tx, state_shardings(model_cfg, tx, mesh, rules, head="scalar"),
                             head="scalar")["params"]
   return tuple(checkpoints.load_params(d, abstract, rm_dict, world_fingerprint(workdir))[0]
-               for d in member_dirs(config, workdir))
+               for d in trained_member_dirs(config, root) + rm_run_dirs(config, workdir))
 
 
 def make_ensemble_eval(model_cfg: ModelConfig, mesh, rules):

@@ -28,15 +28,17 @@ from instructrl.stages.world import load_tokenizer, world_fingerprint
 SELECTION = "sft_selection.json"
 
 
-def select_sft(config, workdir: Path, mesh, rules, lm_abstract, rm_abstract) -> int:
-  """The SFT step PPO starts from (cached in workdir/sft_selection.json for the same candidates)."""
+def select_sft(config, workdir: Path, mesh, rules, lm_abstract, rm_abstract, rm_root: Path | None = None) -> int:
+  """The SFT step PPO starts from (cached in workdir/sft_selection.json for the same candidates). rm_root: the
+  directory of the RM that scores them and of its cache, instead of the workdir (W/round1 for round one)."""
   workdir = Path(workdir)
+  rm_root = Path(rm_root) if rm_root is not None else workdir
   cfg = config.ppo
   model_cfg = ModelConfig.from_dict(config.model)
   model_dict, world_id = model_cfg.to_dict(), world_fingerprint(workdir)
   steps = checkpoints.kept_steps(workdir / "sft")
-  path = workdir / SELECTION
-  rm_meta = checkpoints.StageCheckpoints(workdir / "rm")
+  path = rm_root / SELECTION
+  rm_meta = checkpoints.StageCheckpoints(rm_root / "rm")
   try:
     rm_step = rm_meta.latest_step()
   finally:
@@ -53,8 +55,8 @@ def select_sft(config, workdir: Path, mesh, rules, lm_abstract, rm_abstract) -> 
   # The RM's validation prompts: the first rm.valid_fraction of the ranked prompts, never trained on.
   records = load_jsonl(workdir / "world" / "prompts_rm.jsonl", "eval")[:config.rm.n_prompts]
   records = records[:min(cfg.select_prompts, int(round(config.rm.valid_fraction * len(records))))]
-  rm_dict = rm_models.trained_rm_model(config, workdir)
-  rm_params, _ = checkpoints.load_params(workdir / "rm", rm_abstract, rm_dict, world_id)
+  rm_dict = rm_models.trained_rm_model(config, rm_root)
+  rm_params, _ = checkpoints.load_params(rm_root / "rm", rm_abstract, rm_dict, world_id)
   rm_cfg = ModelConfig.from_dict({**rm_dict, **config.rm.get("model_overrides", {})})
   score = jax.jit(lambda p, t, l: rm_models.rm_scores(Decoder(rm_cfg, head="scalar"), p, t, l))
   scores = {}

@@ -44,6 +44,8 @@ BAD = {
     "rm.sample_temperature": [0.0], "rm.prompt_len": [0], "rm.max_new_tokens": [0], "rm.collect_batch_prompts": [0],
     "rm.rankings_per_prompt": [0], "rm.policy_pair_weight": [0.0],
     "rm.gold_probe_prompts": [-1], "rm.ensemble_size": [0],
+    "rm.rounds": [0, 3], **{f"rm.round2_mix.{s}": [-1.0] for s in ("policy", "pretrain", "pretrain_few_shot",
+                                                                       "ppo", "mismatched")},
     "ppo.select_prompts": [0], "ppo.n_prompts": [0], "ppo.total_episodes": [0], "ppo.batch_size": [0],
     "ppo.minibatch_size": [0, 7], "ppo.ppo_epochs": [0], "ppo.learning_rate": [-1e-5, 0.0],
     "ppo.value_learning_rate": [0.0], "ppo.warmup_iterations": [-1], "ppo.kl_coef": [-1.0],
@@ -133,6 +135,39 @@ OTHER = [
 ]
 
 
+@pytest.mark.parametrize("change, needles", [
+    # Round two ranks round one's PPO-ptx: a mix without it is refused, naming the field.
+    ({"rm.round2_mix.ppo": 0.0}, ["rm.round2_mix.ppo=0.0", "> 0 with rm.rounds=2"]),
+    ({"rm.round2_mix.judge": 0.5}, ["rm.round2_mix=", "not ['judge']"]),
+    # Round one's stages without two rounds.
+    ({"rm.rounds": 1}, ["rm.rounds=1", "2 to run the stages ['rm_round1', 'ppo_round1']"]),
+])
+def test_two_rounds_are_checked(change, needles):
+  check_config(instructgpt.get_config("smoke,round2"), n_devices=1)
+  c = instructgpt.get_config("smoke,round2")
+  for path, value in change.items():
+    smoke_field(c, path, value)
+  with pytest.raises(ConfigError) as e:
+    check_config(c, n_devices=1)
+  for needle in needles:
+    assert needle in str(e.value), str(e.value)
+
+
+def smoke_field(c, field, value):
+  *blocks, name = field.split(".")
+  section = c
+  for b in blocks:
+    section = section[b]
+  section[name] = value
+
+
+def test_round_options_parse_for_every_preset():
+  for preset in ("smoke", "tiny", "small", "1.3b"):
+    c = instructgpt.get_config(f"{preset},round2")
+    assert c.rm.rounds == 2 and c.stages.split(",")[3:6] == ["rm_round1", "ppo_round1", "rm"]
+  assert instructgpt.get_config("tiny").rm.rounds == 1   # one round stays the default
+
+
 @pytest.mark.parametrize("field, value, needles", OTHER, ids=[f"{f}={v!r}" for f, v, _ in OTHER])
 def test_other_bad_values(field, value, needles):
   with pytest.raises(ConfigError) as e:
@@ -188,6 +223,7 @@ PUBLIC = [
     ("data.valid_fraction", 1.0, "data.valid_fraction=1.0"),
     ("data.judge_fraction", 0.0, "data.judge_fraction=0.0"),
     ("data.on_invalid", "ignore", "data.on_invalid='ignore'"),
+    ("rm.rounds", 2, "rm.rounds=2: expected 1 with data.source='files'"),
     ("data.prompt_template", "Human: ", "data.prompt_template"),
     ("data.prompt_template", "{user}: {prompt}", "data.prompt_template"),
     ("data.eos_id", -2, "data.eos_id=-2"),

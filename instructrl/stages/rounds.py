@@ -1,0 +1,63 @@
+"""Two rounds of comparisons in one workdir (rm.rounds = 2; the presets' `,round2` option).
+
+Paper, section 3.5: comparisons were collected over time, the later ones ranking samples of the RL
+policies. Round one is the usual RM and PPO-ptx, written under W/round1 (comparisons, rm, ppo) by the
+stages `rm_round1` and `ppo_round1`. Round two is the pipeline's own `rm`, `ppo`, `ppo_noptx` and `eval`
+in their usual places, so everything downstream reads the final round unchanged: its RM ranks responses
+drawn by rm.round2_mix, whose `ppo` share samples round one's PPO-ptx policy (W/round1/ppo), and trains
+on round one's comparisons added to its own.
+
+The stages are reward.run and ppo.run with another output root and the config of their round
+(`stage_config`); nothing else differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+ROUND1 = "round1"                                   # W/round1: round one's comparisons, rm and ppo
+ROUND_ONE_STAGES = {"rm_round1": "rm", "ppo_round1": "ppo"}   # stage -> the stage it runs in W/round1
+ROUND_FIELDS = ("rounds", "round2_mix")             # config only: no stage records them
+
+
+def n_rounds(config) -> int:
+  """rm.rounds (configs without the field: one round)."""
+  return int(config.rm.get("rounds", 1))
+
+
+def base_stage(stage: str) -> str:
+  """The stage a pipeline stage runs: rm_round1 -> rm, ppo_round1 -> ppo, any other itself."""
+  return ROUND_ONE_STAGES.get(stage, stage)
+
+
+def out_root(workdir: Path, stage: str) -> Path:
+  """Where a stage's outputs go (and where PPO reads its RM): W/round1 for round one's stages, else W."""
+  return Path(workdir) / ROUND1 if stage in ROUND_ONE_STAGES else Path(workdir)
+
+
+def stage_dir(workdir: Path, stage: str) -> Path:
+  """A checkpointed stage's directory: W/round1/rm for rm_round1, W/<stage> otherwise."""
+  return out_root(workdir, stage) / base_stage(stage)
+
+
+def stage_config(config, workdir: Path, stage: str):
+  """The config a stage runs under. Without the round fields in the rm block, so a one-round run and round
+  one record the settings an RM always recorded (and a changed rm.round2_mix leaves round one finished).
+  Round two (rm.rounds = 2, the stages after round one): rm.source_mix is rm.round2_mix, rm.ppo_source round
+  one's PPO-ptx, and round one's comparisons join rm.extra_comparisons; recorded with the RM's settings
+  like any value of those fields (absolute paths: a moved workdir reruns them with a settings mismatch)."""
+  if "rm" not in config or not any(f in config.rm for f in ROUND_FIELDS):
+    return config
+  out = ml_collections.ConfigDict(config.to_dict())
+  for f in ROUND_FIELDS:
+    if f in out.rm:
+      del out.rm[f]
+  if n_rounds(config) == 2 and stage not in ROUND_ONE_STAGES:
+    round1 = Path(workdir).absolute() / ROUND1
+    out.rm.source_mix = ml_collections.ConfigDict(dict(config.rm.round2_mix))
+    out.rm.ppo_source = str(round1 / "ppo")
+    extra = [p.strip() for p in str(config.rm.get("extra_comparisons", "")).split(",") if p.strip()]
+    out.rm.extra_comparisons = ",".join(extra + [str(round1 / "comparisons")])
+  return out

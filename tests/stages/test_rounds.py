@@ -1,0 +1,77 @@
+"""Two rounds of comparisons in one workdir (rm.rounds=2, the `,round2` option; stages/rounds.py): round one's RM
+and PPO-ptx under W/round1, round two's RM ranking round one's PPO-ptx samples and training on both rounds'
+comparisons, all from one command that a rerun skips."""
+
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from instructrl import checkpoints
+from tests.cli_helpers import cli_env
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ["world", "pretrain", "sft", "rm_round1", "ppo_round1", "rm", "ppo"]
+# Cut short: the stages need complete checkpoints, not good ones.
+FAST = ["--config.eval.n_prompts=0", "--config.pretrain.steps=20", "--config.pretrain.checkpoint_every=20",
+        "--config.sft.steps=10", "--config.sft.checkpoint_every=10", "--config.rm.gold_probe_prompts=0"]
+
+
+def cli(workdir, stages=STAGES, timeout=300):
+  cmd = [sys.executable, "-m", "instructrl.main", "--config=configs/instructgpt.py:smoke,round2",
+         f"--workdir={workdir}", f"--stages={','.join(stages)}", *FAST]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cli_env())
+
+
+def stage_lines(stderr: str) -> list[str]:
+  return re.findall(r"pipeline \[\d+/\d+\] (\w+): (complete, skipping|running|generating)", stderr)
+
+
+def sources(comparisons: Path) -> Counter:
+  rows = [json.loads(l) for split in ("train", "valid") for l in (comparisons / f"{split}.jsonl").read_text().splitlines()]
+  return Counter(s for r in rows for s in r["sources"])
+
+
+@pytest.mark.slow
+def test_two_rounds_run_into_one_workdir_and_a_rerun_skips_every_stage(tmp_path):
+  w = tmp_path / "w"
+  out = cli(w)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert [s for s, _ in stage_lines(out.stderr)] == STAGES
+  assert all(what != "complete, skipping" for _, what in stage_lines(out.stderr))
+
+  # Round one: the usual RM (smoke ranks SFT samples only) and PPO-ptx, under W/round1.
+  for stage in ("rm", "ppo"):
+    meta = checkpoints.recorded_meta(w / "round1" / stage)
+    assert meta and meta["complete"], stage
+    assert (w / "round1" / "metrics" / f"{stage}.jsonl").exists()
+  assert set(sources(w / "round1" / "comparisons")) == {"policy"}
+  # Round two in the usual places: its comparisons rank round one's PPO-ptx samples among rm.round2_mix's
+  # sources, its RM trains on both rounds' comparisons, and records what it was collected with.
+  config = json.loads((w / "config.json").read_text())
+  got = sources(w / "comparisons")
+  assert set(got) == {s for s, v in config["rm"]["round2_mix"].items() if v > 0} and got["ppo"] > 0
+  train = [int(n) for n in re.findall(r"rm: (\d+) train prompts", out.stderr)]
+  assert len(train) == 2 and train[1] == 2 * train[0], train
+  rm = checkpoints.recorded_meta(w / "rm")
+  assert rm["complete"] and rm["settings"]["source_mix"] == config["rm"]["round2_mix"]
+  assert rm["settings"]["ppo_source"] == str((w / "round1" / "ppo").absolute())
+  assert rm["settings"]["extra_comparisons"] == str((w / "round1" / "comparisons").absolute())
+  assert "rounds" not in rm["settings"] and "round2_mix" not in rm["settings"]
+  assert checkpoints.recorded_meta(w / "ppo")["complete"] and not (w / "round1" / "world").exists()
+
+  again = cli(w)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert stage_lines(again.stderr) == [(s, "complete, skipping") for s in STAGES]
+
+
+def test_round_two_without_round_one_is_refused_before_any_work(tmp_path):
+  w = tmp_path / "w"
+  out = cli(w, stages=["rm"], timeout=120)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert "rm.rounds=2" in out.stderr and "round1/ppo is not finished" in out.stderr
+  assert "rm_round1,ppo_round1" in out.stderr and not w.exists()
