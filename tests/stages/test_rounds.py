@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+import jax
+import numpy as np
+
 from instructrl import checkpoints
-from tests.cli_helpers import cli_env
+from tests.cli_helpers import cli_env, final_params, sigkill_when
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["world", "pretrain", "sft", "rm_round1", "ppo_round1", "rm", "ppo"]
@@ -21,10 +24,14 @@ FAST = ["--config.eval.n_prompts=0", "--config.pretrain.steps=20", "--config.pre
         "--config.sft.steps=10", "--config.sft.checkpoint_every=10", "--config.rm.gold_probe_prompts=0"]
 
 
+def cmd(workdir, stages=STAGES):
+  return [sys.executable, "-m", "instructrl.main", "--config=configs/instructgpt.py:smoke,round2",
+          f"--workdir={workdir}", f"--stages={','.join(stages)}", *FAST]
+
+
 def cli(workdir, stages=STAGES, timeout=300):
-  cmd = [sys.executable, "-m", "instructrl.main", "--config=configs/instructgpt.py:smoke,round2",
-         f"--workdir={workdir}", f"--stages={','.join(stages)}", *FAST]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cli_env())
+  return subprocess.run(cmd(workdir, stages), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                        env=cli_env())
 
 
 def stage_lines(stderr: str) -> list[str]:
@@ -36,11 +43,18 @@ def sources(comparisons: Path) -> Counter:
   return Counter(s for r in rows for s in r["sources"])
 
 
-@pytest.mark.slow
-def test_two_rounds_run_into_one_workdir_and_a_rerun_skips_every_stage(tmp_path):
-  w = tmp_path / "w"
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory):
+  """One uninterrupted two-round run: (workdir, its output)."""
+  w = tmp_path_factory.mktemp("rounds") / "w"
   out = cli(w)
   assert out.returncode == 0, out.stderr[-3000:]
+  return w, out
+
+
+@pytest.mark.slow
+def test_two_rounds_run_into_one_workdir_and_a_rerun_skips_every_stage(two_rounds):
+  w, out = two_rounds
   assert [s for s, _ in stage_lines(out.stderr)] == STAGES
   assert all(what != "complete, skipping" for _, what in stage_lines(out.stderr))
 
@@ -67,6 +81,29 @@ def test_two_rounds_run_into_one_workdir_and_a_rerun_skips_every_stage(tmp_path)
   again = cli(w)
   assert again.returncode == 0, again.stderr[-3000:]
   assert stage_lines(again.stderr) == [(s, "complete, skipping") for s in STAGES]
+
+
+@pytest.mark.slow
+def test_kills_in_round_one_resume_exactly(two_rounds, tmp_path):
+  """SIGKILL after a checkpoint of round one's RM, then of its PPO-ptx; each rerun of the same command resumes
+  under W/round1, and both rounds end as the uninterrupted run did: the same comparisons and final params."""
+  ref, w = two_rounds[0], tmp_path / "w"
+  for stage in ("rm", "ppo"):
+    committed = lambda: any(p.name.isdigit() for p in (w / "round1" / stage).glob("*"))
+    killed = sigkill_when(cmd(w), committed, cwd=ROOT, env=cli_env(), timeout=300, delay=0.5)
+    assert killed, f"the run ended before round one's {stage} committed a step"
+    meta = checkpoints.recorded_meta(w / "round1" / stage)
+    assert not (meta and meta.get("complete")), f"round one's {stage} finished before the kill"
+  out = cli(w)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "pipeline [4/7] rm_round1: complete, skipping" in out.stderr
+  assert re.search(r"pipeline \[5/7\] ppo_round1: resuming from step \d+", out.stderr), out.stderr[-3000:]
+  for sub in ("round1/comparisons", "comparisons"):
+    for split in ("train", "valid"):
+      assert (w / sub / f"{split}.jsonl").read_bytes() == (ref / sub / f"{split}.jsonl").read_bytes(), (sub, split)
+  for stage in ("round1/rm", "round1/ppo", "rm", "ppo"):
+    (step, got), (ref_step, want) = final_params(w / stage), final_params(ref / stage)
+    assert step == ref_step and jax.tree.all(jax.tree.map(np.array_equal, got, want)), stage
 
 
 def test_round_two_without_round_one_is_refused_before_any_work(tmp_path):
