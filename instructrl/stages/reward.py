@@ -392,16 +392,17 @@ def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | 
   if ensemble_due:
     members = load_members(config, workdir, mesh, rules, rm_root=out)
     ens_eval = make_ensemble_eval(model_cfg, mesh, rules)
-    out = {"size": n_members}
+    summary = {"size": n_members}
     for what, examples in (("valid", valid), ("valid/heldout_group", valid_heldout), ("valid/policy_pairs", valid_policy)):
       if examples is not None and len(examples):
-        out[f"{what}/accuracy"] = evaluate_ensemble(ens_eval, members, examples, cfg.eval_batch_size, mesh, rules)
+        summary[f"{what}/accuracy"] = evaluate_ensemble(ens_eval, members, examples, cfg.eval_batch_size, mesh,
+                                                        rules)
     # The ensemble's mean score (PPO's reward with ppo.rm_uncertainty_coef = 0) on the same probe pairs.
-    out.update(gold_probe(lambda t, l: np.mean([row_scores(score_step, p, t, l, cfg.eval_batch_size, mesh, rules)
-                                               for p in members], axis=0)))
-    logging.info("rm: ensemble of %d: %s", n_members, out)
+    summary.update(gold_probe(lambda t, l: np.mean(
+        [row_scores(score_step, p, t, l, cfg.eval_batch_size, mesh, rules) for p in members], axis=0)))
+    logging.info("rm: ensemble of %d: %s", n_members, summary)
     writer = MetricWriter(out, "rm", resume_step=steps_per_member)
-    writer.write(steps_per_member, out, prefix="final/ensemble/")
+    writer.write(steps_per_member, summary, prefix="final/ensemble/")
     writer.close()
   return result
 
