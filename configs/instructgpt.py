@@ -90,8 +90,8 @@ def _rm_stage():
                                             "mismatched": 0.0})
   c.ppo_source = ""              # with source_mix.ppo > 0: an earlier run's finished ppo stage dir (same world)
   # Rank empty samples too (the labelers see a policy that says nothing, and rank it low). Dropping them
-  # (False, the earlier behaviour) leaves the RM blind there: on tiny, PPO-ptx then answered 20 of 32 held-out
-  # "reverse" prompts with nothing.
+  # (False, the earlier behaviour) leaves the RM blind there: on tiny (world v1), PPO-ptx then answered 20 of 32
+  # held-out "reverse" prompts with nothing.
   c.keep_empty = True
   # Iterated collection (paper 3.5: comparisons gathered over rounds, later ones ranking the RL policies'
   # samples): comma-separated `comparisons` dirs of earlier rounds on the same world, ADDED to this round's
@@ -126,8 +126,8 @@ def _rm_stage():
   # help mitigate overoptimization"): PPO's reward is the members' mean minus ppo.rm_uncertainty_coef times
   # their std. Member 0 is W/rm (the value function's init); the others (W/rm_ensemble/member{i}) differ in
   # head init and data order, and with ensemble_bootstrap each trains on a resample of the training prompts.
-  # Measured on tiny seed 0: 4 members with coef 1 gave PPO-ptx a 52.0% win rate vs 53.9% with a single RM;
-  # members from one SFT trunk err together, so 1 (the paper's single RM) stays the default.
+  # Measured on tiny seed 0, world v1: 4 members with coef 1 gave PPO-ptx a 52.0% win rate vs 53.9% with a
+  # single RM; members from one SFT trunk err together, so 1 (the paper's single RM) stays the default.
   c.ensemble_size = 1
   c.ensemble_bootstrap = True
   c.model_overrides = ml_collections.ConfigDict({"resid_dropout": 0.0})
@@ -318,17 +318,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.sft.update(steps=800, batch_size=32, seq_len=40, learning_rate=5e-4, log_every=25, eval_every=400,
                  checkpoint_every=200, keep_period=200,   # demos are <= 35 tokens here; 4 candidates
                  # paper C.3: PPO starts from SFT trained with 10% pretraining data. Without it the tiny SFT
-                 # forgets pretraining (held-out LM loss 2.82 vs GPT's 0.72; 0.86 with it) and PPO-ptx's
-                 # pretraining term drags the policy 2 nats from SFT.
+                 # forgets pretraining (world v1: held-out LM loss 2.82 vs GPT's 0.72; 0.86 with it) and
+                 # PPO-ptx's pretraining term drags the policy 2 nats from SFT.
                  pretrain_mix=0.1)
     # ppo.select_sft_by_rm stays off here: the tiny RM's scores of the 4 candidates differed by less than
-    # their noise (0.005-0.011 on 128 prompts) and picked step 400 of 800.
+    # their noise (world v1: 0.005-0.011 on 128 prompts) and picked step 400 of 800.
     c.eval.prompt_len = 32
-    # lr 3e-4, not the paper's 9e-6 (a 6B model's): at 1.5e-5 the tiny trunk barely moves and the RM stays a
-    # linear probe of SFT features: 0.66 / 0.685 validation accuracy, 0.55 on pairs of two SFT samples, and
-    # it agrees with the gold judge on 65.5% of (greedy, T=1) SFT answer pairs; 3 epochs or 4 rankings per
-    # prompt did not change that. At 3e-4: 0.69 / 0.72, 0.59 and 72.8%, and PPO on it no longer collapses
-    # gold. 1e-4 and 1e-3 land close (0.69-0.70 / 0.71-0.72).
+    # lr 3e-4, not the paper's 9e-6 (a 6B model's; measured on world v1): at 1.5e-5 the tiny trunk barely
+    # moves and the RM stays a linear probe of SFT features: 0.66 / 0.685 validation accuracy, 0.55 on pairs
+    # of two SFT samples, and it agrees with the gold judge on 65.5% of (greedy, T=1) SFT answer pairs;
+    # 3 epochs or 4 rankings per prompt did not change that. At 3e-4: 0.69 / 0.72, 0.59 and 72.8%, and PPO
+    # on it no longer collapses gold. 1e-4 and 1e-3 land close (0.69-0.70 / 0.71-0.72).
     c.rm.update(n_prompts=2000, batch_size=16, eval_batch_size=25, learning_rate=3e-4, collect_batch_prompts=32,
                 log_every=5, eval_every=25, checkpoint_every=25)
     # The ranked responses from SFT and from the pretrained model bare and prompted (paper 3.5: several

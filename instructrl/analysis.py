@@ -5,7 +5,9 @@
   steps, loss = run.curve("pretrain", "train/loss")
   analysis.report_rows(run.report)                          # the eval table as plain dicts
   analysis.samples(run.workdir, ["SFT", "PPO-ptx"], n=10)   # side by side, with the gold verdict
+  analysis.over_seeds([analysis.load_report(w) for w in ("W0", "W1", "W2")])   # means and intervals over seeds
   python -m instructrl.analysis --workdir=W [--items=other_cloze_eval.jsonl]   # cloze accuracy by kind
+  python -m instructrl.analysis --seeds=W0,W1,W2 [--split=dev]               # the over-seeds table
 
 Plain dicts, lists and NumPy arrays (no pandas), so the notebooks stay thin and this is unit-tested
 (tests/test_analysis.py); notebooks/ uses it, tests/test_notebooks.py executes them.
@@ -126,6 +128,50 @@ def report_rows(report: dict) -> list[dict]:
   return rows
 
 
+def load_report(workdir: str | Path, split: str = "test") -> dict:
+  """A run's eval report of `split`: W/eval/report.json (test) or W/eval_dev/report.json (dev)."""
+  if split not in ("test", "dev"):
+    raise ValueError(f"split={split!r}: expected 'test' or 'dev'")
+  path = Path(workdir) / ("eval" if split == "test" else "eval_dev") / "report.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no {split} report (run the eval stage"
+                            f"{' with --config.eval.split=dev' if split == 'dev' else ''} on {workdir})")
+  return json.loads(path.read_text())
+
+
+def over_seeds(reports: list[dict]) -> list[dict]:
+  """One row per model over several seeds' eval reports: each seed's win rate vs SFT, the mean over seeds with
+  a 95% Student-t interval (the seeds are the samples: n - 1 degrees of freedom, so it widens the prompt-level
+  intervals by seed-to-seed variation), the lowest lower bound of a seed's own interval, and the means of the
+  held-out LM loss, cloze accuracy and each behaviour's compliance. The reports must share their split and
+  judging labeler group; a model missing from one report is left out."""
+  from scipy import stats
+  if not reports:
+    raise ValueError("over_seeds: no reports")
+  keys = {(r.get("split", "test"), (r.get("judged_by") or {}).get("group")) for r in reports}
+  if len(keys) > 1:
+    raise ValueError(f"over_seeds: the reports differ in (split, judging group): {sorted(keys, key=str)}")
+  n = len(reports)
+  t = float(stats.t.ppf(0.975, n - 1)) if n > 1 else float("nan")
+  rows = []
+  for name in reports[0]["models"]:
+    if not all(name in r["results"] for r in reports):
+      continue
+    res = [r["results"][name] for r in reports]
+    wins = np.array([x["win_rate_vs_sft"]["mean"] for x in res])
+    half = t * wins.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+    row = {"model": name, "temperature": res[0]["temperature"], "seeds": n, "win_rates": wins.tolist(),
+           "win_rate": float(wins.mean()), "win_rate_ci": (float(wins.mean() - half), float(wins.mean() + half)),
+           "lowest_seed_ci_low": min(x["win_rate_vs_sft"]["ci_low"] for x in res),
+           "heldout_lm_loss": float(np.mean([x["heldout_lm_loss"] for x in res])),
+           "cloze_accuracy": float(np.mean([x["cloze_accuracy"] for x in res]))}
+    behaviours = sorted(set.intersection(*(set(x["gold"].get("by_behaviour", {})) for x in res)))
+    for b in behaviours:
+      row[f"compliant/{b}"] = float(np.mean([x["gold"]["by_behaviour"][b]["compliant"] for x in res]))
+    rows.append(row)
+  return rows
+
+
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
   """A markdown table of `rows` (floats to 3 decimals): for IPython.display.Markdown or print."""
   if not rows:
@@ -137,6 +183,8 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
       return f"{v:.3f}"
     if isinstance(v, tuple):
       return "[" + ", ".join(cell(x) for x in v) + "]"
+    if isinstance(v, list):   # one value per seed
+      return " / ".join(cell(x) for x in v)
     return "-" if v is None else str(v).replace("|", "\\|").replace("\n", " / ")
 
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -310,9 +358,18 @@ def cloze_by_kind(workdir: str | Path, items_path: str | Path | None = None) -> 
 
 if __name__ == "__main__":
   import argparse
-  ap = argparse.ArgumentParser(description="Cloze accuracy by kind of every finished model of a run.")
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--items", default=None, help="a cloze_eval.jsonl (default: the run's world's)")
+  ap = argparse.ArgumentParser(description="Cloze accuracy by kind of every finished model of a run (--workdir), "
+                                           "or the eval reports of several seeds' runs over seeds (--seeds).")
+  what = ap.add_mutually_exclusive_group(required=True)
+  what.add_argument("--workdir")
+  what.add_argument("--seeds", help="comma-separated run directories, one per seed")
+  ap.add_argument("--items", default=None, help="with --workdir: a cloze_eval.jsonl (default: the run's world's)")
+  ap.add_argument("--split", default="test", choices=("test", "dev"), help="with --seeds: which eval report")
   args = ap.parse_args()
-  got = cloze_by_kind(args.workdir, args.items)
-  print(format_table([{"model": m, **v} for m, v in got.items()]))
+  if args.seeds:
+    rows = over_seeds([load_report(w, args.split) for w in args.seeds.split(",")])
+    print(format_table(rows, ["model", "temperature", "win_rates", "win_rate", "win_rate_ci", "lowest_seed_ci_low",
+                              "heldout_lm_loss", "cloze_accuracy", *[k for k in rows[0] if k.startswith("compliant/")]]))
+  else:
+    got = cloze_by_kind(args.workdir, args.items)
+    print(format_table([{"model": m, **v} for m, v in got.items()]))

@@ -59,6 +59,33 @@ def test_report_rows_and_markdown_table():
   assert analysis.format_table([{"a": "x|y", "b": None}]).splitlines()[-1] == "| x\\|y | - |"
 
 
+def test_over_seeds_means_with_a_student_t_interval(tmp_path):
+  reports = []
+  for seed, (w, low, loss) in enumerate([(0.6, 0.55, 1.0), (0.7, 0.66, 1.2), (0.8, 0.76, 1.4)]):
+    r = fake_report()
+    r["results"]["PPO-ptx"]["win_rate_vs_sft"].update(mean=w, ci_low=low)
+    r["results"]["PPO-ptx"]["heldout_lm_loss"] = loss
+    r["results"]["PPO-ptx"]["gold"]["by_behaviour"] = {"insult": {"compliant": w - 0.5}, "plain": {"compliant": 1.0}}
+    r["results"]["SFT"]["gold"]["by_behaviour"] = {"insult": {"compliant": 0.5}}
+    r.update(split="test", judged_by={"group": 4})
+    (tmp_path / f"w{seed}" / "eval").mkdir(parents=True)
+    (tmp_path / f"w{seed}" / "eval" / "report.json").write_text(json.dumps(r))
+    reports.append(analysis.load_report(tmp_path / f"w{seed}"))
+  sft, ppo = analysis.over_seeds(reports)
+  # mean 0.7, sample std 0.1, t(0.975, 2 dof) = 4.3027: half-width 4.3027 * 0.1 / sqrt(3) = 0.2484
+  assert ppo["win_rates"] == [0.6, 0.7, 0.8] and ppo["win_rate"] == pytest.approx(0.7)
+  assert ppo["win_rate_ci"] == pytest.approx((0.7 - 0.24841, 0.7 + 0.24841), abs=1e-4)
+  assert ppo["lowest_seed_ci_low"] == 0.55 and ppo["heldout_lm_loss"] == pytest.approx(1.2)
+  assert ppo["compliant/insult"] == pytest.approx(0.2) and ppo["compliant/plain"] == 1.0
+  assert sft["win_rate_ci"] == pytest.approx((0.5, 0.5)) and "compliant/plain" not in sft
+  assert "| PPO-ptx | 0.600 / 0.700 / 0.800 |" in analysis.format_table([ppo], ["model", "win_rates"])
+  reports[2]["split"] = "dev"
+  with pytest.raises(ValueError, match="differ in"):
+    analysis.over_seeds(reports)
+  with pytest.raises(FileNotFoundError, match="--config.eval.split=dev"):
+    analysis.load_report(tmp_path / "w0", "dev")
+
+
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("run") / "world"
