@@ -42,10 +42,10 @@ def trained_member_dirs(config, workdir: Path) -> list[Path]:
   return [Path(workdir) / "rm"] + [Path(workdir) / ENSEMBLE / f"member{i}" for i in range(1, n)]
 
 
-def member_dirs(config, workdir: Path) -> list[Path]:
-  """Every member PPO scores with: this run's (trained_member_dirs), then the `rm` stage of each run in
-  ppo.rm_runs (other runs on the same world)."""
-  return trained_member_dirs(config, workdir) + rm_run_dirs(config, workdir)
+def member_dirs(config, workdir: Path, rm_root: Path | None = None) -> list[Path]:
+  """Every member PPO scores with: this run's (trained_member_dirs, under rm_root: default the workdir, W/round1
+  for round one), then the `rm` stage of each run in ppo.rm_runs (other runs on the same world)."""
+  return trained_member_dirs(config, rm_root if rm_root is not None else workdir) + rm_run_dirs(config, workdir)
 
 
 def n_members(config) -> int:
@@ -90,7 +90,7 @@ def load_members(config, workdir: Path, mesh, rules, rm_root: Path | None = None
   abstract = abstract_state(model_cfg, tx, state_shardings(model_cfg, tx, mesh, rules, head="scalar"),
                             head="scalar")["params"]
   return tuple(checkpoints.load_params(d, abstract, rm_dict, world_fingerprint(workdir))[0]
-               for d in trained_member_dirs(config, root) + rm_run_dirs(config, workdir))
+               for d in member_dirs(config, workdir, root))
 
 
 def make_ensemble_eval(model_cfg: ModelConfig, mesh, rules):
