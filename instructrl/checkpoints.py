@@ -297,6 +297,8 @@ def check_settings(meta: dict, cfg, where: str, section: str) -> None:
     return
   asked = settings_of(cfg)
   saved = current_names(saved, asked)
+  from instructrl.stages import rounds   # round one's outputs as round two names them (rounds.WORKDIR)
+  saved = rounds.portable(saved, asked)
   for k, v in LATER_FIELDS.items():
     if k in asked and isinstance(v, dict) and isinstance(saved.get(k), dict):
       saved[k] = {**v, **saved[k]}

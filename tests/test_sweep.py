@@ -23,12 +23,13 @@ def by_member(runs):
 def test_members_share_exactly_the_stages_upstream_of_their_overrides(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
   kl = by_member(sweep.plan(load("kl_coef"), tmp_path))
-  a, b = kl["beta0"], kl["beta0.01"]
+  a, b = kl["beta0.01"], kl["beta0.02"]
   for stage in ("world", "pretrain", "sft", "rm"):
     assert a["shared"][stage] == b["shared"][stage], stage
-  for stage in ("ppo", "ppo_noptx", "eval"):
+  for stage in ("ppo", "eval"):
     assert a["shared"][stage] != b["shared"][stage], stage
-  assert b["computes"]["rm"] == "beta0/seed0" and b["computes"]["ppo"] == "beta0.01/seed0"
+  assert "ppo_noptx" not in a["shared"]   # the beta sweep is PPO-ptx's
+  assert b["computes"]["rm"] == "beta0.01/seed0" and b["computes"]["ppo"] == "beta0.02/seed0"
   # gamma only changes PPO-ptx: the gamma = 0 reference (ppo_noptx) is computed once for all members
   ptx = by_member(sweep.plan(load("ptx_coef"), tmp_path))
   assert len({r["shared"]["ppo_noptx"] for r in ptx.values()}) == 1
@@ -61,7 +62,7 @@ def test_links_point_every_member_at_the_shared_outputs(tmp_path, monkeypatch):
   for r in runs.values():
     sweep.link_shared(r)
     sweep.link_shared(r)   # idempotent
-  a, b = runs["beta0"]["run_dir"], runs["beta0.01"]["run_dir"]
+  a, b = runs["beta0.01"]["run_dir"], runs["beta0.02"]["run_dir"]
   assert (a / "sft").resolve() == (b / "sft").resolve() and (a / "metrics/rm.jsonl").resolve() == \
       (b / "metrics/rm.jsonl").resolve()
   assert (a / "ppo").resolve() != (b / "ppo").resolve()
@@ -162,7 +163,7 @@ def test_a_run_recorded_before_a_ppo_field_was_renamed_is_adopted_whole(tmp_path
   assert sweep.stage_keys(sweep.run_config(tmp_path / "old", s.base), ["ppo"]) == sweep.stage_keys(base, ["ppo"])
   (tmp_path / "sweep" / "_shared").mkdir(parents=True)
   got = {name.split("-")[0] for name in sweep.adopt(runs, s, [tmp_path / "old"])}
-  assert {"ppo", "ppo_noptx", "eval"} <= got, got
+  assert {"ppo", "eval"} <= got, got
 
 
 def test_adopt_copies_the_matching_stages_of_finished_runs(tmp_path, monkeypatch):
@@ -182,22 +183,22 @@ def test_adopt_copies_the_matching_stages_of_finished_runs(tmp_path, monkeypatch
   got = sorted((name.split("-")[0], src.name) for name, src in got.items())
   # seed 0: every stage of the default member, world..eval; the seed-1 run differs from SFT on: only its
   # pretrain matches (its world is the same world, already adopted from seed 0: the world has its own seed)
-  assert got == sorted([(st, "seed0") for st in sweep.STAGE_OUTPUTS] + [("pretrain", "seed1_other_sft")]), got
+  assert got == sorted([(st, "seed0") for st in s.stages.split(",")] + [("pretrain", "seed1_other_sft")]), got
   for r in runs:
     sweep.link_shared(r)
   r = by_member([r for r in runs if r["seed"] == 0])
   assert (r["beta0.2"]["run_dir"] / "eval" / "marker").read_text() == "seed0:eval"
-  assert (r["beta0"]["run_dir"] / "rm" / "marker").read_text() == "seed0:rm"
-  assert not (r["beta0"]["run_dir"] / "ppo" / "marker").exists()          # another beta: trained anew
+  assert (r["beta0.01"]["run_dir"] / "rm" / "marker").read_text() == "seed0:rm"
+  assert not (r["beta0.01"]["run_dir"] / "ppo" / "marker").exists()       # another beta: trained anew
   r1 = by_member([r for r in runs if r["seed"] == 1])
-  assert (r1["beta0"]["run_dir"] / "world" / "marker").read_text() == "seed0:world"
-  assert (r1["beta0"]["run_dir"] / "pretrain" / "marker").read_text() == "seed1_other_sft:pretrain"
-  assert not (r1["beta0"]["run_dir"] / "sft" / "marker").exists()
-  assert (r1["beta0"]["run_dir"] / "metrics" / "rm.jsonl").read_text() == ""
+  assert (r1["beta0.01"]["run_dir"] / "world" / "marker").read_text() == "seed0:world"
+  assert (r1["beta0.01"]["run_dir"] / "pretrain" / "marker").read_text() == "seed1_other_sft:pretrain"
+  assert not (r1["beta0.01"]["run_dir"] / "sft" / "marker").exists()
+  assert (r1["beta0.01"]["run_dir"] / "metrics" / "rm.jsonl").read_text() == ""
   # a shared dir with outputs is never overwritten
   (r["beta0.2"]["run_dir"] / "sft" / "marker").write_text("changed")
   assert sweep.adopt(runs, s, [tmp_path / "seed0"]) == {}
-  assert (r["beta0"]["run_dir"] / "sft" / "marker").read_text() == "changed"
+  assert (r["beta0.01"]["run_dir"] / "sft" / "marker").read_text() == "changed"
   with pytest.raises(FileNotFoundError, match="config.json"):
     sweep.adopt(runs, s, [tmp_path])
 
@@ -218,3 +219,56 @@ def test_only_names_unknown_members_and_aggregate_only_runs_nothing(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.md", "sweep.png"]
   assert "| beta0.1 | ppo.kl_coef=0.1 | 0 | - |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_two_round_sweeps_pin_round_one_to_the_base_preset(tmp_path, monkeypatch):
+  """`,round2` base, round1 = "base": a beta sweep's members share one round one per seed (the base preset's) and
+  round two's RM, and differ from PPO on; each run is round one's command under the base config, then the
+  member's. round1 = "member": each member's overrides reach round one, so nothing after SFT is shared."""
+  monkeypatch.chdir(ROOT)
+  s = load("kl_coef", "smoke,round2")
+  runs = by_member(sweep.plan(s, tmp_path))
+  a, b = runs["beta0.01"], runs["beta0.02"]
+  assert list(a["shared"]) == ["world", "pretrain", "sft", "rm_round1", "ppo_round1", "rm", "ppo", "eval"]
+  for stage in ("world", "pretrain", "sft", "rm_round1", "ppo_round1", "rm"):
+    assert a["shared"][stage] == b["shared"][stage], stage
+  assert a["shared"]["ppo"] != b["shared"]["ppo"]
+  one, two = b["cmds"]
+  assert "--stages=world,pretrain,sft,rm_round1,ppo_round1" in one and not any("kl_coef" in f for f in one)
+  assert "--stages=rm,ppo,eval" in two and "--config.ppo.kl_coef=0.02" in two and two == b["cmd"]
+  # round one's keys are the base preset's: the same as a plain two-round run of the seed
+  base = sweep.member_config(s.base, {"eval.split": "dev"}, 0)
+  want = sweep.stage_keys(base, sweep.sweep_stages(s, base))
+  assert a["shared"]["ppo_round1"].name == f"ppo_round1-{want['ppo_round1']}"
+  s.round1 = "member"
+  runs = by_member(sweep.plan(s, tmp_path))
+  a, b = runs["beta0.01"], runs["beta0.02"]
+  assert a["shared"]["rm_round1"] == b["shared"]["rm_round1"] and a["shared"]["ppo_round1"] != b["shared"]["ppo_round1"]
+  assert a["shared"]["rm"] != b["shared"]["rm"] and len(b["cmds"]) == 1
+  # a pinned round one cannot follow a member that changes what it reads
+  s.round1 = "base"
+  s.members = [dict(name="lr", overrides={"sft.learning_rate": 1e-4})]
+  with pytest.raises(ValueError, match="sweep member lr changes sft, which round one reads"):
+    sweep.plan(s, tmp_path)
+  s.round1 = "both"
+  with pytest.raises(ValueError, match="round1='both'"):
+    sweep.plan(s, tmp_path)
+
+
+def test_two_round_links_reach_round_one_outputs(tmp_path, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  runs = by_member(sweep.plan(load("kl_coef", "smoke,round2"), tmp_path))
+  for r in runs.values():
+    sweep.link_shared(r)
+  a, b = runs["beta0.01"]["run_dir"], runs["beta0.02"]["run_dir"]
+  assert (a / "round1").is_dir() and not (a / "round1").is_symlink()   # its own dir: its tensorboard logs
+  for out in ("round1/ppo", "round1/comparisons", "round1/metrics/ppo.jsonl", "rm"):
+    assert (a / out).is_symlink() and (a / out).resolve() == (b / out).resolve(), out
+
+
+def test_metric_paths_average_the_tail_of_a_curve():
+  report = {"ppo_curves": {"PPO-ptx": {"rm_score": [0.0, 1.0, 2.0, 4.0], "kl": []}}}
+  assert sweep.get_path(report, "ppo_curves/PPO-ptx/rm_score/last2") == 3.0
+  assert sweep.get_path(report, "ppo_curves/PPO-ptx/rm_score/last10") == 1.75
+  assert sweep.get_path(report, "ppo_curves/PPO-ptx/kl/last10") is None
+  assert sweep.get_path(report, "ppo_curves/PPO/rm_score/last10") is None

@@ -10,4 +10,5 @@ def get_sweep(arg=None):
   sizes = [(base[0] - 1, base[1] // 2), base, (base[0] + 1, base[1] * 3 // 2)]
   members = [(f"L{l}-D{d}", {"model.n_layers": l, "model.d_model": d, "model.d_ff": 4 * d,
                              "model.head_dim": d // 4}) for l, d in sizes]
-  return common.sweep(arg, common.FULL, members, {**common.PPO_METRICS, **common.RM_METRICS})
+  return common.sweep(arg, common.FULL, members, {**common.PPO_METRICS, **common.RM_METRICS},
+                      round1="member")

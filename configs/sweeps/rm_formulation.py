@@ -7,4 +7,4 @@ from configs.sweeps import common
 def get_sweep(arg=None):
   members = [(f"{form}-{e}ep", {"rm.formulation": form, "rm.epochs": float(e)})
              for form in ("per_prompt", "shuffled_pairs") for e in (1, 2)]
-  return common.sweep(arg, common.RM_ONLY, members, common.RM_METRICS)
+  return common.sweep(arg, common.RM_ONLY, members, common.RM_METRICS, round1="member")

@@ -22,6 +22,7 @@ from instructrl import measures, parallel
 from instructrl.data import world as world_lib
 from instructrl.data.records import load_jsonl, write_jsonl
 from instructrl.models.config import ModelConfig
+from instructrl.stages import rounds
 from instructrl.stages.rm_models import load_policy
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
@@ -103,7 +104,8 @@ def collect(config, workdir: Path, mesh, rules, out: Path | None = None) -> Path
     have = json.loads((out / "COMPLETE").read_text()).get("key")   # absent in sets collected before the check
     if have is not None:
       # keep_empty came later: sets collected before it dropped empty samples
-      have = {"keep_empty": False, **have, "source_mix": _used_sources(have.get("source_mix", {}))}
+      have = rounds.portable({"keep_empty": False, **have, "source_mix": _used_sources(have.get("source_mix", {}))},
+                             wanted)
     if have is not None and have != wanted:
       diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
       raise ValueError(f"{out} was collected with different settings ({', '.join(diff)}: "
@@ -123,7 +125,7 @@ def collect(config, workdir: Path, mesh, rules, out: Path | None = None) -> Path
   if "ppo" in names and not cfg.ppo_source:
     raise ValueError("rm.source_mix.ppo > 0 needs rm.ppo_source: the directory of a finished ppo stage of an "
                      "earlier run on the same world (e.g. runs/round1/ppo)")
-  params = {st: load_policy(config, workdir, mesh, rules, directory=Path(cfg.ppo_source), entry="ema")
+  params = {st: load_policy(config, workdir, mesh, rules, directory=rounds.expand(cfg.ppo_source, workdir), entry="ema")
             if st == "ppo_source" else load_policy(config, workdir, mesh, rules, st)
             for st in {stage_of(s) for s in names}}   # each model loaded once
   records = load_jsonl(world_dir / "prompts_rm.jsonl", "eval")[:cfg.n_prompts]
@@ -188,14 +190,15 @@ def earlier_rounds(config, workdir: Path, out: Path | None = None) -> list[Path]
   for part in (p.strip() for p in str(config.rm.get("extra_comparisons", "")).split(",")):
     if not part:
       continue
-    d = Path(part)
+    d = rounds.expand(part, workdir)
     if not (d / "COMPLETE").exists():
       raise FileNotFoundError(f"rm.extra_comparisons: {d} is not a finished comparisons set (no {d / 'COMPLETE'}); "
                               f"expected the `comparisons` dir of an earlier run's rm stage")
     if d.resolve() == own:
       raise ValueError(f"rm.extra_comparisons: {d} is this run's own comparisons set")
-    # Sets collected before the marker recorded their world: the world of the run they sit in.
-    world = json.loads((d / "COMPLETE").read_text()).get("world") or world_fingerprint(d.parent)
+    # Sets collected before the marker recorded their world: the world of the run they sit in (W/round1's: W's).
+    run = d.parent.parent if d.parent.name == rounds.ROUND1 else d.parent
+    world = json.loads((d / "COMPLETE").read_text()).get("world") or world_fingerprint(run)
     if world != world_fingerprint(workdir):
       raise ValueError(f"rm.extra_comparisons: {d} was collected on world {world}, "
                        f"not this run's {world_fingerprint(workdir)}")

@@ -20,6 +20,12 @@ import ml_collections
 ROUND1 = "round1"                                   # W/round1: round one's comparisons, rm and ppo
 ROUND_ONE_STAGES = {"rm_round1": "rm", "ppo_round1": "ppo"}   # stage -> the stage it runs in W/round1
 ROUND_FIELDS = ("rounds", "round2_mix")             # config only: no stage records them
+# A path in rm.ppo_source / rm.extra_comparisons may start with this: the run's own workdir. Round two records
+# round one's outputs so (not as absolute paths), so its settings and comparisons match wherever the workdir
+# is: a moved workdir resumes, and sweep members sharing one round two (tools/sweep.py) agree on them.
+WORKDIR = "{workdir}"
+ROUND1_PPO = f"{WORKDIR}/{ROUND1}/ppo"
+ROUND1_COMPARISONS = f"{WORKDIR}/{ROUND1}/comparisons"
 
 
 def n_rounds(config) -> int:
@@ -42,12 +48,36 @@ def stage_dir(workdir: Path, stage: str) -> Path:
   return out_root(workdir, stage) / base_stage(stage)
 
 
+def expand(path: str, workdir: Path) -> Path:
+  """A ppo_source / extra_comparisons entry as a path: a leading {workdir} is the run's workdir."""
+  path = str(path)
+  if path == WORKDIR or path.startswith(WORKDIR + "/"):
+    return Path(workdir).absolute() / path[len(WORKDIR):].lstrip("/")
+  return Path(path)
+
+
+def portable(saved: dict, asked: dict) -> dict:
+  """Recorded rm settings (or a comparisons key) with round one's outputs in the {workdir} form where the
+  config asks for that form: round two as recorded before the form existed named them by absolute path,
+  and any such path is round one of the run being checked (its own rm_round1 and ppo_round1 are checked
+  on their own), so the two agree."""
+  saved = dict(saved)
+  legacy = {ROUND1_PPO: "/" + ROUND1 + "/ppo", ROUND1_COMPARISONS: "/" + ROUND1 + "/comparisons"}
+  if str(asked.get("ppo_source", "")) == ROUND1_PPO and str(saved.get("ppo_source", "")).endswith(legacy[ROUND1_PPO]):
+    saved["ppo_source"] = ROUND1_PPO
+  if ROUND1_COMPARISONS in str(asked.get("extra_comparisons", "")).split(",") and saved.get("extra_comparisons"):
+    saved["extra_comparisons"] = ",".join(
+        ROUND1_COMPARISONS if p.endswith(legacy[ROUND1_COMPARISONS]) and p.startswith("/") else p
+        for p in str(saved["extra_comparisons"]).split(","))
+  return saved
+
+
 def stage_config(config, workdir: Path, stage: str):
   """The config a stage runs under. Without the round fields in the rm block, so a one-round run and round
   one record the settings an RM always recorded (and a changed rm.round2_mix leaves round one finished).
   Round two (rm.rounds = 2, the stages after round one): rm.source_mix is rm.round2_mix, rm.ppo_source round
-  one's PPO-ptx, and round one's comparisons join rm.extra_comparisons; recorded with the RM's settings
-  like any value of those fields (absolute paths: a moved workdir reruns them with a settings mismatch)."""
+  one's PPO-ptx, and round one's comparisons join rm.extra_comparisons, both named from {workdir} (WORKDIR)
+  and recorded so with the RM's settings."""
   if "rm" not in config or not any(f in config.rm for f in ROUND_FIELDS):
     return config
   out = ml_collections.ConfigDict(config.to_dict())
@@ -55,9 +85,8 @@ def stage_config(config, workdir: Path, stage: str):
     if f in out.rm:
       del out.rm[f]
   if n_rounds(config) == 2 and stage not in ROUND_ONE_STAGES:
-    round1 = Path(workdir).absolute() / ROUND1
     out.rm.source_mix = ml_collections.ConfigDict(dict(config.rm.round2_mix))
-    out.rm.ppo_source = str(round1 / "ppo")
+    out.rm.ppo_source = ROUND1_PPO
     extra = [p.strip() for p in str(config.rm.get("extra_comparisons", "")).split(",") if p.strip()]
-    out.rm.extra_comparisons = ",".join(extra + [str(round1 / "comparisons")])
+    out.rm.extra_comparisons = ",".join(extra + [ROUND1_COMPARISONS])
   return out

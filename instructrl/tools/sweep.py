@@ -52,11 +52,15 @@ _ADOPT = cli_flags.define(flags.DEFINE_list, "adopt", [], "Finished run dirs who
 # with rm.ensemble_size 1 or from before ensembles existed).
 STAGE_OUTPUTS = {"world": ("world",), "pretrain": ("pretrain", "metrics/pretrain.jsonl"),
                  "sft": ("sft", "metrics/sft.jsonl"),
+                 # round one of two (rm.rounds = 2, stages/rounds.py): its RM and PPO-ptx under W/round1
+                 "rm_round1": ("round1/comparisons", "round1/rm", "round1/rm_ensemble", "round1/metrics/rm.jsonl"),
+                 "ppo_round1": ("round1/ppo", "round1/metrics/ppo.jsonl"),
                  "rm": ("comparisons", "rm", "rm_ensemble", "metrics/rm.jsonl"),
                  "ppo": ("ppo", "metrics/ppo.jsonl"), "ppo_noptx": ("ppo_noptx", "metrics/ppo_noptx.jsonl"),
                  "eval": ("eval", "eval_dev")}
 # eval / eval_dev: a run judged one split (the sweep's eval_split is in the eval stage's hash).
-OPTIONAL_OUTPUTS = frozenset({"rm_ensemble", "eval", "eval_dev"})
+OPTIONAL_OUTPUTS = frozenset({"rm_ensemble", "round1/rm_ensemble", "eval", "eval_dev"})
+ROUND_ONE = ("world", "pretrain", "sft", "rm_round1", "ppo_round1")   # the stages round one runs (and needs)
 
 
 def load_module(path: str):
@@ -96,24 +100,44 @@ def member_config(base: str, overrides: dict, seed: int) -> ml_collections.Confi
   return config
 
 
-def stage_keys(config, stages: list[str]) -> dict[str, str]:
+def stage_keys(config, stages: list[str], round1_config=None) -> dict[str, str]:
   """A hash per stage of everything its outputs depend on: its config blocks and its inputs' keys.
 
   The world depends on the world/tokenizer blocks only (it has its own seed); the top-level seed
   enters at pretrain. ppo_noptx is the ppo block with ptx_coef 0, so it is shared by members that
-  differ only in ptx_coef.
+  differ only in ptx_coef. With two rounds (rm.rounds = 2), round one's stages hash their round's
+  config (round1_config: the one they run under, default `config`) and round two's RM hashes round
+  one's PPO-ptx as an input.
   """
-  block = lambda name: config[name].to_dict() if hasattr(config[name], "to_dict") else config[name]
-  h = lambda *parts: hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-  k = {"world": h(block("world"), block("tokenizer"))}
-  k["pretrain"] = h(k["world"], config.seed, block("model"), block("pretrain"))
-  k["sft"] = h(k["pretrain"], block("sft"))
-  k["rm"] = h(k["sft"], block("rm"))
-  k["ppo"] = h(k["rm"], block("ppo"))
+  from instructrl.stages import rounds
   from instructrl.stages.ppo import without_ptx
+  block = lambda cfg, name: cfg[name].to_dict() if hasattr(cfg[name], "to_dict") else cfg[name]
+  h = lambda *parts: hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+  first = config if round1_config is None else round1_config
+  k = {"world": h(block(first, "world"), block(first, "tokenizer"))}
+  k["pretrain"] = h(k["world"], first.seed, block(first, "model"), block(first, "pretrain"))
+  k["sft"] = h(k["pretrain"], block(first, "sft"))
+  if rounds.n_rounds(config) == 2:
+    one = rounds.stage_config(first, Path("."), "rm_round1")   # round one records no round fields
+    k["rm_round1"] = h(k["sft"], block(one, "rm"))
+    k["ppo_round1"] = h(k["rm_round1"], block(one, "ppo"))
+    k["rm"] = h(k["sft"], k["ppo_round1"], block(config, "rm"))
+  else:
+    k["rm"] = h(k["sft"], block(config, "rm"))
+  k["ppo"] = h(k["rm"], block(config, "ppo"))
   k["ppo_noptx"] = h(k["rm"], without_ptx(config).ppo.to_dict())
-  k["eval"] = h(k["ppo"], k["ppo_noptx"], block("eval"), stages)
+  k["eval"] = h(k["ppo"], k["ppo_noptx"], block(config, "eval"), stages)
   return {s: k[s] for s in stages}
+
+
+def sweep_stages(sweep, config) -> list[str]:
+  """The sweep's stages, with round one's (rm_round1, ppo_round1) before `rm` when the base runs two rounds."""
+  from instructrl.stages import rounds
+  stages = [s.strip() for s in sweep["stages"].split(",") if s.strip()]
+  if rounds.n_rounds(config) == 2 and "rm" in stages and "rm_round1" not in stages:
+    i = stages.index("rm")
+    stages[i:i] = ["rm_round1", "ppo_round1"]
+  return stages
 
 
 def overrides_as_flags(overrides: dict, seed: int) -> list[str]:
@@ -129,21 +153,47 @@ def member_overrides(sweep, member) -> dict:
 
 
 def plan(sweep, workdir: Path) -> list[dict]:
-  """One entry per (member, seed): its run dir, command, and the shared stage dirs it links."""
-  stages = [s.strip() for s in sweep["stages"].split(",") if s.strip()]
+  """One entry per (member, seed): its run dir, commands, and the shared stage dirs it links.
+
+  Two rounds (a `,round2` base): with the sweep field round1 = "base" (the default) every member of a seed
+  shares one round one, the base preset's: the members' overrides apply to round two's stages (rm, ppo,
+  ppo_noptx, eval), so a beta sweep varies the final PPO only. A member's run is then two commands, round one
+  under the base config and the rest under the member's. round1 = "member": each member's overrides apply
+  to both rounds (one command). A pinned sweep refuses a member that changes the world, pretraining or SFT.
+  """
+  pin = sweep.get("round1", "base")
+  if pin not in ("base", "member"):
+    raise ValueError(f"sweep field round1={pin!r}: expected 'base' (one round one per seed, the base "
+                     f"preset's) or 'member' (each member's overrides in both rounds)")
   runs, owners = [], {}
   for seed in sweep["seeds"]:
+    base_cfg = member_config(sweep["base"], {"eval.split": sweep.get("eval_split", "test")}, seed)
     for m in sweep["members"]:
       overrides = member_overrides(sweep, m)
       cfg = member_config(sweep["base"], overrides, seed)
-      keys = stage_keys(cfg, stages)
+      stages = sweep_stages(sweep, cfg)
+      pinned = pin == "base" and "rm_round1" in stages
+      keys = stage_keys(cfg, stages, round1_config=base_cfg if pinned else None)
+      if pinned:
+        own = stage_keys(cfg, [s for s in ("world", "pretrain", "sft") if s in stages])
+        changed = [s for s, k in own.items() if keys[s] != k]
+        if changed:
+          raise ValueError(f"sweep member {m['name']} changes {','.join(changed)}, which round one reads: with a "
+                           f"two-round base its round one is the base preset's (sweep field round1='base'); set "
+                           f"round1='member' to run both rounds at each member's settings")
       run_dir = workdir / m["name"] / f"seed{seed}"
       shared = {s: workdir / "_shared" / f"{s}-{k}" for s, k in keys.items()}
       first = {s: owners.setdefault(f"{s}-{k}", f"{m['name']}/seed{seed}") for s, k in keys.items()}
-      cmd = [sys.executable, "-m", "instructrl.main", f"--config={sweep['base']}", f"--workdir={run_dir}",
-             f"--stages={','.join(stages)}", *overrides_as_flags(overrides, seed)]
+      main = [sys.executable, "-m", "instructrl.main", f"--config={sweep['base']}", f"--workdir={run_dir}"]
+      if pinned:
+        one = [s for s in stages if s in ROUND_ONE]
+        cmds = [main + [f"--stages={','.join(one)}", f"--config.seed={seed}"],
+                main + [f"--stages={','.join(s for s in stages if s not in one)}",
+                        *overrides_as_flags(overrides, seed)]]
+      else:
+        cmds = [main + [f"--stages={','.join(stages)}", *overrides_as_flags(overrides, seed)]]
       runs.append({"member": m["name"], "seed": seed, "run_dir": run_dir, "shared": shared, "computes": first,
-                   "cmd": cmd})
+                   "cmds": cmds, "cmd": cmds[-1]})
   return runs
 
 
@@ -185,13 +235,13 @@ def adopt(runs: list[dict], sweep, finished: list[Path], copy: bool = True) -> d
   A shared dir that already has outputs is left alone. Returns {shared dir name: source run}; with
   copy=False (--dry_run) only says what would be copied.
   """
-  stages = [s.strip() for s in sweep["stages"].split(",") if s.strip()]
   wanted = {shared.name: (stage, shared) for r in runs for stage, shared in r["shared"].items()}
   adopted = {}
   for src in finished:
     if not (src / "config.json").exists():
       raise FileNotFoundError(f"--adopt={src}: no config.json there (not a run directory)")
-    for stage, key in stage_keys(run_config(src, sweep["base"]), stages).items():
+    config = run_config(src, sweep["base"])
+    for stage, key in stage_keys(config, sweep_stages(sweep, config)).items():
       name = f"{stage}-{key}"
       if name not in wanted or name in adopted:
         continue
@@ -222,10 +272,11 @@ def link_shared(run: dict) -> None:
   (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
   for stage, shared in run["shared"].items():
     shared.mkdir(parents=True, exist_ok=True)
-    (shared / "metrics").mkdir(exist_ok=True)
     for out in STAGE_OUTPUTS[stage]:
       link, target = run_dir / out, shared / out
+      link.parent.mkdir(parents=True, exist_ok=True)
       if out.endswith(".jsonl"):
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.touch()
       else:
         target.mkdir(parents=True, exist_ok=True)
@@ -237,7 +288,12 @@ def link_shared(run: dict) -> None:
 
 
 def get_path(obj, path: str):
+  """The value at a /-separated path into a report; a last part `lastN` on a list (a PPO curve) is the mean
+  of its last N values."""
   for part in path.split("/"):
+    if isinstance(obj, list) and part.startswith("last") and part[4:].isdigit() and obj:
+      tail = [v for v in obj[-int(part[4:]):] if isinstance(v, (int, float))]
+      return float(np.mean(tail)) if tail else None
     if not isinstance(obj, dict) or part not in obj:
       return None
     obj = obj[part]
@@ -347,7 +403,8 @@ def main(argv):
     print(f"# {r['member']} seed {r['seed']}: computes {','.join(mine) or 'nothing new'}; "
           + (f"adopts {','.join(taken)}; " if taken else "")
           + f"shares {','.join(s for s in r['shared'] if s not in mine and s not in taken) or 'nothing'}")
-    print(" ".join(r["cmd"]))
+    for cmd in r["cmds"]:
+      print(" ".join(cmd))
   if _DRY_RUN.value:
     return
   for r in runs:
@@ -355,7 +412,8 @@ def main(argv):
       continue
     link_shared(r)
     logging.info("sweep: %s seed %d", r["member"], r["seed"])
-    subprocess.run(r["cmd"], check=True)
+    for cmd in r["cmds"]:
+      subprocess.run(cmd, check=True)
   out = aggregate(sweep, runs, workdir)
   print((workdir / "sweep.md").read_text())
   logging.info("sweep: wrote %s/sweep.{json,md,png} (%d members)", workdir, len(out["members"]))

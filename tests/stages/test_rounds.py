@@ -4,6 +4,7 @@ comparisons, all from one command that a rerun skips."""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -73,14 +74,42 @@ def test_two_rounds_run_into_one_workdir_and_a_rerun_skips_every_stage(two_round
   assert len(train) == 2 and train[1] == 2 * train[0], train
   rm = checkpoints.recorded_meta(w / "rm")
   assert rm["complete"] and rm["settings"]["source_mix"] == config["rm"]["round2_mix"]
-  assert rm["settings"]["ppo_source"] == str((w / "round1" / "ppo").absolute())
-  assert rm["settings"]["extra_comparisons"] == str((w / "round1" / "comparisons").absolute())
+  # named from the workdir, so a moved workdir (or sweep members sharing round two) still matches
+  assert rm["settings"]["ppo_source"] == "{workdir}/round1/ppo"
+  assert rm["settings"]["extra_comparisons"] == "{workdir}/round1/comparisons"
   assert "rounds" not in rm["settings"] and "round2_mix" not in rm["settings"]
   assert checkpoints.recorded_meta(w / "ppo")["complete"] and not (w / "round1" / "world").exists()
 
   again = cli(w)
   assert again.returncode == 0, again.stderr[-3000:]
   assert stage_lines(again.stderr) == [(s, "complete, skipping") for s in STAGES]
+  moved = w.parent / "moved"
+  shutil.copytree(w, moved, ignore=shutil.ignore_patterns("LOCK"))
+  again = cli(moved)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert stage_lines(again.stderr) == [(s, "complete, skipping") for s in STAGES]
+  shutil.rmtree(moved)
+
+
+def test_round_two_recorded_with_absolute_paths_still_matches(tmp_path):
+  """Round two's RM as recorded before the {workdir} form (absolute paths to its run's round one) is the same
+  setting; another ppo_source is not."""
+  from configs import instructgpt
+  from instructrl.stages import rounds
+  asked = rounds.stage_config(instructgpt.get_config("smoke,round2"), tmp_path, "rm").rm
+  assert (asked.ppo_source, asked.extra_comparisons) == ("{workdir}/round1/ppo", "{workdir}/round1/comparisons")
+  assert rounds.expand(asked.ppo_source, tmp_path) == tmp_path.absolute() / "round1" / "ppo"
+  assert rounds.expand("/runs/a/ppo", tmp_path) == Path("/runs/a/ppo")
+  legacy = {**checkpoints.settings_of(asked), "ppo_source": "/runs/old/round1/ppo",
+            "extra_comparisons": "/runs/old/round1/comparisons"}
+  checkpoints.check_settings({"settings": legacy, "complete": True}, asked, "W/rm", "rm")
+  for field, value in (("ppo_source", "/runs/old/ppo"), ("extra_comparisons", "/runs/old/comparisons")):
+    with pytest.raises(checkpoints.CheckpointMismatch, match=f"rm.{field}: checkpoint has"):
+      checkpoints.check_settings({"settings": {**legacy, field: value}}, asked, "W/rm", "rm")
+  # a path the user gave (not the {workdir} form) is compared as written
+  mine = {**checkpoints.settings_of(asked), "ppo_source": "/runs/b/round1/ppo"}
+  with pytest.raises(checkpoints.CheckpointMismatch, match="rm.ppo_source"):
+    checkpoints.check_settings({"settings": legacy}, mine, "W/rm", "rm")
 
 
 @pytest.mark.slow
