@@ -88,14 +88,16 @@ def _rm_stage():
   # comparisons rank outputs of several models, later ones of its RL policies.
   c.source_mix = ml_collections.ConfigDict({"policy": 1.0, "pretrain": 0.0, "pretrain_few_shot": 0.0, "ppo": 0.0,
                                             "mismatched": 0.0})
-  c.ppo_source = ""              # with source_mix.ppo > 0: an earlier run's finished ppo stage dir (same world)
+  c.ppo_source = ""              # with source_mix.ppo > 0: an earlier run's finished ppo stage dir (same world);
+                                 # a leading {workdir} is this run's workdir (round two's "{workdir}/round1/ppo")
   # Rank empty samples too (the labelers see a policy that says nothing, and rank it low). Dropping them
   # (False, the earlier behaviour) leaves the RM blind there: on tiny (world v1), PPO-ptx then answered 20 of 32
   # held-out "reverse" prompts with nothing.
   c.keep_empty = True
   # Iterated collection (paper 3.5: comparisons gathered over rounds, later ones ranking the RL policies'
   # samples): comma-separated `comparisons` dirs of earlier rounds on the same world, ADDED to this round's
-  # (train to train, valid to valid) rather than replaced by it. "": this round's comparisons only.
+  # (train to train, valid to valid) rather than replaced by it. "": this round's comparisons only. A leading
+  # {workdir} is this run's workdir, recorded as written (so a moved workdir still matches its checkpoints).
   c.extra_comparisons = ""
   # Rounds of collection in one workdir (stages/rounds.py): 1, or 2 (the `,round2` option): round one's RM
   # and PPO-ptx (stages rm_round1, ppo_round1) under W/round1, then the rm stage collects again with
@@ -329,8 +331,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # of two SFT samples, and it agrees with the gold judge on 65.5% of (greedy, T=1) SFT answer pairs;
     # 3 epochs or 4 rankings per prompt did not change that. At 3e-4: 0.69 / 0.72, 0.59 and 72.8%, and PPO
     # on it no longer collapses gold. 1e-4 and 1e-3 land close (0.69-0.70 / 0.71-0.72).
+    # eval_every 100: a validation pass (each valid prompt as ranked by every group, plus the policy-only pairs)
+    # of round two's RM took ~35 s on a 2-core Zen 3, as long as ~40 training steps; at every 25 steps the passes
+    # were ~280 s of its 459 s of training (tiny,round2 seed 0). Validation trains nothing (a cadence field).
     c.rm.update(n_prompts=2000, batch_size=16, eval_batch_size=25, learning_rate=3e-4, collect_batch_prompts=32,
-                log_every=5, eval_every=25, checkpoint_every=25)
+                log_every=5, eval_every=100, checkpoint_every=25)
     # The ranked responses from SFT and from the pretrained model bare and prompted (paper 3.5: several
     # models' outputs; world v1 tiny: 0.655 validation accuracy vs 0.557 policy-only), plus SFT answers to
     # other prompts ("mismatched"): a hedge, an opening or a list form where the prompt asked for something
