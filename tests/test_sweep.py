@@ -272,3 +272,15 @@ def test_metric_paths_average_the_tail_of_a_curve():
   assert sweep.get_path(report, "ppo_curves/PPO-ptx/rm_score/last10") == 1.75
   assert sweep.get_path(report, "ppo_curves/PPO-ptx/kl/last10") is None
   assert sweep.get_path(report, "ppo_curves/PPO/rm_score/last10") is None
+
+
+def test_cadence_fields_do_not_change_a_stages_key():
+  """A finished stage resumes and skips across log/eval/checkpoint cadences (checkpoints.CADENCE_FIELDS), so a
+  sweep must not retrain it when only those change."""
+  base = sweep.member_config(f"{ROOT}/configs/instructgpt.py:tiny", {}, 0)
+  stages = ["pretrain", "sft", "rm", "ppo"]
+  cadence = sweep.member_config(f"{ROOT}/configs/instructgpt.py:tiny",
+                                {"rm.eval_every": 7, "pretrain.log_every": 3, "ppo.checkpoint_every": 5}, 0)
+  assert sweep.stage_keys(cadence, stages) == sweep.stage_keys(base, stages)
+  other = sweep.member_config(f"{ROOT}/configs/instructgpt.py:tiny", {"rm.learning_rate": 1e-4}, 0)
+  assert sweep.stage_keys(other, stages)["rm"] != sweep.stage_keys(base, stages)["rm"]

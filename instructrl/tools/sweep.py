@@ -111,7 +111,11 @@ def stage_keys(config, stages: list[str], round1_config=None) -> dict[str, str]:
   """
   from instructrl.stages import rounds
   from instructrl.stages.ppo import without_ptx
-  block = lambda cfg, name: cfg[name].to_dict() if hasattr(cfg[name], "to_dict") else cfg[name]
+  def block(cfg, name):
+    # without the fields that change how a stage logs, evaluates or saves, not what it computes: a finished
+    # stage is reused across them (as a resume is), so a cadence change never makes a sweep retrain
+    b = cfg[name].to_dict() if hasattr(cfg[name], "to_dict") else cfg[name]
+    return {k: v for k, v in b.items() if k not in checkpoints.CADENCE_FIELDS} if isinstance(b, dict) else b
   h = lambda *parts: hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
   first = config if round1_config is None else round1_config
   k = {"world": h(block(first, "world"), block(first, "tokenizer"))}
