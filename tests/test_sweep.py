@@ -117,6 +117,9 @@ def _fake_run(run_dir: Path, config, stages):
       else:
         p.mkdir(parents=True, exist_ok=True)
         (p / "marker").write_text(f"{run_dir.name}:{stage}")
+        if stage == "eval":   # the models its report judged
+          models = ["GPT", "SFT"] + [{"ppo": "PPO-ptx", "ppo_noptx": "PPO"}[s] for s in stages if s in ("ppo", "ppo_noptx")]
+          (p / "report.json").write_text(json.dumps({"models": models}))
 
 
 def test_dry_run_with_adopt_says_what_would_be_adopted_and_copies_nothing(tmp_path, monkeypatch):
@@ -284,3 +287,19 @@ def test_cadence_fields_do_not_change_a_stages_key():
   assert sweep.stage_keys(cadence, stages) == sweep.stage_keys(base, stages)
   other = sweep.member_config(f"{ROOT}/configs/instructgpt.py:tiny", {"rm.learning_rate": 1e-4}, 0)
   assert sweep.stage_keys(other, stages)["rm"] != sweep.stage_keys(base, stages)["rm"]
+
+
+def test_an_eval_without_a_row_the_member_judges_is_not_adopted(tmp_path, monkeypatch):
+  """A beta sweep's run (no ppo_noptx) hashes like a gamma sweep's on every stage, but its report has no PPO
+  row: the gamma sweep adopts its stages, not its eval."""
+  monkeypatch.chdir(ROOT)
+  s = load("ptx_coef", "tiny")
+  s.seeds = (0,)
+  runs = sweep.plan(s, tmp_path / "sweep")
+  base = sweep.member_config(s.base, {"eval.split": "dev"}, 0)
+  _fake_run(tmp_path / "beta_run", base, ["world", "pretrain", "sft", "rm", "ppo", "eval"])
+  (tmp_path / "sweep" / "_shared").mkdir(parents=True)
+  got = {name.split("-")[0] for name in sweep.adopt(runs, s, [tmp_path / "beta_run"], copy=False)}
+  assert got == {"world", "pretrain", "sft", "rm", "ppo"}, got
+  _fake_run(tmp_path / "full_run", base, sweep.STAGE_OUTPUTS)
+  assert "eval" in {name.split("-")[0] for name in sweep.adopt(runs, s, [tmp_path / "full_run"], copy=False)}

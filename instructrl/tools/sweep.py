@@ -233,6 +233,15 @@ def _has_outputs(path: Path) -> bool:
   return path.exists() and path.stat().st_size > 0
 
 
+def _judged_every_ppo_stage(src: Path, stages: list[str]) -> bool:
+  """Whether each eval report of a finished run has a row for every PPO stage among `stages` (its config
+  hash does not say which stages it ran: a beta sweep's run has no ppo_noptx, a gamma sweep's needs it)."""
+  need = sum(s in stages for s in ("ppo", "ppo_noptx"))
+  reports = [src / o / "report.json" for o in STAGE_OUTPUTS["eval"] if (src / o / "report.json").exists()]
+  return bool(reports) and all(
+      sum(str(m).startswith("PPO") for m in json.loads(r.read_text()).get("models", [])) >= need for r in reports)
+
+
 def adopt(runs: list[dict], sweep, finished: list[Path], copy: bool = True) -> dict[str, Path]:
   """Copy the stage outputs of finished runs into the shared dirs whose hashes they match.
 
@@ -256,6 +265,8 @@ def adopt(runs: list[dict], sweep, finished: list[Path], copy: bool = True) -> d
       if not (all((src / o).exists() for o in outs if o not in OPTIONAL_OUTPUTS)
               and any((src / o).exists() for o in outs)):
         continue   # the run stopped before this stage
+      if stage == "eval" and not _judged_every_ppo_stage(src, sweep_stages(sweep, config)):
+        continue   # its report lacks a model the member's eval judges (a run without ppo_noptx)
       for o in (o for o in outs if copy and (src / o).exists()):
         (shared / o).parent.mkdir(parents=True, exist_ok=True)
         if (src / o).is_dir():
