@@ -14,6 +14,8 @@ PPO_METRICS = {
     "PPO-ptx gold score": "results/PPO-ptx/gold/gold_score",
     "PPO-ptx held-out LM loss": "results/PPO-ptx/heldout_lm_loss",
     "PPO held-out LM loss": "results/PPO/heldout_lm_loss",
+    "PPO-ptx cloze accuracy": "results/PPO-ptx/cloze_accuracy",
+    "PPO cloze accuracy": "results/PPO/cloze_accuracy",
 }
 # Over-optimisation (Gao et al. 2022; paper 4.1 on beta): the RM's score of PPO-ptx's own training rollouts
 # against the gold judge's score of the same rollouts, each the mean of the last 10 iterations' batches.
@@ -21,6 +23,7 @@ PPO_PTX_METRICS = {
     "PPO-ptx win rate vs SFT": "results/PPO-ptx/win_rate_vs_sft/mean",
     "PPO-ptx gold score": "results/PPO-ptx/gold/gold_score",
     "PPO-ptx held-out LM loss": "results/PPO-ptx/heldout_lm_loss",
+    "PPO-ptx cloze accuracy": "results/PPO-ptx/cloze_accuracy",
     "PPO-ptx rollout RM score (last 10)": "ppo_curves/PPO-ptx/rm_score/last10",
     "PPO-ptx rollout gold score (last 10)": "ppo_curves/PPO-ptx/gold_score/last10",
     "PPO-ptx KL to SFT (last 10)": "ppo_curves/PPO-ptx/kl/last10",
