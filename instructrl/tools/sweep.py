@@ -20,6 +20,9 @@ stages the earlier ones made).
   --adopt=W1,W2      reuse finished runs: each of their stages whose hash matches a member's is
                      copied into the shared dir instead of computed again (a beta sweep on top of
                      three finished tiny seed runs trains only the PPO stages of the new members)
+
+Two rounds (a base such as "configs/instructgpt.py:tiny,round2"): round one's stages join before `rm`;
+with the sweep field round1 = "base" every member of a seed shares the base preset's round one (see plan()).
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ def stage_keys(config, stages: list[str], round1_config=None) -> dict[str, str]:
   else:
     k["rm"] = h(k["sft"], block(config, "rm"))
   k["ppo"] = h(k["rm"], block(config, "ppo"))
-  k["ppo_noptx"] = h(k["rm"], without_ptx(config).ppo.to_dict())
+  k["ppo_noptx"] = h(k["rm"], block(without_ptx(config), "ppo"))
   k["eval"] = h(k["ppo"], k["ppo_noptx"], block(config, "eval"), stages)
   return {s: k[s] for s in stages}
 
