@@ -103,7 +103,7 @@ def preflight(config, workdir: Path, stages: list[str]) -> None:
   for stage in stages:
     # Round one's stages (rm_round1, ppo_round1) are the rm and ppo stages under W/round1 (stages/rounds.py).
     base, root = rounds.base_stage(stage), rounds.out_root(workdir, stage)
-    cfg = rounds.stage_config(config, workdir, stage)
+    cfg = rounds.stage_config(config, stage)
     rm, ppo = cfg.rm, cfg.ppo
     if stage in ("pretrain", "sft"):
       check(workdir / stage, policy, block(config[stage]), stage)
@@ -188,7 +188,7 @@ def main(argv):
   logging.info("stages %s on mesh %s in %s", stages, dict(mesh.shape), workdir)
   # Each stage's run gets `report`, the (done, total) callback its training loop moves the outer bar with. The RM
   # and PPO stages run under their round's config, writing under their round's root (stages/rounds.py).
-  cfg = lambda stage: rounds.stage_config(config, workdir, stage)
+  cfg = lambda stage: rounds.stage_config(config, stage)
   out = lambda stage: rounds.out_root(workdir, stage)
   run = {"world": lambda report: distributed.primary_first("world", lambda: world.run(config, workdir)),
          "import": lambda report: distributed.primary_first("import", lambda: data_import.run(config, workdir)),

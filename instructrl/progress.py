@@ -35,7 +35,7 @@ def stage_steps(stage: str, config) -> int:
   """The loop's step count as the stage will derive it (0: a stage without a training loop)."""
   # Round one's stages count as the rm and ppo stages they run, under their round's config (round two's RM
   # trains on both rounds' comparisons); the paths in it change no count.
-  config, stage = rounds.stage_config(config, Path("."), stage), rounds.base_stage(stage)
+  config, stage = rounds.stage_config(config, stage), rounds.base_stage(stage)
   steps = {"pretrain": pretrain.steps, "sft": sft.steps, "rm": reward.steps, "ppo": ppo.steps,
            "ppo_noptx": ppo.steps}.get(stage)
   return steps(config) if steps else 0
@@ -44,7 +44,7 @@ def stage_steps(stage: str, config) -> int:
 def stage_cost(stage: str, config, n_models: int = 0) -> tuple[float, float, float]:
   """(before the loop, the loop, after the loop) in token passes; n_models: the eval stage's answer sets."""
   # Under its round's config (round two's RM samples more sources); the paths in it change no cost.
-  config, stage = rounds.stage_config(config, Path("."), stage), rounds.base_stage(stage)
+  config, stage = rounds.stage_config(config, stage), rounds.base_stage(stage)
   if stage in ("ppo", "ppo_noptx"):
     return ppo.cost(config, stage)
   if stage == "eval":

@@ -72,7 +72,7 @@ def portable(saved: dict, asked: dict) -> dict:
   return saved
 
 
-def stage_config(config, workdir: Path, stage: str):
+def stage_config(config, stage: str):
   """The config a stage runs under. Without the round fields in the rm block, so a one-round run and round
   one record the settings an RM always recorded (and a changed rm.round2_mix leaves round one finished).
   Round two (rm.rounds = 2, the stages after round one): rm.source_mix is rm.round2_mix, rm.ppo_source round

@@ -125,7 +125,7 @@ def stage_keys(config, stages: list[str], round1_config=None) -> dict[str, str]:
   k["pretrain"] = h(k["world"], first.seed, block(first, "model"), block(first, "pretrain"))
   k["sft"] = h(k["pretrain"], block(first, "sft"))
   if rounds.n_rounds(config) == 2:
-    one = rounds.stage_config(first, Path("."), "rm_round1")   # round one records no round fields
+    one = rounds.stage_config(first, "rm_round1")   # round one records no round fields
     k["rm_round1"] = h(k["sft"], block(one, "rm"))
     k["ppo_round1"] = h(k["rm_round1"], block(one, "ppo"))
     k["rm"] = h(k["sft"], k["ppo_round1"], block(config, "rm"))
@@ -257,7 +257,8 @@ def adopt(runs: list[dict], sweep, finished: list[Path], copy: bool = True) -> d
     if not (src / "config.json").exists():
       raise FileNotFoundError(f"--adopt={src}: no config.json there (not a run directory)")
     config = run_config(src, sweep["base"])
-    for stage, key in stage_keys(config, sweep_stages(sweep, config)).items():
+    stages = sweep_stages(sweep, config)
+    for stage, key in stage_keys(config, stages).items():
       name = f"{stage}-{key}"
       if name not in wanted or name in adopted:
         continue
@@ -268,7 +269,7 @@ def adopt(runs: list[dict], sweep, finished: list[Path], copy: bool = True) -> d
       if not (all((src / o).exists() for o in outs if o not in OPTIONAL_OUTPUTS)
               and any((src / o).exists() for o in outs)):
         continue   # the run stopped before this stage
-      if stage == "eval" and not _judged_every_ppo_stage(src, sweep_stages(sweep, config)):
+      if stage == "eval" and not _judged_every_ppo_stage(src, stages):
         continue   # its report lacks a model the member's eval judges (a run without ppo_noptx)
       for o in (o for o in outs if copy and (src / o).exists()):
         (shared / o).parent.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,7 @@ def test_round_two_recorded_with_absolute_paths_still_matches(tmp_path):
   setting; another ppo_source is not."""
   from configs import instructgpt
   from instructrl.stages import rounds
-  asked = rounds.stage_config(instructgpt.get_config("smoke,round2"), tmp_path, "rm").rm
+  asked = rounds.stage_config(instructgpt.get_config("smoke,round2"), "rm").rm
   assert (asked.ppo_source, asked.extra_comparisons) == ("{workdir}/round1/ppo", "{workdir}/round1/comparisons")
   assert rounds.expand(asked.ppo_source, tmp_path) == tmp_path.absolute() / "round1" / "ppo"
   assert rounds.expand("/runs/a/ppo", tmp_path) == Path("/runs/a/ppo")
