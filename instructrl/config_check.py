@@ -79,6 +79,7 @@ RM_STAGE = {
     "gold_probe_prompts": NONNEG_INT, "ensemble_size": COUNT,
     "ensemble_bootstrap": BOOL,
     "rounds": Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v in (1, 2), "1 or 2"),
+    "round1_ppo_episodes": integer(0),
 }
 
 PPO_STAGE = {
@@ -325,6 +326,9 @@ def _check_rounds(config, stages, files: bool) -> None:
   for source, weight in mix.items():
     if not (_real(weight) and weight >= 0):
       fail(f"rm.round2_mix.{source}", weight, "a non-negative weight (the share of round two's ranked responses)")
+  episodes = rm.get("round1_ppo_episodes", 0)
+  if episodes and episodes < config.ppo.batch_size:
+    fail("rm.round1_ppo_episodes", episodes, f">= ppo.batch_size={config.ppo.batch_size} (one iteration) or 0")
   rounds = rm.get("rounds", 1)
   round_one = [s for s in stages if s in ("rm_round1", "ppo_round1")]
   if rounds != 2:

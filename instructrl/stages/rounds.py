@@ -19,7 +19,7 @@ import ml_collections
 
 ROUND1 = "round1"                                   # W/round1: round one's comparisons, rm and ppo
 ROUND_ONE_STAGES = {"rm_round1": "rm", "ppo_round1": "ppo"}   # stage -> the stage it runs in W/round1
-ROUND_FIELDS = ("rounds", "round2_mix")             # config only: no stage records them
+ROUND_FIELDS = ("rounds", "round2_mix", "round1_ppo_episodes")   # config only: no stage records them
 # A path in rm.ppo_source / rm.extra_comparisons may start with this: the run's own workdir. Round two records
 # round one's outputs so (not as absolute paths), so its settings and comparisons match wherever the workdir
 # is: a moved workdir resumes, and sweep members sharing one round two (tools/sweep.py) agree on them.
@@ -77,13 +77,17 @@ def stage_config(config, stage: str):
   one record the settings an RM always recorded (and a changed rm.round2_mix leaves round one finished).
   Round two (rm.rounds = 2, the stages after round one): rm.source_mix is rm.round2_mix, rm.ppo_source round
   one's PPO-ptx, and round one's comparisons join rm.extra_comparisons, both named from {workdir} (WORKDIR)
-  and recorded so with the RM's settings."""
+  and recorded so with the RM's settings. Round one's PPO-ptx (ppo_round1) runs rm.round1_ppo_episodes
+  episodes where that is set (its policy only supplies round two's samples), recorded as its ppo.total_episodes."""
   if "rm" not in config or not any(f in config.rm for f in ROUND_FIELDS):
     return config
   out = ml_collections.ConfigDict(config.to_dict())
   for f in ROUND_FIELDS:
     if f in out.rm:
       del out.rm[f]
+  episodes = int(config.rm.get("round1_ppo_episodes", 0))
+  if n_rounds(config) == 2 and stage == "ppo_round1" and episodes:
+    out.ppo.total_episodes = episodes
   if n_rounds(config) == 2 and stage not in ROUND_ONE_STAGES:
     out.rm.source_mix = ml_collections.ConfigDict(dict(config.rm.round2_mix))
     out.rm.ppo_source = ROUND1_PPO

@@ -44,7 +44,7 @@ BAD = {
     "rm.sample_temperature": [0.0], "rm.prompt_len": [0], "rm.max_new_tokens": [0], "rm.collect_batch_prompts": [0],
     "rm.rankings_per_prompt": [0], "rm.policy_pair_weight": [0.0],
     "rm.gold_probe_prompts": [-1], "rm.ensemble_size": [0],
-    "rm.rounds": [0, 3], **{f"rm.round2_mix.{s}": [-1.0] for s in ("policy", "pretrain", "pretrain_few_shot",
+    "rm.rounds": [0, 3], "rm.round1_ppo_episodes": [-1], **{f"rm.round2_mix.{s}": [-1.0] for s in ("policy", "pretrain", "pretrain_few_shot",
                                                                        "ppo", "mismatched")},
     "ppo.select_prompts": [0], "ppo.n_prompts": [0], "ppo.total_episodes": [0], "ppo.batch_size": [0],
     "ppo.minibatch_size": [0, 7], "ppo.ppo_epochs": [0], "ppo.learning_rate": [-1e-5, 0.0],

@@ -141,3 +141,21 @@ def test_round_two_without_round_one_is_refused_before_any_work(tmp_path):
   assert out.returncode == 2, out.stderr[-3000:]
   assert "rm.rounds=2" in out.stderr and "round1/ppo is not finished" in out.stderr
   assert "rm_round1,ppo_round1" in out.stderr and not w.exists()
+
+
+def test_round_one_ppo_length_is_its_own_field():
+  """rm.round1_ppo_episodes sets round one's PPO-ptx length only; 0 leaves it ppo.total_episodes, and a length
+  under one iteration is refused naming the field."""
+  from configs import instructgpt
+  from instructrl import config_check
+  from instructrl.stages import rounds
+  config = instructgpt.get_config("tiny,round2")
+  assert rounds.stage_config(config, "ppo_round1").ppo.total_episodes == config.ppo.total_episodes
+  config.rm.round1_ppo_episodes = 40 * config.ppo.batch_size
+  assert rounds.stage_config(config, "ppo_round1").ppo.total_episodes == 40 * config.ppo.batch_size
+  for stage in ("rm_round1", "rm", "ppo", "ppo_noptx"):
+    assert rounds.stage_config(config, stage).ppo.total_episodes == config.ppo.total_episodes, stage
+  assert "round1_ppo_episodes" not in rounds.stage_config(config, "ppo_round1").rm   # no stage records it
+  config.rm.round1_ppo_episodes = config.ppo.batch_size - 1
+  with pytest.raises(config_check.ConfigError, match=r"rm.round1_ppo_episodes=63: expected >= ppo.batch_size=64"):
+    config_check.check_config(config, 1, config.stages.split(","))
