@@ -103,11 +103,11 @@ def _rm_stage():
   # and PPO-ptx (stages rm_round1, ppo_round1) under W/round1, then the rm stage collects again with
   # round2_mix, its "ppo" share sampled from round one's PPO-ptx, and trains on both rounds' comparisons.
   c.rounds = 1
-  # Chosen on tiny's dev split (docs/results.md): PPO-ptx's win rate vs SFT 61.3% -> 65.0% (seed 0) and
-  # 55.3% -> 64.4% (seed 1) with round two at this mix; on test, 3 seeds: 59.6% (one round) -> 65.2%.
   # Episodes of round one's PPO-ptx (stage ppo_round1; 0: ppo.total_episodes). Its policy only supplies round
   # two's samples to rank.
   c.round1_ppo_episodes = 0
+  # Chosen on tiny's dev split (docs/results.md): PPO-ptx's win rate vs SFT 61.3% -> 65.0% (seed 0) and
+  # 55.3% -> 64.4% (seed 1) with round two at this mix; on test, 3 seeds: 59.6% (one round) -> 65.2%.
   c.round2_mix = ml_collections.ConfigDict({"policy": 0.3, "pretrain": 0.1, "pretrain_few_shot": 0.15, "ppo": 0.3,
                                             "mismatched": 0.15})
   c.n_prompts = 2000             # RM prompts sampled and ranked (<= world.n_rm_prompts)

@@ -303,3 +303,15 @@ def test_an_eval_without_a_row_the_member_judges_is_not_adopted(tmp_path, monkey
   assert got == {"world", "pretrain", "sft", "rm", "ppo"}, got
   _fake_run(tmp_path / "full_run", base, sweep.STAGE_OUTPUTS)
   assert "eval" in {name.split("-")[0] for name in sweep.adopt(runs, s, [tmp_path / "full_run"], copy=False)}
+
+
+def test_round_one_ppo_length_keys_round_one_ppo_and_what_follows():
+  """rm.round1_ppo_episodes changes round one's PPO-ptx (so round two's RM and PPO) but not round one's RM: a
+  sweep never reuses a round one of another length."""
+  from configs import instructgpt
+  base = instructgpt.get_config("smoke,round2")
+  short = instructgpt.get_config("smoke,round2")
+  short.rm.round1_ppo_episodes = short.ppo.batch_size
+  stages = ["world", "pretrain", "sft", "rm_round1", "ppo_round1", "rm", "ppo"]
+  a, b = sweep.stage_keys(base, stages), sweep.stage_keys(short, stages)
+  assert [s for s in stages if a[s] != b[s]] == ["ppo_round1", "rm", "ppo"]

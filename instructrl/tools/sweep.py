@@ -125,10 +125,13 @@ def stage_keys(config, stages: list[str], round1_config=None) -> dict[str, str]:
   k["pretrain"] = h(k["world"], first.seed, block(first, "model"), block(first, "pretrain"))
   k["sft"] = h(k["pretrain"], block(first, "sft"))
   if rounds.n_rounds(config) == 2:
-    one = rounds.stage_config(first, "rm_round1")   # round one records no round fields
-    k["rm_round1"] = h(k["sft"], block(one, "rm"))
-    k["ppo_round1"] = h(k["rm_round1"], block(one, "ppo"))
-    k["rm"] = h(k["sft"], k["ppo_round1"], block(config, "rm"))
+    # round one's stages under their own config (no round fields; round one's PPO-ptx length)
+    one = lambda stage: rounds.stage_config(first, stage)
+    k["rm_round1"] = h(k["sft"], block(one("rm_round1"), "rm"))
+    k["ppo_round1"] = h(k["rm_round1"], block(one("ppo_round1"), "ppo"))
+    # round one's PPO-ptx length enters through its key (left out here: keys made before the field match)
+    rm = {f: v for f, v in block(config, "rm").items() if f != "round1_ppo_episodes"}
+    k["rm"] = h(k["sft"], k["ppo_round1"], rm)
   else:
     k["rm"] = h(k["sft"], block(config, "rm"))
   k["ppo"] = h(k["rm"], block(config, "ppo"))
