@@ -102,7 +102,7 @@ def test_import_logits_match_transformers(checkpoint):
   assert ref.std() > 0.5, "logits too small for the comparison to mean anything"
   # float32 summation order (transformers' sdpa vs our einsum) differs by <= 2.0e-5 on these logits
   # (std 1.1-3.0); a mapping or formula error moves them by O(1).
-  np.testing.assert_allclose(our_logits(params, cfg, TOKENS), ref, atol=3e-5, rtol=0)
+  np.testing.assert_allclose(our_logits(params, cfg, TOKENS), ref, atol=3e-5, rtol=1e-5)   # logits up to ~5: CPUs reduce in other orders
   # num_params' closed form counts the imported tree (biases, free head_dim) exactly.
   assert cfg.num_params() == sum(a.size for a in jax.tree.leaves(params))
 
