@@ -227,7 +227,7 @@ def test_sft_step_equal_in_both_layouts(style):
   np.testing.assert_allclose(float(mg["loss"]), float(mw["loss"]), rtol=1e-6)
   np.testing.assert_allclose(float(mg["grad_norm"]), float(mw["grad_norm"]), rtol=1e-5)
   # Weight decay applies to the same weights (a stacked bias is 2-D but is not a matrix).
-  assert_trees_equal(*without_bk(layout.unstack_layers(got["params"]), want["params"]), atol=2e-6)
+  assert_trees_equal(*without_bk(layout.unstack_layers(got["params"]), want["params"]), atol=1e-5)   # Adam divides by sqrt(v): a last-bit gradient difference on a near-zero entry moves it ~lr
   mu_got, mu_want = layout.unstack_layers(got["opt_state"])[1][0].mu, want["opt_state"][1][0].mu
   assert_trees_equal(mu_got, mu_want, atol=1e-7)
 
