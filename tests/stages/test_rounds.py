@@ -114,12 +114,16 @@ def test_round_two_recorded_with_absolute_paths_still_matches(tmp_path):
 
 @pytest.mark.slow
 def test_kills_in_round_one_resume_exactly(two_rounds, tmp_path):
-  """SIGKILL after a checkpoint of round one's RM, then of its PPO-ptx; each rerun of the same command resumes
-  under W/round1, and both rounds end as the uninterrupted run did: the same comparisons and final params."""
+  """SIGKILL at the first checkpoint of round one's RM, then of its PPO-ptx; each rerun of the same command resumes
+  under W/round1, and both rounds end as the uninterrupted run did: the same comparisons and final params.
+
+  The kill lands as soon as a step is committed, not a fixed time after: smoke's PPO-ptx is 4 iterations, and a
+  fast CPU finishes them inside half a second."""
   ref, w = two_rounds[0], tmp_path / "w"
   for stage in ("rm", "ppo"):
-    committed = lambda: any(p.name.isdigit() for p in (w / "round1" / stage).glob("*"))
-    killed = sigkill_when(cmd(w), committed, cwd=ROOT, env=cli_env(), timeout=300, delay=0.5)
+    # committed: our manifest is written last, after Orbax's rename of the step folder
+    committed = lambda: any((p / checkpoints.MANIFEST).exists() for p in (w / "round1" / stage).glob("[0-9]*"))
+    killed = sigkill_when(cmd(w), committed, cwd=ROOT, env=cli_env(), timeout=300)
     assert killed, f"the run ended before round one's {stage} committed a step"
     meta = checkpoints.recorded_meta(w / "round1" / stage)
     assert not (meta and meta.get("complete")), f"round one's {stage} finished before the kill"
