@@ -36,6 +36,7 @@ BENCHMARKS = {
                               ["--shape=llama8x512", "--batch_size=1", *ONCE]),
     "sampler": ("sampler.py", [], ["--quick", "--batches=1,16"], ["--repeats=1", "--batches=1,16"]),
     "rm_step": ("rm_step.py", [], ["--quick"], ["--batch_prompts=2", *ONCE]),
+    "rm_packing": ("rm_packing.py", [], ["--quick"], ["--quick"]),
     "ppo_iteration": ("ppo_iteration.py", [], ["--quick"],
                       ["--batch_size=8", "--minibatch_size=4", "--iterations=1", "--repeats=1"]),
     "compare_torch": ("compare_torch.py", [], ["--quick"],

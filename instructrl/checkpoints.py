@@ -260,7 +260,9 @@ CADENCE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "check
                             "gold_probe_prompts",
                             # micro-batches change how a step's gradient is computed, not which: the update
                             # is the whole batch's (dropout aside), so a run may resume on a pod that needs more
-                            "microbatches"})
+                            "microbatches",
+                            # packing (rm.packing) computes the same scores from fewer rows, up to float rounding
+                            "packing"})
 
 
 # Settings added after checkpoints began recording theirs: a checkpoint without one was trained as with

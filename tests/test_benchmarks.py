@@ -59,7 +59,7 @@ ENV_KEYS = {"backend", "device", "jax", "loadavg", "xla_flags"}
 def test_run_all_smoke_writes_one_json_with_every_benchmark(tmp_path):
   """--smoke: each script once after its warm-up, with run_all's own plumbing (the --quick and full tiers pass
   their flags the same way; their timings are what BENCHMARKS.md quotes)."""
-  names = ["matmul_peak", "train_step_tiny", "sampler", "rm_step", "ppo_iteration"]
+  names = ["matmul_peak", "train_step_tiny", "sampler", "rm_step", "rm_packing", "ppo_iteration"]
   if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
     names.append("compare_torch")
   out = tmp_path / "r.json"
@@ -78,6 +78,9 @@ def test_run_all_smoke_writes_one_json_with_every_benchmark(tmp_path):
   assert all(row["cache"]["new_tokens_per_s"] > 0 and row["no_cache"]["new_tokens_per_s"] > 0
              for row in r["sampler"]["results"]) and r["sampler"]["compiles_after_warmup"] == 0
   assert [row["K"] for row in r["rm_step"]["results"]] == [2, 4, 9] and r["rm_step"]["compiles_after_warmup"] == 0
+  pk = r["rm_packing"]
+  assert pk["rows_packed"] < pk["rows_unpacked"] and pk["fill_packed"] > pk["fill_unpacked"]
+  assert pk["first_step_loss_abs_diff"] < 1e-5 and pk["compiles_after_warmup"] == 0
   ppo = r["ppo_iteration"]
   assert ppo["episodes_per_s"] > 0 and set(ppo["rollout_split_s"]) == {"sampling", "scoring"}
   assert ppo["compiles_after_warmup"] == 0

@@ -201,8 +201,9 @@ class Attention(nn.Module):
     allowed_bts = (jnp.arange(S)[None, :] <= q_slot_t[:, None])[None]              # causal
     if cfg.sliding_window:   # slots, not positions: left padding sits before the window, as in transformers
       allowed_bts = allowed_bts & (jnp.arange(S)[None, :] > q_slot_t[:, None] - cfg.sliding_window)[None]
-    if kv_mask_bs is not None:
-      allowed_bts = allowed_bts & kv_mask_bs[:, None, :].astype(bool)             # padding
+    if kv_mask_bs is not None:   # padding [B, S], or a per-query mask [B, T, S] (packed sequences' segments)
+      mask = kv_mask_bs.astype(bool)
+      allowed_bts = allowed_bts & (mask[:, None, :] if mask.ndim == 2 else mask)
     scale = (cfg.query_pre_attn_scalar or H) ** -0.5
     # jax.nn.dot_product_attention has no soft-capping: capped scores take the written-out path.
     if cfg.attention == "dot_product" and (deterministic or cfg.attn_dropout == 0.0) and not cfg.attn_softcap:
@@ -313,10 +314,19 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_bt, positions_bt=None, *, kv_mask_bs=None, cache: Optional[Cache] = None,
-               cache_index=0, deterministic: bool = True, return_hidden: bool = False, last_only: bool = False):
+               cache_index=0, deterministic: bool = True, return_hidden: bool = False, last_only: bool = False,
+               segment_ids_bt=None):
     """last_only: the head reads the last position only ([B, 1, ...] out): a sampler's prefill needs no
-    other, and the unembedding of every prompt position is a [B, T, V] matmul for nothing."""
+    other, and the unembedding of every prompt position is a [B, T, V] matmul for nothing.
+
+    segment_ids_bt: packed rows (data/packing.py): a token attends only to earlier tokens of its own
+    segment (ids 1, 2, ...; 0 is padding). Pass each segment's own positions (restarting at 0), so each
+    sequence is computed as it would be alone in a row. Not with a cache or kv_mask_bs."""
     cfg = self.cfg
+    if segment_ids_bt is not None:
+      if cache is not None or kv_mask_bs is not None:
+        raise ValueError("Decoder: segment_ids_bt (packed rows) goes without a cache and without kv_mask_bs")
+      kv_mask_bs = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]) & (segment_ids_bt[:, None, :] > 0)
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
     dt, wdt = cfg.compute_dtype, cfg.weight_dtype

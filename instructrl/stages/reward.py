@@ -31,6 +31,7 @@ from instructrl import objectives, parallel
 from instructrl.errors import ConfigError
 from instructrl.data import world as world_lib
 from instructrl.data.batching import batch_indices, prompt_response_examples
+from instructrl.data.packing import rows_needed
 from instructrl.data.rankings import load_ranked, pairs_from_ranked, ranked_examples
 from instructrl.data.records import load_jsonl
 from instructrl.metrics import MetricWriter, logged_final
@@ -40,11 +41,12 @@ from instructrl.stages import costs, loop, microbatch, source
 from instructrl.stages.rm_collect import SPARE, collect, earlier_rounds
 from instructrl.stages.rm_ensemble import (evaluate_ensemble, load_members, logged_ensemble_size, make_ensemble_eval,
                                            trained_member_dirs)
-from instructrl.stages.rm_models import eos_index, initial_rm_params, rm_model, rm_scores, row_scores
+from instructrl.stages.rm_models import (eos_index, initial_rm_params, packed_rm_scores, rm_model, rm_scores,
+                                        row_scores)
 from instructrl.stages.rm_probes import (example_scores, family_accuracy, gold_probe_pairs, labeler_agreement,
                                          padded_batches, run_gold_probe, second_labeler)
-from instructrl.stages.train_state import (abstract_state, device_batch, guarded_update, make_optimizer,
-                                           process_batch, state_shardings)
+from instructrl.stages.train_state import (abstract_state, batch_shards, device_batch, guarded_update, make_optimizer,
+                                           process_batch, process_packed_batch, state_shardings)
 from instructrl.stages.world import load_tokenizer, world_fingerprint
 
 
@@ -100,6 +102,8 @@ def make_steps(model_cfg: ModelConfig, formulation: str, tx, schedule, shardings
   # Each formulation as scores (the model: [B, K] per prompt, or the chosen and rejected rows' [P] each)
   # and a loss of those scores; `total` is what the loss divides by when it is not this batch's own.
   def per_prompt_scores(params, batch, rng):
+    if "gather" in batch:   # rm.packing: the responses packed end to end, the same scores
+      return packed_rm_scores(model, params, batch, rng)
     B, K, T = batch["tokens"].shape
     return rm_scores(model, params, batch["tokens"].reshape(B * K, T), batch["last_index"].reshape(B * K),
                      rng).reshape(B, K)
@@ -354,15 +358,33 @@ def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | 
             **gold_probe(lambda t, l: row_scores(score_step, params, t, l, cfg.eval_batch_size, mesh, rules))}
 
   # ------------------------------------------------------------------ members: W/rm, then the ensemble's others
+  def member_order(i):
+    return (np.random.default_rng([config.seed, 407, i]).integers(len(data), size=len(data))
+            if i > 0 and cfg.get("ensemble_bootstrap", True) else np.arange(len(data)))
+
+  def member_batches(i):   # the examples of each training step of member i
+    return (member_order(i)[batch_indices(len(data), batch_size, step, seed + 1000 * i)]
+            for step in range(steps_per_member))
+
+  if cfg.get("packing", False):
+    # One row count for the whole run (one compiled step): the most any batch of any member packs into.
+    shards = batch_shards(batch_size, mesh, rules)
+    pack_rows = max(rows_needed(train.last_index[idx], train.mask[idx], cfg.seq_len, shards)
+                    for i in range(n_members) for idx in member_batches(i))
+    k_rows = batch_size // shards * k_max
+    logging.info("rm: packing each batch's responses into %d rows of %d per data shard, not %d (%.0f%% of the "
+                 "positions)", pack_rows, cfg.seq_len, k_rows, 100 * pack_rows / k_rows)
+    batch_of = lambda idx: process_packed_batch(read_rows, idx, pack_rows, tokenizer.pad_id, mesh, rules)
+  else:
+    batch_of = lambda idx: process_batch(read_rows, idx, mesh, rules)
+
   result = None
   for i in range(n_members):
     # Member 0 is the single RM of the paper, unchanged by the ensemble's size (W/rm: PPO's value function
     # starts from it). The others differ in head init and data order, and with rm.ensemble_bootstrap each
     # trains on its own resample (with replacement) of the training prompts: more diversity, the same labels.
     fold = (lambda k: k) if i == 0 else (lambda k, i=i: jax.random.fold_in(k, i))
-    order = (np.random.default_rng([config.seed, 407, i]).integers(len(data), size=len(data))
-             if i > 0 and cfg.get("ensemble_bootstrap", True) else np.arange(len(data)))
-    member_seed = seed + 1000 * i
+    order, member_seed = member_order(i), seed + 1000 * i
     where = trained_member_dirs(config, out)[i]
     # The settings a member's checkpoint is checked against: the ensemble's size changes no member, and
     # bootstrapping only the members after the first (so a finished single RM joins a larger ensemble).
@@ -382,8 +404,8 @@ def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | 
 
     params = loop.run(
         stage, mesh, rules, initial_params=initial_params, train_step=train_step,
-        batch_at=lambda step, order=order, member_seed=member_seed: process_batch(
-            read_rows, order[batch_indices(len(data), batch_size, step, member_seed)], mesh, rules),
+        batch_at=lambda step, order=order, member_seed=member_seed: batch_of(
+            order[batch_indices(len(data), batch_size, step, member_seed)]),
         evaluate=validation, finalize=normalise, after_training=after_training if i == 0 else None,
         items_per_step=batch_size, item_name="prompts" if cfg.formulation == "per_prompt" else "pairs",
         extra_meta={"seed": member_seed, "formulation": cfg.formulation, "heldout_group": heldout_group,

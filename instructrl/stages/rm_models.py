@@ -111,6 +111,15 @@ def rm_scores(model, params, tokens_nt, last_n, rng=None):
   return jnp.take_along_axis(scores_nt, last_n[:, None], axis=1)[:, 0]
 
 
+def packed_rm_scores(model, params, batch, rng=None):
+  """Scalar reward [B, K] of each response of a packed per-prompt batch (data/packing.py): one forward pass
+  over the packed rows, each sequence attending only to itself, read at each response's EOS."""
+  scores_rt, _ = model.apply({"params": params}, batch["packed_tokens"], batch["positions"],
+                             segment_ids_bt=batch["segment_ids"], deterministic=rng is None,
+                             rngs=None if rng is None else {"dropout": rng})
+  return jnp.take(scores_rt.reshape(-1), batch["gather"], axis=0)
+
+
 def eos_index(examples) -> np.ndarray:
   """Each prompt + response example's last trained position, its EOS: where the RM reads the score."""
   return (examples.loss_mask.shape[1] - 1 - np.argmax(examples.loss_mask[:, ::-1], axis=1)).astype(np.int32)

@@ -135,3 +135,46 @@ def process_batch(read_rows, idx: np.ndarray, mesh, rules) -> dict[str, jax.Arra
 
   return {k: jax.make_array_from_callback((len(idx),) + v.shape[1:], parallel.batch_sharding(mesh, rules, v.ndim),
                                           lambda index, v=v: shard(index, v)) for k, v in local.items()}
+
+
+def batch_shards(batch_size: int, mesh, rules) -> int:
+  """How many pieces the mesh cuts a batch's leading 'batch' axis into (its data-parallel shards)."""
+  return batch_size // parallel.batch_sharding(mesh, rules, 1).shard_shape((batch_size,))[0]
+
+
+def process_packed_batch(read_rows, idx: np.ndarray, rows_per_shard: int, pad_id: int, mesh,
+                         rules) -> dict[str, jax.Array]:
+  """process_batch for a packed per-prompt RM batch (data/packing.py): each data shard's prompts packed into
+  its own `rows_per_shard` rows, so a device's packed rows are those of the prompts it holds, and this process
+  reads and packs only the shards it holds. [B, ...] fields as process_batch; the packed ones are
+  [n_shards * rows_per_shard, T]."""
+  from instructrl.data import packing
+  n_shards = batch_shards(len(idx), mesh, rules)
+  per = len(idx) // n_shards
+  rows = process_rows(len(idx), mesh, rules)
+  local = read_rows(idx[rows])
+  where = np.full(len(idx), -1, np.int64)
+  where[rows] = np.arange(len(rows))
+  packed = {}
+
+  def shard_of(s):   # shard s's prompts, packed (once per shard, whatever the devices that hold it)
+    if s not in packed:
+      part = {k: v[where[s * per]:where[s * per] + per] for k, v in local.items()}
+      packed[s] = packing.pack_batch(part, rows_per_shard, 1, pad_id)
+      packed[s]["gather"] = packed[s]["gather"] + s * rows_per_shard * part["tokens"].shape[-1]
+    return packed[s]
+
+  def shard(index, key, lead):
+    start, stop, _ = index[0].indices(lead)
+    size = per if lead == len(idx) else rows_per_shard
+    s = start // size
+    assert stop - start == size, (key, start, stop, size)   # one device holds one whole data shard
+    return shard_of(s)[key][(slice(None),) + tuple(index[1:])]
+
+  shapes = {k: v.shape for k, v in shard_of(int(np.min(np.nonzero(where >= 0)[0])) // per).items()}
+  out = {}
+  for k, shape in shapes.items():
+    lead = len(idx) if k not in ("packed_tokens", "segment_ids", "positions") else n_shards * rows_per_shard
+    out[k] = jax.make_array_from_callback((lead,) + shape[1:], parallel.batch_sharding(mesh, rules, len(shape)),
+                                          lambda index, k=k, lead=lead: shard(index, k, lead))
+  return out

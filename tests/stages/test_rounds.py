@@ -154,6 +154,8 @@ def test_round_one_ppo_length_is_its_own_field():
   from instructrl import config_check
   from instructrl.stages import rounds
   config = instructgpt.get_config("tiny,round2")
+  assert config.rm.round1_ppo_episodes == 40 * config.ppo.batch_size   # the preset's half-length round one
+  config.rm.round1_ppo_episodes = 0
   assert rounds.stage_config(config, "ppo_round1").ppo.total_episodes == config.ppo.total_episodes
   config.rm.round1_ppo_episodes = 40 * config.ppo.batch_size
   assert rounds.stage_config(config, "ppo_round1").ppo.total_episodes == 40 * config.ppo.batch_size
