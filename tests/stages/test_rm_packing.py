@@ -106,3 +106,16 @@ def test_packing_is_refused_where_it_does_not_apply():
     bad.rm[field] = value
     with pytest.raises(config_check.ConfigError, match=r"rm.packing=True: expected False with rm.formulation="):
       config_check.check_config(bad, 1, bad.stages.split(","))
+
+
+def test_a_checkpoint_resumes_under_either_packing_value():
+  """Packing changes how the scores are computed, not which: a run may switch it and keep its RM checkpoints."""
+  from configs import instructgpt
+  from instructrl import checkpoints
+  config = instructgpt.get_config("smoke")
+  saved = {"settings": checkpoints.settings_of(reward.stage_settings(config, 12, 4)), "complete": True}
+  config.rm.packing = not config.rm.packing
+  checkpoints.check_settings(saved, reward.stage_settings(config, 12, 4), "W/rm", "rm")
+  config.rm.learning_rate *= 2    # a setting that changes what is trained is still refused
+  with pytest.raises(checkpoints.CheckpointMismatch, match="rm.learning_rate"):
+    checkpoints.check_settings(saved, reward.stage_settings(config, 12, 4), "W/rm", "rm")
