@@ -1,5 +1,5 @@
 """Two JAX processes on 127.0.0.1 (4 simulated CPU devices each, one 8-device mesh) train SFT and RM
-steps together, save Orbax checkpoints, and two new processes restore them on a different mesh.
+steps (the RM unpacked and packed, each host packing the data shards it holds) together, save Orbax checkpoints, and two new processes restore them on a different mesh.
 
 What is checked: the two-process losses equal a one-device run of the same steps; each process read
 only its half of every batch; only process 0 wrote metrics; the restored params equal the saved
@@ -50,15 +50,18 @@ def batch_idx(n, b, step):
 
 
 def run_steps(mesh, rules, reader=None):
-  """2 SFT steps and 2 RM steps on `mesh`; returns (states, losses, rows read per stage)."""
+  """2 SFT steps, 2 RM steps and 2 packed RM steps (rm.packing, without dropout: its masks follow the rows) on
+  `mesh`; returns (states, losses, rows read per stage)."""
   import jax
+  from instructrl.data import packing
   from instructrl.models.config import ModelConfig
   from instructrl.stages import lm, reward, train_state
   from configs import instructgpt
-  cfg = ModelConfig(**CFG)
   stage = instructgpt._lm_stage(learning_rate=1e-2)
   out, losses, rows = {}, {}, {}
-  for name, head, data, B in (("sft", "lm", lm_data(), B_LM), ("rm", "scalar", rm_data(), B_RM)):
+  for name, head, data, B in (("sft", "lm", lm_data(), B_LM), ("rm", "scalar", rm_data(), B_RM),
+                              ("rm_packed", "scalar", rm_data(), B_RM)):
+    cfg = ModelConfig(**{**CFG, "resid_dropout": 0.0}) if name == "rm_packed" else ModelConfig(**CFG)
     tx, schedule = train_state.make_optimizer(stage, total_steps=10)
     sh = train_state.state_shardings(cfg, tx, mesh, rules, head=head)
     params = train_state.init_params(cfg, jax.random.key(0), sh["params"], mesh, rules, head=head)
@@ -70,10 +73,15 @@ def run_steps(mesh, rules, reader=None):
     read = []
     get = lambda idx, data=data, read=read: (read.append(idx.tolist()), {k: v[idx] for k, v in data.items()})[1]
     losses[name] = []
+    shards = train_state.batch_shards(B, mesh, rules)
+    pack_rows = max(packing.rows_needed(data["last_index"][i], data["mask"][i], T, shards)
+                    for i in (batch_idx(len(data["mask"]), B, s) for s in range(2))) if name == "rm_packed" else 0
     with jax.set_mesh(mesh):
       for s in range(2):
-        state, m = step(state, train_state.process_batch(get, batch_idx(len(data["mask"]), B, s), mesh, rules),
-                        jax.random.key(3))
+        idx = batch_idx(len(data["mask"]), B, s)
+        batch = (train_state.process_packed_batch(get, idx, pack_rows, 0, mesh, rules) if name == "rm_packed"
+                 else train_state.process_batch(get, idx, mesh, rules))
+        state, m = step(state, batch, jax.random.key(3))
         losses[name].append(float(m["loss"]))
     out[name], rows[name] = (state, sh), read
   return out, losses, rows
@@ -106,6 +114,8 @@ def _worker(phase: str, pid: int, port: int, workdir: str):
     writer.write(2, {"loss": losses["sft"][-1], "pid": pid}, prefix="train/")
     writer.close()
     for name, (state, _) in states.items():
+      if name == "rm_packed":
+        continue
       ckpt = checkpoints.StageCheckpoints(Path(workdir) / name)
       ckpt.save(2, state, {"stage": name})
       ckpt.close()
@@ -192,7 +202,7 @@ def test_two_processes_train_like_one_device(two_process_runs):
   assert train[0]["to_host_ok"] and train[1]["to_host_ok"]
   mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   _, ref, _ = run_steps(mesh, parallel.DEFAULT_RULES)
-  for name in ("sft", "rm"):
+  for name in ("sft", "rm", "rm_packed"):
     np.testing.assert_allclose(train[0]["losses"][name], ref[name], rtol=1e-5, atol=1e-6)
     assert ref[name][1] < ref[name][0]
 
@@ -200,7 +210,7 @@ def test_two_processes_train_like_one_device(two_process_runs):
 @pytest.mark.slow
 def test_each_process_reads_only_its_rows(two_process_runs):
   _, train, _ = two_process_runs
-  for name, B, n in (("sft", B_LM, 32), ("rm", B_RM, 16)):
+  for name, B, n in (("sft", B_LM, 32), ("rm", B_RM, 16), ("rm_packed", B_RM, 16)):
     for step in range(2):
       a, b = (train[p]["rows"][name][step] for p in range(2))
       assert len(a) == len(b) == B // 2, (a, b)                  # half of the batch each
