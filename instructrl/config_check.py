@@ -279,9 +279,6 @@ def check_config(config, n_devices: int | None = None, stages=None) -> None:
   if float(mix.get("ppo", 0.0)) > 0 and not rm.ppo_source:
     raise ConfigError("rm.source_mix.ppo > 0 needs rm.ppo_source: an earlier run's finished ppo stage dir")
   _check_rounds(config, stages, files)
-  if rm.get("packing", False) and (rm.formulation != "per_prompt" or rm.microbatches != 1):
-    fail("rm.packing", True, f"False with rm.formulation={rm.formulation!r} and rm.microbatches={rm.microbatches} "
-         f"(packing packs a per-prompt batch's responses, whole: rm.formulation='per_prompt', rm.microbatches=1)")
   if "heldout_group" in rm:
     raise ConfigError(f"rm.heldout_group={_plain(rm.heldout_group)!r}: this field was removed; the RM holds out "
                       f"world.heldout_group, the labeler group that judges the evaluation (one field, so the RM "
@@ -316,6 +313,10 @@ def check_config(config, n_devices: int | None = None, stages=None) -> None:
            "ppo": ["ppo.minibatch_size"] + (["ppo.ptx_batch_size"] if ptx_enabled(ppo) else [])}
   for block, paths in split.items():
     check_microbatches(config, block, paths, dp, shape)
+  # Last: a formulation or micro-batch count that is itself wrong gets its own error first.
+  if rm.get("packing", False) and (rm.formulation != "per_prompt" or rm.microbatches != 1):
+    fail("rm.packing", True, f"False with rm.formulation={rm.formulation!r} and rm.microbatches={rm.microbatches} "
+         f"(packing packs a per-prompt batch's responses, whole: rm.formulation='per_prompt', rm.microbatches=1)")
 
 
 def _check_rounds(config, stages, files: bool) -> None:

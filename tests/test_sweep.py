@@ -315,3 +315,21 @@ def test_round_one_ppo_length_keys_round_one_ppo_and_what_follows():
   stages = ["world", "pretrain", "sft", "rm_round1", "ppo_round1", "rm", "ppo"]
   a, b = sweep.stage_keys(base, stages), sweep.stage_keys(short, stages)
   assert [s for s in stages if a[s] != b[s]] == ["ppo_round1", "rm", "ppo"]
+
+
+@pytest.mark.parametrize("preset", ["smoke", "tiny", "tiny,round2"])
+def test_every_shipped_sweep_member_passes_the_config_check(preset):
+  """A member the config check refuses would fail only when the sweep reaches it (e.g. shuffled pairs under the
+  presets' packed RM batches)."""
+  import importlib
+  import pkgutil
+  import configs.sweeps
+  from instructrl import config_check
+  from instructrl.tools import sweep as sweep_tool
+  names = [m.name for m in pkgutil.iter_modules(configs.sweeps.__path__) if m.name != "common"]
+  assert "rm_formulation" in names
+  for name in names:
+    s = importlib.import_module(f"configs.sweeps.{name}").get_sweep(preset)
+    for member in s.members:
+      config = sweep_tool.member_config(s.base, dict(member["overrides"]), 0)
+      config_check.check_config(config, 1, config.stages.split(","))

@@ -5,6 +5,8 @@ from configs.sweeps import common
 
 
 def get_sweep(arg=None):
-  members = [(f"{form}-{e}ep", {"rm.formulation": form, "rm.epochs": float(e)})
+  # Packed batches (rm.packing, on in smoke and tiny) hold whole prompts: the pairs members train unpacked.
+  members = [(f"{form}-{e}ep", {"rm.formulation": form, "rm.epochs": float(e),
+                                **({"rm.packing": False} if form == "shuffled_pairs" else {})})
              for form in ("per_prompt", "shuffled_pairs") for e in (1, 2)]
   return common.sweep(arg, common.RM_ONLY, members, common.RM_METRICS, round1="member")

@@ -201,6 +201,7 @@ def test_batches_must_split_over_the_data_parallel_devices():
 
 def test_microbatches_divide_the_batch_and_their_rows_split_over_the_devices():
   c = instructgpt.get_config("smoke")           # pretrain/sft 16 rows, rm 8 prompts, ppo minibatch 8 + ptx 8
+  c.rm.packing = False                          # packed RM batches go without micro-batches (test_rm_packing.py)
   c.pretrain.microbatches = c.sft.microbatches = c.rm.microbatches = c.ppo.microbatches = 4
   check_config(c, n_devices=2)                  # 2 rows a micro-batch at least: one a device
   c.rm.microbatches = 8
