@@ -85,16 +85,22 @@ def pack_shard(tokens: np.ndarray, last_index: np.ndarray, mask: np.ndarray, row
   return {"tokens": out_tokens, "segment_ids": segments, "positions": positions, "gather": gather}
 
 
-def pack_batch(batch: dict[str, np.ndarray], rows_per_shard: int, n_shards: int, pad_id: int) -> dict[str, np.ndarray]:
+# The packed batch's fields with one row per packed row (the others have one per prompt).
+PACKED_ROW_KEYS = ("packed_tokens", "segment_ids", "positions")
+
+
+def pack_batch(batch: dict[str, np.ndarray], rows_per_shard: int, n_shards: int, pad_id: int,
+               first_shard: int = 0) -> dict[str, np.ndarray]:
   """A per-prompt RM batch (tokens [B, K, T], last_index, ranks, mask [B, K], ...) with its tokens packed.
 
   Returns the [B, K] fields unchanged (ranks, mask, own, ...), the packed rows [n_shards * rows_per_shard, T]
-  (tokens, segment_ids, positions), and gather [B, K]: each response's EOS in the flattened packed scores,
-  global over the shards (shard s's rows start at s * rows_per_shard)."""
+  (PACKED_ROW_KEYS), and gather [B, K]: each response's EOS in the flattened packed scores, global over the
+  shards (shard s's rows start at s * rows_per_shard). first_shard: the batch is the shards from this one on
+  of a larger batch (a host packing the shards it holds), whose flat indices `gather` gives."""
   tokens, last, mask = batch["tokens"], batch["last_index"], batch["mask"]
   t = tokens.shape[-1]
   parts = []
-  for s, sl in enumerate(shard_slices(len(mask), n_shards)):
+  for s, sl in enumerate(shard_slices(len(mask), n_shards), start=first_shard):
     p = pack_shard(tokens[sl], last[sl], mask[sl], rows_per_shard, pad_id)
     p["gather"] = p["gather"] + s * rows_per_shard * t
     parts.append(p)

@@ -363,8 +363,8 @@ def run(config, workdir: Path, mesh, rules, progress=None, heldout_group: int | 
             if i > 0 and cfg.get("ensemble_bootstrap", True) else np.arange(len(data)))
 
   def member_batches(i):   # the examples of each training step of member i
-    return (member_order(i)[batch_indices(len(data), batch_size, step, seed + 1000 * i)]
-            for step in range(steps_per_member))
+    order = member_order(i)
+    return (order[batch_indices(len(data), batch_size, step, seed + 1000 * i)] for step in range(steps_per_member))
 
   if cfg.get("packing", False):
     # One row count for the whole run (one compiled step): the most any batch of any member packs into.

@@ -160,8 +160,7 @@ def process_packed_batch(read_rows, idx: np.ndarray, rows_per_shard: int, pad_id
   def shard_of(s):   # shard s's prompts, packed (once per shard, whatever the devices that hold it)
     if s not in packed:
       part = {k: v[where[s * per]:where[s * per] + per] for k, v in local.items()}
-      packed[s] = packing.pack_batch(part, rows_per_shard, 1, pad_id)
-      packed[s]["gather"] = packed[s]["gather"] + s * rows_per_shard * part["tokens"].shape[-1]
+      packed[s] = packing.pack_batch(part, rows_per_shard, 1, pad_id, first_shard=s)
     return packed[s]
 
   def shard(index, key, lead):
@@ -174,7 +173,7 @@ def process_packed_batch(read_rows, idx: np.ndarray, rows_per_shard: int, pad_id
   shapes = {k: v.shape for k, v in shard_of(int(np.min(np.nonzero(where >= 0)[0])) // per).items()}
   out = {}
   for k, shape in shapes.items():
-    lead = len(idx) if k not in ("packed_tokens", "segment_ids", "positions") else n_shards * rows_per_shard
+    lead = n_shards * rows_per_shard if k in packing.PACKED_ROW_KEYS else len(idx)
     out[k] = jax.make_array_from_callback((lead,) + shape[1:], parallel.batch_sharding(mesh, rules, len(shape)),
                                           lambda index, k=k, lead=lead: shard(index, k, lead))
   return out
